@@ -1,0 +1,1 @@
+//! temper-data: readers, tokenizers, chat template and batches (no tch). Built by the datasets issue.

@@ -1,0 +1,140 @@
+//! Checkpoints in Hugging Face's layout: `model.safetensors` with transformers' key names and
+//! an HF-style `config.json`. Loading is strict: every tensor the model expects must be in the
+//! file with the right shape, and every tensor in the file must be used, except for buffers
+//! transformers itself regenerates (`attn.bias`, `rotary_emb.inv_freq`) and heads the caller
+//! did not ask for (a reward model's `score` when loading a policy, say).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+use crate::config::{Arch, ModelConfig};
+use crate::error::{CoreError, Result};
+use crate::model::{Heads, Transformer};
+
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const CONFIG_FILE: &str = "config.json";
+
+/// What to do with the scalar head when loading.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScoreHead {
+    /// No scalar head; a `score.weight` in the file is ignored.
+    Absent,
+    /// The file must hold `score.weight` (a reward model or critic checkpoint).
+    Load,
+    /// Freshly initialised head on a loaded backbone (a reward model started from SFT); a
+    /// `score.weight` in the file is used if present.
+    Fresh,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadSpec {
+    pub lm_head: bool,
+    pub score: ScoreHead,
+}
+
+impl LoadSpec {
+    /// A causal language model: backbone and LM head.
+    pub const CAUSAL_LM: LoadSpec = LoadSpec { lm_head: true, score: ScoreHead::Absent };
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CoreError + '_ {
+    move |source| CoreError::Io { path: path.into(), source }
+}
+
+/// Writes `model.safetensors` and `config.json` into `dir` (created if needed). Each file is
+/// written under a temporary name and renamed, so a crash never leaves a half-written file
+/// under the final name.
+pub fn save_checkpoint(model: &Transformer, vs: &VarStore, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+    let tensors: Vec<(String, Tensor)> = vars
+        .into_iter()
+        .map(|(name, t)| (name, t.detach().to_device(Device::Cpu).contiguous()))
+        .collect();
+    let weights = dir.join(WEIGHTS_FILE);
+    let tmp = dir.join(format!(".{WEIGHTS_FILE}.tmp"));
+    Tensor::write_safetensors(&tensors, &tmp)?;
+    std::fs::rename(&tmp, &weights).map_err(io_err(&weights))?;
+
+    let config = dir.join(CONFIG_FILE);
+    let tmp = dir.join(format!(".{CONFIG_FILE}.tmp"));
+    let text = serde_json::to_string_pretty(&model.config.to_hf_json())
+        .expect("a JSON value always serialises");
+    std::fs::write(&tmp, text).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, &config).map_err(io_err(&config))?;
+    Ok(())
+}
+
+/// Builds the model `dir/config.json` describes on `device` and loads `dir/model.safetensors`
+/// into it strictly.
+pub fn load_checkpoint(dir: &Path, spec: LoadSpec, device: Device) -> Result<(VarStore, Transformer)> {
+    let config = ModelConfig::from_hf_json(&dir.join(CONFIG_FILE))?;
+    let vs = VarStore::new(device);
+    let heads = Heads { lm: spec.lm_head, score: spec.score != ScoreHead::Absent };
+    let model = Transformer::new(&vs.root(), &config, heads)?;
+    load_weights(&vs, &config, &dir.join(WEIGHTS_FILE), spec)?;
+    Ok((vs, model))
+}
+
+/// Copies the tensors of a safetensors file into the variables of `vs`, strictly.
+pub fn load_weights(vs: &VarStore, config: &ModelConfig, file: &Path, spec: LoadSpec) -> Result<()> {
+    if !file.exists() {
+        return Err(CoreError::Io {
+            path: file.into(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "checkpoint weights not found"),
+        });
+    }
+    let mut tensors: HashMap<String, Tensor> = Tensor::read_safetensors(file)?.into_iter().collect();
+    // GPT-2 checkpoints saved from the bare GPT2Model (the hub's `gpt2`) lack the prefix.
+    if config.arch == Arch::Gpt2 && !tensors.keys().any(|k| k.starts_with("transformer.")) {
+        tensors = tensors
+            .into_iter()
+            .map(|(k, t)| match k.as_str() {
+                "lm_head.weight" | "score.weight" => (k, t),
+                _ => (format!("transformer.{k}"), t),
+            })
+            .collect();
+    }
+    let vars = vs.variables();
+    let mut missing = Vec::new();
+    let mut mismatched = Vec::new();
+    for (name, var) in &vars {
+        match tensors.get(name) {
+            None if name == "score.weight" && spec.score == ScoreHead::Fresh => {}
+            None => missing.push(name.clone()),
+            Some(t) if t.size() != var.size() => mismatched.push((name.clone(), var.size(), t.size())),
+            Some(_) => {}
+        }
+    }
+    let mut unexpected: Vec<String> = tensors
+        .keys()
+        .filter(|k| !vars.contains_key(*k) && !ignorable(k, spec, config.tie_embeddings()))
+        .cloned()
+        .collect();
+    missing.sort();
+    unexpected.sort();
+    mismatched.sort();
+    if !missing.is_empty() || !unexpected.is_empty() || !mismatched.is_empty() {
+        return Err(CoreError::CheckpointMismatch { path: file.into(), missing, unexpected, mismatched });
+    }
+    tch::no_grad(|| -> Result<()> {
+        for (name, mut var) in vars {
+            if let Some(t) = tensors.get(&name) {
+                var.f_copy_(&t.to_kind(Kind::Float).to_kind(var.kind()))?;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Tensors a file may hold that the model does not use, by design.
+fn ignorable(key: &str, spec: LoadSpec, tied: bool) -> bool {
+    key.ends_with(".attn.bias") // GPT-2's causal-mask buffer in older checkpoints
+        || key.ends_with(".attn.masked_bias")
+        || key.ends_with(".rotary_emb.inv_freq") // recomputed from rope_theta
+        || (key == "lm_head.weight" && (!spec.lm_head || tied)) // tied: the embedding is the head
+        || (key == "score.weight" && spec.score == ScoreHead::Absent)
+}

@@ -1,0 +1,110 @@
+//! Where the model runs and in what precision. CPU fp32 is the default (and what the parity
+//! tests use); `auto` picks CUDA when libtorch sees a GPU; bf16 runs matmuls under autocast
+//! while parameters, optimizer state and losses stay fp32.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use tch::Device;
+
+use crate::error::{CoreError, Result};
+use crate::ffi;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum DeviceSpec {
+    #[default]
+    Cpu,
+    Auto,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "auto" => Ok(Self::Auto),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("unknown device `{s}`: use cpu, auto, cuda or cuda:N")),
+        }
+    }
+}
+
+impl TryFrom<String> for DeviceSpec {
+    type Error = String;
+    fn try_from(s: String) -> std::result::Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<DeviceSpec> for String {
+    fn from(d: DeviceSpec) -> String {
+        d.to_string()
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Cpu => write!(f, "cpu"),
+            Self::Auto => write!(f, "auto"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// The device a spec names on this machine; asking for CUDA where there is none is an error.
+pub fn resolve_device(spec: DeviceSpec) -> Result<Device> {
+    match spec {
+        DeviceSpec::Cpu => Ok(Device::Cpu),
+        DeviceSpec::Auto => Ok(Device::cuda_if_available()),
+        DeviceSpec::Cuda(n) => {
+            let count = tch::Cuda::device_count() as usize;
+            if n < count {
+                Ok(Device::Cuda(n))
+            } else {
+                Err(CoreError::InvalidModel(format!(
+                    "device cuda:{n} requested but libtorch sees {count} CUDA device(s); use `device: auto` or `cpu`"
+                )))
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Bf16,
+}
+
+/// Runs `f` with autocast on `device` when `precision` asks for bf16. Autocast, not bf16
+/// weights: master weights and AdamW moments stay fp32, as with `torch.autocast`.
+pub fn with_autocast<T>(device: Device, precision: Precision, f: impl FnOnce() -> T) -> Result<T> {
+    if precision == Precision::Fp32 {
+        return Ok(f());
+    }
+    let device_code = if device.is_cuda() { 1 } else { 0 };
+    // SAFETY: plain C call into libtorch's thread-local autocast state.
+    let prev = unsafe { ffi::temper_autocast_enter(device_code, 1) };
+    if prev < 0 {
+        return Err(CoreError::Native(ffi::last_error()));
+    }
+    // Restore on every path, panics included, so autocast never leaks into later code.
+    struct Restore(i32, i32);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: pairs the successful enter above on the same thread.
+            unsafe { ffi::temper_autocast_exit(self.0, self.1) }
+        }
+    }
+    let _restore = Restore(device_code, prev);
+    Ok(f())
+}

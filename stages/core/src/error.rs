@@ -1,0 +1,67 @@
+//! Errors of the model core. Each variant carries what a user needs to fix the cause: the file,
+//! the field, the tensor name and shapes.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = CoreError> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    #[error("{path}: invalid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+
+    #[error("{path}: field `{field}`: {message}")]
+    Config {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+
+    #[error("invalid model config: {0}")]
+    InvalidModel(String),
+
+    #[error("{path}: checkpoint does not match the model: {}", describe_mismatch(.missing, .unexpected, .mismatched))]
+    CheckpointMismatch {
+        path: PathBuf,
+        missing: Vec<String>,
+        unexpected: Vec<String>,
+        /// (name, shape the model expects, shape in the file)
+        mismatched: Vec<(String, Vec<i64>, Vec<i64>)>,
+    },
+
+    #[error("{0}")]
+    Shape(String),
+
+    #[error("libtorch: {0}")]
+    Native(String),
+}
+
+fn describe_mismatch(
+    missing: &[String],
+    unexpected: &[String],
+    mismatched: &[(String, Vec<i64>, Vec<i64>)],
+) -> String {
+    let mut parts = Vec::new();
+    if !missing.is_empty() {
+        parts.push(format!("missing tensor(s) {}", missing.join(", ")));
+    }
+    if !unexpected.is_empty() {
+        parts.push(format!("unexpected tensor(s) {}", unexpected.join(", ")));
+    }
+    for (name, want, got) in mismatched {
+        parts.push(format!("{name} has shape {got:?}, the model expects {want:?}"));
+    }
+    parts.join("; ")
+}

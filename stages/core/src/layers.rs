@@ -1,0 +1,151 @@
+//! The building blocks of the transformer, each a struct holding its parameters so that frozen
+//! copies and heads stay reachable. Parameter names are created through `nn::Path`, giving the
+//! Hugging Face key of each tensor.
+
+use tch::nn::{self, Init};
+use tch::{Kind, Tensor};
+
+use crate::config::{Arch, ModelConfig};
+
+pub(crate) fn normal_init(std: f64) -> Init {
+    Init::Randn { mean: 0.0, stdev: std }
+}
+
+/// A dense layer. GPT-2 stores its weights in the Conv1D layout `(in, out)`; Llama and the heads
+/// use `nn.Linear`'s `(out, in)`. The layout is fixed per checkpoint key, so we keep it as a flag
+/// rather than transposing at load time.
+pub(crate) struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    conv1d: bool,
+}
+
+impl Linear {
+    pub fn new(p: nn::Path, d_in: i64, d_out: i64, bias: bool, conv1d: bool, std: f64) -> Self {
+        let dims = if conv1d { [d_in, d_out] } else { [d_out, d_in] };
+        Self {
+            weight: p.var("weight", &dims, normal_init(std)),
+            bias: bias.then(|| p.zeros("bias", &[d_out])),
+            conv1d,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        if self.conv1d {
+            let y = x.matmul(&self.weight);
+            match &self.bias {
+                Some(b) => y + b,
+                None => y,
+            }
+        } else {
+            x.linear(&self.weight, self.bias.as_ref())
+        }
+    }
+}
+
+/// LayerNorm (GPT-2) or RMSNorm (Llama).
+pub(crate) struct Norm {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    eps: f64,
+}
+
+impl Norm {
+    pub fn new(p: nn::Path, cfg: &ModelConfig) -> Self {
+        let d = cfg.d_model;
+        Self {
+            weight: p.ones("weight", &[d]),
+            bias: (cfg.arch == Arch::Gpt2).then(|| p.zeros("bias", &[d])),
+            eps: cfg.norm_eps(),
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        match &self.bias {
+            Some(bias) => x.layer_norm(
+                [x.size()[x.dim() - 1]],
+                Some(&self.weight),
+                Some(bias),
+                self.eps,
+                true,
+            ),
+            None => {
+                // As transformers' LlamaRMSNorm: normalise in fp32, scale in the input dtype.
+                let dtype = x.kind();
+                let xf = x.to_kind(Kind::Float);
+                let var = xf.square().mean_dim(-1, true, Kind::Float);
+                let normed = (xf * (var + self.eps).rsqrt()).to_kind(dtype);
+                &self.weight * normed
+            }
+        }
+    }
+}
+
+/// The feed-forward block: GELU-tanh MLP (GPT-2) or SwiGLU (Llama).
+pub(crate) enum Mlp {
+    Gelu { c_fc: Linear, c_proj: Linear },
+    SwiGlu { gate: Linear, up: Linear, down: Linear },
+}
+
+impl Mlp {
+    pub fn new(p: nn::Path, cfg: &ModelConfig, proj_std: f64) -> Self {
+        let (d, f) = (cfg.d_model, cfg.d_ff());
+        match cfg.arch {
+            Arch::Gpt2 => Mlp::Gelu {
+                c_fc: Linear::new(p.sub("c_fc"), d, f, true, true, 0.02),
+                c_proj: Linear::new(p.sub("c_proj"), f, d, true, true, proj_std),
+            },
+            Arch::Llama => Mlp::SwiGlu {
+                gate: Linear::new(p.sub("gate_proj"), d, f, false, false, 0.02),
+                up: Linear::new(p.sub("up_proj"), d, f, false, false, 0.02),
+                down: Linear::new(p.sub("down_proj"), f, d, false, false, proj_std),
+            },
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        match self {
+            Mlp::Gelu { c_fc, c_proj } => c_proj.forward(&c_fc.forward(x).gelu("tanh")),
+            Mlp::SwiGlu { gate, up, down } => {
+                down.forward(&(gate.forward(x).silu() * up.forward(x)))
+            }
+        }
+    }
+}
+
+/// Rotary position embedding in transformers' "rotate half" convention.
+pub(crate) struct Rope {
+    inv_freq: Tensor, // (hd/2,)
+}
+
+impl Rope {
+    pub fn new(cfg: &ModelConfig, device: tch::Device) -> Self {
+        let hd = cfg.head_dim();
+        let exponents = Tensor::arange_start_step(0, hd, 2, (Kind::Int64, device))
+            .to_kind(Kind::Float)
+            / hd as f64;
+        let inv_freq = Tensor::from(cfg.rope_theta)
+            .to_device(device)
+            .pow(&exponents)
+            .reciprocal();
+        Self { inv_freq }
+    }
+
+    /// cos and sin for integer `positions` (B, T), each (B, 1, T, hd) ready to broadcast
+    /// over heads.
+    pub fn cos_sin(&self, positions: &Tensor) -> (Tensor, Tensor) {
+        let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * &self.inv_freq; // (B, T, hd/2)
+        let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1); // (B, 1, T, hd)
+        (emb.cos(), emb.sin())
+    }
+
+    /// x: (B, H, T, hd).
+    pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+        let half = x.size()[3] / 2;
+        let x1 = x.narrow(3, 0, half);
+        let x2 = x.narrow(3, half, half);
+        let rotated = Tensor::cat(&[&x2.neg(), &x1], 3);
+        let (cos, sin) = (cos.to_kind(x.kind()), sin.to_kind(x.kind()));
+        x * cos + rotated * sin
+    }
+}

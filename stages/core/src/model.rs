@@ -1,0 +1,351 @@
+//! The decoder-only transformer: GPT-2 and Llama in one implementation.
+//!
+//! `hidden_states` runs the full sequence (or the new tokens against a KV cache) with an
+//! attention mask for left or right padding; position ids come from the mask, so a padded
+//! sequence gives the same outputs on its real tokens as the unpadded one. Heads (`logits`,
+//! `scores`) are separate calls so the reward model never pays for the vocabulary projection.
+
+use tch::nn;
+use tch::{Device, Kind, Tensor};
+
+use crate::config::{Arch, ModelConfig};
+use crate::error::{CoreError, Result};
+use crate::kv_cache::KvCache;
+use crate::layers::{normal_init, Linear, Mlp, Norm, Rope};
+
+/// Query/key/value projections: fused `c_attn` (GPT-2) or separate q/k/v (Llama).
+enum QkvProj {
+    Fused(Linear),
+    Split { q: Linear, k: Linear, v: Linear },
+}
+
+struct Attention {
+    qkv: QkvProj,
+    out: Linear,
+    n_head: i64,
+    n_kv_head: i64,
+    head_dim: i64,
+}
+
+impl Attention {
+    fn new(p: nn::Path, cfg: &ModelConfig, proj_std: f64) -> Self {
+        let d = cfg.d_model;
+        let kv_dim = cfg.n_kv_head() * cfg.head_dim();
+        let (qkv, out) = match cfg.arch {
+            Arch::Gpt2 => (
+                QkvProj::Fused(Linear::new(p.sub("c_attn"), d, 3 * d, true, true, 0.02)),
+                Linear::new(p.sub("c_proj"), d, d, true, true, proj_std),
+            ),
+            Arch::Llama => (
+                QkvProj::Split {
+                    q: Linear::new(p.sub("q_proj"), d, d, false, false, 0.02),
+                    k: Linear::new(p.sub("k_proj"), d, kv_dim, false, false, 0.02),
+                    v: Linear::new(p.sub("v_proj"), d, kv_dim, false, false, 0.02),
+                },
+                Linear::new(p.sub("o_proj"), d, d, false, false, proj_std),
+            ),
+        };
+        Self {
+            qkv,
+            out,
+            n_head: cfg.n_head,
+            n_kv_head: cfg.n_kv_head(),
+            head_dim: cfg.head_dim(),
+        }
+    }
+
+    /// x: (B, T, C) → (B, T, C).
+    fn forward(&self, x: &Tensor, ctx: &mut AttnContext, layer: usize) -> Tensor {
+        let (b, t, c) = x.size3().expect("hidden states are (B, T, C)");
+        let (q, k, v) = match &self.qkv {
+            QkvProj::Fused(lin) => {
+                let qkv = lin.forward(x).split(c, 2);
+                (qkv[0].shallow_clone(), qkv[1].shallow_clone(), qkv[2].shallow_clone())
+            }
+            QkvProj::Split { q, k, v } => (q.forward(x), k.forward(x), v.forward(x)),
+        };
+        let heads = |z: Tensor, n: i64| z.view([b, t, n, self.head_dim]).transpose(1, 2);
+        let mut q = heads(q, self.n_head); // (B, H, T, hd)
+        let mut k = heads(k, self.n_kv_head); // (B, Hkv, T, hd)
+        let v = heads(v, self.n_kv_head);
+        if let Some((cos, sin)) = &ctx.rope {
+            q = Rope::apply(&q, cos, sin);
+            k = Rope::apply(&k, cos, sin);
+        }
+        let (mut k, mut v) = match ctx.cache.as_deref_mut() {
+            Some(cache) => cache.append(layer, &k, &v), // (B, Hkv, S, hd)
+            None => (k, v),
+        };
+        if self.n_kv_head != self.n_head {
+            let rep = self.n_head / self.n_kv_head;
+            let expand = |z: &Tensor| {
+                let s = z.size()[2];
+                z.unsqueeze(2)
+                    .expand([b, self.n_kv_head, rep, s, self.head_dim], false)
+                    .reshape([b, self.n_head, s, self.head_dim])
+            };
+            k = expand(&k);
+            v = expand(&v);
+        }
+        let y = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            ctx.mask.as_ref(),
+            0.0,
+            ctx.mask.is_none() && t > 1,
+            None,
+            false,
+        ); // (B, H, T, hd)
+        self.out.forward(&y.transpose(1, 2).reshape([b, t, c]))
+    }
+}
+
+/// What every layer's attention needs for one forward call.
+struct AttnContext<'a> {
+    /// (B, 1, T, S) bool, true = may attend; None = plain causal over the whole sequence.
+    mask: Option<Tensor>,
+    rope: Option<(Tensor, Tensor)>,
+    cache: Option<&'a mut KvCache>,
+}
+
+struct Block {
+    norm_attn: Norm,
+    attn: Attention,
+    norm_mlp: Norm,
+    mlp: Mlp,
+}
+
+/// Which optional heads a model carries besides the backbone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Heads {
+    /// The language-model head (tied to the embedding, or its own `lm_head.weight`).
+    pub lm: bool,
+    /// A scalar head `score.weight` (1, C), as transformers' `*ForSequenceClassification` with
+    /// one label: the reward model's and the critic's output.
+    pub score: bool,
+}
+
+pub struct Transformer {
+    pub config: ModelConfig,
+    pub heads: Heads,
+    embed: Tensor,             // (V, C)
+    positions: Option<Tensor>, // (max_position, C), GPT-2 only
+    rope: Option<Rope>,
+    blocks: Vec<Block>,
+    norm_f: Norm,
+    lm_head: Option<Tensor>, // (V, C); None when tied to `embed`
+    score: Option<Linear>,
+}
+
+impl Transformer {
+    /// Creates the parameters under `root` with Hugging Face names and GPT-2-style init
+    /// (normal 0.02, residual projections scaled by 1/sqrt(2·n_layer)).
+    pub fn new(root: &nn::Path, config: &ModelConfig, heads: Heads) -> Result<Self> {
+        config.validate()?;
+        let cfg = config;
+        let proj_std = 0.02 / (2.0 * cfg.n_layer as f64).sqrt();
+        let (trunk, embed_name, blocks_name, norm_f_name) = match cfg.arch {
+            Arch::Gpt2 => (root.sub("transformer"), "wte", "h", "ln_f"),
+            Arch::Llama => (root.sub("model"), "embed_tokens", "layers", "norm"),
+        };
+        let embed = trunk
+            .sub(embed_name)
+            .var("weight", &[cfg.vocab_size, cfg.d_model], normal_init(0.02));
+        let positions = (cfg.arch == Arch::Gpt2).then(|| {
+            trunk
+                .sub("wpe")
+                .var("weight", &[cfg.max_position, cfg.d_model], normal_init(0.01))
+        });
+        let blocks = (0..cfg.n_layer)
+            .map(|i| {
+                let p = trunk.sub(blocks_name).sub(i);
+                let (n1, attn, n2, mlp) = match cfg.arch {
+                    Arch::Gpt2 => ("ln_1", "attn", "ln_2", "mlp"),
+                    Arch::Llama => ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"),
+                };
+                Block {
+                    norm_attn: Norm::new(p.sub(n1), cfg),
+                    attn: Attention::new(p.sub(attn), cfg, proj_std),
+                    norm_mlp: Norm::new(p.sub(n2), cfg),
+                    mlp: Mlp::new(p.sub(mlp), cfg, proj_std),
+                }
+            })
+            .collect();
+        let lm_head = (heads.lm && !cfg.tie_embeddings()).then(|| {
+            root.sub("lm_head")
+                .var("weight", &[cfg.vocab_size, cfg.d_model], normal_init(0.02))
+        });
+        let score = heads
+            .score
+            .then(|| Linear::new(root.sub("score"), cfg.d_model, 1, false, false, 0.02));
+        Ok(Self {
+            config: cfg.clone(),
+            heads,
+            embed,
+            positions,
+            rope: (cfg.arch == Arch::Llama).then(|| Rope::new(cfg, root.device())),
+            blocks,
+            norm_f: Norm::new(trunk.sub(norm_f_name), cfg),
+            lm_head,
+            score,
+        })
+    }
+
+    pub fn device(&self) -> Device {
+        self.embed.device()
+    }
+
+    /// Final hidden states (B, T, C) for `ids` (B, T).
+    ///
+    /// `mask` (B, T), 1 for real tokens and 0 for padding on either side; None means all real.
+    /// With a `cache`, `ids` are the tokens after those already cached and attend to them.
+    pub fn hidden_states(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.size2().map_err(|_| {
+            CoreError::Shape(format!("token ids must be (batch, time), got {:?}", ids.size()))
+        })?;
+        if let Some(m) = mask {
+            if m.size() != [b, t] {
+                return Err(CoreError::Shape(format!(
+                    "attention mask {:?} does not match token ids {:?}",
+                    m.size(),
+                    ids.size()
+                )));
+            }
+        }
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        if let Some(c) = cache.as_ref() {
+            c.check_room(t)?;
+        }
+        if past + t > self.config.max_position && self.positions.is_some() {
+            return Err(CoreError::Shape(format!(
+                "sequence of {} tokens exceeds max_position {}",
+                past + t,
+                self.config.max_position
+            )));
+        }
+        let device = ids.device();
+        let real = match mask {
+            Some(m) => m.to_kind(Kind::Bool),
+            None => Tensor::ones([b, t], (Kind::Bool, device)),
+        };
+        // Position ids count real tokens only, so left padding does not shift them.
+        let seen = cache.as_ref().map(|c| c.seen.unsqueeze(1)); // (B, 1)
+        let mut pos = real.cumsum(1, Kind::Int64) - 1; // (B, T)
+        if let Some(seen) = &seen {
+            pos += seen;
+        }
+        let pos = pos.clamp_min(0);
+
+        let attn_mask = attention_mask(&real, cache.as_deref(), mask.is_some(), past, t);
+        let mut x = Tensor::embedding(&self.embed, ids, -1, false, false); // (B, T, C)
+        if let Some(wpe) = &self.positions {
+            x = x + Tensor::embedding(wpe, &pos, -1, false, false);
+        }
+        let rope = self.rope.as_ref().map(|r| r.cos_sin(&pos));
+
+        let mut ctx = AttnContext { mask: attn_mask, rope, cache };
+        if let Some(c) = ctx.cache.as_deref_mut() {
+            let _ = c.key_mask.narrow(1, past, t).copy_(&real);
+        }
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = &x + block.attn.forward(&block.norm_attn.forward(&x), &mut ctx, i);
+            x = &x + block.mlp.forward(&block.norm_mlp.forward(&x));
+        }
+        if let Some(c) = ctx.cache {
+            c.len += t;
+            c.seen += real.sum_dim_intlist(1, false, Kind::Int64);
+        }
+        Ok(self.norm_f.forward(&x))
+    }
+
+    /// Vocabulary logits (B, T, V) from hidden states (B, T, C).
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        if !self.heads.lm {
+            return Err(CoreError::InvalidModel("this model was built without an LM head".into()));
+        }
+        Ok(hidden.matmul(&self.lm_head.as_ref().unwrap_or(&self.embed).tr()))
+    }
+
+    /// Scalar head output (B, T) from hidden states (B, T, C).
+    pub fn scores(&self, hidden: &Tensor) -> Result<Tensor> {
+        let head = self.score.as_ref().ok_or_else(|| {
+            CoreError::InvalidModel("this model was built without a scalar (score) head".into())
+        })?;
+        Ok(head.forward(hidden).squeeze_dim(-1))
+    }
+
+    /// Convenience: hidden states and logits of a full sequence.
+    pub fn forward(&self, ids: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+        let hidden = self.hidden_states(ids, mask, None)?;
+        let logits = self.logits(&hidden)?;
+        Ok((hidden, logits))
+    }
+}
+
+/// The attention mask for one call, or None when plain causal attention is exact.
+///
+/// Query i (absolute position past+i) may see key j when j ≤ past+i and key j is a real token.
+/// It may always see itself, so rows of padding queries are never fully masked (a fully masked
+/// softmax row is NaN, and NaN times a zero loss mask is still NaN).
+fn attention_mask(
+    real: &Tensor,
+    cache: Option<&KvCache>,
+    padded: bool,
+    past: i64,
+    t: i64,
+) -> Option<Tensor> {
+    // With cached keys the mask is always built: the cache may hold padding from the prompt.
+    if !padded && past == 0 {
+        return None; // plain causal attention (is_causal) over a full unpadded sequence
+    }
+    let device = real.device();
+    let keys = match cache {
+        Some(c) => Tensor::cat(&[c.key_mask.narrow(1, 0, past), real.shallow_clone()], 1),
+        None => real.shallow_clone(),
+    }; // (B, S)
+    let causal = causal_block(past, t, device); // (T, S)
+    let diag = Tensor::arange(past + t, (Kind::Int64, device))
+        .unsqueeze(0)
+        .eq_tensor(&(Tensor::arange(t, (Kind::Int64, device)) + past).unsqueeze(1)); // (T, S)
+    let allowed = keys.unsqueeze(1).logical_and(&causal.unsqueeze(0)).logical_or(&diag); // (B, T, S)
+    Some(allowed.unsqueeze(1))
+}
+
+/// (T, S) bool: new query i may see key j ≤ past + i.
+fn causal_block(past: i64, t: i64, device: Device) -> Tensor {
+    let q = (Tensor::arange(t, (Kind::Int64, device)) + past).unsqueeze(1);
+    let k = Tensor::arange(past + t, (Kind::Int64, device)).unsqueeze(0);
+    k.le_tensor(&q)
+}
+
+/// Log-probability of each `target` under `logits`: (B, T, V), (B, T) → (B, T), computed in
+/// fp32 whatever the logits' dtype.
+pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Tensor {
+    let logits = logits.to_kind(Kind::Float);
+    let picked = logits.gather(-1, &targets.unsqueeze(-1), false).squeeze_dim(-1);
+    picked - logits.logsumexp([-1], false)
+}
+
+/// The loss mask for plain language modelling on a padded batch: target t counts when it and
+/// the token before it are real (a left-padded row's first real token is predicted from padding).
+pub fn lm_target_mask(attention_mask: &Tensor) -> Tensor {
+    let m = attention_mask.to_kind(Kind::Int64);
+    let t = m.size()[1];
+    let prev = Tensor::cat(&[m.narrow(1, 0, 1).zeros_like(), m.narrow(1, 0, t - 1)], 1);
+    m * prev
+}
+
+/// Mean next-token cross-entropy over positions whose *target* has `loss_mask` = 1.
+/// ids, loss_mask: (B, T); logits: (B, T, V). Token t predicts token t+1.
+pub fn causal_lm_loss(logits: &Tensor, ids: &Tensor, loss_mask: &Tensor) -> Tensor {
+    let t = ids.size()[1];
+    let lp = token_logprobs(&logits.narrow(1, 0, t - 1), &ids.narrow(1, 1, t - 1));
+    let m = loss_mask.narrow(1, 1, t - 1).to_kind(Kind::Float);
+    -(lp * &m).sum(Kind::Float) / m.sum(Kind::Float).clamp_min(1.0)
+}

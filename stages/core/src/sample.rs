@@ -1,0 +1,196 @@
+//! Batched generation with the KV cache: temperature, top-k, top-p or greedy; stops each
+//! sequence at EOS and the batch when all have stopped or `max_new_tokens` is reached.
+//!
+//! Randomness is per sequence and counter-based: the uniform draw for sequence i at step t is a
+//! hash of (seed_i, t), turned into a token by inverse-CDF on the device. A sequence's sample so
+//! depends only on its own seed and logits, not on batch composition, and there is no RNG state
+//! to checkpoint. Everything but that (B,) vector of draws stays on the device.
+
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{CoreError, Result};
+use crate::kv_cache::KvCache;
+use crate::model::Transformer;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingConfig {
+    pub max_new_tokens: i64,
+    /// 0 means greedy (argmax).
+    pub temperature: f64,
+    pub top_k: Option<i64>,
+    pub top_p: Option<f64>,
+    pub eos_token_id: Option<i64>,
+    /// Written after a sequence stops; those positions have `mask` = false.
+    pub pad_token_id: i64,
+}
+
+impl SamplingConfig {
+    pub fn greedy(max_new_tokens: i64) -> Self {
+        Self {
+            max_new_tokens,
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            eos_token_id: None,
+            pad_token_id: 0,
+        }
+    }
+}
+
+/// The result of [`generate`]. Prompts are left-padded so all responses start at one column.
+pub struct Generation {
+    /// (B, P) left-padded prompts and their mask.
+    pub prompt: Tensor,
+    pub prompt_mask: Tensor,
+    /// (B, N) generated tokens; after a sequence's EOS, `pad_token_id`.
+    pub tokens: Tensor,
+    /// (B, N) log-probability of each generated token under the sampling distribution before
+    /// top-k/top-p truncation, i.e. log_softmax(logits / temperature); greedy uses T = 1.
+    pub logprobs: Tensor,
+    /// (B, N) bool: true for real generated tokens, EOS included.
+    pub mask: Tensor,
+}
+
+/// Left-pads `seqs` into (B, P) ids and mask.
+pub fn left_pad(seqs: &[Vec<i64>], pad: i64, device: Device) -> (Tensor, Tensor) {
+    let width = seqs.iter().map(Vec::len).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(seqs.len() * width);
+    let mut mask = Vec::with_capacity(seqs.len() * width);
+    for s in seqs {
+        let pad_n = width - s.len();
+        ids.extend(std::iter::repeat_n(pad, pad_n).chain(s.iter().copied()));
+        mask.extend(std::iter::repeat_n(0i64, pad_n).chain(std::iter::repeat_n(1, s.len())));
+    }
+    let shape = [seqs.len() as i64, width as i64];
+    (
+        Tensor::from_slice(&ids).view(shape).to_device(device),
+        Tensor::from_slice(&mask).view(shape).to_device(device),
+    )
+}
+
+/// splitmix64: a well-mixed 64-bit hash, enough for reproducible uniform draws.
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A uniform draw in (0, 1) for `seed` at `step`.
+pub fn uniform_draw(seed: u64, step: u64) -> f64 {
+    let bits = splitmix64(splitmix64(seed) ^ step.wrapping_mul(0xD1B5_4A32_D192_ED03));
+    ((bits >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+}
+
+/// Logits (B, V) with everything outside top-k / nucleus top-p set to -inf.
+fn truncate(logits: &Tensor, top_k: Option<i64>, top_p: Option<f64>) -> Tensor {
+    let mut logits = logits.shallow_clone();
+    let v = logits.size()[1];
+    if let Some(k) = top_k.filter(|&k| k > 0 && k < v) {
+        let (kth, _) = logits.topk(k, -1, true, true);
+        let threshold = kth.narrow(1, k - 1, 1); // (B, 1)
+        logits = logits.masked_fill(&logits.lt_tensor(&threshold), f64::NEG_INFINITY);
+    }
+    if let Some(p) = top_p.filter(|&p| p < 1.0) {
+        let (sorted, order) = logits.sort(-1, true);
+        let probs = sorted.softmax(-1, Kind::Float);
+        // Drop a token when the tokens ranked above it already reach p; the top one stays.
+        let before = probs.cumsum(-1, Kind::Float) - &probs;
+        let drop_sorted = before.gt(p);
+        let drop = drop_sorted.scatter(-1, &order, &drop_sorted);
+        logits = logits.masked_fill(&drop, f64::NEG_INFINITY);
+    }
+    logits
+}
+
+/// Picks one token per row of `logits` (B, V): argmax when greedy, else inverse-CDF with the
+/// uniform draws `u` (B,). Returns (tokens (B,), log-probs (B,)).
+fn pick(logits: &Tensor, cfg: &SamplingConfig, u: Option<&Tensor>) -> (Tensor, Tensor) {
+    let logits = logits.to_kind(Kind::Float);
+    if cfg.temperature <= 0.0 {
+        let tok = logits.argmax(-1, false);
+        let lp = logits.log_softmax(-1, Kind::Float).gather(-1, &tok.unsqueeze(-1), false);
+        return (tok, lp.squeeze_dim(-1));
+    }
+    let scaled = logits / cfg.temperature;
+    let logp = scaled.log_softmax(-1, Kind::Float);
+    let probs = truncate(&scaled, cfg.top_k, cfg.top_p).softmax(-1, Kind::Float);
+    let cdf = probs.cumsum(-1, Kind::Float); // (B, V)
+    let total = cdf.narrow(1, cdf.size()[1] - 1, 1);
+    let target = u.expect("sampling needs draws").unsqueeze(1) * total; // (B, 1)
+    let tok = target
+        .searchsorted(&cdf, false, false, "left", None::<Tensor>)
+        .squeeze_dim(1)
+        .clamp_max(cdf.size()[1] - 1);
+    let lp = logp.gather(-1, &tok.unsqueeze(-1), false).squeeze_dim(-1);
+    (tok, lp)
+}
+
+/// Generates up to `cfg.max_new_tokens` tokens after each prompt. `seeds` gives one seed per
+/// prompt (ignored when greedy).
+pub fn generate(
+    model: &Transformer,
+    prompts: &[Vec<i64>],
+    cfg: &SamplingConfig,
+    seeds: &[u64],
+) -> Result<Generation> {
+    if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
+        return Err(CoreError::Shape("generate needs at least one non-empty prompt".into()));
+    }
+    if seeds.len() != prompts.len() {
+        return Err(CoreError::Shape(format!(
+            "{} prompts but {} seeds",
+            prompts.len(),
+            seeds.len()
+        )));
+    }
+    let device = model.device();
+    let b = prompts.len() as i64;
+    let (prompt, prompt_mask) = left_pad(prompts, cfg.pad_token_id, device);
+    let width = prompt.size()[1];
+    let mut cache = KvCache::new(&model.config, b, width + cfg.max_new_tokens, Kind::Float, device);
+    let (tokens, logprobs, mask) = tch::no_grad(|| -> Result<_> {
+        let hidden = model.hidden_states(&prompt, Some(&prompt_mask), Some(&mut cache))?;
+        let mut last = model.logits(&hidden.narrow(1, width - 1, 1))?.squeeze_dim(1); // (B, V)
+        let mut done = Tensor::zeros([b], (Kind::Bool, device));
+        let (mut tokens, mut logprobs, mut masks) = (Vec::new(), Vec::new(), Vec::new());
+        for step in 0..cfg.max_new_tokens {
+            let draws = (cfg.temperature > 0.0).then(|| {
+                let u: Vec<f64> = seeds.iter().map(|&s| uniform_draw(s, step as u64)).collect();
+                Tensor::from_slice(&u).to_kind(Kind::Float).to_device(device)
+            });
+            let (tok, lp) = pick(&last, cfg, draws.as_ref());
+            let live = done.logical_not();
+            let tok = tok.where_self(&live, &Tensor::from(cfg.pad_token_id).to_device(device));
+            tokens.push(tok.shallow_clone());
+            logprobs.push(lp.where_self(&live, &Tensor::zeros([], (Kind::Float, device))));
+            masks.push(live.shallow_clone());
+            if let Some(eos) = cfg.eos_token_id {
+                done = done.logical_or(&tok.eq(eos));
+            }
+            if step + 1 == cfg.max_new_tokens {
+                break;
+            }
+            // Checking for "all stopped" syncs with the device; every 8 steps keeps it cheap.
+            if cfg.eos_token_id.is_some() && step % 8 == 7 && bool::try_from(done.all())? {
+                break;
+            }
+            let hidden = model.hidden_states(&tok.unsqueeze(1), Some(&live.unsqueeze(1)), Some(&mut cache))?;
+            last = model.logits(&hidden)?.squeeze_dim(1);
+        }
+        Ok((
+            Tensor::stack(&tokens, 1),
+            Tensor::stack(&logprobs, 1),
+            Tensor::stack(&masks, 1),
+        ))
+    })?;
+    // Drop trailing columns where every sequence had already stopped.
+    let used = i64::try_from(mask.any_dim(0, false).to_kind(Kind::Int64).sum(Kind::Int64))?;
+    Ok(Generation {
+        prompt,
+        prompt_mask,
+        tokens: tokens.narrow(1, 0, used),
+        logprobs: logprobs.narrow(1, 0, used),
+        mask: mask.narrow(1, 0, used),
+    })
+}
