@@ -8,8 +8,8 @@ use tch::{Device, Kind, Tensor};
 use temper_core::checkpoint::{load_weights, WEIGHTS_FILE};
 use temper_core::sample::{generate, left_pad, SamplingConfig};
 use temper_core::{
-    lm_target_mask, load_checkpoint, save_checkpoint, with_autocast, AdamW, AdamWConfig, CoreError, KvCache,
-    LoadSpec, Precision, Transformer,
+    lm_target_mask, load_checkpoint, save_checkpoint, with_autocast, AdamW, AdamWConfig, CoreError,
+    KvCache, LoadSpec, Precision, Transformer,
 };
 
 const FAMILIES: [&str; 2] = ["gpt2", "llama"];
@@ -37,7 +37,11 @@ fn load(family: &str) -> (tch::nn::VarStore, Transformer) {
 fn max_diff_on(a: &Tensor, b: &Tensor, mask: &Tensor) -> f64 {
     let m = mask.to_kind(Kind::Bool);
     let diff = (a - b).abs();
-    let diff = if diff.dim() == 3 { diff.amax([-1], false) } else { diff };
+    let diff = if diff.dim() == 3 {
+        diff.amax([-1], false)
+    } else {
+        diff
+    };
     diff.masked_select(&m).max().double_value(&[])
 }
 
@@ -58,9 +62,13 @@ fn logits_logprobs_and_loss_match_transformers() {
         let d = max_diff_on(&lp, &g["logprobs"], &targets);
         assert!(d < 1e-4, "{family}: log-probs differ by {d}");
 
-        let loss = temper_core::causal_lm_loss(&logits, ids, &lm_target_mask(mask)).double_value(&[]);
+        let loss =
+            temper_core::causal_lm_loss(&logits, ids, &lm_target_mask(mask)).double_value(&[]);
         let want = g["loss"].double_value(&[]);
-        assert!((loss - want).abs() < 1e-4, "{family}: loss {loss} vs {want}");
+        assert!(
+            (loss - want).abs() < 1e-4,
+            "{family}: loss {loss} vs {want}"
+        );
     }
 }
 
@@ -69,7 +77,9 @@ fn padded_rows_match_their_unpadded_selves() {
     for family in FAMILIES {
         let (_vs, model) = load(family);
         let g = golden(family);
-        let (_, padded) = model.forward(&g["input_ids"], Some(&g["attention_mask"])).unwrap();
+        let (_, padded) = model
+            .forward(&g["input_ids"], Some(&g["attention_mask"]))
+            .unwrap();
         for row in [1, 2] {
             let real = g["attention_mask"].get(row).to_kind(Kind::Bool);
             let ids = g["input_ids"].get(row).masked_select(&real).unsqueeze(0);
@@ -78,7 +88,10 @@ fn padded_rows_match_their_unpadded_selves() {
             let idx = real.nonzero().squeeze_dim(1);
             let ours = padded.get(row).index_select(0, &idx).view([1, n, -1]);
             let d = (ours - alone).abs().max().double_value(&[]);
-            assert!(d < 1e-4, "{family} row {row}: padded vs unpadded differ by {d}");
+            assert!(
+                d < 1e-4,
+                "{family} row {row}: padded vs unpadded differ by {d}"
+            );
         }
     }
 }
@@ -97,7 +110,9 @@ fn kv_cache_decoding_matches_full_forward_and_transformers_greedy() {
         let mut step_mask = mask.shallow_clone();
         let mut worst: f64 = 0.0;
         for _ in 0..16 {
-            let h = model.hidden_states(&step_ids, Some(&step_mask), Some(&mut cache)).unwrap();
+            let h = model
+                .hidden_states(&step_ids, Some(&step_mask), Some(&mut cache))
+                .unwrap();
             let cached = model.logits(&h).unwrap().select(1, -1); // (B, V)
             let (_, full) = model.forward(&seq, Some(&seq_mask)).unwrap();
             let full = full.select(1, -1);
@@ -108,9 +123,15 @@ fn kv_cache_decoding_matches_full_forward_and_transformers_greedy() {
             step_ids = next.shallow_clone();
             step_mask = next.ones_like();
         }
-        assert!(worst < 1e-4, "{family}: cached logits drift {worst} from full forwards");
+        assert!(
+            worst < 1e-4,
+            "{family}: cached logits drift {worst} from full forwards"
+        );
         let ours_full = seq.narrow(1, p, 16);
-        assert_eq!(ours_full, g["greedy_tokens"], "{family}: greedy tokens differ from transformers");
+        assert_eq!(
+            ours_full, g["greedy_tokens"],
+            "{family}: greedy tokens differ from transformers"
+        );
 
         let prompts: Vec<Vec<i64>> = (0..b)
             .map(|i| {
@@ -119,7 +140,10 @@ fn kv_cache_decoding_matches_full_forward_and_transformers_greedy() {
             })
             .collect();
         let gen = generate(&model, &prompts, &SamplingConfig::greedy(16), &[0, 0]).unwrap();
-        assert_eq!(gen.tokens, g["greedy_tokens"], "{family}: sampler's greedy tokens differ");
+        assert_eq!(
+            gen.tokens, g["greedy_tokens"],
+            "{family}: sampler's greedy tokens differ"
+        );
         assert!(bool::try_from(gen.mask.all()).unwrap());
     }
 }
@@ -130,13 +154,27 @@ fn three_adamw_steps_reproduce_reference_losses() {
         let (vs, model) = load(family);
         let g = golden(family);
         let want = Vec::<f64>::try_from(&g["adamw_losses"].to_kind(Kind::Double)).unwrap();
-        let config = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+        let config = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
         let mut opt = AdamW::new(&vs, config);
         for (step, want) in want.iter().enumerate() {
-            let (_, logits) = model.forward(&g["input_ids"], Some(&g["attention_mask"])).unwrap();
-            let loss = temper_core::causal_lm_loss(&logits, &g["input_ids"], &lm_target_mask(&g["attention_mask"]));
+            let (_, logits) = model
+                .forward(&g["input_ids"], Some(&g["attention_mask"]))
+                .unwrap();
+            let loss = temper_core::causal_lm_loss(
+                &logits,
+                &g["input_ids"],
+                &lm_target_mask(&g["attention_mask"]),
+            );
             let got = loss.double_value(&[]);
-            assert!((got - want).abs() < 1e-4, "{family} step {step}: loss {got} vs reference {want}");
+            assert!(
+                (got - want).abs() < 1e-4,
+                "{family} step {step}: loss {got} vs reference {want}"
+            );
             opt.zero_grad();
             loss.backward();
             opt.step(1e-2).unwrap();
@@ -155,16 +193,26 @@ fn a_renamed_tensor_is_named_in_the_error() {
         .unwrap()
         .into_iter()
         .map(|(k, t)| match k.as_str() {
-            "model.layers.1.self_attn.k_proj.weight" => ("model.layers.1.self_attn.key.weight".into(), t),
+            "model.layers.1.self_attn.k_proj.weight" => {
+                ("model.layers.1.self_attn.key.weight".into(), t)
+            }
             _ => (k, t),
         })
         .collect();
     Tensor::write_safetensors(&renamed, dir.path().join(WEIGHTS_FILE)).unwrap();
-    let err = load_checkpoint(dir.path(), LoadSpec::CAUSAL_LM, Device::Cpu).err().expect("must fail");
+    let err = load_checkpoint(dir.path(), LoadSpec::CAUSAL_LM, Device::Cpu)
+        .err()
+        .expect("must fail");
     let msg = err.to_string();
     assert!(matches!(err, CoreError::CheckpointMismatch { .. }), "{msg}");
-    assert!(msg.contains("missing tensor(s) model.layers.1.self_attn.k_proj.weight"), "{msg}");
-    assert!(msg.contains("unexpected tensor(s) model.layers.1.self_attn.key.weight"), "{msg}");
+    assert!(
+        msg.contains("missing tensor(s) model.layers.1.self_attn.k_proj.weight"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("unexpected tensor(s) model.layers.1.self_attn.key.weight"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -173,11 +221,22 @@ fn a_misshapen_tensor_is_named_with_both_shapes() {
     let vs = tch::nn::VarStore::new(Device::Cpu);
     let mut config = temper_core::ModelConfig::from_hf_json(&g.join("config.json")).unwrap();
     config.max_position = 32; // the file has 64 positions
-    let _model = Transformer::new(&vs.root(), &config, temper_core::model::Heads { lm: true, score: false }).unwrap();
+    let _model = Transformer::new(
+        &vs.root(),
+        &config,
+        temper_core::model::Heads {
+            lm: true,
+            score: false,
+        },
+    )
+    .unwrap();
     let msg = load_weights(&vs, &config, &g.join(WEIGHTS_FILE), LoadSpec::CAUSAL_LM)
         .unwrap_err()
         .to_string();
-    assert!(msg.contains("transformer.wpe.weight has shape [64, 32], the model expects [32, 32]"), "{msg}");
+    assert!(
+        msg.contains("transformer.wpe.weight has shape [64, 32], the model expects [32, 32]"),
+        "{msg}"
+    );
 }
 
 /// A checkpoint temper writes (after training steps, so it differs from the fixture) loads in
@@ -185,20 +244,32 @@ fn a_misshapen_tensor_is_named_with_both_shapes() {
 #[test]
 fn saved_checkpoint_loads_in_transformers_with_the_same_logits() {
     let python = repo().join(".venv/bin/python");
-    assert!(python.exists(), "{} missing: run scripts/setup.sh", python.display());
+    assert!(
+        python.exists(),
+        "{} missing: run scripts/setup.sh",
+        python.display()
+    );
     for family in FAMILIES {
         let (vs, model) = load(family);
         let g = golden(family);
         let mut opt = AdamW::new(&vs, AdamWConfig::default());
         for _ in 0..2 {
-            let (_, logits) = model.forward(&g["input_ids"], Some(&g["attention_mask"])).unwrap();
+            let (_, logits) = model
+                .forward(&g["input_ids"], Some(&g["attention_mask"]))
+                .unwrap();
             opt.zero_grad();
-            temper_core::causal_lm_loss(&logits, &g["input_ids"], &lm_target_mask(&g["attention_mask"])).backward();
+            temper_core::causal_lm_loss(
+                &logits,
+                &g["input_ids"],
+                &lm_target_mask(&g["attention_mask"]),
+            )
+            .backward();
             opt.step(1e-2).unwrap();
         }
         let dir = tempfile::tempdir().unwrap();
         save_checkpoint(&model, &vs, dir.path()).unwrap();
-        let (_, logits) = tch::no_grad(|| model.forward(&g["input_ids"], Some(&g["attention_mask"]))).unwrap();
+        let (_, logits) =
+            tch::no_grad(|| model.forward(&g["input_ids"], Some(&g["attention_mask"]))).unwrap();
         Tensor::write_safetensors(
             &[
                 ("input_ids", g["input_ids"].shallow_clone()),
@@ -213,12 +284,21 @@ fn saved_checkpoint_loads_in_transformers_with_the_same_logits() {
             .arg(dir.path())
             .output()
             .unwrap();
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert!(out.status.success(), "{family}: transformers check failed:\n{text}");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success(),
+            "{family}: transformers check failed:\n{text}"
+        );
         // And temper reads its own checkpoint back bit for bit.
         let (_vs2, again) = load_checkpoint(dir.path(), LoadSpec::CAUSAL_LM, Device::Cpu).unwrap();
-        let (_, l2) = tch::no_grad(|| again.forward(&g["input_ids"], Some(&g["attention_mask"]))).unwrap();
-        let (_, l1) = tch::no_grad(|| model.forward(&g["input_ids"], Some(&g["attention_mask"]))).unwrap();
+        let (_, l2) =
+            tch::no_grad(|| again.forward(&g["input_ids"], Some(&g["attention_mask"]))).unwrap();
+        let (_, l1) =
+            tch::no_grad(|| model.forward(&g["input_ids"], Some(&g["attention_mask"]))).unwrap();
         assert_eq!(l1, l2, "{family}: reload changed the logits");
     }
 }
@@ -230,15 +310,23 @@ fn bf16_autocast_stays_close_to_fp32() {
         let g = golden(family);
         let mask = &g["attention_mask"];
         let (_, fp32) = model.forward(&g["input_ids"], Some(mask)).unwrap();
-        let (_, bf16) =
-            with_autocast(Device::Cpu, Precision::Bf16, || model.forward(&g["input_ids"], Some(mask)))
-                .unwrap()
-                .unwrap();
-        assert_eq!(bf16.kind(), Kind::BFloat16, "{family}: autocast did not engage");
+        let (_, bf16) = with_autocast(Device::Cpu, Precision::Bf16, || {
+            model.forward(&g["input_ids"], Some(mask))
+        })
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            bf16.kind(),
+            Kind::BFloat16,
+            "{family}: autocast did not engage"
+        );
         let d = max_diff_on(&bf16.to_kind(Kind::Float), &fp32, mask);
         // bf16 keeps 8 bits of mantissa: logits of magnitude ~1 differ by a few 1e-2 at most.
         assert!(d < 5e-2, "{family}: bf16 logits differ from fp32 by {d}");
-        assert!(d > 0.0, "{family}: bf16 identical to fp32 means it did not run in bf16");
+        assert!(
+            d > 0.0,
+            "{family}: bf16 identical to fp32 means it did not run in bf16"
+        );
     }
 }
 
@@ -264,9 +352,16 @@ fn sampling_is_seeded_per_sequence_and_stops_at_eos() {
     assert_ne!(all.tokens.get(1), other.tokens.get(1), "seed had no effect");
 
     // top-k 1 is greedy.
-    let k1 = SamplingConfig { top_k: Some(1), top_p: None, ..cfg.clone() };
+    let k1 = SamplingConfig {
+        top_k: Some(1),
+        top_p: None,
+        ..cfg.clone()
+    };
     let greedy = generate(&model, &prompts, &SamplingConfig::greedy(12), &[0, 0, 0]).unwrap();
-    assert_eq!(generate(&model, &prompts, &k1, &[4, 5, 6]).unwrap().tokens, greedy.tokens);
+    assert_eq!(
+        generate(&model, &prompts, &k1, &[4, 5, 6]).unwrap().tokens,
+        greedy.tokens
+    );
 
     // Returned log-probs are the model's at temperature 1 for the chosen tokens.
     let (ids, mask) = left_pad(&prompts, 0, Device::Cpu);
@@ -277,13 +372,31 @@ fn sampling_is_seeded_per_sequence_and_stops_at_eos() {
     let n = all.tokens.size()[1];
     let lp = temper_core::token_logprobs(&logits.narrow(1, p - 1, n), &all.tokens);
     let d = (lp - &all.logprobs).abs().max().double_value(&[]);
-    assert!(d < 1e-4, "sampler log-probs differ from a forward pass by {d}");
+    assert!(
+        d < 1e-4,
+        "sampler log-probs differ from a forward pass by {d}"
+    );
 
     // EOS: make the first greedy token of sequence 0 the EOS; it stops there, others go on.
     let eos = greedy.tokens.int64_value(&[0, 0]);
-    let with_eos = SamplingConfig { eos_token_id: Some(eos), ..SamplingConfig::greedy(12) };
+    let with_eos = SamplingConfig {
+        eos_token_id: Some(eos),
+        ..SamplingConfig::greedy(12)
+    };
     let stopped = generate(&model, &prompts, &with_eos, &[0, 0, 0]).unwrap();
     let row0 = Vec::<bool>::try_from(stopped.mask.get(0)).unwrap();
-    assert!(row0[0] && row0[1..].iter().all(|m| !m), "sequence 0 mask after EOS: {row0:?}");
-    assert!(stopped.tokens.get(0).narrow(0, 1, stopped.tokens.size()[1] - 1).eq(0).all().int64_value(&[]) == 1);
+    assert!(
+        row0[0] && row0[1..].iter().all(|m| !m),
+        "sequence 0 mask after EOS: {row0:?}"
+    );
+    assert!(
+        stopped
+            .tokens
+            .get(0)
+            .narrow(0, 1, stopped.tokens.size()[1] - 1)
+            .eq(0)
+            .all()
+            .int64_value(&[])
+            == 1
+    );
 }

@@ -37,11 +37,17 @@ pub struct LoadSpec {
 
 impl LoadSpec {
     /// A causal language model: backbone and LM head.
-    pub const CAUSAL_LM: LoadSpec = LoadSpec { lm_head: true, score: ScoreHead::Absent };
+    pub const CAUSAL_LM: LoadSpec = LoadSpec {
+        lm_head: true,
+        score: ScoreHead::Absent,
+    };
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CoreError + '_ {
-    move |source| CoreError::Io { path: path.into(), source }
+    move |source| CoreError::Io {
+        path: path.into(),
+        source,
+    }
 }
 
 /// Writes `model.safetensors` and `config.json` into `dir` (created if needed). Each file is
@@ -70,24 +76,40 @@ pub fn save_checkpoint(model: &Transformer, vs: &VarStore, dir: &Path) -> Result
 
 /// Builds the model `dir/config.json` describes on `device` and loads `dir/model.safetensors`
 /// into it strictly.
-pub fn load_checkpoint(dir: &Path, spec: LoadSpec, device: Device) -> Result<(VarStore, Transformer)> {
+pub fn load_checkpoint(
+    dir: &Path,
+    spec: LoadSpec,
+    device: Device,
+) -> Result<(VarStore, Transformer)> {
     let config = ModelConfig::from_hf_json(&dir.join(CONFIG_FILE))?;
     let vs = VarStore::new(device);
-    let heads = Heads { lm: spec.lm_head, score: spec.score != ScoreHead::Absent };
+    let heads = Heads {
+        lm: spec.lm_head,
+        score: spec.score != ScoreHead::Absent,
+    };
     let model = Transformer::new(&vs.root(), &config, heads)?;
     load_weights(&vs, &config, &dir.join(WEIGHTS_FILE), spec)?;
     Ok((vs, model))
 }
 
 /// Copies the tensors of a safetensors file into the variables of `vs`, strictly.
-pub fn load_weights(vs: &VarStore, config: &ModelConfig, file: &Path, spec: LoadSpec) -> Result<()> {
+pub fn load_weights(
+    vs: &VarStore,
+    config: &ModelConfig,
+    file: &Path,
+    spec: LoadSpec,
+) -> Result<()> {
     if !file.exists() {
         return Err(CoreError::Io {
             path: file.into(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "checkpoint weights not found"),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "checkpoint weights not found",
+            ),
         });
     }
-    let mut tensors: HashMap<String, Tensor> = Tensor::read_safetensors(file)?.into_iter().collect();
+    let mut tensors: HashMap<String, Tensor> =
+        Tensor::read_safetensors(file)?.into_iter().collect();
     // GPT-2 checkpoints saved from the bare GPT2Model (the hub's `gpt2`) lack the prefix.
     if config.arch == Arch::Gpt2 && !tensors.keys().any(|k| k.starts_with("transformer.")) {
         tensors = tensors
@@ -105,7 +127,9 @@ pub fn load_weights(vs: &VarStore, config: &ModelConfig, file: &Path, spec: Load
         match tensors.get(name) {
             None if name == "score.weight" && spec.score == ScoreHead::Fresh => {}
             None => missing.push(name.clone()),
-            Some(t) if t.size() != var.size() => mismatched.push((name.clone(), var.size(), t.size())),
+            Some(t) if t.size() != var.size() => {
+                mismatched.push((name.clone(), var.size(), t.size()))
+            }
             Some(_) => {}
         }
     }
@@ -118,7 +142,12 @@ pub fn load_weights(vs: &VarStore, config: &ModelConfig, file: &Path, spec: Load
     unexpected.sort();
     mismatched.sort();
     if !missing.is_empty() || !unexpected.is_empty() || !mismatched.is_empty() {
-        return Err(CoreError::CheckpointMismatch { path: file.into(), missing, unexpected, mismatched });
+        return Err(CoreError::CheckpointMismatch {
+            path: file.into(),
+            missing,
+            unexpected,
+            mismatched,
+        });
     }
     tch::no_grad(|| -> Result<()> {
         for (name, mut var) in vars {

@@ -114,7 +114,10 @@ impl ModelConfig {
             return bad("gpt2 has no grouped-query attention: drop n_kv_head".into());
         }
         if self.arch == Arch::Llama && self.head_dim() % 2 != 0 {
-            return bad(format!("RoPE needs an even head dimension, got {}", self.head_dim()));
+            return bad(format!(
+                "RoPE needs an even head dimension, got {}",
+                self.head_dim()
+            ));
         }
         Ok(())
     }
@@ -179,7 +182,9 @@ impl ModelConfig {
             path: path.into(),
             source,
         })?;
-        let obj = value.as_object().ok_or_else(|| field_err(path, "(root)", "not an object"))?;
+        let obj = value
+            .as_object()
+            .ok_or_else(|| field_err(path, "(root)", "not an object"))?;
         HfFields { path, obj }.parse()
     }
 }
@@ -248,7 +253,11 @@ impl HfFields<'_> {
 
     fn reject_if_true(&self, key: &str) -> Result<()> {
         if self.opt_bool(key)? == Some(true) {
-            return Err(field_err(self.path, key, "not supported by temper (must be false)"));
+            return Err(field_err(
+                self.path,
+                key,
+                "not supported by temper (must be false)",
+            ));
         }
         Ok(())
     }
@@ -291,7 +300,11 @@ impl HfFields<'_> {
             }
             "llama" => {
                 if !matches!(self.obj.get("rope_scaling"), None | Some(Value::Null)) {
-                    return Err(field_err(self.path, "rope_scaling", "not supported by temper"));
+                    return Err(field_err(
+                        self.path,
+                        "rope_scaling",
+                        "not supported by temper",
+                    ));
                 }
                 self.reject_if_true("attention_bias")?;
                 self.reject_if_true("mlp_bias")?;
@@ -324,7 +337,9 @@ impl HfFields<'_> {
                     d_ff: Some(self.int("intermediate_size")?),
                     max_position: self.int("max_position_embeddings")?,
                     norm_eps: self.opt_float("rms_norm_eps")?,
-                    rope_theta: self.opt_float("rope_theta")?.unwrap_or(default_rope_theta()),
+                    rope_theta: self
+                        .opt_float("rope_theta")?
+                        .unwrap_or(default_rope_theta()),
                     tie_embeddings: Some(self.opt_bool("tie_word_embeddings")?.unwrap_or(false)),
                     bos_token_id: None,
                     eos_token_id: None,
@@ -342,7 +357,8 @@ impl HfFields<'_> {
         cfg.bos_token_id = self.token_id("bos_token_id")?;
         cfg.eos_token_id = self.token_id("eos_token_id")?;
         cfg.pad_token_id = self.token_id("pad_token_id")?;
-        cfg.validate().map_err(|e| field_err(self.path, "(shape)", &e.to_string()))?;
+        cfg.validate()
+            .map_err(|e| field_err(self.path, "(shape)", &e.to_string()))?;
         Ok(cfg)
     }
 }

@@ -61,7 +61,9 @@ fn describe_mismatch(
         parts.push(format!("unexpected tensor(s) {}", unexpected.join(", ")));
     }
     for (name, want, got) in mismatched {
-        parts.push(format!("{name} has shape {got:?}, the model expects {want:?}"));
+        parts.push(format!(
+            "{name} has shape {got:?}, the model expects {want:?}"
+        ));
     }
     parts.join("; ")
 }

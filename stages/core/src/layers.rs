@@ -8,7 +8,10 @@ use tch::{Kind, Tensor};
 use crate::config::{Arch, ModelConfig};
 
 pub(crate) fn normal_init(std: f64) -> Init {
-    Init::Randn { mean: 0.0, stdev: std }
+    Init::Randn {
+        mean: 0.0,
+        stdev: std,
+    }
 }
 
 /// A dense layer. GPT-2 stores its weights in the Conv1D layout `(in, out)`; Llama and the heads
@@ -83,8 +86,15 @@ impl Norm {
 
 /// The feed-forward block: GELU-tanh MLP (GPT-2) or SwiGLU (Llama).
 pub(crate) enum Mlp {
-    Gelu { c_fc: Linear, c_proj: Linear },
-    SwiGlu { gate: Linear, up: Linear, down: Linear },
+    Gelu {
+        c_fc: Linear,
+        c_proj: Linear,
+    },
+    SwiGlu {
+        gate: Linear,
+        up: Linear,
+        down: Linear,
+    },
 }
 
 impl Mlp {

@@ -60,7 +60,11 @@ impl Attention {
         let (q, k, v) = match &self.qkv {
             QkvProj::Fused(lin) => {
                 let qkv = lin.forward(x).split(c, 2);
-                (qkv[0].shallow_clone(), qkv[1].shallow_clone(), qkv[2].shallow_clone())
+                (
+                    qkv[0].shallow_clone(),
+                    qkv[1].shallow_clone(),
+                    qkv[2].shallow_clone(),
+                )
             }
             QkvProj::Split { q, k, v } => (q.forward(x), k.forward(x), v.forward(x)),
         };
@@ -149,20 +153,28 @@ impl Transformer {
             Arch::Gpt2 => (root.sub("transformer"), "wte", "h", "ln_f"),
             Arch::Llama => (root.sub("model"), "embed_tokens", "layers", "norm"),
         };
-        let embed = trunk
-            .sub(embed_name)
-            .var("weight", &[cfg.vocab_size, cfg.d_model], normal_init(0.02));
-        let positions = (cfg.arch == Arch::Gpt2).then(|| {
+        let embed =
             trunk
-                .sub("wpe")
-                .var("weight", &[cfg.max_position, cfg.d_model], normal_init(0.01))
+                .sub(embed_name)
+                .var("weight", &[cfg.vocab_size, cfg.d_model], normal_init(0.02));
+        let positions = (cfg.arch == Arch::Gpt2).then(|| {
+            trunk.sub("wpe").var(
+                "weight",
+                &[cfg.max_position, cfg.d_model],
+                normal_init(0.01),
+            )
         });
         let blocks = (0..cfg.n_layer)
             .map(|i| {
                 let p = trunk.sub(blocks_name).sub(i);
                 let (n1, attn, n2, mlp) = match cfg.arch {
                     Arch::Gpt2 => ("ln_1", "attn", "ln_2", "mlp"),
-                    Arch::Llama => ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"),
+                    Arch::Llama => (
+                        "input_layernorm",
+                        "self_attn",
+                        "post_attention_layernorm",
+                        "mlp",
+                    ),
                 };
                 Block {
                     norm_attn: Norm::new(p.sub(n1), cfg),
@@ -207,7 +219,10 @@ impl Transformer {
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (b, t) = ids.size2().map_err(|_| {
-            CoreError::Shape(format!("token ids must be (batch, time), got {:?}", ids.size()))
+            CoreError::Shape(format!(
+                "token ids must be (batch, time), got {:?}",
+                ids.size()
+            ))
         })?;
         if let Some(m) = mask {
             if m.size() != [b, t] {
@@ -245,16 +260,23 @@ impl Transformer {
         let attn_mask = attention_mask(&real, cache.as_deref(), mask.is_some(), past, t);
         let mut x = Tensor::embedding(&self.embed, ids, -1, false, false); // (B, T, C)
         if let Some(wpe) = &self.positions {
-            x = x + Tensor::embedding(wpe, &pos, -1, false, false);
+            x += Tensor::embedding(wpe, &pos, -1, false, false);
         }
         let rope = self.rope.as_ref().map(|r| r.cos_sin(&pos));
 
-        let mut ctx = AttnContext { mask: attn_mask, rope, cache };
+        let mut ctx = AttnContext {
+            mask: attn_mask,
+            rope,
+            cache,
+        };
         if let Some(c) = ctx.cache.as_deref_mut() {
-            let _ = c.key_mask.narrow(1, past, t).copy_(&real);
+            c.key_mask.narrow(1, past, t).copy_(&real);
         }
         for (i, block) in self.blocks.iter().enumerate() {
-            x = &x + block.attn.forward(&block.norm_attn.forward(&x), &mut ctx, i);
+            x = &x
+                + block
+                    .attn
+                    .forward(&block.norm_attn.forward(&x), &mut ctx, i);
             x = &x + block.mlp.forward(&block.norm_mlp.forward(&x));
         }
         if let Some(c) = ctx.cache {
@@ -267,7 +289,9 @@ impl Transformer {
     /// Vocabulary logits (B, T, V) from hidden states (B, T, C).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         if !self.heads.lm {
-            return Err(CoreError::InvalidModel("this model was built without an LM head".into()));
+            return Err(CoreError::InvalidModel(
+                "this model was built without an LM head".into(),
+            ));
         }
         Ok(hidden.matmul(&self.lm_head.as_ref().unwrap_or(&self.embed).tr()))
     }
@@ -313,7 +337,10 @@ fn attention_mask(
     let diag = Tensor::arange(past + t, (Kind::Int64, device))
         .unsqueeze(0)
         .eq_tensor(&(Tensor::arange(t, (Kind::Int64, device)) + past).unsqueeze(1)); // (T, S)
-    let allowed = keys.unsqueeze(1).logical_and(&causal.unsqueeze(0)).logical_or(&diag); // (B, T, S)
+    let allowed = keys
+        .unsqueeze(1)
+        .logical_and(&causal.unsqueeze(0))
+        .logical_or(&diag); // (B, T, S)
     Some(allowed.unsqueeze(1))
 }
 
@@ -328,7 +355,9 @@ fn causal_block(past: i64, t: i64, device: Device) -> Tensor {
 /// fp32 whatever the logits' dtype.
 pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Tensor {
     let logits = logits.to_kind(Kind::Float);
-    let picked = logits.gather(-1, &targets.unsqueeze(-1), false).squeeze_dim(-1);
+    let picked = logits
+        .gather(-1, &targets.unsqueeze(-1), false)
+        .squeeze_dim(-1);
     picked - logits.logsumexp([-1], false)
 }
 

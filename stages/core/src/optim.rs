@@ -24,7 +24,12 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        Self { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 }
+        Self {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        }
     }
 }
 
@@ -45,8 +50,11 @@ pub struct AdamW {
 impl AdamW {
     /// Optimises every trainable variable of `vs`, grouped by rank, in name order.
     pub fn new(vs: &VarStore, config: AdamWConfig) -> Self {
-        let vars: BTreeMap<String, Tensor> =
-            vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        let vars: BTreeMap<String, Tensor> = vs
+            .variables()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .collect();
         let (mut decay, mut no_decay) = (Vec::new(), Vec::new());
         for (name, value) in vars {
             let param = Param {
@@ -62,7 +70,11 @@ impl AdamW {
                 no_decay.push(param)
             }
         }
-        Self { config, decay, no_decay }
+        Self {
+            config,
+            decay,
+            no_decay,
+        }
     }
 
     fn params(&self) -> impl Iterator<Item = &Param> {
@@ -86,11 +98,18 @@ impl AdamW {
     /// The global L2 norm of all gradients, before clipping; scales them down to `max_norm`
     /// when above it (as `torch.nn.utils.clip_grad_norm_`). One host sync, for the log.
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
-        let grads: Vec<Tensor> = self.params().map(|p| p.value.grad()).filter(Tensor::defined).collect();
+        let grads: Vec<Tensor> = self
+            .params()
+            .map(|p| p.value.grad())
+            .filter(Tensor::defined)
+            .collect();
         if grads.is_empty() {
             return 0.0;
         }
-        let norms: Vec<Tensor> = grads.iter().map(|g| g.norm().to_kind(Kind::Float)).collect();
+        let norms: Vec<Tensor> = grads
+            .iter()
+            .map(|g| g.norm().to_kind(Kind::Float))
+            .collect();
         let total = Tensor::stack(&norms, 0).norm();
         let coef = (max_norm / (&total + 1e-6)).clamp_max(1.0);
         tch::no_grad(|| {
@@ -107,7 +126,10 @@ impl AdamW {
             .flat_map(|p| {
                 [
                     (format!("exp_avg.{}", p.name), p.exp_avg.shallow_clone()),
-                    (format!("exp_avg_sq.{}", p.name), p.exp_avg_sq.shallow_clone()),
+                    (
+                        format!("exp_avg_sq.{}", p.name),
+                        p.exp_avg_sq.shallow_clone(),
+                    ),
                     (format!("step.{}", p.name), p.step.shallow_clone()),
                 ]
             })

@@ -109,7 +109,9 @@ fn pick(logits: &Tensor, cfg: &SamplingConfig, u: Option<&Tensor>) -> (Tensor, T
     let logits = logits.to_kind(Kind::Float);
     if cfg.temperature <= 0.0 {
         let tok = logits.argmax(-1, false);
-        let lp = logits.log_softmax(-1, Kind::Float).gather(-1, &tok.unsqueeze(-1), false);
+        let lp = logits
+            .log_softmax(-1, Kind::Float)
+            .gather(-1, &tok.unsqueeze(-1), false);
         return (tok, lp.squeeze_dim(-1));
     }
     let scaled = logits / cfg.temperature;
@@ -135,7 +137,9 @@ pub fn generate(
     seeds: &[u64],
 ) -> Result<Generation> {
     if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
-        return Err(CoreError::Shape("generate needs at least one non-empty prompt".into()));
+        return Err(CoreError::Shape(
+            "generate needs at least one non-empty prompt".into(),
+        ));
     }
     if seeds.len() != prompts.len() {
         return Err(CoreError::Shape(format!(
@@ -148,16 +152,29 @@ pub fn generate(
     let b = prompts.len() as i64;
     let (prompt, prompt_mask) = left_pad(prompts, cfg.pad_token_id, device);
     let width = prompt.size()[1];
-    let mut cache = KvCache::new(&model.config, b, width + cfg.max_new_tokens, Kind::Float, device);
+    let mut cache = KvCache::new(
+        &model.config,
+        b,
+        width + cfg.max_new_tokens,
+        Kind::Float,
+        device,
+    );
     let (tokens, logprobs, mask) = tch::no_grad(|| -> Result<_> {
         let hidden = model.hidden_states(&prompt, Some(&prompt_mask), Some(&mut cache))?;
-        let mut last = model.logits(&hidden.narrow(1, width - 1, 1))?.squeeze_dim(1); // (B, V)
+        let mut last = model
+            .logits(&hidden.narrow(1, width - 1, 1))?
+            .squeeze_dim(1); // (B, V)
         let mut done = Tensor::zeros([b], (Kind::Bool, device));
         let (mut tokens, mut logprobs, mut masks) = (Vec::new(), Vec::new(), Vec::new());
         for step in 0..cfg.max_new_tokens {
             let draws = (cfg.temperature > 0.0).then(|| {
-                let u: Vec<f64> = seeds.iter().map(|&s| uniform_draw(s, step as u64)).collect();
-                Tensor::from_slice(&u).to_kind(Kind::Float).to_device(device)
+                let u: Vec<f64> = seeds
+                    .iter()
+                    .map(|&s| uniform_draw(s, step as u64))
+                    .collect();
+                Tensor::from_slice(&u)
+                    .to_kind(Kind::Float)
+                    .to_device(device)
             });
             let (tok, lp) = pick(&last, cfg, draws.as_ref());
             let live = done.logical_not();
@@ -175,7 +192,11 @@ pub fn generate(
             if cfg.eos_token_id.is_some() && step % 8 == 7 && bool::try_from(done.all())? {
                 break;
             }
-            let hidden = model.hidden_states(&tok.unsqueeze(1), Some(&live.unsqueeze(1)), Some(&mut cache))?;
+            let hidden = model.hidden_states(
+                &tok.unsqueeze(1),
+                Some(&live.unsqueeze(1)),
+                Some(&mut cache),
+            )?;
             last = model.logits(&hidden)?.squeeze_dim(1);
         }
         Ok((

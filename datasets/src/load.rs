@@ -1,0 +1,174 @@
+//! Loading a stage's dataset: read rows, parse records, render with the chat template, and
+//! apply the over-long policy, with a report of what was kept, truncated or skipped.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::batch::Overlong;
+use crate::chat::{ChatTemplate, Example};
+use crate::error::{DataError, Location, Result};
+use crate::read::{read_rows, TextSplit};
+use crate::records::{Fields, PromptRecord, RecordParser};
+use crate::tokenizer::TextTokenizer;
+
+/// What loading did to a file's records; stages log it and put it in their summary.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct LoadReport {
+    pub rows: usize,
+    pub kept: usize,
+    pub truncated: usize,
+    pub skipped: usize,
+    pub max_tokens: usize,
+    pub total_tokens: usize,
+}
+
+impl LoadReport {
+    pub fn mean_tokens(&self) -> f64 {
+        self.total_tokens as f64 / self.rows.max(1) as f64
+    }
+}
+
+/// A prompt's ids (ending in the assistant marker) and its record.
+pub type RenderedPrompt = (Vec<u32>, PromptRecord);
+
+/// Shared settings for rendering a file's records.
+pub struct LoadOptions<'a> {
+    pub tokenizer: &'a TextTokenizer,
+    pub template: ChatTemplate,
+    pub fields: &'a Fields,
+    /// Longest example in tokens (the model's context).
+    pub max_len: usize,
+    pub overlong: Overlong,
+    pub train_on_prompt: bool,
+}
+
+impl LoadOptions<'_> {
+    /// Applies the over-long policy to one example; None when it is skipped.
+    fn fit(
+        &self,
+        path: &Path,
+        location: Location,
+        mut ex: Example,
+        report: &mut LoadReport,
+    ) -> Result<Option<Example>> {
+        report.rows += 1;
+        report.total_tokens += ex.len();
+        report.max_tokens = report.max_tokens.max(ex.len());
+        if ex.len() <= self.max_len {
+            report.kept += 1;
+            return Ok(Some(ex));
+        }
+        match self.overlong {
+            Overlong::Error => Err(DataError::TooLong {
+                path: path.into(),
+                location,
+                len: ex.len(),
+                max: self.max_len,
+            }),
+            Overlong::Truncate => {
+                ex.ids.truncate(self.max_len);
+                ex.loss_mask.truncate(self.max_len);
+                report.truncated += 1;
+                report.kept += 1;
+                Ok(Some(ex))
+            }
+            Overlong::Skip => {
+                report.skipped += 1;
+                Ok(None)
+            }
+        }
+    }
+
+    fn nonempty<T>(&self, path: &Path, items: Vec<T>, report: &LoadReport) -> Result<Vec<T>> {
+        if items.is_empty() {
+            return Err(DataError::Invalid(format!(
+                "{}: no usable examples ({} rows, {} skipped as longer than {} tokens)",
+                path.display(),
+                report.rows,
+                report.skipped,
+                self.max_len
+            )));
+        }
+        Ok(items)
+    }
+
+    /// SFT examples: the whole conversation, loss on assistant replies.
+    pub fn sft(&self, path: &Path) -> Result<(Vec<Example>, LoadReport)> {
+        let parser = RecordParser {
+            path,
+            fields: self.fields,
+        };
+        let mut report = LoadReport::default();
+        let mut out = Vec::new();
+        for row in read_rows(path, TextSplit::File)? {
+            let row = row?;
+            let messages = parser.sft(&row)?;
+            let ex = self
+                .template
+                .render(self.tokenizer, &messages, self.train_on_prompt)?;
+            out.extend(self.fit(path, row.location, ex, &mut report)?);
+        }
+        Ok((self.nonempty(path, out, &report)?, report))
+    }
+
+    /// Preference pairs, each side rendered as prompt + reply + EOS. The loss mask marks the
+    /// reply, whose last token is where the reward model reads its score.
+    pub fn pairs(&self, path: &Path) -> Result<(Vec<(Example, Example)>, LoadReport)> {
+        let parser = RecordParser {
+            path,
+            fields: self.fields,
+        };
+        let mut report = LoadReport::default();
+        let mut out = Vec::new();
+        for row in read_rows(path, TextSplit::File)? {
+            let row = row?;
+            let pair = parser.pair(&row)?;
+            let render = |reply| {
+                let conversation = [pair.prompt.clone(), reply].concat();
+                self.template.render(self.tokenizer, &conversation, false)
+            };
+            let chosen = self.fit(
+                path,
+                row.location,
+                render(pair.chosen.clone())?,
+                &mut report,
+            )?;
+            let rejected = self.fit(
+                path,
+                row.location,
+                render(pair.rejected.clone())?,
+                &mut report,
+            )?;
+            if let (Some(c), Some(r)) = (chosen, rejected) {
+                out.push((c, r));
+            }
+        }
+        Ok((self.nonempty(path, out, &report)?, report))
+    }
+
+    /// Prompts rendered for generation (ending in the assistant marker), with their records.
+    pub fn prompts(&self, path: &Path) -> Result<(Vec<RenderedPrompt>, LoadReport)> {
+        let parser = RecordParser {
+            path,
+            fields: self.fields,
+        };
+        let mut report = LoadReport::default();
+        let mut out = Vec::new();
+        for row in read_rows(path, TextSplit::File)? {
+            let row = row?;
+            let record = parser.prompt(&row)?;
+            let ids = self
+                .template
+                .render_prompt(self.tokenizer, &record.messages)?;
+            let ex = Example {
+                loss_mask: vec![0; ids.len()],
+                ids,
+            };
+            if let Some(ex) = self.fit(path, row.location, ex, &mut report)? {
+                out.push((ex.ids, record));
+            }
+        }
+        Ok((self.nonempty(path, out, &report)?, report))
+    }
+}

@@ -1,0 +1,278 @@
+//! Record kinds: text documents, SFT examples (alpaca or messages form), preference pairs and
+//! prompt sets. Each parses from a [`Row`]; field names are configurable ([`Fields`]) and
+//! every error names the file, line or row, and field.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{DataError, Result};
+use crate::read::Row;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: Role,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Self {
+            role,
+            content: content.into(),
+        }
+    }
+}
+
+/// Column / field names. The defaults are the ecosystem's: alpaca, sharegpt-style `messages`,
+/// and `prompt`/`chosen`/`rejected` pairs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Fields {
+    pub text: String,
+    pub messages: String,
+    pub instruction: String,
+    pub input: String,
+    pub output: String,
+    pub system: String,
+    pub prompt: String,
+    pub chosen: String,
+    pub rejected: String,
+}
+
+impl Default for Fields {
+    fn default() -> Self {
+        Self {
+            text: "text".into(),
+            messages: "messages".into(),
+            instruction: "instruction".into(),
+            input: "input".into(),
+            output: "output".into(),
+            system: "system".into(),
+            prompt: "prompt".into(),
+            chosen: "chosen".into(),
+            rejected: "rejected".into(),
+        }
+    }
+}
+
+/// A preference pair: the same conversation so far, two candidate assistant replies.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PreferencePair {
+    pub prompt: Vec<Message>,
+    pub chosen: Vec<Message>,
+    pub rejected: Vec<Message>,
+}
+
+/// A prompt for generation (PPO, evaluation): the conversation to continue, and any other
+/// string/number fields of the row (a target label for a judge, say).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PromptRecord {
+    pub messages: Vec<Message>,
+    pub meta: BTreeMap<String, Value>,
+}
+
+/// Parses rows of one file, carrying its path into every error.
+pub struct RecordParser<'a> {
+    pub path: &'a Path,
+    pub fields: &'a Fields,
+}
+
+impl RecordParser<'_> {
+    fn err(&self, row: &Row, field: &str, message: impl Into<String>) -> DataError {
+        DataError::Field {
+            path: self.path.into(),
+            location: row.location,
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    fn get<'r>(&self, row: &'r Row, field: &str) -> Option<&'r Value> {
+        row.value.get(field).filter(|v| !v.is_null())
+    }
+
+    fn string(&self, row: &Row, field: &str) -> Result<String> {
+        match self.get(row, field) {
+            None => Err(self.err(row, field, "missing")),
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(other) => Err(self.err(
+                row,
+                field,
+                format!("expected a string, got {}", kind(other)),
+            )),
+        }
+    }
+
+    fn opt_string(&self, row: &Row, field: &str) -> Result<Option<String>> {
+        match self.get(row, field) {
+            None => Ok(None),
+            Some(_) => self.string(row, field).map(Some),
+        }
+    }
+
+    pub fn text(&self, row: &Row) -> Result<String> {
+        self.string(row, &self.fields.text)
+    }
+
+    /// A message list: `[{role, content}, ...]`.
+    fn messages(&self, row: &Row, field: &str) -> Result<Vec<Message>> {
+        let Some(value) = self.get(row, field) else {
+            return Err(self.err(row, field, "missing"));
+        };
+        let Value::Array(items) = value else {
+            return Err(self.err(
+                row,
+                field,
+                format!("expected a list of messages, got {}", kind(value)),
+            ));
+        };
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let at = format!("{field}[{i}]");
+                let role = match m.get("role").and_then(Value::as_str) {
+                    Some("system") => Role::System,
+                    Some("user") | Some("human") => Role::User,
+                    Some("assistant") | Some("gpt") => Role::Assistant,
+                    Some(other) => {
+                        return Err(self.err(
+                            row,
+                            &format!("{at}.role"),
+                            format!("unknown role `{other}` (system, user or assistant)"),
+                        ))
+                    }
+                    None => return Err(self.err(row, &format!("{at}.role"), "missing")),
+                };
+                let content = match m.get("content") {
+                    Some(Value::String(s)) => s.clone(),
+                    Some(other) => {
+                        return Err(self.err(
+                            row,
+                            &format!("{at}.content"),
+                            format!("expected a string, got {}", kind(other)),
+                        ))
+                    }
+                    None => return Err(self.err(row, &format!("{at}.content"), "missing")),
+                };
+                Ok(Message { role, content })
+            })
+            .collect()
+    }
+
+    /// A string (one user or assistant turn) or a message list.
+    fn turns(&self, row: &Row, field: &str, role: Role) -> Result<Vec<Message>> {
+        match self.get(row, field) {
+            Some(Value::String(s)) => Ok(vec![Message::new(role, s.clone())]),
+            _ => self.messages(row, field),
+        }
+    }
+
+    /// An SFT example in messages form, or alpaca form (`instruction`, optional `input`,
+    /// `output`, optional `system`). It must end with an assistant turn.
+    pub fn sft(&self, row: &Row) -> Result<Vec<Message>> {
+        let f = self.fields;
+        let messages = if self.get(row, &f.messages).is_some() {
+            self.messages(row, &f.messages)?
+        } else if self.get(row, &f.instruction).is_some() {
+            let mut user = self.string(row, &f.instruction)?;
+            if let Some(input) = self.opt_string(row, &f.input)?.filter(|s| !s.is_empty()) {
+                user = format!("{user}\n\n{input}");
+            }
+            let mut m = Vec::new();
+            if let Some(system) = self.opt_string(row, &f.system)? {
+                m.push(Message::new(Role::System, system));
+            }
+            m.push(Message::new(Role::User, user));
+            m.push(Message::new(Role::Assistant, self.string(row, &f.output)?));
+            m
+        } else {
+            return Err(self.err(
+                row,
+                &f.messages,
+                format!(
+                    "missing: an SFT example needs `{}` or `{}`/`{}`",
+                    f.messages, f.instruction, f.output
+                ),
+            ));
+        };
+        match messages.last() {
+            Some(m) if m.role == Role::Assistant => Ok(messages),
+            _ => Err(self.err(
+                row,
+                &f.messages,
+                "the last message must be the assistant's (it is what SFT trains)",
+            )),
+        }
+    }
+
+    /// A preference pair; `chosen`/`rejected` are strings (one assistant turn) or message lists.
+    pub fn pair(&self, row: &Row) -> Result<PreferencePair> {
+        let f = self.fields;
+        let pair = PreferencePair {
+            prompt: self.turns(row, &f.prompt, Role::User)?,
+            chosen: self.turns(row, &f.chosen, Role::Assistant)?,
+            rejected: self.turns(row, &f.rejected, Role::Assistant)?,
+        };
+        for (field, turns) in [(&f.chosen, &pair.chosen), (&f.rejected, &pair.rejected)] {
+            if turns.last().map(|m| m.role) != Some(Role::Assistant) {
+                return Err(self.err(row, field, "must end with an assistant turn"));
+            }
+        }
+        if pair.chosen == pair.rejected {
+            return Err(self.err(
+                row,
+                &f.chosen,
+                "identical to `rejected`: the pair carries no preference",
+            ));
+        }
+        Ok(pair)
+    }
+
+    /// A prompt: `prompt` as a string or message list (or `messages`), plus the other fields.
+    pub fn prompt(&self, row: &Row) -> Result<PromptRecord> {
+        let f = self.fields;
+        let field = if self.get(row, &f.prompt).is_some() {
+            &f.prompt
+        } else {
+            &f.messages
+        };
+        let messages = self.turns(row, field, Role::User)?;
+        if messages.last().map(|m| m.role) == Some(Role::Assistant) {
+            return Err(self.err(row, field, "a prompt must not end with an assistant turn"));
+        }
+        let meta = row
+            .value
+            .as_object()
+            .map(|o| {
+                o.iter()
+                    .filter(|(k, _)| *k != field)
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(PromptRecord { messages, meta })
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}

@@ -1,0 +1,140 @@
+//! Tokenizers: load any `tokenizer.json`, or train a byte-level BPE (GPT-2's scheme) on a
+//! corpus with the chat template's special tokens. Special-token strings inside user text are
+//! encoded as plain text; template markers are inserted by id, so no data can forge a turn.
+
+use std::path::{Path, PathBuf};
+
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::models::TrainerWrapper;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::processors::byte_level::ByteLevel as ByteLevelProcessor;
+use tokenizers::{AddedToken, Tokenizer};
+
+use crate::error::{DataError, Result};
+
+/// End of text / end of an assistant turn. Also the pretraining document separator.
+pub const EOS: &str = "<|endoftext|>";
+pub const PAD: &str = "<|pad|>";
+pub const SYSTEM: &str = "<|system|>";
+pub const USER: &str = "<|user|>";
+pub const ASSISTANT: &str = "<|assistant|>";
+/// Trained tokenizers get these ids 0..5, in this order.
+pub const SPECIAL_TOKENS: [&str; 5] = [EOS, PAD, SYSTEM, USER, ASSISTANT];
+
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    pub path: PathBuf,
+}
+
+impl TextTokenizer {
+    pub fn load(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            return Err(DataError::Tokenizer {
+                path: path.into(),
+                message: "file not found".into(),
+            });
+        }
+        let mut inner = Tokenizer::from_file(path).map_err(|e| DataError::Tokenizer {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
+        inner.set_encode_special_tokens(true);
+        Ok(Self {
+            inner,
+            path: path.into(),
+        })
+    }
+
+    fn err(&self, e: impl ToString) -> DataError {
+        DataError::Tokenizer {
+            path: self.path.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    /// Token ids of `text`, with no special tokens added and none recognised in the text.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self
+            .inner
+            .encode_fast(text, false)
+            .map_err(|e| self.err(e))?
+            .get_ids()
+            .to_vec())
+    }
+
+    /// Text of `ids`; special tokens are written out (`<|user|>`) so renderings show them.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, false).map_err(|e| self.err(e))
+    }
+
+    pub fn id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// The id of a token the caller needs, or an error saying which is missing.
+    pub fn require(&self, token: &str) -> Result<u32> {
+        self.id(token).ok_or_else(|| {
+            self.err(format!(
+                "lacks the special token {token}; temper's chat template needs {} (train one with `temper-data train-tokenizer`)",
+                SPECIAL_TOKENS.join(" ")
+            ))
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+}
+
+/// Trains a byte-level BPE of `vocab_size` entries (special tokens included) on `docs`.
+pub fn train_bpe<I, S>(docs: I, vocab_size: usize, min_frequency: u64) -> Result<Tokenizer>
+where
+    I: Iterator<Item = S> + Send,
+    S: AsRef<str> + Send,
+{
+    let floor = SPECIAL_TOKENS.len() + ByteLevel::alphabet().len();
+    if vocab_size <= floor {
+        return Err(DataError::Invalid(format!(
+            "vocab_size {vocab_size} is too small: the 256 byte symbols and {} special tokens alone take {floor}",
+            SPECIAL_TOKENS.len()
+        )));
+    }
+    let trainer = BpeTrainerBuilder::new()
+        .vocab_size(vocab_size)
+        .min_frequency(min_frequency)
+        .show_progress(false)
+        .special_tokens(
+            SPECIAL_TOKENS
+                .iter()
+                .map(|t| AddedToken::from(*t, true))
+                .collect(),
+        )
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .build();
+    let mut trainer = TrainerWrapper::BpeTrainer(trainer);
+    let mut tokenizer = Tokenizer::new(BPE::default());
+    tokenizer.with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)));
+    tokenizer.with_post_processor(Some(ByteLevelProcessor::default().trim_offsets(false)));
+    tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
+    tokenizer
+        .train(&mut trainer, docs)
+        .map_err(|e| DataError::Invalid(format!("BPE training failed: {e}")))?;
+    Ok(tokenizer)
+}
+
+/// Saves a tokenizer as `tokenizer.json`, atomically.
+pub fn save_tokenizer(tokenizer: &Tokenizer, path: &Path) -> Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    tokenizer
+        .save(&tmp, false)
+        .map_err(|e| DataError::Tokenizer {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
+    std::fs::rename(&tmp, path).map_err(DataError::io(path))
+}

@@ -1,0 +1,616 @@
+//! temper-data on small, real files: every reader and record kind, the chat template's masks,
+//! BPE round trips, a tokenizer.json made by Hugging Face's library, the leak-free split, the
+//! token cache, batching, and each bad-input error.
+
+use std::path::{Path, PathBuf};
+
+use temper_data::batch::{length_grouped_batches, pack, pad_right, shuffled, Overlong};
+use temper_data::chat::{ChatTemplate, Example};
+use temper_data::records::{Fields, Message, RecordParser, Role};
+use temper_data::stream::{build_stream, is_validation, StreamSettings};
+use temper_data::tokenizer::{save_tokenizer, train_bpe, TextTokenizer, ASSISTANT, EOS, USER};
+use temper_data::write::{write_parquet, Column};
+use temper_data::{read_rows, LoadOptions, TextSplit};
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+const CORPUS: &[&str] = &[
+    "The film is a delight from start to finish, funny and warm.",
+    "A dull, lifeless movie that never finds its footing.",
+    "Shall I compare thee to a summer's day? Thou art more lovely.",
+    "The jury said the election was conducted fairly in Atlanta.",
+    "Émile's café serves crème brûlée — naïve but charming. 日本語も少し。",
+];
+
+/// A small trained tokenizer with the chat special tokens.
+fn tokenizer(dir: &Path) -> TextTokenizer {
+    let docs: Vec<String> = CORPUS
+        .iter()
+        .cycle()
+        .take(50)
+        .map(|s| s.to_string())
+        .collect();
+    let tok = train_bpe(docs.iter(), 400, 2).unwrap();
+    let path = dir.join("tokenizer.json");
+    save_tokenizer(&tok, &path).unwrap();
+    TextTokenizer::load(&path).unwrap()
+}
+
+fn rows_of(path: &Path) -> Vec<serde_json::Value> {
+    read_rows(path, TextSplit::BlankLine)
+        .unwrap()
+        .map(|r| r.unwrap().value)
+        .collect()
+}
+
+#[test]
+fn readers_yield_the_same_records_from_txt_jsonl_and_parquet() {
+    let dir = tempfile::tempdir().unwrap();
+    let txt = write(
+        dir.path(),
+        "a.txt",
+        "first doc\nstill first\r\n\r\n\n second doc \n",
+    );
+    assert_eq!(
+        rows_of(&txt),
+        vec![
+            serde_json::json!({"text": "first doc\nstill first"}),
+            serde_json::json!({"text": "second doc"})
+        ]
+    );
+    let whole: Vec<_> = read_rows(&txt, TextSplit::File).unwrap().collect();
+    assert_eq!(whole.len(), 1);
+
+    let jsonl = write(
+        dir.path(),
+        "a.jsonl",
+        "{\"text\": \"first doc\"}\n\n{\"text\": \"second\", \"n\": 2}\n",
+    );
+    let rows: Vec<_> = read_rows(&jsonl, TextSplit::File)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[1].location.to_string(), "line 3");
+
+    let pq = dir.path().join("a.parquet");
+    let conv = vec![
+        Message::new(Role::User, "hi"),
+        Message::new(Role::Assistant, "hello"),
+    ];
+    write_parquet(
+        &pq,
+        &[
+            ("text", Column::Str(vec!["x".into(), "y".into()])),
+            ("score", Column::F64(vec![1.5, -2.0])),
+            ("messages", Column::Messages(vec![conv.clone(), conv])),
+        ],
+    )
+    .unwrap();
+    let rows: Vec<_> = read_rows(&pq, TextSplit::File)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(rows[1].location.to_string(), "row 1");
+    assert_eq!(rows[1].value["score"], -2.0);
+    assert_eq!(
+        rows[0].value["messages"][1],
+        serde_json::json!({"role": "assistant", "content": "hello"})
+    );
+}
+
+#[test]
+fn record_kinds_parse_alpaca_messages_pairs_and_prompts() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(
+        dir.path(),
+        "sft.jsonl",
+        concat!(
+            r#"{"instruction": "Summarise", "input": "a long text", "output": "short", "system": "be brief"}"#,
+            "\n",
+            r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, {"role": "user", "content": "more"}, {"role": "assistant", "content": "ok"}]}"#,
+            "\n",
+            r#"{"prompt": "p", "chosen": "good", "rejected": "bad"}"#,
+            "\n",
+            r#"{"prompt": [{"role": "user", "content": "p"}], "chosen": [{"role": "assistant", "content": "c"}], "rejected": [{"role": "assistant", "content": "r"}], "sentiment": "positive"}"#,
+            "\n",
+        ),
+    );
+    let fields = Fields::default();
+    let p = RecordParser {
+        path: &f,
+        fields: &fields,
+    };
+    let rows: Vec<_> = read_rows(&f, TextSplit::File)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let alpaca = p.sft(&rows[0]).unwrap();
+    assert_eq!(
+        alpaca,
+        vec![
+            Message::new(Role::System, "be brief"),
+            Message::new(Role::User, "Summarise\n\na long text"),
+            Message::new(Role::Assistant, "short"),
+        ]
+    );
+    assert_eq!(p.sft(&rows[1]).unwrap().len(), 4);
+    let pair = p.pair(&rows[2]).unwrap();
+    assert_eq!(pair.prompt, vec![Message::new(Role::User, "p")]);
+    assert_eq!(pair.chosen, vec![Message::new(Role::Assistant, "good")]);
+    assert_eq!(
+        p.pair(&rows[3]).unwrap().rejected,
+        vec![Message::new(Role::Assistant, "r")]
+    );
+    let prompt = p.prompt(&rows[3]).unwrap();
+    assert_eq!(prompt.messages, vec![Message::new(Role::User, "p")]);
+    assert_eq!(prompt.meta["sentiment"], "positive");
+
+    // Custom field names.
+    let g = write(
+        dir.path(),
+        "custom.jsonl",
+        "{\"q\": \"hi\", \"a\": \"there\"}\n",
+    );
+    let custom = Fields {
+        instruction: "q".into(),
+        output: "a".into(),
+        ..Fields::default()
+    };
+    let row = read_rows(&g, TextSplit::File)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        RecordParser {
+            path: &g,
+            fields: &custom
+        }
+        .sft(&row)
+        .unwrap()[1]
+            .content,
+        "there"
+    );
+}
+
+#[test]
+fn only_assistant_tokens_and_their_eos_carry_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(dir.path());
+    let tpl = ChatTemplate::new(&tok).unwrap();
+    let conv = vec![
+        Message::new(Role::System, "Be kind."),
+        Message::new(Role::User, "Review the film."),
+        Message::new(Role::Assistant, "A delight."),
+        Message::new(Role::User, "And another?"),
+        Message::new(Role::Assistant, "Dull."),
+    ];
+    let ex = tpl.render(&tok, &conv, false).unwrap();
+    assert_eq!(ex.ids.len(), ex.loss_mask.len());
+    let trained: Vec<u32> = ex
+        .ids
+        .iter()
+        .zip(&ex.loss_mask)
+        .filter(|(_, &m)| m == 1)
+        .map(|(&t, _)| t)
+        .collect();
+    let expected = [
+        tok.encode("A delight.").unwrap(),
+        vec![tpl.eos],
+        tok.encode("Dull.").unwrap(),
+        vec![tpl.eos],
+    ]
+    .concat();
+    assert_eq!(
+        trained, expected,
+        "exactly the replies and their EOS are trained"
+    );
+    // Markers are never trained, the assistant marker included.
+    for (t, m) in ex.ids.iter().zip(&ex.loss_mask) {
+        if [tpl.user, tpl.assistant, tpl.system].contains(t) {
+            assert_eq!(*m, 0);
+        }
+    }
+    assert_eq!(tok.decode(&ex.ids).unwrap(), "<|system|>Be kind.<|user|>Review the film.<|assistant|>A delight.<|endoftext|><|user|>And another?<|assistant|>Dull.<|endoftext|>");
+    let all = tpl.render(&tok, &conv, true).unwrap();
+    assert!(all.loss_mask.iter().all(|&m| m == 1));
+
+    // The generation prompt is an exact prefix of the rendered conversation (SFT = RM = PPO).
+    let prompt = tpl.render_prompt(&tok, &conv[..4]).unwrap();
+    assert_eq!(&ex.ids[..prompt.len()], &prompt[..]);
+    assert_eq!(
+        &ex.ids[prompt.len()..],
+        &[tok.encode("Dull.").unwrap(), vec![tpl.eos]].concat()[..]
+    );
+}
+
+#[test]
+fn bpe_round_trips_text_exactly_and_never_forges_special_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(dir.path());
+    assert_eq!(tok.vocab_size(), 400);
+    assert_eq!(tok.id(EOS), Some(0));
+    for text in CORPUS.iter().copied().chain([
+        "  leading and   inner   spaces\tand tabs\nnew lines  ",
+        "unseen words: zyzzyva, qwertyuiop 12345!",
+        "emoji 🎬 and <|user|> typed by a user",
+    ]) {
+        let ids = tok.encode(text).unwrap();
+        assert_eq!(tok.decode(&ids).unwrap(), text);
+        assert!(
+            !ids.contains(&tok.id(USER).unwrap()),
+            "user text produced a role marker"
+        );
+        assert!(!ids.contains(&tok.id(ASSISTANT).unwrap()));
+    }
+}
+
+#[test]
+fn a_gpt2_style_tokenizer_json_from_hugging_face_loads() {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer/gpt2_style.json");
+    let tok = TextTokenizer::load(&path).unwrap();
+    // The ids Hugging Face's tokenizers computed (scripts/make_tokenizer_fixture.py).
+    let ids = tok.encode("The best film of the year.").unwrap();
+    assert_eq!(
+        ids,
+        vec![276, 272, 263, 286, 77, 265, 259, 221, 89, 283, 14]
+    );
+    assert_eq!(tok.decode(&ids).unwrap(), "The best film of the year.");
+    assert_eq!(tok.id(EOS), Some(0));
+    // It has no chat markers, and the template says which are missing.
+    let err = ChatTemplate::new(&tok).unwrap_err().to_string();
+    assert!(
+        err.contains("lacks the special token <|pad|>")
+            || err.contains("lacks the special token <|system|>"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_split_never_leaks_and_the_cache_hits_on_rerun() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(dir.path());
+    let docs: Vec<String> = (0..60)
+        .map(|i| format!("Document number {i}: {}", CORPUS[i % CORPUS.len()]))
+        .collect();
+    let a = write(dir.path(), "a.txt", &docs[..40].join("\n\n"));
+    // The second file repeats a document of the first: it must land on the same side.
+    let b = write(
+        dir.path(),
+        "b.jsonl",
+        &docs[30..]
+            .iter()
+            .map(|d| serde_json::json!({"text": d}).to_string())
+            .collect::<Vec<_>>()
+            .join("\n"),
+    );
+    let settings = StreamSettings {
+        block_size: 8,
+        val_fraction: 0.3,
+        ..Default::default()
+    };
+    let cache = dir.path().join("cache");
+    let s = build_stream(&[a.clone(), b.clone()], &tok, &settings, Some(&cache)).unwrap();
+    assert!(!s.from_cache);
+    assert_eq!(s.stats.documents, 70);
+    assert!(
+        s.stats.val_documents > 5 && s.stats.train_documents > 30,
+        "{:?}",
+        s.stats
+    );
+    assert_eq!(s.train.len() % 8, 0);
+    let val_text = tok.decode(&s.val).unwrap();
+    let train_text = tok.decode(&s.train).unwrap();
+    for d in &docs {
+        let held = is_validation(d, 0.3);
+        // A whole document sits in its split; the other never holds it (blocks may cut a
+        // document at the edge of the kept tokens, so check containment one way).
+        if held {
+            assert!(
+                !train_text.contains(d.as_str()),
+                "held-out document in train: {d}"
+            );
+        } else {
+            assert!(
+                !val_text.contains(d.as_str()),
+                "training document in validation: {d}"
+            );
+        }
+    }
+    let again = build_stream(&[a.clone(), b.clone()], &tok, &settings, Some(&cache)).unwrap();
+    assert!(again.from_cache, "second build did not hit the cache");
+    assert_eq!(
+        (again.train, again.val, again.stats),
+        (s.train.clone(), s.val.clone(), s.stats.clone())
+    );
+    let other = StreamSettings {
+        block_size: 16,
+        ..settings
+    };
+    assert!(
+        !build_stream(&[a, b], &tok, &other, Some(&cache))
+            .unwrap()
+            .from_cache,
+        "a changed setting must miss"
+    );
+}
+
+#[test]
+fn batches_pad_group_pack_and_shuffle_deterministically() {
+    let ex = |n: usize| Example {
+        ids: (1..=n as u32).collect(),
+        loss_mask: vec![1; n],
+    };
+    let (a, b) = (ex(3), ex(5));
+    let batch = pad_right(&[&a, &b], 9);
+    assert_eq!((batch.rows, batch.cols), (2, 5));
+    assert_eq!(batch.ids[..5], [1, 2, 3, 9, 9]);
+    assert_eq!(batch.attention_mask[..5], [1, 1, 1, 0, 0]);
+    assert_eq!(batch.loss_mask[5..], [1, 1, 1, 1, 1]);
+
+    let lengths: Vec<usize> = (0..400).map(|i| 5 + (i * 37) % 200).collect();
+    let padding = |batches: &[Vec<usize>]| -> usize {
+        batches
+            .iter()
+            .map(|b| {
+                let m = b.iter().map(|&i| lengths[i]).max().unwrap();
+                b.iter().map(|&i| m - lengths[i]).sum::<usize>()
+            })
+            .sum()
+    };
+    let grouped = length_grouped_batches(&lengths, 8, 1);
+    let random: Vec<Vec<usize>> = shuffled(400, 1).chunks(8).map(<[usize]>::to_vec).collect();
+    assert!(
+        padding(&grouped) * 5 < padding(&random),
+        "grouping saved too little padding"
+    );
+    let mut all: Vec<usize> = grouped.concat();
+    all.sort();
+    assert_eq!(
+        all,
+        (0..400).collect::<Vec<_>>(),
+        "every example exactly once"
+    );
+    assert_eq!(length_grouped_batches(&lengths, 8, 1), grouped);
+    assert_ne!(shuffled(50, 1), shuffled(50, 2));
+
+    let packed = pack(&[ex(3), ex(4), ex(2), ex(6), ex(9)], 8);
+    assert_eq!(
+        packed.iter().map(Example::len).collect::<Vec<_>>(),
+        vec![7, 8, 9]
+    );
+}
+
+/// One line of error text from loading `content` as `name` with `kind`.
+fn error_of(name: &str, content: &[u8], kind: &str, max_len: usize, overlong: Overlong) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(dir.path());
+    let path = dir.path().join(name);
+    std::fs::write(&path, content).unwrap();
+    let fields = Fields::default();
+    let opts = LoadOptions {
+        tokenizer: &tok,
+        template: ChatTemplate::new(&tok).unwrap(),
+        fields: &fields,
+        max_len,
+        overlong,
+        train_on_prompt: false,
+    };
+    let err = match kind {
+        "sft" => opts.sft(&path).err(),
+        "pairs" => opts.pairs(&path).err(),
+        _ => opts.prompts(&path).err(),
+    };
+    err.expect("must fail")
+        .to_string()
+        .replace(&format!("{}/", dir.path().display()), "")
+}
+
+#[test]
+fn bad_input_is_an_error_naming_file_line_and_field() {
+    let good = r#"{"instruction": "a", "output": "b"}"#;
+    let e = error_of(
+        "x.jsonl",
+        format!("{good}\n{good}\n{{\"instruction\": \"a\", \n").as_bytes(),
+        "sft",
+        64,
+        Overlong::Error,
+    );
+    assert!(e.starts_with("x.jsonl:3: malformed JSON"), "{e}");
+    let e = error_of(
+        "x.jsonl",
+        format!("{good}\n{{\"instruction\": \"a\"}}\n").as_bytes(),
+        "sft",
+        64,
+        Overlong::Error,
+    );
+    assert_eq!(e, "x.jsonl: line 2: field `output`: missing");
+    let e = error_of(
+        "x.jsonl",
+        b"{\"instruction\": 7, \"output\": \"b\"}\n",
+        "sft",
+        64,
+        Overlong::Error,
+    );
+    assert_eq!(
+        e,
+        "x.jsonl: line 1: field `instruction`: expected a string, got a number"
+    );
+    let e = error_of(
+        "x.jsonl",
+        b"{\"prompt\": \"p\", \"chosen\": \"c\"}\n",
+        "pairs",
+        64,
+        Overlong::Error,
+    );
+    assert_eq!(e, "x.jsonl: line 1: field `rejected`: missing");
+    let e = error_of(
+        "x.jsonl",
+        b"{\"messages\": [{\"role\": \"bot\", \"content\": \"c\"}]}\n",
+        "sft",
+        64,
+        Overlong::Error,
+    );
+    assert!(
+        e.contains("line 1: field `messages[0].role`: unknown role `bot`"),
+        "{e}"
+    );
+    let e = error_of("x.jsonl", b"", "sft", 64, Overlong::Error);
+    assert_eq!(e, "x.jsonl: no records: the file is empty");
+    let e = error_of(
+        "x.parquet",
+        b"PAR1 this is not parquet",
+        "prompts",
+        64,
+        Overlong::Error,
+    );
+    assert!(e.starts_with("x.parquet: unreadable parquet"), "{e}");
+    let e = error_of("x.csv", b"a,b", "sft", 64, Overlong::Error);
+    assert!(e.contains("unsupported file type"), "{e}");
+    let long = r#"{"instruction": "a", "output": "this reply is far longer than the tiny context allows"}"#;
+    let e = error_of(
+        "x.jsonl",
+        format!("{good}\n{long}\n").as_bytes(),
+        "sft",
+        12,
+        Overlong::Error,
+    );
+    assert!(
+        e.starts_with("x.jsonl: line 2: example has") && e.contains("over the limit of 12"),
+        "{e}"
+    );
+    // Skipping every example leaves nothing to train on: an error, not an empty dataset.
+    let e = error_of(
+        "x.jsonl",
+        format!("{long}\n").as_bytes(),
+        "sft",
+        12,
+        Overlong::Skip,
+    );
+    assert!(e.contains("no usable examples (1 rows, 1 skipped"), "{e}");
+}
+
+#[test]
+fn overlong_examples_are_truncated_or_skipped_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(dir.path());
+    let good = r#"{"instruction": "a", "output": "b"}"#;
+    let long = r#"{"instruction": "a", "output": "this reply is far longer than the tiny context allows"}"#;
+    let path = write(dir.path(), "x.jsonl", &format!("{good}\n{long}\n{good}\n"));
+    let fields = Fields::default();
+    let mut opts = LoadOptions {
+        tokenizer: &tok,
+        template: ChatTemplate::new(&tok).unwrap(),
+        fields: &fields,
+        max_len: 12,
+        overlong: Overlong::Skip,
+        train_on_prompt: false,
+    };
+    let (kept, report) = opts.sft(&path).unwrap();
+    assert_eq!(
+        (kept.len(), report.rows, report.skipped, report.truncated),
+        (2, 3, 1, 0)
+    );
+    opts.overlong = Overlong::Truncate;
+    let (kept, report) = opts.sft(&path).unwrap();
+    assert_eq!((kept.len(), report.truncated), (3, 1));
+    assert!(kept.iter().all(|e| e.len() <= 12));
+}
+
+#[test]
+fn prepare_demo_converts_a_raw_tree_without_leaking_held_out_snippets() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("raw");
+    for sub in [
+        "brown",
+        "shakespeare/shksprdata/texts",
+        "vader/hutto_ICWSM_2014",
+        "vader/vaderSentiment",
+    ] {
+        std::fs::create_dir_all(raw.join(sub)).unwrap();
+    }
+    write(
+        &raw.join("brown"),
+        "ca01",
+        "\n\n\tThe/at jury/nn said/vbd ``/`` no/at ''/'' ./.\n\n\tIt/pps ended/vbd ./.\n",
+    );
+    write(&raw.join("brown"), "README", "not a corpus file");
+    write(
+        &raw.join("shakespeare/shksprdata/texts"),
+        "hamlet_gut.txt",
+        "ACT I.\n\nTo be, or not to be.\n",
+    );
+    write(
+        &raw.join("shakespeare/shksprdata/texts"),
+        "hamlet_gut_f.txt",
+        "a folio variant, not used",
+    );
+    let snippets: String = (0..300)
+        .map(|i| {
+            format!(
+                "{i}\t{:.2}\tSnippet {i} is {} indeed\r\n",
+                (i % 9) as f64 - 4.0,
+                if i % 9 > 4 { "great" } else { "awful" }
+            )
+        })
+        .collect();
+    write(
+        &raw.join("vader/hutto_ICWSM_2014"),
+        "movieReviewSnippets_GroundTruth.txt",
+        &snippets,
+    );
+    write(
+        &raw.join("vader/vaderSentiment"),
+        "vader_lexicon.txt",
+        "great\t3.1\t0.5\t[3]\n",
+    );
+    let out = dir.path().join("demo");
+    let counts = temper_data::demo::prepare_demo(&raw, &out, 7).unwrap();
+    assert_eq!(
+        (
+            counts.brown_files,
+            counts.shakespeare_works,
+            counts.snippets
+        ),
+        (1, 1, 300)
+    );
+    assert_eq!(counts.domain_train + counts.domain_heldout, 300);
+    assert!(
+        counts.domain_heldout > 10 && counts.rm_train > 100 && counts.sft_train > 100,
+        "{counts:?}"
+    );
+    let general = rows_of(&out.join("general.parquet"));
+    assert_eq!(general[0]["text"], "The jury said \" no \".\n\nIt ended.");
+    let texts = |f: &str, col: &str| -> Vec<String> {
+        rows_of(&out.join(f))
+            .iter()
+            .map(|r| r[col].as_str().unwrap().to_string())
+            .collect()
+    };
+    let held: std::collections::HashSet<String> = texts("domain_heldout.parquet", "text")
+        .into_iter()
+        .collect();
+    for (file, col) in [
+        ("domain_train.parquet", "text"),
+        ("rm_train.parquet", "chosen"),
+        ("rm_train.parquet", "rejected"),
+    ] {
+        assert!(
+            texts(file, col).iter().all(|t| !held.contains(t)),
+            "{file}.{col} holds a held-out snippet"
+        );
+    }
+    for row in rows_of(&out.join("sft_train.parquet")) {
+        assert!(!held.contains(row["messages"][1]["content"].as_str().unwrap()));
+    }
+    // Preference direction follows the instruction and the margin is at least 2 points.
+    for row in rows_of(&out.join("rm_train.parquet")) {
+        assert!(row["margin"].as_f64().unwrap() >= 2.0);
+    }
+}
