@@ -112,6 +112,27 @@ impl LoadOptions<'_> {
         Ok((self.nonempty(path, out, &report)?, report))
     }
 
+    /// The prompts of SFT examples (the conversation before the final reply, rendered for
+    /// generation) with that reply, for sampling responses at evaluation.
+    pub fn sft_prompts(&self, path: &Path, limit: usize) -> Result<Vec<(Vec<u32>, String)>> {
+        let parser = RecordParser {
+            path,
+            fields: self.fields,
+        };
+        let mut out = Vec::new();
+        for row in read_rows(path, TextSplit::File)?.take(limit) {
+            let messages = parser.sft(&row?)?;
+            let (reply, context) = messages
+                .split_last()
+                .expect("sft() guarantees a final reply");
+            out.push((
+                self.template.render_prompt(self.tokenizer, context)?,
+                reply.content.clone(),
+            ));
+        }
+        Ok(out)
+    }
+
     /// Preference pairs, each side rendered as prompt + reply + EOS. The loss mask marks the
     /// reply, whose last token is where the reward model reads its score.
     pub fn pairs(&self, path: &Path) -> Result<(Vec<(Example, Example)>, LoadReport)> {

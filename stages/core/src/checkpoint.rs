@@ -67,7 +67,7 @@ pub fn save_checkpoint(model: &Transformer, vs: &VarStore, dir: &Path) -> Result
 
     let config = dir.join(CONFIG_FILE);
     let tmp = dir.join(format!(".{CONFIG_FILE}.tmp"));
-    let text = serde_json::to_string_pretty(&model.config.to_hf_json())
+    let text = serde_json::to_string_pretty(&model.hf_config_json())
         .expect("a JSON value always serialises");
     std::fs::write(&tmp, text).map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, &config).map_err(io_err(&config))?;

@@ -304,6 +304,31 @@ impl Transformer {
         Ok(head.forward(hidden).squeeze_dim(-1))
     }
 
+    /// The `config.json` transformers needs for this model: a causal LM, or, for a model with a
+    /// scalar head and no LM head (reward model, critic), `*ForSequenceClassification` with
+    /// one label, which reads the score at the last non-pad token as temper does.
+    pub fn hf_config_json(&self) -> serde_json::Value {
+        let mut v = self.config.to_hf_json();
+        if self.heads.score && !self.heads.lm {
+            let arch = match self.config.arch {
+                Arch::Gpt2 => "GPT2ForSequenceClassification",
+                Arch::Llama => "LlamaForSequenceClassification",
+            };
+            v["architectures"] = serde_json::json!([arch]);
+            v["id2label"] = serde_json::json!({"0": "LABEL_0"});
+            v["label2id"] = serde_json::json!({"LABEL_0": 0});
+        }
+        v
+    }
+
+    /// Scalar head output at each row's last real token: hidden (B, T, C), mask (B, T) under
+    /// left or right padding → (B,).
+    pub fn last_token_scores(&self, hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let last = last_real_index(mask); // (B,)
+        let scores = self.scores(hidden)?; // (B, T)
+        Ok(scores.gather(1, &last.unsqueeze(1), false).squeeze_dim(1))
+    }
+
     /// Convenience: hidden states and logits of a full sequence.
     pub fn forward(&self, ids: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
         let hidden = self.hidden_states(ids, mask, None)?;
@@ -349,6 +374,14 @@ fn causal_block(past: i64, t: i64, device: Device) -> Tensor {
     let q = (Tensor::arange(t, (Kind::Int64, device)) + past).unsqueeze(1);
     let k = Tensor::arange(past + t, (Kind::Int64, device)).unsqueeze(0);
     k.le_tensor(&q)
+}
+
+/// Index of each row's last real token in `mask` (B, T), whatever the padding side; 0 for a
+/// row with none.
+pub fn last_real_index(mask: &Tensor) -> Tensor {
+    let t = mask.size()[1];
+    let positions = Tensor::arange(t, (Kind::Int64, mask.device())).unsqueeze(0); // (1, T)
+    (mask.to_kind(Kind::Int64) * (positions + 1)).argmax(1, false)
 }
 
 /// Log-probability of each `target` under `logits`: (B, T, V), (B, T) → (B, T), computed in
