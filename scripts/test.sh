@@ -4,4 +4,6 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 bash scripts/setup.sh
+# Tests run the stage binaries as subprocesses, so build them first.
+cargo build --workspace --locked
 cargo test --workspace --locked "$@"

@@ -242,6 +242,26 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     let bar = stage::progress_bar(cfg.steps, progress.step);
     let mut window = (std::time::Instant::now(), 0u64);
     let mut last_eval = BTreeMap::new();
+    if progress.step == 0 {
+        // A baseline before any update (for continued pretraining: where the domain starts).
+        for (name, s) in &evals {
+            if let Some(loss) = eval_loss(&model, s, &cfg, device)? {
+                let prefix = if name == "eval" {
+                    String::new()
+                } else {
+                    format!("{name}/")
+                };
+                run.log(
+                    0,
+                    "eval",
+                    &[
+                        (&format!("{prefix}loss"), loss),
+                        (&format!("{prefix}ppl"), loss.exp()),
+                    ],
+                )?;
+            }
+        }
+    }
     while progress.step < cfg.steps {
         let step = progress.step;
         let lr = cfg.optim.lr_at(step, cfg.steps);

@@ -156,6 +156,21 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     let bar = stage::progress_bar(cfg.steps, progress.step);
     let mut window = (std::time::Instant::now(), 0u64);
     let mut last_eval = None;
+    if progress.step == 0 && !eval.is_empty() {
+        // A baseline before any update: an untrained head is at chance.
+        let m = evaluate(&model, &eval, &cfg, template.pad, device)?;
+        run.log(
+            0,
+            "eval",
+            &[
+                ("loss", m.loss),
+                ("accuracy", m.accuracy),
+                ("margin", m.margin),
+                ("reward_chosen", m.chosen),
+                ("reward_rejected", m.rejected),
+            ],
+        )?;
+    }
     while progress.step < cfg.steps {
         let step = progress.step;
         let lr = cfg.optim.lr_at(step, cfg.steps);

@@ -194,6 +194,23 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     let bar = stage::progress_bar(cfg.steps, progress.step);
     let mut window = (std::time::Instant::now(), 0u64);
     let mut last_eval = None;
+    if progress.step == 0 && !eval.is_empty() {
+        // A baseline before any update, so the curve shows what fine-tuning changed.
+        let loss = eval_loss(
+            &model,
+            &eval,
+            cfg.batch_size,
+            template.pad,
+            device,
+            cfg.precision,
+        )?;
+        run.log(0, "eval", &[("loss", loss), ("ppl", loss.exp())])?;
+        info!("step 0: eval loss {loss:.4}, ppl {:.2}", loss.exp());
+        if !prompts.is_empty() {
+            let records = sample_replies(&model, &tok, &template, &prompts, &cfg, 0)?;
+            run.log_samples(&records)?;
+        }
+    }
     while progress.step < cfg.steps {
         let step = progress.step;
         let lr = cfg.optim.lr_at(step, cfg.steps);

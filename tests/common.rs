@@ -1,0 +1,112 @@
+//! Helpers shared by the workspace-level tests: paths, the built stage binaries, a tokenizer
+//! trained on the tiny fixture corpus, and reading metrics.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+pub fn tiny(name: &str) -> PathBuf {
+    repo().join("tests/fixtures/tiny").join(name)
+}
+
+/// A workspace binary, built by `cargo build --workspace` (scripts/test.sh does this first).
+pub fn bin(name: &str) -> PathBuf {
+    // Test executables live in target/<profile>/deps/; binaries one level up.
+    let exe = std::env::current_exe().expect("test executable path");
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} not built: run `cargo build --workspace` (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+pub fn run(name: &str, args: &[&str]) -> Output {
+    Command::new(bin(name))
+        .args(args)
+        .env("TEMPER_LOG", "warn")
+        .output()
+        .expect("stage binary runs")
+}
+
+pub fn run_stage(name: &str, config: &Path, out: &Path) -> Output {
+    run(
+        name,
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    )
+}
+
+pub fn assert_ok(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn write(path: &Path, text: &str) -> PathBuf {
+    std::fs::write(path, text).unwrap();
+    path.to_path_buf()
+}
+
+/// Trains the tiny fixture tokenizer into `dir/tok/tokenizer.json`.
+pub fn tokenizer(dir: &Path) -> PathBuf {
+    let cfg = write(
+        &dir.join("tok.yaml"),
+        &format!(
+            "corpus: [{}]\nvocab_size: 300\ntext_split: blank_line\n",
+            tiny("corpus.txt").display()
+        ),
+    );
+    let out = dir.join("tok");
+    assert_ok(
+        &run_stage("temper-tokenizer", &cfg, &out),
+        "temper-tokenizer",
+    );
+    out.join("tokenizer.json")
+}
+
+/// A tiny GPT-2 pretraining config on the fixture corpus.
+pub fn pretrain_config(dir: &Path, tokenizer: &Path, steps: u64, extra: &str) -> PathBuf {
+    write(
+        &dir.join("pretrain.yaml"),
+        &format!(
+            "tokenizer: {}\ndata: [{}]\nmodel: {{arch: gpt2, n_layer: 2, n_head: 2, d_model: 64, max_position: 64}}\n\
+             block_size: 64\nsteps: {steps}\nbatch_size: 8\noptim: {{lr: 3.0e-3, warmup_steps: 10}}\n\
+             eval_every: 20\nsave_every: 10\nlog_every: 5\ncache_dir: {}\n{extra}",
+            tokenizer.display(),
+            tiny("corpus.txt").display(),
+            dir.join("cache").display()
+        ),
+    )
+}
+
+/// metrics.jsonl rows as JSON values.
+pub fn metrics(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+pub fn summary(out: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap()
+}

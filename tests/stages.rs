@@ -1,0 +1,304 @@
+//! The training stages as real subprocesses on tiny CPU fixtures: they learn, they resume
+//! exactly after SIGKILL, they stop on a NaN with a readable state, and they reject bad configs.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use tch::{Device, Kind, Tensor};
+
+/// Unigram entropy (nats/token) of the tokenized fixture corpus.
+fn unigram_entropy(tokenizer: &Path) -> f64 {
+    let tok = temper_data::TextTokenizer::load(tokenizer).unwrap();
+    let text = std::fs::read_to_string(tiny("corpus.txt")).unwrap();
+    let ids = tok.encode(&text).unwrap();
+    let mut counts = std::collections::HashMap::new();
+    for id in &ids {
+        *counts.entry(id).or_insert(0usize) += 1;
+    }
+    let n = ids.len() as f64;
+    counts
+        .values()
+        .map(|&c| {
+            let p = c as f64 / n;
+            -p * p.ln()
+        })
+        .sum()
+}
+
+#[test]
+fn pretraining_loss_falls_well_below_the_unigram_entropy() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(dir.path());
+    let out = dir.path().join("pretrain");
+    assert_ok(
+        &run_stage(
+            "temper-pretrain",
+            &pretrain_config(dir.path(), &tok, 80, ""),
+            &out,
+        ),
+        "pretrain",
+    );
+    let h = unigram_entropy(&tok);
+    let eval = summary(&out)["loss"].as_f64().unwrap();
+    assert!(
+        eval < 0.6 * h,
+        "held-out loss {eval:.3} not well below unigram entropy {h:.3}"
+    );
+    for f in [
+        "checkpoint/model.safetensors",
+        "checkpoint/config.json",
+        "checkpoint/tokenizer.json",
+        "config.yaml",
+        "state/progress.json",
+    ] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+}
+
+/// The mask effect, directly: gradients reach the logits only at positions whose *target* is
+/// trained; prompt positions get exactly zero.
+#[test]
+fn masked_targets_get_exactly_zero_gradient() {
+    let logits = Tensor::randn([2, 6, 11], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let ids = Tensor::from_slice(&[1i64, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2]).view([2, 6]);
+    // Row 0: prompt = tokens 0..3, reply = 3..6. Row 1: reply = 4..6.
+    let mask = Tensor::from_slice(&[0i64, 0, 0, 1, 1, 1, 0, 0, 0, 0, 1, 1]).view([2, 6]);
+    temper_core::causal_lm_loss(&logits, &ids, &mask).backward();
+    let grad_norm = logits.grad().abs().sum_dim_intlist(2, false, Kind::Float); // (2, 6)
+                                                                                // Position t predicts t+1: trained positions are those whose next token is trained.
+    let expected = [[0, 0, 1, 1, 1, 0], [0, 0, 0, 1, 1, 0]];
+    for (b, row) in expected.iter().enumerate() {
+        for (t, &want) in row.iter().enumerate() {
+            let g = grad_norm.double_value(&[b as i64, t as i64]);
+            assert_eq!(g > 0.0, want == 1, "row {b} position {t}: gradient {g}");
+        }
+    }
+}
+
+#[test]
+fn sft_learns_the_replies_and_reward_model_ranks_held_out_pairs() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(dir.path());
+    let pre = dir.path().join("pretrain");
+    assert_ok(
+        &run_stage(
+            "temper-pretrain",
+            &pretrain_config(dir.path(), &tok, 60, ""),
+            &pre,
+        ),
+        "pretrain",
+    );
+
+    let sft_cfg = write(&dir.path().join("sft.yaml"), &format!(
+        "init: {}\ndata: {}\neval_data: {}\nsteps: 60\nbatch_size: 8\noptim: {{lr: 2.0e-3, warmup_steps: 5}}\neval_every: 20\nsave_every: 20\nlog_every: 5\nsamples: 2\n",
+        pre.join("checkpoint").display(), tiny("sft.jsonl").display(), tiny("sft_eval.jsonl").display()));
+    let sft = dir.path().join("sft");
+    assert_ok(&run_stage("temper-sft", &sft_cfg, &sft), "sft");
+    let rows = metrics(&sft);
+    let evals: Vec<f64> = rows
+        .iter()
+        .filter(|r| r["split"] == "eval")
+        .map(|r| r["loss"].as_f64().unwrap())
+        .collect();
+    assert_eq!(
+        rows.iter().find(|r| r["split"] == "eval").unwrap()["step"],
+        0,
+        "a baseline evaluation before training"
+    );
+    assert!(
+        *evals.last().unwrap() < 0.5 * evals[0],
+        "SFT reply loss did not fall: {evals:?}"
+    );
+    let samples = std::fs::read_to_string(sft.join("samples.jsonl")).unwrap();
+    assert_eq!(
+        samples.lines().count(),
+        2 * 4,
+        "2 samples at each of 4 evaluations (steps 0, 20, 40, 60)"
+    );
+
+    let rm_cfg = write(&dir.path().join("rm.yaml"), &format!(
+        "init: {}\ndata: {}\neval_data: {}\nsteps: 40\nbatch_size: 8\noptim: {{lr: 1.0e-3, warmup_steps: 5}}\neval_every: 20\nsave_every: 20\n",
+        sft.join("checkpoint").display(), tiny("pairs.jsonl").display(), tiny("pairs_eval.jsonl").display()));
+    let rm = dir.path().join("rm");
+    assert_ok(&run_stage("temper-reward", &rm_cfg, &rm), "reward");
+    let s = summary(&rm);
+    assert!(
+        s["accuracy"].as_f64().unwrap() >= 0.85,
+        "held-out accuracy {}",
+        s["accuracy"]
+    );
+    assert!(s["reward_chosen"].as_f64().unwrap() > s["reward_rejected"].as_f64().unwrap());
+    // The reward checkpoint holds backbone and head, and loads as a scalar model.
+    let spec = temper_core::LoadSpec {
+        lm_head: false,
+        score: temper_core::ScoreHead::Load,
+    };
+    temper_core::load_checkpoint(&rm.join("checkpoint"), spec, Device::Cpu).unwrap();
+}
+
+/// Metrics rows without the wall-clock fields, which differ between any two runs.
+fn deterministic_metrics(out: &Path) -> Vec<serde_json::Value> {
+    metrics(out)
+        .into_iter()
+        .map(|mut r| {
+            let o = r.as_object_mut().unwrap();
+            o.remove("time_s");
+            o.remove("tokens_per_s");
+            r
+        })
+        .collect()
+}
+
+#[test]
+fn a_killed_run_resumes_to_exactly_the_uninterrupted_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(dir.path());
+    // Bigger batches make each step take long enough to kill the run midway reliably.
+    let cfg = pretrain_config(dir.path(), &tok, 40, "");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("batch_size: 8", "batch_size: 48");
+    std::fs::write(&cfg, text).unwrap();
+
+    let whole = dir.path().join("whole");
+    assert_ok(
+        &run_stage("temper-pretrain", &cfg, &whole),
+        "uninterrupted run",
+    );
+
+    let killed = dir.path().join("killed");
+    let mut child = Command::new(bin("temper-pretrain"))
+        .args([
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            killed.to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        let saved = std::fs::read_to_string(killed.join("state/progress.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["step"].as_u64());
+        if saved.is_some_and(|s| s >= 10) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no state written"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        !killed.join("summary.json").exists(),
+        "the run finished before it could be killed"
+    );
+    let resumed_from: u64 = serde_json::from_str::<serde_json::Value>(
+        &std::fs::read_to_string(killed.join("state/progress.json")).unwrap(),
+    )
+    .unwrap()["step"]
+        .as_u64()
+        .unwrap();
+    assert!(resumed_from < 40);
+
+    assert_ok(&run_stage("temper-pretrain", &cfg, &killed), "resumed run");
+    let a = std::fs::read(whole.join("checkpoint/model.safetensors")).unwrap();
+    let b = std::fs::read(killed.join("checkpoint/model.safetensors")).unwrap();
+    assert!(
+        a == b,
+        "resumed weights differ from the uninterrupted run's (resumed from step {resumed_from})"
+    );
+    assert_eq!(
+        deterministic_metrics(&whole),
+        deterministic_metrics(&killed)
+    );
+}
+
+#[test]
+fn a_nan_loss_stops_the_run_and_keeps_a_readable_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(dir.path());
+    let cfg = pretrain_config(dir.path(), &tok, 60, "");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "lr: 3.0e-3, warmup_steps: 10",
+        "lr: 1.0e+6, min_lr: 0.0, warmup_steps: 1, grad_clip: 0.0",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let out = dir.path().join("pretrain");
+    let res = run_stage("temper-pretrain", &cfg, &out);
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(3), "{stderr}");
+    let line = stderr.lines().last().unwrap();
+    assert!(
+        line.starts_with("temper-pretrain: error: loss is")
+            && line.contains("state/ holds the last good weights")
+            && line.contains("optim.lr"),
+        "{line}"
+    );
+    assert!(
+        !out.join("checkpoint").exists(),
+        "no final checkpoint after a failure"
+    );
+    let progress: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("state/progress.json")).unwrap())
+            .unwrap();
+    let weights = Tensor::read_safetensors(out.join("state/model.safetensors")).unwrap();
+    assert!(!weights.is_empty());
+    for (name, t) in weights {
+        assert!(
+            t.isfinite().all().int64_value(&[]) == 1,
+            "{name} is not finite in the kept state (step {})",
+            progress["step"]
+        );
+    }
+}
+
+#[test]
+fn validate_rejects_a_bad_config_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(dir.path());
+    let cfg = pretrain_config(dir.path(), &tok, 10, "lerning_rate: 0.1\n");
+    let out = dir.path().join("pretrain");
+    let res = run(
+        "temper-pretrain",
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--validate",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("unknown field `lerning_rate`") && stderr.contains("at line 12"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    assert!(!out.exists(), "--validate must not create outputs");
+
+    let good = pretrain_config(dir.path(), &tok, 10, "");
+    let res = run(
+        "temper-pretrain",
+        &[
+            "--config",
+            good.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--validate",
+        ],
+    );
+    assert_ok(&res, "--validate of a good config");
+    assert!(!out.exists());
+}
