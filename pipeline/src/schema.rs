@@ -1,0 +1,393 @@
+//! The pipeline file: `name`, `workdir`, `defaults`, `stages`. Each stage names its kind
+//! (`uses`), its parameters (`with`, merged over `defaults`) and may refer to other stages'
+//! outputs as `${stage.out}` or `${stage.checkpoint}`; those references (and `needs:`) are the
+//! DAG's edges. Relative paths are relative to the pipeline file's folder.
+//!
+//! `load` reports every problem it finds at once, each naming its line where the file has one.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_yaml::{Mapping, Value};
+
+/// Stage kinds and the binaries that run them.
+pub const KINDS: [&str; 6] = ["tokenizer", "pretrain", "sft", "reward", "ppo", "eval"];
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPipeline {
+    name: String,
+    workdir: PathBuf,
+    #[serde(default)]
+    defaults: Mapping,
+    stages: Mapping,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStage {
+    uses: String,
+    #[serde(default)]
+    with: Mapping,
+    #[serde(default)]
+    needs: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Stage {
+    pub name: String,
+    pub uses: String,
+    /// Parameters: defaults merged with `with`, references still symbolic.
+    pub params: Mapping,
+    /// Stages this one depends on (references and `needs`), sorted.
+    pub parents: BTreeSet<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Pipeline {
+    pub name: String,
+    pub file: PathBuf,
+    /// The folder relative paths are resolved against.
+    pub base: PathBuf,
+    pub workdir: PathBuf,
+    /// In file order.
+    pub stages: Vec<Stage>,
+}
+
+/// One problem in a pipeline file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(l) => write!(f, "line {l}: {}", self.message),
+            None => write!(f, "{}", self.message),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {} problem(s):\n  {}", .file.display(), .problems.len(), .problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n  "))]
+pub struct Invalid {
+    pub file: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+/// The 1-based line of the first line of `text` that satisfies `pred`.
+fn find_line(text: &str, pred: impl Fn(&str) -> bool) -> Option<usize> {
+    text.lines().position(pred).map(|i| i + 1)
+}
+
+/// The line where stage `name` is declared under `stages:`.
+fn stage_line(text: &str, name: &str) -> Option<usize> {
+    find_line(text, |l| {
+        let t = l.trim_start();
+        l.len() > t.len()
+            && (t.starts_with(&format!("{name}:")) || t.starts_with(&format!("\"{name}\":")))
+    })
+}
+
+/// `${stage.field}` references in a string.
+pub fn references(s: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        let Some(end) = rest[start..].find('}') else {
+            break;
+        };
+        let inner = &rest[start + 2..start + end];
+        if let Some((stage, field)) = inner.split_once('.') {
+            out.push((stage.to_string(), field.to_string()));
+        } else {
+            out.push((inner.to_string(), String::new()));
+        }
+        rest = &rest[start + end + 1..];
+    }
+    out
+}
+
+/// Every string in a YAML value, depth first.
+pub fn strings(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::String(s) => out.push(s.clone()),
+        Value::Sequence(items) => items.iter().for_each(|i| strings(i, out)),
+        Value::Mapping(m) => m.values().for_each(|i| strings(i, out)),
+        Value::Tagged(t) => strings(&t.value, out),
+        _ => {}
+    }
+}
+
+/// Parses and checks a pipeline file: unknown keys, unknown kinds, duplicate names, dangling
+/// references and cycles, all reported together.
+pub fn load(file: &Path) -> anyhow::Result<Pipeline> {
+    let text =
+        std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let invalid = |problems| Invalid {
+        file: file.into(),
+        problems,
+    };
+    let raw: RawPipeline = serde_yaml::from_str(&text).map_err(|e| {
+        let line = e.location().map(|l| l.line());
+        let message = e
+            .to_string()
+            .split(" at line ")
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        invalid(vec![Problem { line, message }])
+    })?;
+    let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
+    let base = if base.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        base
+    };
+    let base = base.canonicalize().unwrap_or(base);
+    let mut problems = Vec::new();
+    let mut stages = Vec::new();
+    for (key, value) in &raw.stages {
+        let Some(name) = key.as_str() else {
+            problems.push(Problem {
+                line: None,
+                message: format!("stage names must be strings, got {key:?}"),
+            });
+            continue;
+        };
+        let line = stage_line(&text, name);
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            problems.push(Problem {
+                line,
+                message: format!("stage name `{name}`: use letters, digits, `_` and `-`"),
+            });
+        }
+        let st: RawStage = match serde_yaml::from_value(value.clone()) {
+            Ok(s) => s,
+            Err(e) => {
+                problems.push(Problem {
+                    line,
+                    message: format!("stage `{name}`: {e}"),
+                });
+                continue;
+            }
+        };
+        if !KINDS.contains(&st.uses.as_str()) {
+            problems.push(Problem {
+                line,
+                message: format!(
+                    "stage `{name}`: unknown kind `uses: {}` (one of {})",
+                    st.uses,
+                    KINDS.join(", ")
+                ),
+            });
+        }
+        let mut params = raw.defaults.clone();
+        for (k, v) in st.with {
+            params.insert(k, v);
+        }
+        let mut parents: BTreeSet<String> = st.needs.iter().cloned().collect();
+        let mut found = Vec::new();
+        strings(&Value::Mapping(params.clone()), &mut found);
+        for s in &found {
+            for (stage, field) in references(s) {
+                if !matches!(field.as_str(), "out" | "checkpoint") {
+                    let l =
+                        find_line(&text, |l| l.contains(&format!("${{{stage}.{field}}}"))).or(line);
+                    problems.push(Problem { line: l, message: format!("stage `{name}`: reference `${{{stage}.{field}}}`: use `${{{stage}.out}}` or `${{{stage}.checkpoint}}`") });
+                }
+                parents.insert(stage);
+            }
+        }
+        stages.push(Stage {
+            name: name.to_string(),
+            uses: st.uses,
+            params,
+            parents,
+        });
+    }
+    let names: BTreeSet<&str> = stages.iter().map(|s| s.name.as_str()).collect();
+    for s in &stages {
+        for p in &s.parents {
+            if !names.contains(p.as_str()) {
+                let l = find_line(&text, |l| {
+                    l.contains(&format!("${{{p}."))
+                        || l.contains(&format!("needs: [{p}"))
+                        || l.contains(&format!("- {p}"))
+                })
+                .or_else(|| stage_line(&text, &s.name));
+                problems.push(Problem {
+                    line: l,
+                    message: format!("stage `{}` refers to `{p}`, which is not a stage", s.name),
+                });
+            }
+            if p == &s.name {
+                problems.push(Problem {
+                    line: stage_line(&text, &s.name),
+                    message: format!("stage `{p}` refers to itself"),
+                });
+            }
+        }
+    }
+    if let Some(cycle) = find_cycle(&stages) {
+        problems.push(Problem {
+            line: stage_line(&text, &cycle[0]),
+            message: format!("cycle: {}", cycle.join(" -> ")),
+        });
+    }
+    if !problems.is_empty() {
+        return Err(invalid(problems).into());
+    }
+    let workdir = normalize(&base.join(&raw.workdir));
+    Ok(Pipeline {
+        name: raw.name,
+        file: file.into(),
+        base,
+        workdir,
+        stages,
+    })
+}
+
+/// A dependency cycle as a path (first stage repeated at the end), if any.
+fn find_cycle(stages: &[Stage]) -> Option<Vec<String>> {
+    let parents: BTreeMap<&str, &BTreeSet<String>> = stages
+        .iter()
+        .map(|s| (s.name.as_str(), &s.parents))
+        .collect();
+    // 0 = unvisited, 1 = on the current path, 2 = done.
+    fn visit<'a>(
+        n: &'a str,
+        parents: &BTreeMap<&'a str, &'a BTreeSet<String>>,
+        state: &mut BTreeMap<&'a str, u8>,
+        path: &mut Vec<&'a str>,
+    ) -> Option<Vec<String>> {
+        match state.get(n) {
+            Some(2) => return None,
+            Some(1) => {
+                let start = path.iter().position(|p| *p == n).unwrap_or(0);
+                let mut cycle: Vec<String> = path[start..].iter().map(|s| s.to_string()).collect();
+                cycle.push(n.to_string());
+                return Some(cycle);
+            }
+            _ => {}
+        }
+        state.insert(n, 1);
+        path.push(n);
+        if let Some(ps) = parents.get(n) {
+            for p in ps.iter() {
+                if parents.contains_key(p.as_str()) {
+                    if let Some(c) = visit(p.as_str(), parents, state, path) {
+                        return Some(c);
+                    }
+                }
+            }
+        }
+        path.pop();
+        state.insert(n, 2);
+        None
+    }
+    let mut state = BTreeMap::new();
+    for s in stages {
+        if let Some(mut c) = visit(&s.name, &parents, &mut state, &mut Vec::new()) {
+            // Written as dependency order: a stage, then the stage that needs it.
+            c.reverse();
+            return Some(c);
+        }
+    }
+    None
+}
+
+impl Pipeline {
+    pub fn stage(&self, name: &str) -> Option<&Stage> {
+        self.stages.iter().find(|s| s.name == name)
+    }
+
+    /// Stages in dependency order (parents first), ties in file order.
+    pub fn topo_order(&self) -> Vec<&Stage> {
+        let mut done: BTreeSet<&str> = BTreeSet::new();
+        let mut order = Vec::new();
+        while order.len() < self.stages.len() {
+            for s in &self.stages {
+                if !done.contains(s.name.as_str())
+                    && s.parents.iter().all(|p| done.contains(p.as_str()))
+                {
+                    done.insert(&s.name);
+                    order.push(s);
+                }
+            }
+        }
+        order
+    }
+
+    /// Every stage downstream of `name` (not including it).
+    pub fn descendants(&self, name: &str) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        let mut frontier = vec![name.to_string()];
+        while let Some(n) = frontier.pop() {
+            for s in &self.stages {
+                if s.parents.contains(&n) && out.insert(s.name.clone()) {
+                    frontier.push(s.name.clone());
+                }
+            }
+        }
+        out
+    }
+
+    pub fn stage_out(&self, name: &str) -> PathBuf {
+        self.workdir.join("stages").join(name)
+    }
+
+    /// Applies `-o stage.key=value` overrides (value parsed as YAML; `key` may be dotted).
+    pub fn apply_override(&mut self, spec: &str) -> anyhow::Result<()> {
+        let (lhs, value) = spec
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("override `{spec}`: expected stage.key=value"))?;
+        let (stage, key) = lhs
+            .split_once('.')
+            .ok_or_else(|| anyhow::anyhow!("override `{spec}`: expected stage.key=value"))?;
+        let st = self
+            .stages
+            .iter_mut()
+            .find(|s| s.name == stage)
+            .ok_or_else(|| anyhow::anyhow!("override `{spec}`: no stage `{stage}`"))?;
+        let value: Value =
+            serde_yaml::from_str(value).map_err(|e| anyhow::anyhow!("override `{spec}`: {e}"))?;
+        let parts: Vec<&str> = key.split('.').collect();
+        let mut map = &mut st.params;
+        for part in &parts[..parts.len() - 1] {
+            let entry = map
+                .entry(Value::from(*part))
+                .or_insert_with(|| Value::Mapping(Mapping::new()));
+            map = entry
+                .as_mapping_mut()
+                .ok_or_else(|| anyhow::anyhow!("override `{spec}`: `{part}` is not a mapping"))?;
+        }
+        map.insert(Value::from(parts[parts.len() - 1]), value);
+        Ok(())
+    }
+}
+
+/// `a/b/../c` → `a/c`, without touching the file system (the folder may not exist yet).
+pub fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..");
+                }
+            }
+            std::path::Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}

@@ -1,0 +1,243 @@
+//! The orchestrator driving the real stage binaries on configs/tiny.yaml: caching, targeted
+//! reruns, staleness from deleted outputs, resume after an interrupted run, and validation
+//! that stops a bad file before anything runs.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn temper(workdir: &Path, args: &[&str]) -> Output {
+    let mut cmd = Command::new(bin("temper"));
+    cmd.args(args).arg("--workdir").arg(workdir);
+    cmd.output().expect("temper runs")
+}
+
+fn tiny_yaml() -> String {
+    repo()
+        .join("configs/tiny.yaml")
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn ran(o: &Output) -> Vec<String> {
+    stdout(o)
+        .lines()
+        .filter_map(|l| l.strip_prefix("▶ "))
+        .map(|l| l.split(':').next().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn runs_caches_and_reruns_exactly_what_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path();
+    let first = temper(w, &["run", &tiny_yaml()]);
+    assert_ok(&first, "first run");
+    assert_eq!(
+        ran(&first),
+        ["tokenizer", "pretrain", "sft", "reward"],
+        "{}",
+        stdout(&first)
+    );
+
+    let start = Instant::now();
+    let second = temper(w, &["run", &tiny_yaml()]);
+    let took = start.elapsed();
+    assert_ok(&second, "second run");
+    assert!(
+        ran(&second).is_empty(),
+        "second run ran stages:\n{}",
+        stdout(&second)
+    );
+    assert!(took < Duration::from_secs(1), "second run took {took:?}");
+    assert!(stdout(&second).contains("✓ sft: up to date"));
+
+    // One SFT parameter changed: SFT and its descendant rerun, nothing upstream.
+    let changed = temper(w, &["run", &tiny_yaml(), "-o", "sft.optim.lr=1.5e-3"]);
+    assert_ok(&changed, "run with a changed SFT parameter");
+    assert_eq!(ran(&changed), ["sft", "reward"], "{}", stdout(&changed));
+    assert!(
+        stdout(&changed).contains("▶ sft: running (params changed: optim.lr)"),
+        "{}",
+        stdout(&changed)
+    );
+    assert!(
+        stdout(&changed).contains("▶ reward: running (parent sft changed)"),
+        "{}",
+        stdout(&changed)
+    );
+
+    // Back to the file's parameters; then --stage reward reruns only the reward model.
+    assert_ok(&temper(w, &["run", &tiny_yaml()]), "restore");
+    let only = temper(w, &["run", &tiny_yaml(), "--stage", "reward"]);
+    assert_ok(&only, "--stage reward");
+    assert_eq!(ran(&only), ["reward"], "{}", stdout(&only));
+
+    // A deleted checkpoint makes its stage stale; the rebuilt one is identical on CPU, so the
+    // stage downstream stays up to date.
+    std::fs::remove_file(w.join("stages/sft/checkpoint/model.safetensors")).unwrap();
+    let status = temper(w, &["status", &tiny_yaml()]);
+    assert!(
+        stdout(&status).contains("stale: output missing: checkpoint/model.safetensors"),
+        "{}",
+        stdout(&status)
+    );
+    let rebuilt = temper(w, &["run", &tiny_yaml()]);
+    assert_ok(&rebuilt, "rebuild");
+    assert_eq!(ran(&rebuilt), ["sft"], "{}", stdout(&rebuilt));
+
+    // The dry run and the read-only views.
+    let dry = temper(w, &["run", &tiny_yaml(), "--from", "sft", "--dry-run"]);
+    assert!(
+        stdout(&dry).contains("sft: would run (requested; up to date)")
+            && stdout(&dry).contains("reward: would run"),
+        "{}",
+        stdout(&dry)
+    );
+    let metrics = temper(w, &["metrics", &tiny_yaml(), "reward", "--last", "1"]);
+    assert!(
+        stdout(&metrics).contains("accuracy"),
+        "{}",
+        stdout(&metrics)
+    );
+    let dag = temper(w, &["dag", &tiny_yaml()]);
+    assert!(stdout(&dag).contains("sft --> reward"), "{}", stdout(&dag));
+    assert!(
+        w.join("manifests").read_dir().unwrap().count() >= 6,
+        "one manifest per run"
+    );
+}
+
+#[test]
+fn an_interrupted_stage_resumes_on_the_next_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path();
+    let slow = [
+        "-o",
+        "pretrain.steps=100",
+        "-o",
+        "pretrain.batch_size=32",
+        "-o",
+        "pretrain.save_every=10",
+    ];
+    let mut child = Command::new(bin("temper"))
+        .args(["run", &tiny_yaml(), "--workdir", w.to_str().unwrap()])
+        .args(slow)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = tiny_yaml();
+    let progress = w.join("stages/pretrain/state/progress.json");
+    let start = Instant::now();
+    while !progress.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "pretrain never saved a state"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Ctrl-C: temper stops its child, keeps the stage's state and exits 130.
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert!(
+        !w.join("stages/pretrain/checkpoint").exists(),
+        "pretrain finished before the interrupt"
+    );
+    let mut status_args = vec!["status", t.as_str()];
+    status_args.extend(slow);
+    let st = temper(w, &status_args);
+    assert!(
+        stdout(&st).contains("interrupted; resumes"),
+        "{}",
+        stdout(&st)
+    );
+
+    let mut args = vec!["run", t.as_str()];
+    args.extend(slow);
+    args.extend(["--stage", "pretrain", "--with-parents"]);
+    let resumed = temper(w, &args);
+    assert_ok(&resumed, "resumed run");
+    assert!(
+        stdout(&resumed).contains(
+            "▶ pretrain: running (requested; last run interrupted; resuming from its state)"
+        ),
+        "{}",
+        stdout(&resumed)
+    );
+    let log = std::fs::read_to_string(w.join("logs/pretrain.log")).unwrap();
+    assert!(
+        log.contains("resuming from step"),
+        "the stage did not resume:\n{log}"
+    );
+}
+
+fn invalid_case(yaml: &str, expect: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let w = dir.path().join("work");
+    let out = temper(&w, &["run", file.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(expect), "expected `{expect}` in:\n{err}");
+    assert!(
+        !w.exists(),
+        "nothing may run or be created for an invalid file"
+    );
+}
+
+#[test]
+fn invalid_pipelines_fail_before_anything_runs_naming_the_problem() {
+    let head = "name: bad\nworkdir: work\nstages:\n";
+    invalid_case(
+        &format!("{head}  a:\n    uses: tokenizer\n    wiht: {{}}\n"),
+        "line 4: stage `a`: unknown field `wiht`",
+    );
+    invalid_case(
+        "name: bad\nworkdir: work\nstagse: {}\n",
+        "line 3: unknown field `stagse`",
+    );
+    invalid_case(
+        &format!("{head}  a:\n    uses: distill\n"),
+        "line 4: stage `a`: unknown kind `uses: distill`",
+    );
+    invalid_case(
+        &format!("{head}  a:\n    uses: sft\n    with:\n      init: ${{pretrain.checkpoint}}\n"),
+        "line 7: stage `a` refers to `pretrain`, which is not a stage",
+    );
+    invalid_case(
+        &format!("{head}  a:\n    uses: sft\n    with:\n      init: ${{b.checkpoint}}\n  b:\n    uses: reward\n    with:\n      init: ${{a.checkpoint}}\n"),
+        "cycle: a -> b -> a",
+    );
+    invalid_case(
+        &format!("{head}  a:\n    uses: sft\n  a:\n    uses: reward\n"),
+        "duplicate",
+    );
+    // Several problems are reported together.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.yaml");
+    std::fs::write(
+        &file,
+        format!("{head}  a:\n    uses: distill\n  b:\n    uses: sft\n    needs: [nope]\n"),
+    )
+    .unwrap();
+    let out = temper(&dir.path().join("w"), &["validate", file.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("2 problem(s)") && err.contains("distill") && err.contains("`nope`"),
+        "{err}"
+    );
+}
