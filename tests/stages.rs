@@ -252,7 +252,7 @@ fn a_nan_loss_stops_the_run_and_keeps_a_readable_state() {
     let progress: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("state/progress.json")).unwrap())
             .unwrap();
-    let weights = Tensor::read_safetensors(out.join("state/model.safetensors")).unwrap();
+    let weights = Tensor::read_safetensors(out.join("state/model0.safetensors")).unwrap();
     assert!(!weights.is_empty());
     for (name, t) in weights {
         assert!(

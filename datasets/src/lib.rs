@@ -11,6 +11,7 @@ pub mod contract;
 pub mod demo;
 pub mod error;
 pub mod inspect;
+pub mod judge;
 pub mod load;
 pub mod read;
 pub mod records;

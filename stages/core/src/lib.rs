@@ -15,6 +15,7 @@ mod layers;
 pub mod losses;
 pub mod model;
 pub mod optim;
+pub mod rl;
 pub mod rundir;
 pub mod sample;
 pub mod schedule;

@@ -50,10 +50,20 @@ pub struct AdamW {
 impl AdamW {
     /// Optimises every trainable variable of `vs`, grouped by rank, in name order.
     pub fn new(vs: &VarStore, config: AdamWConfig) -> Self {
-        let vars: BTreeMap<String, Tensor> = vs
-            .variables()
-            .into_iter()
-            .filter(|(_, t)| t.requires_grad())
+        Self::over(&[("", vs)], config)
+    }
+
+    /// One optimizer over several models (PPO's shared actor–critic optimizer); each model's
+    /// parameter names get its prefix, so the saved state stays unambiguous.
+    pub fn over(models: &[(&str, &VarStore)], config: AdamWConfig) -> Self {
+        let vars: BTreeMap<String, Tensor> = models
+            .iter()
+            .flat_map(|(prefix, vs)| {
+                vs.variables()
+                    .into_iter()
+                    .filter(|(_, t)| t.requires_grad())
+                    .map(move |(n, t)| (format!("{prefix}{n}"), t))
+            })
             .collect();
         let (mut decay, mut no_decay) = (Vec::new(), Vec::new());
         for (name, value) in vars {

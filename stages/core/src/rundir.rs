@@ -125,15 +125,22 @@ impl RunDir {
         f.flush().map_err(io_err(&path))
     }
 
-    /// Writes the resumable state atomically.
-    pub fn save_state(&self, vs: &VarStore, opts: &[&AdamW], progress: &Progress) -> Result<()> {
+    /// Writes the resumable state atomically. `models` are saved as model0.safetensors,
+    /// model1… (PPO passes actor and critic), optimizers likewise.
+    pub fn save_state(
+        &self,
+        models: &[&VarStore],
+        opts: &[&AdamW],
+        progress: &Progress,
+    ) -> Result<()> {
         let tmp = self.out.join("state.tmp");
         let old = self.out.join("state.old");
         let state = self.state_dir();
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-        let model: Vec<(String, Tensor)> = sorted_vars(vs);
-        Tensor::write_safetensors(&model, tmp.join("model.safetensors"))?;
+        for (i, vs) in models.iter().enumerate() {
+            Tensor::write_safetensors(&sorted_vars(vs), tmp.join(format!("model{i}.safetensors")))?;
+        }
         for (i, opt) in opts.iter().enumerate() {
             Tensor::write_safetensors(
                 &opt.state_tensors(),
@@ -165,11 +172,11 @@ impl RunDir {
         Ok(())
     }
 
-    /// Loads the last complete state into `vs` and `opts`, if there is one. A state written
+    /// Loads the last complete state into `models` and `opts`, if there is one. A state written
     /// under another config is refused rather than silently mixed with this one.
     pub fn load_state(
         &mut self,
-        vs: &VarStore,
+        models: &[&VarStore],
         opts: &mut [&mut AdamW],
         config_hash: &str,
     ) -> Result<Option<Progress>> {
@@ -194,19 +201,20 @@ impl RunDir {
                 dir.display()
             )));
         }
-        let model: BTreeMap<String, Tensor> =
-            Tensor::read_safetensors(dir.join("model.safetensors"))?
-                .into_iter()
-                .collect();
-        tch::no_grad(|| -> Result<()> {
-            for (name, mut var) in vs.variables() {
-                let src = model.get(&name).ok_or_else(|| {
-                    CoreError::InvalidModel(format!("{}: state lacks `{name}`", dir.display()))
-                })?;
-                var.f_copy_(src)?;
-            }
-            Ok(())
-        })?;
+        for (i, vs) in models.iter().enumerate() {
+            let file = dir.join(format!("model{i}.safetensors"));
+            let saved: BTreeMap<String, Tensor> =
+                Tensor::read_safetensors(&file)?.into_iter().collect();
+            tch::no_grad(|| -> Result<()> {
+                for (name, mut var) in vs.variables() {
+                    let src = saved.get(&name).ok_or_else(|| {
+                        CoreError::InvalidModel(format!("{}: state lacks `{name}`", file.display()))
+                    })?;
+                    var.f_copy_(src)?;
+                }
+                Ok(())
+            })?;
+        }
         for (i, opt) in opts.iter_mut().enumerate() {
             let saved: BTreeMap<String, Tensor> =
                 Tensor::read_safetensors(dir.join(format!("optimizer{i}.safetensors")))?

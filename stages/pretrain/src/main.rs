@@ -15,7 +15,7 @@ use temper_core::{
     causal_lm_loss, config_hash, load_checkpoint, resolve_device, save_checkpoint, with_autocast,
     AdamW, DeviceSpec, Heads, LoadSpec, OptimSettings, Precision, Progress, RunDir, Transformer,
 };
-use temper_data::stream::{build_stream, StreamSettings, TokenStream};
+use temper_data::stream::{build_stream, StreamSettings};
 use temper_data::tokenizer::{EOS, PAD};
 use temper_data::{shuffled, Fields, TextSplit, TextTokenizer};
 use tracing::info;
@@ -35,9 +35,9 @@ struct Config {
     tokenizer: PathBuf,
     /// Training corpus: .txt, .jsonl or .parquet files with a text field.
     data: Vec<PathBuf>,
-    /// Extra evaluation streams: name → files; their held-out documents are evaluated.
+    /// Extra evaluation streams by name, e.g. general English while adapting to a domain.
     #[serde(default)]
-    eval_data: BTreeMap<String, Vec<PathBuf>>,
+    eval_data: BTreeMap<String, EvalStream>,
     /// Checkpoint folder to continue from; without it the model starts from `model:`.
     #[serde(default)]
     init: Option<PathBuf>,
@@ -78,6 +78,24 @@ struct Config {
     cache_dir: Option<PathBuf>,
 }
 
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EvalStream {
+    files: Vec<PathBuf>,
+    /// `heldout`: the documents the hash split holds out (use for a corpus also trained on);
+    /// `all`: every document (use for a file that is held out as a whole).
+    #[serde(default)]
+    split: EvalSplit,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum EvalSplit {
+    #[default]
+    Heldout,
+    All,
+}
+
 fn default_val_fraction() -> f64 {
     0.05
 }
@@ -111,7 +129,7 @@ fn validate(cfg: &Config) -> Result<(), StageError> {
     for f in cfg
         .data
         .iter()
-        .chain(cfg.eval_data.values().flatten())
+        .chain(cfg.eval_data.values().flat_map(|e| &e.files))
         .chain([&cfg.tokenizer])
     {
         if !f.exists() {
@@ -195,11 +213,22 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     let cache = cache_dir(&cfg);
     let stream =
         build_stream(&cfg.data, &tok, &settings("train"), Some(&cache)).map_err(invalid)?;
-    let mut evals: Vec<(String, TokenStream)> = vec![("eval".into(), stream.clone())];
-    for (name, files) in &cfg.eval_data {
+    // Each evaluation stream is a list of blocks: the held-out part of the training corpus,
+    // then the extra streams.
+    let mut evals: Vec<(String, Vec<u32>)> = vec![("eval".into(), stream.val.clone())];
+    for (name, e) in &cfg.eval_data {
+        let mut st = settings(name);
+        if e.split == EvalSplit::All {
+            st.val_fraction = 0.0;
+        }
+        let s = build_stream(&e.files, &tok, &st, Some(&cache)).map_err(invalid)?;
         evals.push((
             name.clone(),
-            build_stream(files, &tok, &settings(name), Some(&cache)).map_err(invalid)?,
+            if e.split == EvalSplit::All {
+                s.train
+            } else {
+                s.val
+            },
         ));
     }
     info!(
@@ -222,7 +251,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     stage::write_resolved(&run.out, &cfg)?;
     let mut opt = AdamW::new(&vs, cfg.optim.adamw());
     let hash = config_hash(&cfg);
-    let mut progress = match run.load_state(&vs, &mut [&mut opt], &hash)? {
+    let mut progress = match run.load_state(&[&vs], &mut [&mut opt], &hash)? {
         Some(p) => {
             info!("resuming from step {}", p.step);
             p
@@ -291,7 +320,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
             })??;
             let value = loss.double_value(&[]);
             if let Err(e) = check_finite(value, step + 1, step) {
-                run.save_state(&vs, &[&opt], &progress)?;
+                run.save_state(&[&vs], &[&opt], &progress)?;
                 return Err(e.into());
             }
             (loss / cfg.optim.grad_accum as f64).backward();
@@ -343,7 +372,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
             }
         }
         if step % cfg.save_every == 0 || step == cfg.steps {
-            run.save_state(&vs, &[&opt], &progress)?;
+            run.save_state(&[&vs], &[&opt], &progress)?;
         }
     }
     bar.finish_and_clear();
@@ -372,14 +401,14 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     Ok(())
 }
 
-/// Mean next-token loss over (up to `eval_batches` batches of) a stream's held-out blocks.
+/// Mean next-token loss over (up to `eval_batches` batches of) a stream's blocks.
 fn eval_loss(
     model: &Transformer,
-    s: &TokenStream,
+    tokens: &[u32],
     cfg: &Config,
     device: Device,
 ) -> anyhow::Result<Option<f64>> {
-    let n = s.val_blocks();
+    let n = tokens.len() / cfg.block_size;
     let limit = if cfg.eval_batches == 0 {
         n
     } else {
@@ -392,7 +421,11 @@ fn eval_loss(
     for chunk in (0..limit).collect::<Vec<_>>().chunks(cfg.batch_size) {
         let ids: Vec<i64> = chunk
             .iter()
-            .flat_map(|&i| s.block(&s.val, i).iter().map(|&x| x as i64))
+            .flat_map(|&i| {
+                tokens[i * cfg.block_size..(i + 1) * cfg.block_size]
+                    .iter()
+                    .map(|&x| x as i64)
+            })
             .collect();
         let ids = Tensor::from_slice(&ids)
             .view([chunk.len() as i64, cfg.block_size as i64])

@@ -175,7 +175,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     stage::write_resolved(&run.out, &cfg)?;
     let mut opt = AdamW::new(&vs, cfg.optim.adamw());
     let hash = config_hash(&cfg);
-    let mut progress = match run.load_state(&vs, &mut [&mut opt], &hash)? {
+    let mut progress = match run.load_state(&[&vs], &mut [&mut opt], &hash)? {
         Some(p) => {
             info!("resuming from step {}", p.step);
             p
@@ -238,7 +238,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
             let (loss, tokens) = batch_loss(&model, &rows, template.pad, device, cfg.precision)?;
             let value = loss.double_value(&[]);
             if let Err(e) = check_finite(value, step + 1, step) {
-                run.save_state(&vs, &[&opt], &progress)?;
+                run.save_state(&[&vs], &[&opt], &progress)?;
                 return Err(e.into());
             }
             (loss / cfg.optim.grad_accum as f64).backward();
@@ -286,7 +286,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
             }
         }
         if step % cfg.save_every == 0 || step == cfg.steps {
-            run.save_state(&vs, &[&opt], &progress)?;
+            run.save_state(&[&vs], &[&opt], &progress)?;
         }
     }
     bar.finish_and_clear();

@@ -1,0 +1,320 @@
+//! The two halves of a PPO iteration that touch the models: the rollout (generate, then score
+//! with every model without gradients) and the optimisation epochs over its minibatches.
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tch::{Kind, Tensor};
+use temper_core::rl;
+use temper_core::sample::{generate, SamplingConfig};
+use temper_core::stage::{check_finite, optimizer_step};
+use temper_core::{token_logprobs, with_autocast, AdamW, Precision, Transformer};
+use temper_data::{shuffled, ChatTemplate, TextTokenizer};
+
+pub struct Models<'a> {
+    pub actor: &'a Transformer,
+    pub reference: &'a Transformer,
+    pub reward: &'a Transformer,
+    pub critic: &'a Transformer,
+    pub template: ChatTemplate,
+    pub precision: Precision,
+}
+
+/// One batch of experience. N = response columns, P = prompt columns (left-padded).
+pub struct Rollout {
+    pub seq: Tensor,          // (B, P + N) prompt then response
+    pub attention: Tensor,    // (B, P + N)
+    pub prompt_len: i64,      // P
+    pub tokens: Tensor,       // (B, N)
+    pub mask: Tensor,         // (B, N) float, 1 on real response tokens (EOS included)
+    pub has_eos: Tensor,      // (B,) bool
+    pub logprobs: Tensor,     // (B, N) actor, at the sampling temperature
+    pub ref_logprobs: Tensor, // (B, N) reference, same temperature
+    pub values: Tensor,       // (B, N) critic
+    pub scores: Tensor,       // (B,) reward model at the last real token
+}
+
+/// Log-probs (B, N) of the response tokens and the logits (B, N, V) they come from.
+fn response_logprobs(
+    model: &Transformer,
+    seq: &Tensor,
+    attn: &Tensor,
+    p: i64,
+    tokens: &Tensor,
+    temperature: f64,
+) -> anyhow::Result<(Tensor, Tensor)> {
+    let n = tokens.size()[1];
+    let hidden = model.hidden_states(seq, Some(attn), None)?;
+    let logits = model
+        .logits(&hidden.narrow(1, p - 1, n))?
+        .to_kind(Kind::Float)
+        / temperature; // position p-1+t predicts token t
+    Ok((token_logprobs(&logits, tokens), logits))
+}
+
+/// Critic values (B, N) of the states before each response token.
+fn response_values(
+    critic: &Transformer,
+    seq: &Tensor,
+    attn: &Tensor,
+    p: i64,
+    n: i64,
+) -> anyhow::Result<Tensor> {
+    let hidden = critic.hidden_states(seq, Some(attn), None)?;
+    Ok(critic
+        .scores(&hidden)?
+        .narrow(1, p - 1, n)
+        .to_kind(Kind::Float))
+}
+
+pub fn rollout(
+    m: &Models,
+    prompts: &[&Vec<u32>],
+    sampling: &SamplingConfig,
+    seeds: &[u64],
+) -> anyhow::Result<Rollout> {
+    let ids: Vec<Vec<i64>> = prompts
+        .iter()
+        .map(|p| p.iter().map(|&t| t as i64).collect())
+        .collect();
+    let device = m.actor.device();
+    let g = with_autocast(device, m.precision, || {
+        generate(m.actor, &ids, sampling, seeds)
+    })??;
+    let p = g.prompt.size()[1];
+    let n = g.tokens.size()[1];
+    let seq = Tensor::cat(&[&g.prompt, &g.tokens], 1);
+    let attention = Tensor::cat(
+        &[
+            g.prompt_mask.to_kind(Kind::Int64),
+            g.mask.to_kind(Kind::Int64),
+        ],
+        1,
+    );
+    let mask = g.mask.to_kind(Kind::Float);
+    let has_eos = g
+        .tokens
+        .eq(m.template.eos as i64)
+        .logical_and(&g.mask)
+        .any_dim(1, false);
+    let t = sampling.temperature;
+    tch::no_grad(|| {
+        with_autocast(device, m.precision, || -> anyhow::Result<Rollout> {
+            let (logprobs, _) = response_logprobs(m.actor, &seq, &attention, p, &g.tokens, t)?;
+            let (ref_logprobs, _) =
+                response_logprobs(m.reference, &seq, &attention, p, &g.tokens, t)?;
+            let values = response_values(m.critic, &seq, &attention, p, n)? * &mask;
+            let hidden = m.reward.hidden_states(&seq, Some(&attention), None)?;
+            let scores = m
+                .reward
+                .last_token_scores(&hidden, &attention)?
+                .to_kind(Kind::Float);
+            Ok(Rollout {
+                seq: seq.shallow_clone(),
+                attention: attention.shallow_clone(),
+                prompt_len: p,
+                tokens: g.tokens.shallow_clone(),
+                mask: mask.shallow_clone(),
+                has_eos: has_eos.shallow_clone(),
+                logprobs,
+                ref_logprobs,
+                values,
+                scores,
+            })
+        })?
+    })
+}
+
+#[derive(Clone, Copy)]
+pub struct OptimizeSettings {
+    pub epochs: usize,
+    pub minibatch: usize,
+    pub cliprange: f64,
+    pub cliprange_value: f64,
+    pub vf_coef: f64,
+    pub entropy_coef: f64,
+    pub temperature: f64,
+    pub actor_lr: f64,
+    pub actor_clip: f64,
+    pub critic_lr: f64,
+    pub critic_clip: f64,
+    pub seed: u64,
+    /// For the NaN guard's message: this iteration and the last one saved in state/.
+    pub iteration: u64,
+    pub last_saved: u64,
+}
+
+/// Means over all minibatch updates of one iteration.
+#[derive(Default)]
+pub struct OptimizeMetrics {
+    pub policy_loss: f64,
+    pub clipfrac: f64,
+    pub approx_kl: f64,
+    pub entropy: f64,
+    pub value_loss: f64,
+    pub value_clipfrac: f64,
+    pub grad_norm: f64,
+}
+
+/// PPO epochs: clipped policy loss (minus an optional entropy bonus) for the actor, clipped
+/// value loss for the critic; with `critic_opt` None they share one optimizer and one loss.
+pub fn optimize(
+    m: &Models,
+    ro: &Rollout,
+    adv: &Tensor,
+    returns: &Tensor,
+    s: OptimizeSettings,
+    actor_opt: &mut AdamW,
+    mut critic_opt: Option<&mut AdamW>,
+) -> anyhow::Result<OptimizeMetrics> {
+    let b = ro.seq.size()[0] as usize;
+    let n = ro.tokens.size()[1];
+    let device = ro.seq.device();
+    let mut out = OptimizeMetrics::default();
+    let mut updates = 0.0;
+    for epoch in 0..s.epochs {
+        let order = shuffled(b, s.seed ^ epoch as u64);
+        for chunk in order.chunks(s.minibatch) {
+            let idx = Tensor::from_slice(&chunk.iter().map(|&i| i as i64).collect::<Vec<_>>())
+                .to_device(device);
+            let pick = |t: &Tensor| t.index_select(0, &idx);
+            let (seq, attn, tokens, mask) = (
+                pick(&ro.seq),
+                pick(&ro.attention),
+                pick(&ro.tokens),
+                pick(&ro.mask),
+            );
+            let (policy, pl, cf, akl, ent, vl, vcf) =
+                with_autocast(device, m.precision, || -> anyhow::Result<_> {
+                    let (logp, logits) = response_logprobs(
+                        m.actor,
+                        &seq,
+                        &attn,
+                        ro.prompt_len,
+                        &tokens,
+                        s.temperature,
+                    )?;
+                    let (pl, cf, akl) = rl::ppo_clip_loss(
+                        &logp,
+                        &pick(&ro.logprobs),
+                        &pick(adv),
+                        &mask,
+                        s.cliprange,
+                    );
+                    let ent = rl::entropy(&logits, &mask);
+                    let policy = &pl - &ent * s.entropy_coef;
+                    let values = response_values(m.critic, &seq, &attn, ro.prompt_len, n)?;
+                    let (vl, vcf) = rl::value_loss(
+                        &values,
+                        &pick(&ro.values),
+                        &pick(returns),
+                        &mask,
+                        s.cliprange_value,
+                    );
+                    Ok((policy, pl, cf, akl, ent, vl, vcf))
+                })??;
+            let scalar = |t: &Tensor| t.to_kind(Kind::Double).double_value(&[]);
+            let (plv, vlv) = (scalar(&pl), scalar(&vl));
+            // Stop before an update that would write NaN into the weights; state/ keeps the
+            // last saved iteration.
+            check_finite(plv + vlv, s.iteration + 1, s.last_saved)?;
+            let grad_norm = match critic_opt.as_deref_mut() {
+                Some(copt) => {
+                    policy.backward();
+                    let g = optimizer_step(actor_opt, s.actor_clip, s.actor_lr)?;
+                    vl.backward();
+                    optimizer_step(copt, s.critic_clip, s.critic_lr)?;
+                    g
+                }
+                None => {
+                    (&policy + &vl * s.vf_coef).backward();
+                    optimizer_step(actor_opt, s.actor_clip, s.actor_lr)?
+                }
+            };
+            out.policy_loss += plv;
+            out.clipfrac += scalar(&cf);
+            out.approx_kl += scalar(&akl);
+            out.entropy += scalar(&ent);
+            out.value_loss += vlv;
+            out.value_clipfrac += scalar(&vcf);
+            out.grad_norm += grad_norm;
+            updates += 1.0;
+        }
+    }
+    for v in [
+        &mut out.policy_loss,
+        &mut out.clipfrac,
+        &mut out.approx_kl,
+        &mut out.entropy,
+        &mut out.value_loss,
+        &mut out.value_clipfrac,
+        &mut out.grad_norm,
+    ] {
+        *v /= updates;
+    }
+    Ok(out)
+}
+
+/// Running mean and variance of scores (Welford), for reward normalisation; part of the state.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RewardStats {
+    pub count: f64,
+    pub mean: f64,
+    pub m2: f64,
+}
+
+impl RewardStats {
+    pub fn update(&mut self, xs: &[f64]) {
+        for &x in xs {
+            self.count += 1.0;
+            let d = x - self.mean;
+            self.mean += d / self.count;
+            self.m2 += d * (x - self.mean);
+        }
+    }
+
+    pub fn std(&self) -> f64 {
+        if self.count < 2.0 {
+            1.0
+        } else {
+            (self.m2 / (self.count - 1.0)).sqrt()
+        }
+    }
+}
+
+/// The first `k` rollouts as records for samples.jsonl.
+pub fn sample_records(
+    tok: &TextTokenizer,
+    ro: &Rollout,
+    scores: &Tensor,
+    kl: &Tensor,
+    step: u64,
+    k: usize,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let b = ro.seq.size()[0].min(k as i64);
+    let p = ro.prompt_len;
+    let mut out = Vec::new();
+    for i in 0..b {
+        let row = Vec::<i64>::try_from(ro.seq.get(i))?;
+        let att = Vec::<i64>::try_from(ro.attention.get(i))?;
+        let prompt: Vec<u32> = row[..p as usize]
+            .iter()
+            .zip(&att)
+            .filter(|(_, &a)| a == 1)
+            .map(|(&t, _)| t as u32)
+            .collect();
+        let reply: Vec<u32> = row[p as usize..]
+            .iter()
+            .zip(&att[p as usize..])
+            .filter(|(_, &a)| a == 1)
+            .map(|(&t, _)| t as u32)
+            .collect();
+        out.push(json!({
+            "step": step,
+            "prompt": tok.decode(&prompt)?,
+            "response": tok.decode(&reply)?,
+            "score": scores.double_value(&[i]),
+            "kl": kl.get(i).sum(Kind::Float).double_value(&[]),
+        }));
+    }
+    Ok(out)
+}
