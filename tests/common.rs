@@ -110,3 +110,76 @@ pub fn metrics(out: &Path) -> Vec<serde_json::Value> {
 pub fn summary(out: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap()
 }
+
+/// metrics.jsonl rows without the wall-clock fields, which differ between any two runs.
+pub fn deterministic_metrics(out: &Path) -> Vec<serde_json::Value> {
+    metrics(out)
+        .into_iter()
+        .map(|mut r| {
+            let o = r.as_object_mut().unwrap();
+            for k in ["time_s", "tokens_per_s", "train_tokens_per_s"] {
+                o.remove(k);
+            }
+            r
+        })
+        .collect()
+}
+
+/// Starts a stage, SIGKILLs it as soon as its state/ records at least `min_step`, and returns
+/// the step it had saved. Fails if the stage finished first.
+pub fn kill_after_saved_step(stage: &str, config: &Path, out: &Path, min_step: u64) -> u64 {
+    use std::time::{Duration, Instant};
+    let mut child = Command::new(bin(stage))
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let saved = || {
+        std::fs::read_to_string(out.join("state/progress.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["step"].as_u64())
+    };
+    let start = Instant::now();
+    while !saved().is_some_and(|s| s >= min_step) {
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "{stage} wrote no state"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        !out.join("summary.json").exists(),
+        "{stage} finished before it could be killed"
+    );
+    saved().unwrap()
+}
+
+/// Tokenizer → pretrain → SFT → reward on the tiny fixtures; returns (sft, reward) checkpoints.
+pub fn sft_and_reward(dir: &Path) -> (PathBuf, PathBuf) {
+    let tok = tokenizer(dir);
+    let pre = dir.join("pretrain");
+    assert_ok(
+        &run_stage("temper-pretrain", &pretrain_config(dir, &tok, 60, ""), &pre),
+        "pretrain",
+    );
+    let sft_cfg = write(&dir.join("sft.yaml"), &format!(
+        "init: {}\ndata: {}\nsteps: 60\nbatch_size: 8\noptim: {{lr: 2.0e-3, warmup_steps: 5}}\nsave_every: 60\n",
+        pre.join("checkpoint").display(), tiny("sft.jsonl").display()));
+    let sft = dir.join("sft");
+    assert_ok(&run_stage("temper-sft", &sft_cfg, &sft), "sft");
+    let rm_cfg = write(&dir.join("rm.yaml"), &format!(
+        "init: {}\ndata: {}\nsteps: 40\nbatch_size: 8\noptim: {{lr: 1.0e-3, warmup_steps: 5}}\nsave_every: 40\n",
+        sft.join("checkpoint").display(), tiny("pairs.jsonl").display()));
+    let rm = dir.join("rm");
+    assert_ok(&run_stage("temper-reward", &rm_cfg, &rm), "reward");
+    (sft.join("checkpoint"), rm.join("checkpoint"))
+}

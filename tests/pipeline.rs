@@ -43,7 +43,7 @@ fn runs_caches_and_reruns_exactly_what_changed() {
     assert_ok(&first, "first run");
     assert_eq!(
         ran(&first),
-        ["tokenizer", "pretrain", "sft", "reward"],
+        ["tokenizer", "pretrain", "sft", "reward", "ppo", "eval"],
         "{}",
         stdout(&first)
     );
@@ -60,10 +60,15 @@ fn runs_caches_and_reruns_exactly_what_changed() {
     assert!(took < Duration::from_secs(1), "second run took {took:?}");
     assert!(stdout(&second).contains("✓ sft: up to date"));
 
-    // One SFT parameter changed: SFT and its descendant rerun, nothing upstream.
+    // One SFT parameter changed: SFT and its descendants rerun, nothing upstream.
     let changed = temper(w, &["run", &tiny_yaml(), "-o", "sft.optim.lr=1.5e-3"]);
     assert_ok(&changed, "run with a changed SFT parameter");
-    assert_eq!(ran(&changed), ["sft", "reward"], "{}", stdout(&changed));
+    assert_eq!(
+        ran(&changed),
+        ["sft", "reward", "ppo", "eval"],
+        "{}",
+        stdout(&changed)
+    );
     assert!(
         stdout(&changed).contains("▶ sft: running (params changed: optim.lr)"),
         "{}",
@@ -82,7 +87,7 @@ fn runs_caches_and_reruns_exactly_what_changed() {
     assert_eq!(ran(&only), ["reward"], "{}", stdout(&only));
 
     // A deleted checkpoint makes its stage stale; the rebuilt one is identical on CPU, so the
-    // stage downstream stays up to date.
+    // stages downstream stay up to date.
     std::fs::remove_file(w.join("stages/sft/checkpoint/model.safetensors")).unwrap();
     let status = temper(w, &["status", &tiny_yaml()]);
     assert!(

@@ -4,8 +4,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use common::*;
 use tch::{Device, Kind, Tensor};
@@ -140,19 +138,6 @@ fn sft_learns_the_replies_and_reward_model_ranks_held_out_pairs() {
     temper_core::load_checkpoint(&rm.join("checkpoint"), spec, Device::Cpu).unwrap();
 }
 
-/// Metrics rows without the wall-clock fields, which differ between any two runs.
-fn deterministic_metrics(out: &Path) -> Vec<serde_json::Value> {
-    metrics(out)
-        .into_iter()
-        .map(|mut r| {
-            let o = r.as_object_mut().unwrap();
-            o.remove("time_s");
-            o.remove("tokens_per_s");
-            r
-        })
-        .collect()
-}
-
 #[test]
 fn a_killed_run_resumes_to_exactly_the_uninterrupted_result() {
     let dir = tempfile::tempdir().unwrap();
@@ -171,44 +156,7 @@ fn a_killed_run_resumes_to_exactly_the_uninterrupted_result() {
     );
 
     let killed = dir.path().join("killed");
-    let mut child = Command::new(bin("temper-pretrain"))
-        .args([
-            "--config",
-            cfg.to_str().unwrap(),
-            "--out",
-            killed.to_str().unwrap(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    loop {
-        let saved = std::fs::read_to_string(killed.join("state/progress.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| v["step"].as_u64());
-        if saved.is_some_and(|s| s >= 10) {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "no state written"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
-    assert!(
-        !killed.join("summary.json").exists(),
-        "the run finished before it could be killed"
-    );
-    let resumed_from: u64 = serde_json::from_str::<serde_json::Value>(
-        &std::fs::read_to_string(killed.join("state/progress.json")).unwrap(),
-    )
-    .unwrap()["step"]
-        .as_u64()
-        .unwrap();
+    let resumed_from = kill_after_saved_step("temper-pretrain", &cfg, &killed, 10);
     assert!(resumed_from < 40);
 
     assert_ok(&run_stage("temper-pretrain", &cfg, &killed), "resumed run");

@@ -69,7 +69,7 @@ fn words(text: &str) -> Vec<String> {
         c.is_whitespace() || matches!(c, ',' | '.' | ';' | ':' | '!' | '?' | '"' | '(' | ')')
     })
     .filter(|w| !w.is_empty())
-    .map(|w| w.to_lowercase().replace('\'', "").replace('’', ""))
+    .map(|w| w.to_lowercase().replace(['\'', '’'], ""))
     .collect()
 }
 

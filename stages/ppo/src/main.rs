@@ -227,7 +227,7 @@ fn validate(cfg: &Config) -> Result<(), StageError> {
             "iterations, batch_size, minibatch_size and ppo_epochs must be positive".into(),
         );
     }
-    if cfg.max_new_tokens < 1 || !(cfg.temperature > 0.0) {
+    if cfg.max_new_tokens < 1 || cfg.temperature.is_nan() || cfg.temperature <= 0.0 {
         return bad(
             "max_new_tokens must be at least 1 and temperature positive (PPO samples)".into(),
         );

@@ -1,0 +1,98 @@
+//! PPO end to end on the tiny fixtures: the reward rises while the KL to the reference stays
+//! bounded, and a run killed midway resumes to exactly the uninterrupted result; then the
+//! evaluation stage compares PPO with SFT.
+
+mod common;
+
+use common::*;
+
+fn ppo_config(
+    dir: &std::path::Path,
+    sft: &std::path::Path,
+    rm: &std::path::Path,
+) -> std::path::PathBuf {
+    write(&dir.join("ppo.yaml"), &format!(
+        "policy: {}\nreward_model: {}\nprompts: {}\niterations: 12\nbatch_size: 16\nminibatch_size: 8\nmax_new_tokens: 16\n\
+         kl: {{coef: 0.05, estimator: k3}}\noptim: {{lr: 1.0e-4, min_lr: 1.0e-4, warmup_steps: 0}}\n\
+         critic_optim: {{lr: 1.0e-4, min_lr: 1.0e-4, warmup_steps: 0}}\nsave_every: 2\nsample_every: 4\nseed: 7\n",
+        sft.display(), rm.display(), tiny("prompts.jsonl").display()))
+}
+
+#[test]
+fn ppo_raises_the_reward_with_bounded_kl_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sft, rm) = sft_and_reward(dir.path());
+    let cfg = ppo_config(dir.path(), &sft, &rm);
+
+    let whole = dir.path().join("ppo");
+    assert_ok(&run_stage("temper-ppo", &cfg, &whole), "ppo");
+    let rows = metrics(&whole);
+    assert_eq!(rows.len(), 12, "one metrics row per iteration");
+    let series = |k: &str| -> Vec<f64> { rows.iter().map(|r| r[k].as_f64().unwrap()).collect() };
+    let reward = series("reward/mean");
+    let (first, last) = (
+        reward[..3].iter().sum::<f64>() / 3.0,
+        reward[9..].iter().sum::<f64>() / 3.0,
+    );
+    assert!(last > first + 0.5, "mean reward did not rise: {reward:?}");
+    let kl = series("kl/mean");
+    assert!(
+        kl.iter().all(|&k| (0.0..5.0).contains(&k)),
+        "k3 KL must stay in [0, 5): {kl:?}"
+    );
+    for k in [
+        "policy/clipfrac",
+        "policy/approx_kl",
+        "policy/entropy",
+        "value/loss",
+        "value/explained_var",
+        "response/eos_rate",
+        "kl/coef",
+    ] {
+        assert!(rows.iter().all(|r| r[k].is_number()), "{k} missing");
+    }
+    for f in [
+        "checkpoint/model.safetensors",
+        "checkpoint/tokenizer.json",
+        "critic/model.safetensors",
+        "samples.jsonl",
+    ] {
+        assert!(whole.join(f).exists(), "{f} missing");
+    }
+
+    let killed = dir.path().join("killed");
+    let saved = kill_after_saved_step("temper-ppo", &cfg, &killed, 4);
+    assert_ok(&run_stage("temper-ppo", &cfg, &killed), "resumed ppo");
+    for f in ["checkpoint/model.safetensors", "critic/model.safetensors"] {
+        assert!(
+            std::fs::read(whole.join(f)).unwrap() == std::fs::read(killed.join(f)).unwrap(),
+            "{f} differs after resuming from iteration {saved}"
+        );
+    }
+    assert_eq!(
+        deterministic_metrics(&whole),
+        deterministic_metrics(&killed)
+    );
+
+    let eval_cfg = write(
+        &dir.path().join("eval.yaml"),
+        &format!(
+            "policy: {}\nbaseline: {}\nreward_model: {}\nprompts: {}\nmax_new_tokens: 16\n",
+            whole.join("checkpoint").display(),
+            sft.display(),
+            rm.display(),
+            tiny("prompts_eval.jsonl").display()
+        ),
+    );
+    let eval = dir.path().join("eval");
+    assert_ok(&run_stage("temper-eval", &eval_cfg, &eval), "eval");
+    let s = summary(&eval);
+    assert!(
+        s["score_ppo"].as_f64().unwrap() > s["score_sft"].as_f64().unwrap(),
+        "{s}"
+    );
+    assert!(s["win_rate"].as_f64().unwrap() > 0.5, "{s}");
+    assert!(std::fs::read_to_string(eval.join("report.md"))
+        .unwrap()
+        .contains("| win_rate |"));
+}
