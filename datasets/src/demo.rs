@@ -21,7 +21,7 @@ use serde::Serialize;
 use crate::batch::SplitMix64;
 use crate::error::{DataError, Result};
 use crate::records::{Message, Role};
-use crate::stream::is_validation;
+use crate::stream::held_out;
 use crate::write::{write_parquet, Column};
 
 const HELDOUT_FRACTION: f64 = 0.1;
@@ -357,7 +357,7 @@ pub fn prepare_demo(raw: &Path, out: &Path, seed: u64) -> Result<DemoCounts> {
     counts.snippets = snippets.len();
     let (heldout, train): (Vec<Snippet>, Vec<Snippet>) = snippets
         .into_iter()
-        .partition(|s| is_validation(&s.text, HELDOUT_FRACTION));
+        .partition(|s| held_out(&s.text, HELDOUT_FRACTION, "temper-demo-snippets"));
     counts.domain_train = train.len();
     counts.domain_heldout = heldout.len();
     for (name, part) in [

@@ -78,9 +78,19 @@ impl TokenStream {
 /// Whether a document of this text is held out: the first 8 bytes of its BLAKE3 hash as a
 /// fraction of 2^64, against `val_fraction`.
 pub fn is_validation(text: &str, val_fraction: f64) -> bool {
-    let h = blake3::hash(text.as_bytes());
+    held_out(text, val_fraction, "")
+}
+
+/// As [`is_validation`], with the hash salted: splits made for different purposes (the demo's
+/// held-out snippets, then a stage's validation documents) must be independent, or the second
+/// would find nothing left to hold out.
+pub fn held_out(text: &str, fraction: f64, salt: &str) -> bool {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(salt.as_bytes());
+    hasher.update(text.as_bytes());
+    let h = hasher.finalize();
     let x = u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"));
-    (x as f64 / u64::MAX as f64) < val_fraction
+    (x as f64 / u64::MAX as f64) < fraction
 }
 
 /// Builds (or loads from `cache_dir`) the stream of `files`.
