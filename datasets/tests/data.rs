@@ -609,7 +609,10 @@ fn prepare_demo_converts_a_raw_tree_without_leaking_held_out_snippets() {
     // The held-out split is independent of a stage's own validation split: some training
     // snippets must still be held out by the stream (a shared hash would leave none).
     let train_texts = texts("domain_train.parquet", "text");
-    assert!(train_texts.iter().any(|t| is_validation(t, 0.1)), "the demo split and the stream split are correlated");
+    assert!(
+        train_texts.iter().any(|t| is_validation(t, 0.1)),
+        "the demo split and the stream split are correlated"
+    );
     for row in rows_of(&out.join("sft_train.parquet")) {
         assert!(!held.contains(row["messages"][1]["content"].as_str().unwrap()));
     }

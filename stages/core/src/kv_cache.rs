@@ -16,6 +16,9 @@ pub struct KvCache {
     pub(crate) seen: Tensor,
     /// Positions filled (the same for every sequence; padding fills the gaps).
     pub(crate) len: i64,
+    /// Whether any cached position may be padding (a mask was given), so later calls must
+    /// mask keys; a cache of unpadded prompts attends without a mask.
+    pub(crate) padded: bool,
     capacity: i64,
 }
 
@@ -35,6 +38,7 @@ impl KvCache {
             key_mask: Tensor::zeros([batch, capacity], (Kind::Bool, device)),
             seen: Tensor::zeros([batch], (Kind::Int64, device)),
             len: 0,
+            padded: false,
             capacity,
         }
     }

@@ -271,6 +271,7 @@ impl Transformer {
         };
         if let Some(c) = ctx.cache.as_deref_mut() {
             c.key_mask.narrow(1, past, t).copy_(&real);
+            c.padded |= mask.is_some();
         }
         for (i, block) in self.blocks.iter().enumerate() {
             x = &x
@@ -349,9 +350,17 @@ fn attention_mask(
     past: i64,
     t: i64,
 ) -> Option<Tensor> {
-    // With cached keys the mask is always built: the cache may hold padding from the prompt.
-    if !padded && past == 0 {
-        return None; // plain causal attention (is_causal) over a full unpadded sequence
+    let key_padding = padded || cache.is_some_and(|c| c.padded);
+    if !key_padding {
+        return match (past, t) {
+            (0, _) => None, // plain causal attention (is_causal) over a full sequence
+            (_, 1) => None, // one new token sees every cached key
+            _ => Some(
+                causal_block(past, t, real.device())
+                    .unsqueeze(0)
+                    .unsqueeze(0),
+            ),
+        };
     }
     let device = real.device();
     let keys = match cache {
@@ -387,11 +396,12 @@ pub fn last_real_index(mask: &Tensor) -> Tensor {
 /// Log-probability of each `target` under `logits`: (B, T, V), (B, T) → (B, T), computed in
 /// fp32 whatever the logits' dtype.
 pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Tensor {
-    let logits = logits.to_kind(Kind::Float);
-    let picked = logits
+    // One fused log_softmax (forward and backward) rather than gather − logsumexp, whose
+    // max/sub/exp/sum passes each materialise a (B, T, V) temporary.
+    logits
+        .log_softmax(-1, Kind::Float)
         .gather(-1, &targets.unsqueeze(-1), false)
-        .squeeze_dim(-1);
-    picked - logits.logsumexp([-1], false)
+        .squeeze_dim(-1)
 }
 
 /// The loss mask for plain language modelling on a padded batch: target t counts when it and

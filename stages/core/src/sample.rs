@@ -160,7 +160,11 @@ pub fn generate(
         device,
     );
     let (tokens, logprobs, mask) = tch::no_grad(|| -> Result<_> {
-        let hidden = model.hidden_states(&prompt, Some(&prompt_mask), Some(&mut cache))?;
+        // Only a ragged batch needs masks; decode steps never do: a stopped sequence's later
+        // tokens only ever influence that sequence's own (discarded) continuation.
+        let ragged = prompts.iter().any(|p| p.len() as i64 != width);
+        let hidden =
+            model.hidden_states(&prompt, ragged.then_some(&prompt_mask), Some(&mut cache))?;
         let mut last = model
             .logits(&hidden.narrow(1, width - 1, 1))?
             .squeeze_dim(1); // (B, V)

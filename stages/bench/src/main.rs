@@ -1,0 +1,178 @@
+//! temper-bench: training and generation throughput of temper's core for one model shape,
+//! measured the way scripts/bench_torch.py measures PyTorch, so scripts/bench.sh can print the
+//! two side by side. Warm-up steps are excluded; the median of several timed repeats is
+//! reported. Prints one JSON object.
+
+use std::time::Instant;
+
+use clap::Parser;
+use serde_json::json;
+use tch::{Device, Kind, Tensor};
+use temper_core::sample::{generate, SamplingConfig};
+use temper_core::stage::optimizer_step;
+use temper_core::{
+    causal_lm_loss, resolve_device, with_autocast, AdamW, AdamWConfig, Arch, DeviceSpec, Heads,
+    ModelConfig, Precision, Transformer,
+};
+
+/// Measure temper's training step (forward, backward, fused AdamW) and KV-cache sampling.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    #[arg(long, default_value_t = 4)]
+    layers: i64,
+    #[arg(long, default_value_t = 256)]
+    width: i64,
+    #[arg(long, default_value_t = 4)]
+    heads: i64,
+    #[arg(long, default_value_t = 8192)]
+    vocab: i64,
+    #[arg(long, default_value_t = 256)]
+    context: i64,
+    #[arg(long, default_value_t = 8)]
+    batch: i64,
+    /// Timed training steps per repeat.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    #[arg(long, default_value = "auto")]
+    device: DeviceSpec,
+    #[arg(long, value_parser = ["fp32", "bf16"], default_value = "fp32")]
+    precision: String,
+    #[arg(long, default_value_t = 16)]
+    gen_batch: usize,
+    #[arg(long, default_value_t = 32)]
+    gen_prompt: usize,
+    #[arg(long, default_value_t = 64)]
+    gen_new: i64,
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    let device = resolve_device(a.device)?;
+    let precision = if a.precision == "bf16" {
+        Precision::Bf16
+    } else {
+        Precision::Fp32
+    };
+    tch::manual_seed(0);
+    let cfg = ModelConfig {
+        arch: Arch::Gpt2,
+        vocab_size: a.vocab,
+        n_layer: a.layers,
+        n_head: a.heads,
+        d_model: a.width,
+        n_kv_head: None,
+        d_ff: None,
+        max_position: a.context.max(a.gen_prompt as i64 + a.gen_new),
+        norm_eps: None,
+        rope_theta: 10_000.0,
+        tie_embeddings: None,
+        bos_token_id: None,
+        eos_token_id: None,
+        pad_token_id: Some(0),
+    };
+    let vs = tch::nn::VarStore::new(device);
+    let model = Transformer::new(
+        &vs.root(),
+        &cfg,
+        Heads {
+            lm: true,
+            score: false,
+        },
+    )?;
+    let params: i64 = vs
+        .trainable_variables()
+        .iter()
+        .map(|t| t.numel() as i64)
+        .sum();
+    let mut opt = AdamW::new(
+        &vs,
+        AdamWConfig {
+            weight_decay: 0.0,
+            ..AdamWConfig::default()
+        },
+    );
+    let x = Tensor::randint(a.vocab, [a.batch, a.context], (Kind::Int64, device));
+    let ones = x.ones_like();
+    let mut step = || -> anyhow::Result<()> {
+        let loss = with_autocast(device, precision, || -> anyhow::Result<Tensor> {
+            let (_, logits) = model.forward(&x, None)?;
+            Ok(causal_lm_loss(&logits, &x, &ones))
+        })??;
+        loss.backward();
+        optimizer_step(&mut opt, 0.0, 3e-4)?;
+        Ok(())
+    };
+    for _ in 0..a.warmup {
+        step()?;
+    }
+    sync(device);
+    let mut train = Vec::new();
+    for _ in 0..a.repeats {
+        let t = Instant::now();
+        for _ in 0..a.steps {
+            step()?;
+        }
+        sync(device);
+        train.push((a.batch * a.context) as f64 * a.steps as f64 / t.elapsed().as_secs_f64());
+    }
+
+    let prompts: Vec<Vec<i64>> = (0..a.gen_batch)
+        .map(|i| {
+            (0..a.gen_prompt)
+                .map(|j| 1 + ((i * 31 + j * 7) as i64 % (a.vocab - 1)))
+                .collect()
+        })
+        .collect();
+    let sampling = SamplingConfig {
+        max_new_tokens: a.gen_new,
+        temperature: 1.0,
+        top_k: None,
+        top_p: None,
+        eos_token_id: None,
+        pad_token_id: 0,
+    };
+    let seeds: Vec<u64> = (0..a.gen_batch as u64).collect();
+    let gen = || {
+        with_autocast(device, precision, || {
+            generate(&model, &prompts, &sampling, &seeds)
+        })
+    };
+    gen()??;
+    let mut generation = Vec::new();
+    for _ in 0..a.repeats {
+        sync(device);
+        let t = Instant::now();
+        let g = gen()??;
+        sync(device);
+        generation.push(g.tokens.numel() as f64 / t.elapsed().as_secs_f64());
+    }
+    let train_tps = median(train);
+    println!(
+        "{}",
+        json!({
+            "device": format!("{device:?}"), "precision": a.precision, "params": params, "threads": tch::get_num_threads(),
+            "shape": {"L": a.layers, "d": a.width, "h": a.heads, "V": a.vocab, "T": a.context, "B": a.batch},
+            "train_tok_per_s": train_tps,
+            "train_step_ms": 1e3 * (a.batch * a.context) as f64 / train_tps,
+            "train_tflops": 6.0 * params as f64 * train_tps / 1e12,
+            "generate": {"B": a.gen_batch, "prompt": a.gen_prompt, "new": a.gen_new, "tok_per_s": median(generation)},
+        })
+    );
+    Ok(())
+}
