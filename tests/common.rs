@@ -147,7 +147,7 @@ pub fn kill_after_saved_step(stage: &str, config: &Path, out: &Path, min_step: u
             .and_then(|v| v["step"].as_u64())
     };
     let start = Instant::now();
-    while !saved().is_some_and(|s| s >= min_step) {
+    while saved().is_none_or(|s| s < min_step) {
         assert!(
             start.elapsed() < Duration::from_secs(300),
             "{stage} wrote no state"
