@@ -53,6 +53,7 @@ fn logits_logprobs_and_loss_match_transformers() {
         let mask = &g["attention_mask"];
         let (_, logits) = model.forward(&g["input_ids"], Some(mask)).unwrap();
         let d = max_diff_on(&logits, &g["logits"], mask);
+        eprintln!("{family}: max |logits - transformers| on real tokens = {d:.2e}");
         assert!(d < 1e-4, "{family}: logits differ by {d}");
 
         let ids = &g["input_ids"];
@@ -123,6 +124,7 @@ fn kv_cache_decoding_matches_full_forward_and_transformers_greedy() {
             step_ids = next.shallow_clone();
             step_mask = next.ones_like();
         }
+        eprintln!("{family}: max |KV-cache logits - full forward| over 16 steps = {worst:.2e}");
         assert!(
             worst < 1e-4,
             "{family}: cached logits drift {worst} from full forwards"
@@ -171,6 +173,7 @@ fn three_adamw_steps_reproduce_reference_losses() {
                 &lm_target_mask(&g["attention_mask"]),
             );
             let got = loss.double_value(&[]);
+            eprintln!("{family} AdamW step {step}: loss {got:.6}, torch.optim.AdamW {want:.6}");
             assert!(
                 (got - want).abs() < 1e-4,
                 "{family} step {step}: loss {got} vs reference {want}"
@@ -321,6 +324,7 @@ fn bf16_autocast_stays_close_to_fp32() {
             "{family}: autocast did not engage"
         );
         let d = max_diff_on(&bf16.to_kind(Kind::Float), &fp32, mask);
+        eprintln!("{family}: max |bf16 autocast logits - fp32| = {d:.3e}");
         // bf16 keeps 8 bits of mantissa: logits of magnitude ~1 differ by a few 1e-2 at most.
         assert!(d < 5e-2, "{family}: bf16 logits differ from fp32 by {d}");
         assert!(
