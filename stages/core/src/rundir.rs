@@ -236,6 +236,29 @@ impl RunDir {
         Ok(Some(progress))
     }
 
+    /// The progress to continue from: the saved state's (loaded into `models` and `opts`), or a
+    /// fresh start, which drops the metrics and samples of an earlier, unresumable run.
+    pub fn resume_or_start(
+        &mut self,
+        models: &[&VarStore],
+        opts: &mut [&mut AdamW],
+        config_hash: &str,
+    ) -> Result<Progress> {
+        match self.load_state(models, opts, config_hash)? {
+            Some(p) => {
+                tracing::info!("resuming from step {}", p.step);
+                Ok(p)
+            }
+            None => {
+                self.reset_logs()?;
+                Ok(Progress {
+                    config_hash: config_hash.into(),
+                    ..Default::default()
+                })
+            }
+        }
+    }
+
     /// Starts a run from scratch: drops metrics and samples of an earlier, unresumable run.
     pub fn reset_logs(&mut self) -> Result<()> {
         for name in ["metrics.jsonl", "samples.jsonl"] {

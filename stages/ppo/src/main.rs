@@ -21,7 +21,7 @@ use temper_core::rl::{self, AdaptiveKl, KlEstimator};
 use temper_core::stage::{self, invalid, StageArgs, StageError};
 use temper_core::{
     config_hash, load_checkpoint, resolve_device, save_checkpoint, AdamW, DeviceSpec, LoadSpec,
-    OptimSettings, Precision, Progress, RunDir,
+    OptimSettings, Precision, RunDir,
 };
 use temper_data::{shuffled, ChatTemplate, Fields, LoadOptions, Overlong, TextTokenizer};
 use tracing::info;
@@ -335,36 +335,24 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         target: cfg.kl.target.unwrap_or(1.0),
         horizon: cfg.kl.horizon,
     };
-    let mut stats = RewardStats::default();
+
     let loaded = {
         let mut opts_mut: Vec<&mut AdamW> = std::iter::once(&mut actor_opt)
             .chain(critic_opt.as_mut())
             .collect();
-        run.load_state(&[&actor_vs, &critic_vs], &mut opts_mut, &hash)?
+        run.resume_or_start(&[&actor_vs, &critic_vs], &mut opts_mut, &hash)?
     };
-    let mut progress = match loaded {
-        Some(p) => {
-            kl_ctl.coef = p
-                .extra
-                .get("kl_coef")
-                .and_then(|v| v.as_f64())
-                .unwrap_or(kl_ctl.coef);
-            stats = p
-                .extra
-                .get("reward_stats")
-                .and_then(|v| serde_json::from_value(v.clone()).ok())
-                .unwrap_or_default();
-            info!("resuming from iteration {}", p.step);
-            p
-        }
-        None => {
-            run.reset_logs()?;
-            Progress {
-                config_hash: hash,
-                ..Default::default()
-            }
-        }
-    };
+    let mut progress = loaded;
+    kl_ctl.coef = progress
+        .extra
+        .get("kl_coef")
+        .and_then(|v| v.as_f64())
+        .unwrap_or(kl_ctl.coef);
+    let mut stats: RewardStats = progress
+        .extra
+        .get("reward_stats")
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
+        .unwrap_or_default();
 
     let models = Models {
         actor: &actor,

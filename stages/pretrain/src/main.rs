@@ -13,7 +13,7 @@ use tch::{Device, Kind, Tensor};
 use temper_core::stage::{self, check_finite, invalid, optimizer_step, StageArgs, StageError};
 use temper_core::{
     causal_lm_loss, config_hash, load_checkpoint, resolve_device, save_checkpoint, with_autocast,
-    AdamW, DeviceSpec, Heads, LoadSpec, OptimSettings, Precision, Progress, RunDir, Transformer,
+    AdamW, DeviceSpec, Heads, LoadSpec, OptimSettings, Precision, RunDir, Transformer,
 };
 use temper_data::stream::{build_stream, StreamSettings};
 use temper_data::tokenizer::{EOS, PAD};
@@ -251,19 +251,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     stage::write_resolved(&run.out, &cfg)?;
     let mut opt = AdamW::new(&vs, cfg.optim.adamw());
     let hash = config_hash(&cfg);
-    let mut progress = match run.load_state(&[&vs], &mut [&mut opt], &hash)? {
-        Some(p) => {
-            info!("resuming from step {}", p.step);
-            p
-        }
-        None => {
-            run.reset_logs()?;
-            Progress {
-                config_hash: hash,
-                ..Default::default()
-            }
-        }
-    };
+    let mut progress = run.resume_or_start(&[&vs], &mut [&mut opt], &hash)?;
 
     let (b, t) = (cfg.batch_size, cfg.block_size);
     let n_blocks = stream.train_blocks();

@@ -14,7 +14,7 @@ use temper_core::losses::bradley_terry_loss;
 use temper_core::stage::{self, check_finite, invalid, optimizer_step, StageArgs, StageError};
 use temper_core::{
     config_hash, load_checkpoint, resolve_device, save_checkpoint, with_autocast, AdamW,
-    DeviceSpec, LoadSpec, OptimSettings, Precision, Progress, RunDir, Transformer,
+    DeviceSpec, LoadSpec, OptimSettings, Precision, RunDir, Transformer,
 };
 use temper_data::{
     pad_right, shuffled, ChatTemplate, Example, Fields, LoadOptions, Overlong, TextTokenizer,
@@ -137,19 +137,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     stage::write_resolved(&run.out, &cfg)?;
     let mut opt = AdamW::new(&vs, cfg.optim.adamw());
     let hash = config_hash(&cfg);
-    let mut progress = match run.load_state(&[&vs], &mut [&mut opt], &hash)? {
-        Some(p) => {
-            info!("resuming from step {}", p.step);
-            p
-        }
-        None => {
-            run.reset_logs()?;
-            Progress {
-                config_hash: hash,
-                ..Default::default()
-            }
-        }
-    };
+    let mut progress = run.resume_or_start(&[&vs], &mut [&mut opt], &hash)?;
 
     let per_epoch = train.len().div_ceil(cfg.batch_size) as u64;
     let mut epoch_order: Option<(u64, Vec<usize>)> = None;

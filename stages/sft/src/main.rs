@@ -13,7 +13,7 @@ use temper_core::sample::{generate, SamplingConfig};
 use temper_core::stage::{self, check_finite, invalid, optimizer_step, StageArgs, StageError};
 use temper_core::{
     causal_lm_loss, config_hash, load_checkpoint, resolve_device, save_checkpoint, with_autocast,
-    AdamW, DeviceSpec, LoadSpec, OptimSettings, Precision, Progress, RunDir, Transformer,
+    AdamW, DeviceSpec, LoadSpec, OptimSettings, Precision, RunDir, Transformer,
 };
 use temper_data::{
     length_grouped_batches, pack, pad_right, shuffled, ChatTemplate, Example, Fields, LoadOptions,
@@ -175,19 +175,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     stage::write_resolved(&run.out, &cfg)?;
     let mut opt = AdamW::new(&vs, cfg.optim.adamw());
     let hash = config_hash(&cfg);
-    let mut progress = match run.load_state(&[&vs], &mut [&mut opt], &hash)? {
-        Some(p) => {
-            info!("resuming from step {}", p.step);
-            p
-        }
-        None => {
-            run.reset_logs()?;
-            Progress {
-                config_hash: hash,
-                ..Default::default()
-            }
-        }
-    };
+    let mut progress = run.resume_or_start(&[&vs], &mut [&mut opt], &hash)?;
 
     let lengths: Vec<usize> = train.iter().map(Example::len).collect();
     let mut epoch_batches: Option<(u64, Vec<Vec<usize>>)> = None;
