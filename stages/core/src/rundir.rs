@@ -277,6 +277,33 @@ impl RunDir {
         Ok(())
     }
 
+    /// Writes the final model to `checkpoint/` with the tokenizer it was trained with, so the
+    /// folder is a complete Hugging Face checkpoint for the next stage.
+    pub fn save_final(
+        &self,
+        model: &crate::Transformer,
+        vs: &VarStore,
+        tokenizer: &Path,
+    ) -> Result<PathBuf> {
+        let dir = self.checkpoint_dir();
+        crate::save_checkpoint(model, vs, &dir)?;
+        let dst = dir.join("tokenizer.json");
+        std::fs::copy(tokenizer, &dst).map_err(io_err(&dst))?;
+        Ok(dir)
+    }
+
+    /// The summary fields every training stage reports: steps, tokens and mean tokens/s.
+    pub fn summary_base(&self, progress: &Progress) -> Map<String, Value> {
+        let mut m = Map::new();
+        m.insert("steps".into(), progress.step.into());
+        m.insert("tokens".into(), progress.tokens_seen.into());
+        m.insert(
+            "tokens_per_s".into(),
+            (progress.tokens_seen as f64 / self.elapsed()).into(),
+        );
+        m
+    }
+
     /// Writes summary.json (atomically) with the stage's final numbers.
     pub fn write_summary(&self, status: &str, fields: Map<String, Value>) -> Result<()> {
         let mut obj = fields;

@@ -513,10 +513,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     }
     bar.finish_and_clear();
 
-    let ckpt = run.checkpoint_dir();
-    save_checkpoint(&actor, &actor_vs, &ckpt)?;
-    std::fs::copy(&tokenizer_path, ckpt.join("tokenizer.json"))
-        .context("copying tokenizer.json")?;
+    run.save_final(&actor, &actor_vs, &tokenizer_path)?;
     save_checkpoint(&critic, &critic_vs, &run.out.join("critic"))?;
     let rows = std::fs::read_to_string(run.out.join("metrics.jsonl")).context("reading metrics")?;
     let last: serde_json::Value = rows

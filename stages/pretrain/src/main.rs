@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 use temper_core::stage::{self, check_finite, invalid, optimizer_step, StageArgs, StageError};
 use temper_core::{
-    causal_lm_loss, config_hash, load_checkpoint, resolve_device, save_checkpoint, with_autocast,
-    AdamW, DeviceSpec, Heads, LoadSpec, OptimSettings, Precision, RunDir, Transformer,
+    causal_lm_loss, config_hash, load_checkpoint, resolve_device, with_autocast, AdamW, DeviceSpec,
+    Heads, LoadSpec, OptimSettings, Precision, RunDir, Transformer,
 };
 use temper_data::stream::{build_stream, StreamSettings};
 use temper_data::tokenizer::{EOS, PAD};
@@ -365,17 +365,8 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     }
     bar.finish_and_clear();
 
-    let ckpt = run.checkpoint_dir();
-    save_checkpoint(&model, &vs, &ckpt)?;
-    std::fs::copy(&tokenizer_path, ckpt.join("tokenizer.json"))
-        .context("copying tokenizer.json")?;
-    let mut summary = serde_json::Map::new();
-    summary.insert("steps".into(), progress.step.into());
-    summary.insert("tokens".into(), progress.tokens_seen.into());
-    summary.insert(
-        "tokens_per_s".into(),
-        (progress.tokens_seen as f64 / run.elapsed()).into(),
-    );
+    run.save_final(&model, &vs, &tokenizer_path)?;
+    let mut summary = run.summary_base(&progress);
     for (name, loss) in &last_eval {
         let prefix = if name == "eval" {
             String::new()

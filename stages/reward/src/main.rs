@@ -13,8 +13,8 @@ use temper_core::checkpoint::ScoreHead;
 use temper_core::losses::bradley_terry_loss;
 use temper_core::stage::{self, check_finite, invalid, optimizer_step, StageArgs, StageError};
 use temper_core::{
-    config_hash, load_checkpoint, resolve_device, save_checkpoint, with_autocast, AdamW,
-    DeviceSpec, LoadSpec, OptimSettings, Precision, RunDir, Transformer,
+    config_hash, load_checkpoint, resolve_device, with_autocast, AdamW, DeviceSpec, LoadSpec,
+    OptimSettings, Precision, RunDir, Transformer,
 };
 use temper_data::{
     pad_right, shuffled, ChatTemplate, Example, Fields, LoadOptions, Overlong, TextTokenizer,
@@ -241,17 +241,8 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     }
     bar.finish_and_clear();
 
-    let ckpt = run.checkpoint_dir();
-    save_checkpoint(&model, &vs, &ckpt)?;
-    std::fs::copy(&tokenizer_path, ckpt.join("tokenizer.json"))
-        .context("copying tokenizer.json")?;
-    let mut summary = serde_json::Map::new();
-    summary.insert("steps".into(), progress.step.into());
-    summary.insert("tokens".into(), progress.tokens_seen.into());
-    summary.insert(
-        "tokens_per_s".into(),
-        (progress.tokens_seen as f64 / run.elapsed()).into(),
-    );
+    run.save_final(&model, &vs, &tokenizer_path)?;
+    let mut summary = run.summary_base(&progress);
     summary.insert("train_pairs".into(), train.len().into());
     if let Some(m) = last_eval {
         for (k, v) in [

@@ -12,8 +12,8 @@ use tch::{Device, Kind, Tensor};
 use temper_core::sample::{generate, SamplingConfig};
 use temper_core::stage::{self, check_finite, invalid, optimizer_step, StageArgs, StageError};
 use temper_core::{
-    causal_lm_loss, config_hash, load_checkpoint, resolve_device, save_checkpoint, with_autocast,
-    AdamW, DeviceSpec, LoadSpec, OptimSettings, Precision, RunDir, Transformer,
+    causal_lm_loss, config_hash, load_checkpoint, resolve_device, with_autocast, AdamW, DeviceSpec,
+    LoadSpec, OptimSettings, Precision, RunDir, Transformer,
 };
 use temper_data::{
     length_grouped_batches, pack, pad_right, shuffled, ChatTemplate, Example, Fields, LoadOptions,
@@ -279,17 +279,8 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     }
     bar.finish_and_clear();
 
-    let ckpt = run.checkpoint_dir();
-    save_checkpoint(&model, &vs, &ckpt)?;
-    std::fs::copy(&tokenizer_path, ckpt.join("tokenizer.json"))
-        .context("copying tokenizer.json")?;
-    let mut summary = serde_json::Map::new();
-    summary.insert("steps".into(), progress.step.into());
-    summary.insert("tokens".into(), progress.tokens_seen.into());
-    summary.insert(
-        "tokens_per_s".into(),
-        (progress.tokens_seen as f64 / run.elapsed()).into(),
-    );
+    run.save_final(&model, &vs, &tokenizer_path)?;
+    let mut summary = run.summary_base(&progress);
     summary.insert("train_examples".into(), train.len().into());
     summary.insert(
         "data".into(),
