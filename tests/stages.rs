@@ -136,6 +136,28 @@ fn sft_learns_the_replies_and_reward_model_ranks_held_out_pairs() {
         score: temper_core::ScoreHead::Load,
     };
     temper_core::load_checkpoint(&rm.join("checkpoint"), spec, Device::Cpu).unwrap();
+
+    // Reading the score as the mean over the reply learns the same pairs, and the pooling
+    // travels in config.json so PPO and eval read the model the same way.
+    let text = std::fs::read_to_string(&rm_cfg).unwrap() + "pooling: response_mean\n";
+    let pooled_cfg = write(&dir.path().join("rm_pooled.yaml"), &text);
+    let pooled = dir.path().join("rm_pooled");
+    assert_ok(
+        &run_stage("temper-reward", &pooled_cfg, &pooled),
+        "pooled reward",
+    );
+    let s = summary(&pooled);
+    assert!(
+        s["accuracy"].as_f64().unwrap() >= 0.85,
+        "pooled held-out accuracy {}",
+        s["accuracy"]
+    );
+    let (_, model) =
+        temper_core::load_checkpoint(&pooled.join("checkpoint"), spec, Device::Cpu).unwrap();
+    assert_eq!(
+        model.config.score_pooling,
+        temper_core::ScorePooling::ResponseMean
+    );
 }
 
 #[test]

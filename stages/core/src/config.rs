@@ -48,6 +48,39 @@ pub struct ModelConfig {
     pub eos_token_id: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pad_token_id: Option<i64>,
+    /// How the scalar head's per-token outputs become one score (reward models, critics).
+    #[serde(default, skip_serializing_if = "ScorePooling::is_last_token")]
+    pub score_pooling: ScorePooling,
+}
+
+/// How a reward model turns its scalar head's per-token outputs into one score per sequence.
+/// Saved in `config.json` as `temper_score_pooling` (omitted for the default), so PPO and
+/// evaluation read a reward model the way it was trained.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScorePooling {
+    /// The output at the last real token (the reply's EOS when there is one), as transformers'
+    /// `*ForSequenceClassification` reads it.
+    #[default]
+    LastToken,
+    /// The mean output over the response's tokens (EOS included). Every response token then
+    /// carries gradient, which lets a small model learn a preference that depends on the prompt
+    /// (see the README's demo notes). transformers' classification heads do not implement it:
+    /// loaded there, such a model reads the last token instead.
+    ResponseMean,
+}
+
+impl ScorePooling {
+    pub fn is_last_token(&self) -> bool {
+        *self == ScorePooling::LastToken
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            ScorePooling::LastToken => "last_token",
+            ScorePooling::ResponseMean => "response_mean",
+        }
+    }
 }
 
 fn default_rope_theta() -> f64 {
@@ -160,6 +193,12 @@ impl ModelConfig {
         };
         let obj = v.as_object_mut().expect("json! object literal");
         obj.insert("torch_dtype".into(), json!("float32"));
+        if !self.score_pooling.is_last_token() {
+            obj.insert(
+                "temper_score_pooling".into(),
+                json!(self.score_pooling.name()),
+            );
+        }
         for (key, id) in [
             ("bos_token_id", self.bos_token_id),
             ("eos_token_id", self.eos_token_id),
@@ -296,6 +335,7 @@ impl HfFields<'_> {
                     bos_token_id: None,
                     eos_token_id: None,
                     pad_token_id: None,
+                    score_pooling: ScorePooling::LastToken,
                 }
             }
             "llama" => {
@@ -344,6 +384,7 @@ impl HfFields<'_> {
                     bos_token_id: None,
                     eos_token_id: None,
                     pad_token_id: None,
+                    score_pooling: ScorePooling::LastToken,
                 }
             }
             other => {
@@ -357,6 +398,17 @@ impl HfFields<'_> {
         cfg.bos_token_id = self.token_id("bos_token_id")?;
         cfg.eos_token_id = self.token_id("eos_token_id")?;
         cfg.pad_token_id = self.token_id("pad_token_id")?;
+        cfg.score_pooling = match self.str("temper_score_pooling") {
+            None | Some("last_token") => ScorePooling::LastToken,
+            Some("response_mean") => ScorePooling::ResponseMean,
+            Some(other) => {
+                return Err(field_err(
+                    self.path,
+                    "temper_score_pooling",
+                    &format!("`{other}` is not last_token or response_mean"),
+                ))
+            }
+        };
         cfg.validate()
             .map_err(|e| field_err(self.path, "(shape)", &e.to_string()))?;
         Ok(cfg)

@@ -35,10 +35,16 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
         if self.conv1d {
-            let y = x.matmul(&self.weight);
             match &self.bias {
-                Some(b) => y + b,
-                None => y,
+                // One GEMM with the bias folded in (as torch's Linear does), not matmul + add.
+                Some(b) => {
+                    let (d_in, d_out) = (self.weight.size()[0], self.weight.size()[1]);
+                    let mut shape = x.size();
+                    *shape.last_mut().expect("input has a feature dimension") = d_out;
+                    b.addmm(&x.reshape([-1, d_in]), &self.weight)
+                        .view(shape.as_slice())
+                }
+                None => x.matmul(&self.weight),
             }
         } else {
             x.linear(&self.weight, self.bias.as_ref())

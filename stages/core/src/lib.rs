@@ -22,7 +22,7 @@ pub mod schedule;
 pub mod stage;
 
 pub use checkpoint::{load_checkpoint, save_checkpoint, LoadSpec, ScoreHead};
-pub use config::{Arch, ModelConfig};
+pub use config::{Arch, ModelConfig, ScorePooling};
 pub use device::{resolve_device, with_autocast, DeviceSpec, Precision};
 pub use error::{CoreError, Result};
 pub use kv_cache::KvCache;

@@ -8,7 +8,7 @@
 use tch::nn;
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{Arch, ModelConfig};
+use crate::config::{Arch, ModelConfig, ScorePooling};
 use crate::error::{CoreError, Result};
 use crate::kv_cache::KvCache;
 use crate::layers::{normal_init, Linear, Mlp, Norm, Rope};
@@ -216,7 +216,7 @@ impl Transformer {
         &self,
         ids: &Tensor,
         mask: Option<&Tensor>,
-        cache: Option<&mut KvCache>,
+        mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (b, t) = ids.size2().map_err(|_| {
             CoreError::Shape(format!(
@@ -245,22 +245,53 @@ impl Transformer {
             )));
         }
         let device = ids.device();
-        let real = match mask {
+        // Without padding anywhere (no mask now, none cached) every row's positions are
+        // past..past+t and attention is plain causal: skip the per-row bookkeeping, which is
+        // most of a decode step's small ops.
+        let padded = mask.is_some() || cache.as_ref().is_some_and(|c| c.padded);
+        let real = padded.then(|| match mask {
             Some(m) => m.to_kind(Kind::Bool),
             None => Tensor::ones([b, t], (Kind::Bool, device)),
-        };
+        });
         // Position ids count real tokens only, so left padding does not shift them.
-        let seen = cache.as_ref().map(|c| c.seen.unsqueeze(1)); // (B, 1)
-        let mut pos = real.cumsum(1, Kind::Int64) - 1; // (B, T)
-        if let Some(seen) = &seen {
-            pos += seen;
+        let pos = match &real {
+            Some(real) => {
+                let mut pos = real.cumsum(1, Kind::Int64) - 1; // (B, T)
+                if let Some(c) = cache.as_ref() {
+                    pos += c.seen.unsqueeze(1);
+                }
+                pos.clamp_min(0)
+            }
+            None => Tensor::arange_start(past, past + t, (Kind::Int64, device)).unsqueeze(0),
+        };
+        if let Some(c) = cache.as_deref_mut() {
+            let mut slots = c.key_mask.narrow(1, past, t);
+            match &real {
+                Some(real) => slots.copy_(real),
+                None => _ = slots.fill_(1),
+            }
+            c.padded |= mask.is_some();
         }
-        let pos = pos.clamp_min(0);
-
-        let attn_mask = attention_mask(&real, cache.as_deref(), mask.is_some(), past, t);
+        // None means plain causal attention (sdpa's is_causal) or, for one new token, none.
+        let attn_mask = match &real {
+            Some(real) => Some(padding_mask(
+                real,
+                cache.as_deref(),
+                mask.is_some(),
+                past,
+                t,
+            )),
+            None if past > 0 && t > 1 => {
+                Some(causal_block(past, t, device).view([1, 1, t, past + t]))
+            }
+            None => None,
+        };
         let mut x = Tensor::embedding(&self.embed, ids, -1, false, false); // (B, T, C)
         if let Some(wpe) = &self.positions {
-            x += Tensor::embedding(wpe, &pos, -1, false, false);
+            x += match &real {
+                Some(_) => Tensor::embedding(wpe, &pos, -1, false, false),
+                None => wpe.narrow(0, past, t), // (T, C), broadcast over the batch
+            };
         }
         let rope = self.rope.as_ref().map(|r| r.cos_sin(&pos));
 
@@ -269,10 +300,6 @@ impl Transformer {
             rope,
             cache,
         };
-        if let Some(c) = ctx.cache.as_deref_mut() {
-            c.key_mask.narrow(1, past, t).copy_(&real);
-            c.padded |= mask.is_some();
-        }
         for (i, block) in self.blocks.iter().enumerate() {
             x = &x
                 + block
@@ -282,7 +309,10 @@ impl Transformer {
         }
         if let Some(c) = ctx.cache {
             c.len += t;
-            c.seen += real.sum_dim_intlist(1, false, Kind::Int64);
+            match &real {
+                Some(real) => c.seen += real.sum_dim_intlist(1, false, Kind::Int64),
+                None => c.seen += t,
+            }
         }
         Ok(self.norm_f.forward(&x))
     }
@@ -330,6 +360,30 @@ impl Transformer {
         Ok(scores.gather(1, &last.unsqueeze(1), false).squeeze_dim(1))
     }
 
+    /// One score per sequence, pooled as `config.score_pooling` says: hidden (B, T, C),
+    /// attention mask (B, T) under left or right padding, response mask (B, T) with 1 on the
+    /// response's tokens (EOS included) → (B,). Reward models are always read through here,
+    /// so training, PPO and evaluation agree.
+    pub fn sequence_scores(
+        &self,
+        hidden: &Tensor,
+        attention: &Tensor,
+        response: &Tensor,
+    ) -> Result<Tensor> {
+        match self.config.score_pooling {
+            ScorePooling::LastToken => self.last_token_scores(hidden, attention),
+            ScorePooling::ResponseMean => {
+                let m = response.to_kind(Kind::Float);
+                let total = (self.scores(hidden)?.to_kind(Kind::Float) * &m).sum_dim_intlist(
+                    1,
+                    false,
+                    Kind::Float,
+                );
+                Ok(total / m.sum_dim_intlist(1, false, Kind::Float).clamp_min(1.0))
+            }
+        }
+    }
+
     /// Convenience: hidden states and logits of a full sequence.
     pub fn forward(&self, ids: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
         let hidden = self.hidden_states(ids, mask, None)?;
@@ -338,35 +392,28 @@ impl Transformer {
     }
 }
 
-/// The attention mask for one call, or None when plain causal attention is exact.
+/// The (B, 1, T, S) mask for a call where some token, new or cached, may be padding; `real`
+/// (B, T) marks the new tokens. The cache's key mask already holds them.
 ///
 /// Query i (absolute position past+i) may see key j when j ≤ past+i and key j is a real token.
 /// It may always see itself, so rows of padding queries are never fully masked (a fully masked
 /// softmax row is NaN, and NaN times a zero loss mask is still NaN).
-fn attention_mask(
+fn padding_mask(
     real: &Tensor,
     cache: Option<&KvCache>,
-    padded: bool,
+    new_padded: bool,
     past: i64,
     t: i64,
-) -> Option<Tensor> {
-    let key_padding = padded || cache.is_some_and(|c| c.padded);
-    if !key_padding {
-        return match (past, t) {
-            (0, _) => None, // plain causal attention (is_causal) over a full sequence
-            (_, 1) => None, // one new token sees every cached key
-            _ => Some(
-                causal_block(past, t, real.device())
-                    .unsqueeze(0)
-                    .unsqueeze(0),
-            ),
-        };
-    }
+) -> Tensor {
     let device = real.device();
     let keys = match cache {
-        Some(c) => Tensor::cat(&[c.key_mask.narrow(1, 0, past), real.shallow_clone()], 1),
+        Some(c) => c.key_mask.narrow(1, 0, past + t),
         None => real.shallow_clone(),
     }; // (B, S)
+    if t == 1 && !new_padded {
+        // One real new token: it sees every real cached key and itself.
+        return keys.unsqueeze(1).unsqueeze(1);
+    }
     let causal = causal_block(past, t, device); // (T, S)
     let diag = Tensor::arange(past + t, (Kind::Int64, device))
         .unsqueeze(0)
@@ -375,7 +422,7 @@ fn attention_mask(
         .unsqueeze(1)
         .logical_and(&causal.unsqueeze(0))
         .logical_or(&diag); // (B, T, S)
-    Some(allowed.unsqueeze(1))
+    allowed.unsqueeze(1)
 }
 
 /// (T, S) bool: new query i may see key j ≤ past + i.
@@ -420,4 +467,76 @@ pub fn causal_lm_loss(logits: &Tensor, ids: &Tensor, loss_mask: &Tensor) -> Tens
     let lp = token_logprobs(&logits.narrow(1, 0, t - 1), &ids.narrow(1, 1, t - 1));
     let m = loss_mask.narrow(1, 1, t - 1).to_kind(Kind::Float);
     -(lp * &m).sum(Kind::Float) / m.sum(Kind::Float).clamp_min(1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scalar_model(pooling: ScorePooling) -> (nn::VarStore, Transformer) {
+        tch::manual_seed(7);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let cfg = ModelConfig {
+            arch: Arch::Gpt2,
+            vocab_size: 32,
+            n_layer: 2,
+            n_head: 2,
+            d_model: 16,
+            n_kv_head: None,
+            d_ff: None,
+            max_position: 16,
+            norm_eps: None,
+            rope_theta: 10_000.0,
+            tie_embeddings: None,
+            bos_token_id: None,
+            eos_token_id: None,
+            pad_token_id: Some(0),
+            score_pooling: pooling,
+        };
+        let heads = Heads {
+            lm: false,
+            score: true,
+        };
+        let model = Transformer::new(&vs.root(), &cfg, heads).unwrap();
+        (vs, model)
+    }
+
+    fn ids(v: &[i64]) -> Tensor {
+        Tensor::from_slice(v).view([1, -1])
+    }
+
+    #[test]
+    fn sequence_scores_pool_the_response_whatever_the_padding() {
+        let seq = [5, 9, 3, 7, 11]; // prompt 5 9, response 3 7 11
+        for pooling in [ScorePooling::LastToken, ScorePooling::ResponseMean] {
+            let (_vs, model) = scalar_model(pooling);
+            let h = model.hidden_states(&ids(&seq), None, None).unwrap();
+            let per_token = Vec::<f64>::try_from(model.scores(&h).unwrap().view([-1])).unwrap();
+            let expected = match pooling {
+                ScorePooling::LastToken => per_token[4],
+                ScorePooling::ResponseMean => per_token[2..].iter().sum::<f64>() / 3.0,
+            };
+            // The same sequence left-padded and right-padded by two positions.
+            let left = ids(&[0, 0, 5, 9, 3, 7, 11]);
+            let left_attn = ids(&[0, 0, 1, 1, 1, 1, 1]);
+            let left_resp = ids(&[0, 0, 0, 0, 1, 1, 1]);
+            let right = ids(&[5, 9, 3, 7, 11, 0, 0]);
+            let right_attn = ids(&[1, 1, 1, 1, 1, 0, 0]);
+            let right_resp = ids(&[0, 0, 1, 1, 1, 0, 0]);
+            for (x, attn, resp) in [
+                (&left, &left_attn, &left_resp),
+                (&right, &right_attn, &right_resp),
+            ] {
+                let h = model.hidden_states(x, Some(attn), None).unwrap();
+                let got = model
+                    .sequence_scores(&h, attn, resp)
+                    .unwrap()
+                    .double_value(&[0]);
+                assert!(
+                    (got - expected).abs() < 1e-5,
+                    "{pooling:?}: {got} vs hand-pooled {expected}"
+                );
+            }
+        }
+    }
 }

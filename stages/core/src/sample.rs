@@ -116,7 +116,11 @@ fn pick(logits: &Tensor, cfg: &SamplingConfig, u: Option<&Tensor>) -> (Tensor, T
     }
     let scaled = logits / cfg.temperature;
     let logp = scaled.log_softmax(-1, Kind::Float);
-    let probs = truncate(&scaled, cfg.top_k, cfg.top_p).softmax(-1, Kind::Float);
+    let probs = if cfg.top_k.is_some() || cfg.top_p.is_some() {
+        truncate(&scaled, cfg.top_k, cfg.top_p).softmax(-1, Kind::Float)
+    } else {
+        logp.exp()
+    };
     let cdf = probs.cumsum(-1, Kind::Float); // (B, V)
     let total = cdf.narrow(1, cdf.size()[1] - 1, 1);
     let target = u.expect("sampling needs draws").unsqueeze(1) * total; // (B, 1)
@@ -169,23 +173,23 @@ pub fn generate(
             .logits(&hidden.narrow(1, width - 1, 1))?
             .squeeze_dim(1); // (B, V)
         let mut done = Tensor::zeros([b], (Kind::Bool, device));
+        let pad = Tensor::from(cfg.pad_token_id).to_device(device);
+        let zero = Tensor::zeros([], (Kind::Float, device));
         let (mut tokens, mut logprobs, mut masks) = (Vec::new(), Vec::new(), Vec::new());
         for step in 0..cfg.max_new_tokens {
             let draws = (cfg.temperature > 0.0).then(|| {
-                let u: Vec<f64> = seeds
+                let u: Vec<f32> = seeds
                     .iter()
-                    .map(|&s| uniform_draw(s, step as u64))
+                    .map(|&s| uniform_draw(s, step as u64) as f32)
                     .collect();
-                Tensor::from_slice(&u)
-                    .to_kind(Kind::Float)
-                    .to_device(device)
+                Tensor::from_slice(&u).to_device(device)
             });
             let (tok, lp) = pick(&last, cfg, draws.as_ref());
             let live = done.logical_not();
-            let tok = tok.where_self(&live, &Tensor::from(cfg.pad_token_id).to_device(device));
+            let tok = tok.where_self(&live, &pad);
             tokens.push(tok.shallow_clone());
-            logprobs.push(lp.where_self(&live, &Tensor::zeros([], (Kind::Float, device))));
-            masks.push(live.shallow_clone());
+            logprobs.push(lp.where_self(&live, &zero));
+            masks.push(live);
             if let Some(eos) = cfg.eos_token_id {
                 done = done.logical_or(&tok.eq(eos));
             }
@@ -196,11 +200,8 @@ pub fn generate(
             if cfg.eos_token_id.is_some() && step % 8 == 7 && bool::try_from(done.all())? {
                 break;
             }
-            let hidden = model.hidden_states(
-                &tok.unsqueeze(1),
-                Some(&live.unsqueeze(1)),
-                Some(&mut cache),
-            )?;
+            // No mask: a stopped row's pad token only feeds that row's discarded continuation.
+            let hidden = model.hidden_states(&tok.unsqueeze(1), None, Some(&mut cache))?;
             last = model.logits(&hidden)?.squeeze_dim(1);
         }
         Ok((

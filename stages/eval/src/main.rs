@@ -344,7 +344,13 @@ fn score_replies(
     let (scores, kl) = tch::no_grad(|| {
         with_autocast(device, precision, || -> anyhow::Result<(Tensor, Tensor)> {
             let h = reward.hidden_states(&seq, Some(&attn), None)?;
-            let scores = reward.last_token_scores(&h, &attn)?.to_kind(Kind::Float);
+            let response = Tensor::cat(
+                &[g.prompt_mask.zeros_like(), g.mask.to_kind(Kind::Int64)],
+                1,
+            );
+            let scores = reward
+                .sequence_scores(&h, &attn, &response)?
+                .to_kind(Kind::Float);
             let lp = |m: &Transformer| -> anyhow::Result<Tensor> {
                 let h = m.hidden_states(&seq, Some(&attn), None)?;
                 let logits = m.logits(&h.narrow(1, p - 1, n))?.to_kind(Kind::Float) / temperature;

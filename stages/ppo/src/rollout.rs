@@ -30,7 +30,7 @@ pub struct Rollout {
     pub logprobs: Tensor,     // (B, N) actor, at the sampling temperature
     pub ref_logprobs: Tensor, // (B, N) reference, same temperature
     pub values: Tensor,       // (B, N) critic
-    pub scores: Tensor,       // (B,) reward model at the last real token
+    pub scores: Tensor,       // (B,) reward model, pooled as it was trained
 }
 
 /// Log-probs (B, N) of the response tokens and the logits (B, N, V) they come from.
@@ -104,9 +104,13 @@ pub fn rollout(
                 response_logprobs(m.reference, &seq, &attention, p, &g.tokens, t)?;
             let values = response_values(m.critic, &seq, &attention, p, n)? * &mask;
             let hidden = m.reward.hidden_states(&seq, Some(&attention), None)?;
+            let response = Tensor::cat(
+                &[g.prompt_mask.zeros_like(), g.mask.to_kind(Kind::Int64)],
+                1,
+            );
             let scores = m
                 .reward
-                .last_token_scores(&hidden, &attention)?
+                .sequence_scores(&hidden, &attention, &response)?
                 .to_kind(Kind::Float);
             Ok(Rollout {
                 seq: seq.shallow_clone(),

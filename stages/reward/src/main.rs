@@ -1,6 +1,7 @@
 //! temper-reward: a Bradley–Terry reward model. The backbone comes from a checkpoint (usually
 //! SFT), a fresh scalar head reads the score at each sequence's last real token (the reply's
-//! EOS), and the loss is −log σ(r_chosen − r_rejected − margin). The checkpoint holds backbone
+//! EOS) or averages it over the reply (`pooling`), and the loss is
+//! −log σ(r_chosen − r_rejected − margin). The checkpoint holds backbone
 //! and head (`score.weight`), loadable by PPO as a reward model and as a critic.
 
 use std::path::PathBuf;
@@ -14,7 +15,7 @@ use temper_core::losses::bradley_terry_loss;
 use temper_core::stage::{self, check_finite, invalid, optimizer_step, StageArgs, StageError};
 use temper_core::{
     config_hash, load_checkpoint, resolve_device, with_autocast, AdamW, DeviceSpec, LoadSpec,
-    OptimSettings, Precision, RunDir, Transformer,
+    OptimSettings, Precision, RunDir, ScorePooling, Transformer,
 };
 use temper_data::{
     pad_right, shuffled, ChatTemplate, Example, Fields, LoadOptions, Overlong, TextTokenizer,
@@ -47,6 +48,11 @@ struct Config {
     /// Required reward gap: loss = −log σ(r_chosen − r_rejected − margin).
     #[serde(default)]
     margin: f64,
+    /// Where the score is read: `last_token` (the reply's EOS, as transformers'
+    /// classification heads) or `response_mean` (the mean over the reply's tokens). Saved in
+    /// the checkpoint, so PPO and evaluation read the model the same way.
+    #[serde(default)]
+    pooling: ScorePooling,
     steps: u64,
     /// Pairs per micro-batch (each pair is two sequences).
     batch_size: usize,
@@ -103,7 +109,8 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         lm_head: false,
         score: ScoreHead::Fresh,
     };
-    let (vs, model) = load_checkpoint(&cfg.init, spec, device).map_err(invalid)?;
+    let (vs, mut model) = load_checkpoint(&cfg.init, spec, device).map_err(invalid)?;
+    model.config.score_pooling = cfg.pooling;
     let max_len = cfg.max_len.unwrap_or(model.config.max_position as usize);
     let opts = LoadOptions {
         tokenizer: &tok,
@@ -294,10 +301,13 @@ fn pair_scores(
     let attn = Tensor::from_slice(&b.attention_mask)
         .view(shape)
         .to_device(device);
+    let reply = Tensor::from_slice(&b.loss_mask)
+        .view(shape)
+        .to_device(device);
     let scores = with_autocast(device, precision, || -> anyhow::Result<Tensor> {
         let hidden = model.hidden_states(&ids, Some(&attn), None)?;
         Ok(model
-            .last_token_scores(&hidden, &attn)?
+            .sequence_scores(&hidden, &attn, &reply)?
             .to_kind(Kind::Float))
     })??;
     let n = pairs.len() as i64;
