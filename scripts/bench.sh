@@ -31,7 +31,8 @@ t, p = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 rows = [("train tok/s: temper", t["train_tok_per_s"]), ("train tok/s: PyTorch eager", p["eager_tok_per_s"])]
 if "compiled_tok_per_s" in p:
     rows.append(("train tok/s: torch.compile", p["compiled_tok_per_s"]))
-rows += [("generate tok/s: temper", t["generate"]["tok_per_s"]), ("generate tok/s: HF generate", p["hf_generate_tok_per_s"])]
+rows += [("generate tok/s: temper", t["generate"]["tok_per_s"]), ("generate tok/s: HF generate", p["hf_generate_tok_per_s"]),
+         ("generate ceiling: GEMMs only", p["decode_gemm_floor_tok_per_s"])]
 print(f"shape {t['shape']}, {t['precision']} on {p['device']} ({p['threads']} threads), params {t['params']:,}")
 for name, v in rows:
     print(f"  {name:<28} {v:>12,.0f}")
@@ -39,6 +40,7 @@ print(f"  {'temper / eager (train)':<28} {t['train_tok_per_s'] / p['eager_tok_pe
 if "compiled_tok_per_s" in p:
     print(f"  {'temper / compiled (train)':<28} {t['train_tok_per_s'] / p['compiled_tok_per_s']:>12.2f}x")
 print(f"  {'temper / HF (generate)':<28} {t['generate']['tok_per_s'] / p['hf_generate_tok_per_s']:>12.2f}x")
+print(f"  {'ceiling / HF (generate)':<28} {p['decode_gemm_floor_tok_per_s'] / p['hf_generate_tok_per_s']:>12.2f}x")
 if p["device"] == "cuda":
     print(f"  {'temper MFU (6N·tok/s / 989 TFLOP/s)':<28} {t['train_tflops'] / 989:>12.1%}")
 print(json.dumps({"temper": t, "pytorch": p}))

@@ -95,6 +95,37 @@ try:
 except Exception as e:  # no C++ compiler or an unsupported backend: report, do not fail
     out["compiled_error"] = str(e).splitlines()[0][:200]
 
+def decode_gemm_floor():
+    """Tokens/s if a decode step cost only its matrix multiplies (the four per layer and the
+    vocabulary projection, at the generation batch), with nothing else: attention, sampling,
+    layer norms and dispatch all free. No implementation on this machine can beat it."""
+    dt = torch.bfloat16 if bf16 else torch.float32
+    mk = lambda *s: torch.randn(*s, device=device, dtype=dt)  # noqa: E731
+    x, hid = mk(gen_b, d), mk(gen_b, 4 * d)
+    layers = [(mk(d, 3 * d), mk(3 * d), mk(d, d), mk(d), mk(d, 4 * d), mk(4 * d), mk(4 * d, d), mk(d)) for _ in range(L)]
+    emb = mk(V, d)
+
+    def step():
+        for a, ab, p, pb, f, fb, o, ob in layers:
+            torch.addmm(ab, x, a), torch.addmm(pb, x, p), torch.addmm(fb, x, f), torch.addmm(ob, hid, o)
+        x @ emb.T
+
+    with torch.no_grad():
+        for _ in range(20):
+            step()
+        rates = []
+        for _ in range(repeats):
+            sync()
+            t = time.perf_counter()
+            for _ in range(gen_new):
+                step()
+            sync()
+            rates.append(gen_b * gen_new / (time.perf_counter() - t))
+    return statistics.median(rates)
+
+
+out["decode_gemm_floor_tok_per_s"] = decode_gemm_floor()
+
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 hf = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=max(T, gen_prompt + gen_new), n_embd=d, n_layer=L, n_head=h)).to(device).eval()

@@ -14,3 +14,4 @@ fi
 ./target/release/temper run configs/demo.yaml "$@"
 ./target/release/temper status configs/demo.yaml
 ./target/release/temper metrics configs/demo.yaml
+./target/release/temper report configs/demo.yaml

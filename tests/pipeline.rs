@@ -115,6 +115,19 @@ fn runs_caches_and_reruns_exactly_what_changed() {
     );
     let dag = temper(w, &["dag", &tiny_yaml()]);
     assert!(stdout(&dag).contains("sft --> reward"), "{}", stdout(&dag));
+    let report = temper(w, &["report", &tiny_yaml()]);
+    assert_ok(&report, "report");
+    let html = std::fs::read_to_string(w.join("report.html")).unwrap();
+    for needle in [
+        "<h2>pretrain",
+        ">loss</text>",        // a pretraining curve
+        ">accuracy</text>",    // the reward model's held-out accuracy
+        ">reward/mean</text>", // PPO's reward per iteration
+        "<td>win_rate</td>",   // the evaluation's single row, as a table
+        "stages/eval/report.md",
+    ] {
+        assert!(html.contains(needle), "report.html lacks {needle}");
+    }
     assert!(
         w.join("manifests").read_dir().unwrap().count() >= 6,
         "one manifest per run"

@@ -3,7 +3,9 @@
 
 mod exec;
 mod hash;
+mod html;
 mod plan;
+mod plot;
 mod report;
 mod schema;
 
@@ -85,6 +87,15 @@ enum Cmd {
         /// One JSON object per row instead of tables.
         #[arg(long)]
         json: bool,
+    },
+    /// Write an HTML report: status, graph, and a chart per metric per stage (train and eval
+    /// curves), to <workdir>/report.html unless --out says otherwise.
+    Report {
+        /// The pipeline YAML.
+        file: PathBuf,
+        /// Where to write the HTML file.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Print the stage graph.
     Dag {
@@ -196,6 +207,11 @@ fn run() -> anyhow::Result<i32> {
                 Split::All => "all",
             };
             report::metrics(&load(file)?, stage.as_deref(), split, *last, *json)?;
+            Ok(0)
+        }
+        Cmd::Report { file, out } => {
+            let path = html::write_report(&load(file)?, out.as_deref())?;
+            println!("report: {}", path.display());
             Ok(0)
         }
         Cmd::Dag { file, format } => {

@@ -1,4 +1,5 @@
-//! Read-only views of a pipeline: `validate`, `status`, `metrics` and `dag`.
+//! Read-only views of a pipeline: `validate`, `status`, `metrics` and `dag` (`report` is in
+//! html.rs).
 
 use std::collections::BTreeSet;
 use std::process::Command;
@@ -126,7 +127,8 @@ fn table(header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-pub fn status(p: &Pipeline) -> anyhow::Result<()> {
+/// One row per stage, in run order: name, kind, state, last run, duration, key metrics.
+pub fn status_rows(p: &Pipeline) -> anyhow::Result<Vec<Vec<String>>> {
     let lock = Lock::load(&p.workdir)?;
     let mut cache = lock.file_hashes.clone();
     let mut keys = std::collections::BTreeMap::new();
@@ -163,12 +165,28 @@ pub fn status(p: &Pipeline) -> anyhow::Result<()> {
             key_metrics(&p.stage_out(&st.name)),
         ]);
     }
+    Ok(rows)
+}
+
+pub const STATUS_HEADER: [&str; 6] = ["stage", "kind", "state", "last run", "took", "metrics"];
+
+pub fn status(p: &Pipeline) -> anyhow::Result<()> {
+    let rows = status_rows(p)?;
     println!("pipeline {} ({})", p.name, p.workdir.display());
-    table(
-        &["stage", "kind", "state", "last run", "took", "metrics"],
-        &rows,
-    );
+    table(&STATUS_HEADER, &rows);
     Ok(())
+}
+
+/// The rows of a stage's metrics.jsonl (unreadable lines skipped); empty when it has none.
+pub fn metric_rows(p: &Pipeline, stage: &str) -> Vec<Json> {
+    let path = p.stage_out(stage).join("metrics.jsonl");
+    std::fs::read_to_string(path)
+        .map(|text| {
+            text.lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 pub fn metrics(
@@ -190,14 +208,9 @@ pub fn metrics(
         None => p.topo_order().iter().map(|s| s.name.clone()).collect(),
     };
     for name in names {
-        let path = p.stage_out(&name).join("metrics.jsonl");
-        let Ok(text) = std::fs::read_to_string(&path) else {
-            continue;
-        };
-        let mut rows: Vec<Json> = text
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .filter(|r: &Json| split == "all" || r["split"] == split)
+        let mut rows: Vec<Json> = metric_rows(p, &name)
+            .into_iter()
+            .filter(|r| split == "all" || r["split"] == split)
             .collect();
         if let Some(n) = last {
             rows = rows.split_off(rows.len().saturating_sub(n));
