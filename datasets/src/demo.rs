@@ -6,6 +6,8 @@
 //! - sft_train/eval         "Write a positive/negative review…" → a snippet rated clearly so
 //! - rm_train/eval          pairs whose human ratings differ by ≥ 2 points (for a positive
 //!   instruction the higher-rated is chosen, for negative the lower)
+//! - rm_train_positive      the positive-instruction pairs of rm_train, for the reward model's
+//!   warm-up (see configs/demo.yaml)
 //! - ppo_prompts            instructions with openings of training snippets
 //! - eval_prompts           instructions with openings of held-out snippets
 //! - vader_lexicon.txt      the independent judge's lexicon (not trained on by anything)
@@ -61,6 +63,7 @@ pub struct DemoCounts {
     pub sft_train: usize,
     pub sft_eval: usize,
     pub rm_train: usize,
+    pub rm_train_positive: usize,
     pub rm_eval: usize,
     pub ppo_prompts: usize,
     pub eval_prompts: usize,
@@ -210,6 +213,11 @@ struct Pair {
 
 /// Up to `per_snippet` pairs anchored on each snippet, partners drawn at random among those
 /// rated at least PAIR_MARGIN apart.
+///
+/// The prompt is the bare instruction. Asking it to begin with the chosen reply's opening (as
+/// SFT and PPO prompts may) would give the answer away: a reward model trained that way picked
+/// the reply that starts with the quoted words and ignored sentiment (held-out accuracy 0.83 on
+/// such pairs, 0.50 on the others).
 fn pair_rows(snippets: &[Snippet], per_snippet: usize, rng: &mut SplitMix64) -> Vec<Pair> {
     let mut pairs = Vec::new();
     for a in snippets {
@@ -223,14 +231,8 @@ fn pair_rows(snippets: &[Snippet], per_snippet: usize, rng: &mut SplitMix64) -> 
             let positive = rng.unit() < 0.5;
             let (hi, lo) = if a.rating > b.rating { (a, b) } else { (b, a) };
             let (chosen, rejected) = if positive { (hi, lo) } else { (lo, hi) };
-            let instr = instruction(rng, positive);
-            let prompt = if rng.unit() < 0.5 {
-                with_opening(instr, &chosen.text)
-            } else {
-                instr.to_string()
-            };
             pairs.push(Pair {
-                prompt,
+                prompt: instruction(rng, positive).to_string(),
                 chosen: chosen.text.clone(),
                 rejected: rejected.text.clone(),
                 sentiment: sentiment(positive),
@@ -411,6 +413,15 @@ pub fn prepare_demo(raw: &Path, out: &Path, seed: u64) -> Result<DemoCounts> {
     write_sft(&out.join("sft_train.parquet"), sft_train)?;
     write_sft(&out.join("sft_eval.parquet"), sft_eval)?;
     write_pairs(&out.join("rm_train.parquet"), &rm_train)?;
+    // A preference that flips with the instruction has no main effect to learn first; the
+    // positive half alone does (replies rated higher win), and starting from it the reward
+    // model then learns the flip (configs/demo.yaml: reward_warmup, then reward).
+    let positive: Vec<Pair> = rm_train
+        .into_iter()
+        .filter(|p| p.sentiment == "positive")
+        .collect();
+    counts.rm_train_positive = positive.len();
+    write_pairs(&out.join("rm_train_positive.parquet"), &positive)?;
     write_pairs(&out.join("rm_eval.parquet"), &rm_eval)?;
     write_prompts(&out.join("ppo_prompts.parquet"), ppo)?;
     write_prompts(&out.join("eval_prompts.parquet"), eval)?;

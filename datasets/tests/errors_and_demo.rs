@@ -239,8 +239,18 @@ fn prepare_demo_converts_a_raw_tree_without_leaking_held_out_snippets() {
     for row in rows_of(&out.join("sft_train.parquet")) {
         assert!(!held.contains(row["messages"][1]["content"].as_str().unwrap()));
     }
-    // Preference direction follows the instruction and the margin is at least 2 points.
-    for row in rows_of(&out.join("rm_train.parquet")) {
+    // The margin is at least 2 points, and no pair's prompt quotes a reply.
+    let pairs = rows_of(&out.join("rm_train.parquet"));
+    for row in &pairs {
         assert!(row["margin"].as_f64().unwrap() >= 2.0);
+        assert!(!row["prompt"].as_str().unwrap().contains("Begin with"));
     }
+    // The warm-up file is exactly the positive-instruction pairs.
+    let positive = rows_of(&out.join("rm_train_positive.parquet"));
+    assert_eq!(positive.len(), counts.rm_train_positive);
+    assert_eq!(
+        positive.len(),
+        pairs.iter().filter(|r| r["sentiment"] == "positive").count()
+    );
+    assert!(positive.iter().all(|r| r["sentiment"] == "positive") && !positive.is_empty());
 }

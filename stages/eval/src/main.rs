@@ -260,6 +260,25 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         (!judged.is_empty())
             .then(|| judged.iter().filter(|&&a| a).count() as f64 / judged.len() as f64)
     };
+    // Does the reward model measure what the independent judge measures? Its scores against
+    // the judge's compound score signed by the wanted sentiment, over each policy's replies.
+    let rm_judge_corr = |texts: &[String], scores: &[f64]| -> Option<f64> {
+        let j = judge.as_ref()?;
+        let (xs, ys): (Vec<f64>, Vec<f64>) = texts
+            .iter()
+            .zip(scores)
+            .zip(&labels)
+            .filter_map(|((t, &s), l)| {
+                let sign = match l.as_deref()? {
+                    "positive" => 1.0,
+                    "negative" => -1.0,
+                    _ => return None,
+                };
+                Some((s, sign * j.judge(t).compound))
+            })
+            .unzip();
+        pearson(&xs, &ys)
+    };
     let mut summary = serde_json::Map::new();
     let mut put = |k: &str, v: f64| {
         summary.insert(k.into(), json!(v));
@@ -281,6 +300,11 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     if let (Some(a), Some(b)) = (agreement(&tuned.text), agreement(&base.text)) {
         put("judge_agreement_ppo", a);
         put("judge_agreement_sft", b);
+    }
+    for (key, r) in [("rm_judge_corr_ppo", &tuned), ("rm_judge_corr_sft", &base)] {
+        if let Some(c) = rm_judge_corr(&r.text, &r.scores) {
+            put(key, c);
+        }
     }
     let fields: Vec<(&str, f64)> = summary
         .iter()
@@ -408,4 +432,35 @@ fn report_md(
         );
     }
     s
+}
+
+/// Pearson correlation of `xs` and `ys`; None with fewer than two points or a constant side.
+fn pearson(xs: &[f64], ys: &[f64]) -> Option<f64> {
+    let n = xs.len() as f64;
+    if xs.len() < 2 || xs.len() != ys.len() {
+        return None;
+    }
+    let (mx, my) = (xs.iter().sum::<f64>() / n, ys.iter().sum::<f64>() / n);
+    let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
+    for (x, y) in xs.iter().zip(ys) {
+        sxy += (x - mx) * (y - my);
+        sxx += (x - mx) * (x - mx);
+        syy += (y - my) * (y - my);
+    }
+    (sxx > 0.0 && syy > 0.0).then(|| sxy / (sxx * syy).sqrt())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pearson;
+
+    #[test]
+    fn pearson_matches_hand_computed_values() {
+        // x = 1, 2, 3; y = 1, 3, 2: sxy = 1, sxx = syy = 2, r = 0.5.
+        let r = pearson(&[1.0, 2.0, 3.0], &[1.0, 3.0, 2.0]).unwrap();
+        assert!((r - 0.5).abs() < 1e-12, "{r}");
+        assert!((pearson(&[1.0, 2.0], &[4.0, 2.0]).unwrap() + 1.0).abs() < 1e-12);
+        assert_eq!(pearson(&[1.0, 1.0], &[1.0, 2.0]), None);
+        assert_eq!(pearson(&[1.0], &[1.0]), None);
+    }
 }
