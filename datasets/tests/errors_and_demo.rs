@@ -250,7 +250,10 @@ fn prepare_demo_converts_a_raw_tree_without_leaking_held_out_snippets() {
     assert_eq!(positive.len(), counts.rm_train_positive);
     assert_eq!(
         positive.len(),
-        pairs.iter().filter(|r| r["sentiment"] == "positive").count()
+        pairs
+            .iter()
+            .filter(|r| r["sentiment"] == "positive")
+            .count()
     );
     assert!(positive.iter().all(|r| r["sentiment"] == "positive") && !positive.is_empty());
 }

@@ -464,8 +464,21 @@ pub fn lm_target_mask(attention_mask: &Tensor) -> Tensor {
 /// ids, loss_mask: (B, T); logits: (B, T, V). Token t predicts token t+1.
 pub fn causal_lm_loss(logits: &Tensor, ids: &Tensor, loss_mask: &Tensor) -> Tensor {
     let t = ids.size()[1];
-    let lp = token_logprobs(&logits.narrow(1, 0, t - 1), &ids.narrow(1, 1, t - 1));
-    let m = loss_mask.narrow(1, 1, t - 1).to_kind(Kind::Float);
+    // Shift the targets, not the logits: the last position gets a dummy target with weight 0.
+    // log_softmax then reads the whole contiguous (B, T, V) tensor; a narrowed view would be
+    // copied first, and its backward would build a zero-filled (B, T, V) gradient to scatter
+    // into — two extra passes over the largest tensor of the step.
+    let pad = ids.narrow(1, 0, 1).zeros_like();
+    let targets = Tensor::cat(&[&ids.narrow(1, 1, t - 1), &pad], 1);
+    let m = Tensor::cat(
+        &[
+            &loss_mask.narrow(1, 1, t - 1),
+            &pad.to_kind(loss_mask.kind()),
+        ],
+        1,
+    )
+    .to_kind(Kind::Float);
+    let lp = token_logprobs(logits, &targets);
     -(lp * &m).sum(Kind::Float) / m.sum(Kind::Float).clamp_min(1.0)
 }
 

@@ -250,34 +250,39 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
                 .map(str::to_owned)
         })
         .collect();
-    let agreement = |texts: &[String]| -> Option<f64> {
+    // Agreement over all labelled prompts, or only those wanting `only`.
+    let agreement = |texts: &[String], only: Option<&str>| -> Option<f64> {
         let j = judge.as_ref()?;
         let judged: Vec<bool> = texts
             .iter()
             .zip(&labels)
+            .filter(|(_, l)| only.is_none() || l.as_deref() == only)
             .filter_map(|(t, l)| l.as_ref().map(|l| j.judge(t).agrees_with(l)))
             .collect();
         (!judged.is_empty())
             .then(|| judged.iter().filter(|&&a| a).count() as f64 / judged.len() as f64)
     };
     // Does the reward model measure what the independent judge measures? Its scores against
-    // the judge's compound score signed by the wanted sentiment, over each policy's replies.
+    // the judge's compound score signed by the wanted sentiment (+ for positive, − for
+    // negative), within each wanted sentiment: a Bradley–Terry score is only
+    // comparable between replies to the same kind of prompt (its level per prompt is free).
     let rm_judge_corr = |texts: &[String], scores: &[f64]| -> Option<f64> {
         let j = judge.as_ref()?;
-        let (xs, ys): (Vec<f64>, Vec<f64>) = texts
+        let points: Vec<(&str, f64, f64)> = texts
             .iter()
             .zip(scores)
             .zip(&labels)
             .filter_map(|((t, &s), l)| {
-                let sign = match l.as_deref()? {
+                let label = l.as_deref()?;
+                let sign = match label {
                     "positive" => 1.0,
                     "negative" => -1.0,
                     _ => return None,
                 };
-                Some((s, sign * j.judge(t).compound))
+                Some((label, s, sign * j.judge(t).compound))
             })
-            .unzip();
-        pearson(&xs, &ys)
+            .collect();
+        within_group_pearson(&points)
     };
     let mut summary = serde_json::Map::new();
     let mut put = |k: &str, v: f64| {
@@ -297,9 +302,16 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         "eos_rate_sft",
         base.eos.iter().filter(|&&e| e).count() as f64 / n,
     );
-    if let (Some(a), Some(b)) = (agreement(&tuned.text), agreement(&base.text)) {
+    if let (Some(a), Some(b)) = (agreement(&tuned.text, None), agreement(&base.text, None)) {
         put("judge_agreement_ppo", a);
         put("judge_agreement_sft", b);
+    }
+    for label in ["positive", "negative"] {
+        for (name, r) in [("ppo", &tuned), ("sft", &base)] {
+            if let Some(a) = agreement(&r.text, Some(label)) {
+                put(&format!("judge_agreement_{name}/{label}"), a);
+            }
+        }
     }
     for (key, r) in [("rm_judge_corr_ppo", &tuned), ("rm_judge_corr_sft", &base)] {
         if let Some(c) = rm_judge_corr(&r.text, &r.scores) {
@@ -434,6 +446,24 @@ fn report_md(
     s
 }
 
+/// Pearson correlation of (x, y) after centring both within each group: the pooled
+/// within-group correlation, blind to differences between the groups' means.
+fn within_group_pearson(points: &[(&str, f64, f64)]) -> Option<f64> {
+    let mut sums: std::collections::HashMap<&str, (f64, f64, f64)> = Default::default();
+    for &(g, x, y) in points {
+        let e = sums.entry(g).or_default();
+        *e = (e.0 + x, e.1 + y, e.2 + 1.0);
+    }
+    let (xs, ys): (Vec<f64>, Vec<f64>) = points
+        .iter()
+        .map(|&(g, x, y)| {
+            let (sx, sy, n) = sums[g];
+            (x - sx / n, y - sy / n)
+        })
+        .unzip();
+    pearson(&xs, &ys)
+}
+
 /// Pearson correlation of `xs` and `ys`; None with fewer than two points or a constant side.
 fn pearson(xs: &[f64], ys: &[f64]) -> Option<f64> {
     let n = xs.len() as f64;
@@ -452,7 +482,7 @@ fn pearson(xs: &[f64], ys: &[f64]) -> Option<f64> {
 
 #[cfg(test)]
 mod tests {
-    use super::pearson;
+    use super::{pearson, within_group_pearson};
 
     #[test]
     fn pearson_matches_hand_computed_values() {
@@ -462,5 +492,20 @@ mod tests {
         assert!((pearson(&[1.0, 2.0], &[4.0, 2.0]).unwrap() + 1.0).abs() < 1e-12);
         assert_eq!(pearson(&[1.0, 1.0], &[1.0, 2.0]), None);
         assert_eq!(pearson(&[1.0], &[1.0]), None);
+    }
+
+    #[test]
+    fn within_group_pearson_ignores_the_groups_offsets() {
+        // Inside each group y rises with x; the groups' means go the other way, so the plain
+        // correlation is negative while the within-group one is exactly 1.
+        let pts = [
+            ("a", 0.0, 10.0),
+            ("a", 1.0, 11.0),
+            ("b", 10.0, 0.0),
+            ("b", 11.0, 1.0),
+        ];
+        let (xs, ys): (Vec<f64>, Vec<f64>) = pts.iter().map(|p| (p.1, p.2)).unzip();
+        assert!(pearson(&xs, &ys).unwrap() < 0.0);
+        assert!((within_group_pearson(&pts).unwrap() - 1.0).abs() < 1e-12);
     }
 }
