@@ -74,13 +74,6 @@ impl ScorePooling {
     pub fn is_last_token(&self) -> bool {
         *self == ScorePooling::LastToken
     }
-
-    fn name(self) -> &'static str {
-        match self {
-            ScorePooling::LastToken => "last_token",
-            ScorePooling::ResponseMean => "response_mean",
-        }
-    }
 }
 
 fn default_rope_theta() -> f64 {
@@ -194,10 +187,7 @@ impl ModelConfig {
         let obj = v.as_object_mut().expect("json! object literal");
         obj.insert("torch_dtype".into(), json!("float32"));
         if !self.score_pooling.is_last_token() {
-            obj.insert(
-                "temper_score_pooling".into(),
-                json!(self.score_pooling.name()),
-            );
+            obj.insert("temper_score_pooling".into(), json!(self.score_pooling));
         }
         for (key, id) in [
             ("bos_token_id", self.bos_token_id),
@@ -398,16 +388,15 @@ impl HfFields<'_> {
         cfg.bos_token_id = self.token_id("bos_token_id")?;
         cfg.eos_token_id = self.token_id("eos_token_id")?;
         cfg.pad_token_id = self.token_id("pad_token_id")?;
-        cfg.score_pooling = match self.str("temper_score_pooling") {
-            None | Some("last_token") => ScorePooling::LastToken,
-            Some("response_mean") => ScorePooling::ResponseMean,
-            Some(other) => {
-                return Err(field_err(
+        cfg.score_pooling = match self.obj.get("temper_score_pooling") {
+            None | Some(Value::Null) => ScorePooling::LastToken,
+            Some(v) => serde_json::from_value(v.clone()).map_err(|_| {
+                field_err(
                     self.path,
                     "temper_score_pooling",
-                    &format!("`{other}` is not last_token or response_mean"),
-                ))
-            }
+                    &format!("{v} is not \"last_token\" or \"response_mean\""),
+                )
+            })?,
         };
         cfg.validate()
             .map_err(|e| field_err(self.path, "(shape)", &e.to_string()))?;

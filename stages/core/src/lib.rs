@@ -29,5 +29,5 @@ pub use kv_cache::KvCache;
 pub use model::{causal_lm_loss, lm_target_mask, token_logprobs, Heads, Transformer};
 pub use optim::{AdamW, AdamWConfig};
 pub use rundir::{config_hash, Progress, RunDir};
-pub use sample::{generate, Generation, SamplingConfig};
+pub use sample::{generate, Generation, Joined, SamplingConfig};
 pub use schedule::{OptimSettings, Schedule};

@@ -51,6 +51,29 @@ pub struct Generation {
     pub mask: Tensor,
 }
 
+/// A generation as whole sequences, the form every scoring model reads; all (B, P + N) Int64.
+pub struct Joined {
+    /// Prompt then response tokens.
+    pub seq: Tensor,
+    /// 1 on real tokens, prompt and response.
+    pub attention: Tensor,
+    /// 1 on real response tokens only (what a reply-pooled reward model averages over).
+    pub response: Tensor,
+}
+
+impl Generation {
+    /// Prompt and response side by side, with their masks.
+    pub fn joined(&self) -> Joined {
+        let response = self.mask.to_kind(Kind::Int64);
+        let prompt_mask = self.prompt_mask.to_kind(Kind::Int64);
+        Joined {
+            seq: Tensor::cat(&[&self.prompt, &self.tokens], 1),
+            attention: Tensor::cat(&[&prompt_mask, &response], 1),
+            response: Tensor::cat(&[&prompt_mask.zeros_like(), &response], 1),
+        }
+    }
+}
+
 /// Left-pads `seqs` into (B, P) ids and mask.
 pub fn left_pad(seqs: &[Vec<i64>], pad: i64, device: Device) -> (Tensor, Tensor) {
     let width = seqs.iter().map(Vec::len).max().unwrap_or(0);

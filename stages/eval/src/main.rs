@@ -15,13 +15,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tch::{Kind, Tensor};
 use temper_core::checkpoint::ScoreHead;
-use temper_core::sample::{generate, Generation, SamplingConfig};
+use temper_core::sample::{generate, Generation, Joined, SamplingConfig};
 use temper_core::stage::{self, invalid, StageArgs, StageError};
 use temper_core::{
     load_checkpoint, resolve_device, token_logprobs, with_autocast, DeviceSpec, LoadSpec,
     Precision, RunDir, Transformer,
 };
-use temper_data::judge::SentimentJudge;
+use temper_data::judge::{SentimentJudge, Verdict};
 use temper_data::{ChatTemplate, Fields, LoadOptions, Overlong, TextTokenizer};
 use tracing::info;
 
@@ -250,36 +250,39 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
                 .map(str::to_owned)
         })
         .collect();
-    // Agreement over all labelled prompts, or only those wanting `only`.
-    let agreement = |texts: &[String], only: Option<&str>| -> Option<f64> {
+    // The judge reads each reply once; agreement, correlation and the samples reuse it.
+    let judged = |r: &Replies| -> Option<Vec<Verdict>> {
         let j = judge.as_ref()?;
-        let judged: Vec<bool> = texts
+        Some(r.text.iter().map(|t| j.judge(t)).collect())
+    };
+    let (ppo_verdicts, sft_verdicts) = (judged(&tuned), judged(&base));
+    // Agreement over all labelled prompts, or only those wanting `only`.
+    let agreement = |verdicts: &[Verdict], only: Option<&str>| -> Option<f64> {
+        let hits: Vec<bool> = verdicts
             .iter()
             .zip(&labels)
             .filter(|(_, l)| only.is_none() || l.as_deref() == only)
-            .filter_map(|(t, l)| l.as_ref().map(|l| j.judge(t).agrees_with(l)))
+            .filter_map(|(v, l)| l.as_ref().map(|l| v.agrees_with(l)))
             .collect();
-        (!judged.is_empty())
-            .then(|| judged.iter().filter(|&&a| a).count() as f64 / judged.len() as f64)
+        (!hits.is_empty()).then(|| hits.iter().filter(|&&a| a).count() as f64 / hits.len() as f64)
     };
     // Does the reward model measure what the independent judge measures? Its scores against
     // the judge's compound score signed by the wanted sentiment (+ for positive, − for
     // negative), within each wanted sentiment: a Bradley–Terry score is only
     // comparable between replies to the same kind of prompt (its level per prompt is free).
-    let rm_judge_corr = |texts: &[String], scores: &[f64]| -> Option<f64> {
-        let j = judge.as_ref()?;
-        let points: Vec<(&str, f64, f64)> = texts
+    let rm_judge_corr = |verdicts: &[Verdict], scores: &[f64]| -> Option<f64> {
+        let points: Vec<(&str, f64, f64)> = verdicts
             .iter()
             .zip(scores)
             .zip(&labels)
-            .filter_map(|((t, &s), l)| {
+            .filter_map(|((v, &s), l)| {
                 let label = l.as_deref()?;
                 let sign = match label {
                     "positive" => 1.0,
                     "negative" => -1.0,
                     _ => return None,
                 };
-                Some((label, s, sign * j.judge(t).compound))
+                Some((label, s, sign * v.compound))
             })
             .collect();
         within_group_pearson(&points)
@@ -302,20 +305,24 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         "eos_rate_sft",
         base.eos.iter().filter(|&&e| e).count() as f64 / n,
     );
-    if let (Some(a), Some(b)) = (agreement(&tuned.text, None), agreement(&base.text, None)) {
-        put("judge_agreement_ppo", a);
-        put("judge_agreement_sft", b);
-    }
-    for label in ["positive", "negative"] {
-        for (name, r) in [("ppo", &tuned), ("sft", &base)] {
-            if let Some(a) = agreement(&r.text, Some(label)) {
-                put(&format!("judge_agreement_{name}/{label}"), a);
+    if let (Some(ppo_v), Some(sft_v)) = (&ppo_verdicts, &sft_verdicts) {
+        let sides = [("ppo", ppo_v, &tuned), ("sft", sft_v, &base)];
+        for (name, v, _) in sides {
+            if let Some(a) = agreement(v, None) {
+                put(&format!("judge_agreement_{name}"), a);
             }
         }
-    }
-    for (key, r) in [("rm_judge_corr_ppo", &tuned), ("rm_judge_corr_sft", &base)] {
-        if let Some(c) = rm_judge_corr(&r.text, &r.scores) {
-            put(key, c);
+        for label in ["positive", "negative"] {
+            for (name, v, _) in sides {
+                if let Some(a) = agreement(v, Some(label)) {
+                    put(&format!("judge_agreement_{name}/{label}"), a);
+                }
+            }
+        }
+        for (name, v, r) in sides {
+            if let Some(c) = rm_judge_corr(v, &r.scores) {
+                put(&format!("rm_judge_corr_{name}"), c);
+            }
         }
     }
     let fields: Vec<(&str, f64)> = summary
@@ -328,8 +335,8 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
             "step": 0, "prompt": tok.decode(&prompts[i].0).unwrap_or_default(), "label": labels[i],
             "ppo": tuned.text[i], "ppo_score": tuned.scores[i], "ppo_kl": tuned.kl[i],
             "sft": base.text[i], "sft_score": base.scores[i],
-            "ppo_judge": judge.as_ref().map(|j| j.judge(&tuned.text[i]).compound),
-            "sft_judge": judge.as_ref().map(|j| j.judge(&base.text[i]).compound),
+            "ppo_judge": ppo_verdicts.as_ref().map(|v| v[i].compound),
+            "sft_judge": sft_verdicts.as_ref().map(|v| v[i].compound),
         }))
         .collect();
     run.log_samples(&records)?;
@@ -367,23 +374,16 @@ fn score_replies(
 ) -> anyhow::Result<()> {
     let p = g.prompt.size()[1];
     let n = g.tokens.size()[1];
-    let seq = Tensor::cat(&[&g.prompt, &g.tokens], 1);
-    let attn = Tensor::cat(
-        &[
-            g.prompt_mask.to_kind(Kind::Int64),
-            g.mask.to_kind(Kind::Int64),
-        ],
-        1,
-    );
+    let Joined {
+        seq,
+        attention: attn,
+        response,
+    } = g.joined();
     let mask = g.mask.to_kind(Kind::Float);
     let device = seq.device();
     let (scores, kl) = tch::no_grad(|| {
         with_autocast(device, precision, || -> anyhow::Result<(Tensor, Tensor)> {
             let h = reward.hidden_states(&seq, Some(&attn), None)?;
-            let response = Tensor::cat(
-                &[g.prompt_mask.zeros_like(), g.mask.to_kind(Kind::Int64)],
-                1,
-            );
             let scores = reward
                 .sequence_scores(&h, &attn, &response)?
                 .to_kind(Kind::Float);

@@ -7,7 +7,7 @@ use tch::{Kind, Tensor};
 use temper_core::rl;
 use temper_core::sample::{generate, SamplingConfig};
 use temper_core::stage::{check_finite, optimizer_step};
-use temper_core::{token_logprobs, with_autocast, AdamW, Precision, Transformer};
+use temper_core::{token_logprobs, with_autocast, AdamW, Joined, Precision, Transformer};
 use temper_data::{shuffled, ChatTemplate, TextTokenizer};
 
 pub struct Models<'a> {
@@ -82,14 +82,11 @@ pub fn rollout(
     })??;
     let p = g.prompt.size()[1];
     let n = g.tokens.size()[1];
-    let seq = Tensor::cat(&[&g.prompt, &g.tokens], 1);
-    let attention = Tensor::cat(
-        &[
-            g.prompt_mask.to_kind(Kind::Int64),
-            g.mask.to_kind(Kind::Int64),
-        ],
-        1,
-    );
+    let Joined {
+        seq,
+        attention,
+        response,
+    } = g.joined();
     let mask = g.mask.to_kind(Kind::Float);
     let has_eos = g
         .tokens
@@ -104,10 +101,6 @@ pub fn rollout(
                 response_logprobs(m.reference, &seq, &attention, p, &g.tokens, t)?;
             let values = response_values(m.critic, &seq, &attention, p, n)? * &mask;
             let hidden = m.reward.hidden_states(&seq, Some(&attention), None)?;
-            let response = Tensor::cat(
-                &[g.prompt_mask.zeros_like(), g.mask.to_kind(Kind::Int64)],
-                1,
-            );
             let scores = m
                 .reward
                 .sequence_scores(&hidden, &attention, &response)?
