@@ -154,7 +154,7 @@ fn an_interrupted_stage_resumes_on_the_next_run() {
         .spawn()
         .unwrap();
     let t = tiny_yaml();
-    let progress = w.join("stages/pretrain/state/progress.json");
+    let progress = w.join("stages/.pretrain.next/state/progress.json");
     let start = Instant::now();
     while !progress.exists() {
         assert!(
@@ -190,7 +190,7 @@ fn an_interrupted_stage_resumes_on_the_next_run() {
     assert_ok(&resumed, "resumed run");
     assert!(
         stdout(&resumed).contains(
-            "▶ pretrain: running (requested; last run interrupted; resuming from its state)"
+            "▶ pretrain: running (requested; last run was interrupted; resuming from its state)"
         ),
         "{}",
         stdout(&resumed)

@@ -6,6 +6,8 @@ mod common;
 
 use common::*;
 
+/// A KL coefficient of 0.5 holds the tiny policy's KL under 5 nats on every seed tried (7, 1,
+/// 2, 3: final KL 2.6–4.3); at 0.05 it ran to 4–15 depending on the seed.
 fn ppo_config(
     dir: &std::path::Path,
     sft: &std::path::Path,
@@ -13,7 +15,7 @@ fn ppo_config(
 ) -> std::path::PathBuf {
     write(&dir.join("ppo.yaml"), &format!(
         "policy: {}\nreward_model: {}\nprompts: {}\niterations: 12\nbatch_size: 16\nminibatch_size: 8\nmax_new_tokens: 16\n\
-         kl: {{coef: 0.05, estimator: k3}}\noptim: {{lr: 1.0e-4, min_lr: 1.0e-4, warmup_steps: 0}}\n\
+         kl: {{coef: 0.5, estimator: k3}}\noptim: {{lr: 1.0e-4, min_lr: 1.0e-4, warmup_steps: 0}}\n\
          critic_optim: {{lr: 1.0e-4, min_lr: 1.0e-4, warmup_steps: 0}}\nsave_every: 2\nsample_every: 4\nseed: 7\n",
         sft.display(), rm.display(), tiny("prompts.jsonl").display()))
 }

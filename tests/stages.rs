@@ -252,7 +252,7 @@ fn validate_rejects_a_bad_config_naming_the_key() {
     let stderr = String::from_utf8_lossy(&res.stderr);
     assert_eq!(res.status.code(), Some(2), "{stderr}");
     assert!(
-        stderr.contains("unknown field `lerning_rate`") && stderr.contains("at line 12"),
+        stderr.contains(":12: field `lerning_rate`: unknown field `lerning_rate`"),
         "{stderr}"
     );
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");

@@ -72,6 +72,60 @@ impl SplitMix64 {
     }
 }
 
+/// The seed of one stream of randomness (`"epoch"`, `"sample"`, `"minibatch"`, …) at one index,
+/// derived from a run's seed. Streams are separated by name, not by shifting bits into the
+/// seed (`seed ^ (i << 20)` collides once i is large, and two streams sharing a shift collide
+/// always).
+pub fn seed_for(seed: u64, stream: &str, index: u64) -> u64 {
+    // FNV-1a of the stream name: stable across builds and platforms.
+    let name = stream.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    });
+    let mut a = SplitMix64(seed ^ name);
+    let mut b = SplitMix64(a.next_u64() ^ index);
+    b.next_u64()
+}
+
+/// The items of a training run in seeded epochs: item k of the run is item k % n of epoch
+/// k / n, each epoch built by `make(epoch)` (which must give n items every time). A function
+/// of k alone, so a resumed run reads exactly what an uninterrupted one would.
+pub struct Epochs<T, F: Fn(u64) -> Vec<T>> {
+    make: F,
+    current: Option<(u64, Vec<T>)>,
+    per_epoch: usize,
+}
+
+impl<T, F: Fn(u64) -> Vec<T>> Epochs<T, F> {
+    pub fn new(make: F) -> Self {
+        let first = make(0);
+        assert!(!first.is_empty(), "an epoch needs at least one item");
+        Self {
+            per_epoch: first.len(),
+            current: Some((0, first)),
+            make,
+        }
+    }
+
+    pub fn per_epoch(&self) -> usize {
+        self.per_epoch
+    }
+
+    pub fn get(&mut self, k: u64) -> &T {
+        let epoch = k / self.per_epoch as u64;
+        if self.current.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            let items = (self.make)(epoch);
+            debug_assert_eq!(
+                items.len(),
+                self.per_epoch,
+                "every epoch has the same length"
+            );
+            self.current = Some((epoch, items));
+        }
+        let items = &self.current.as_ref().expect("set above").1;
+        &items[(k % self.per_epoch as u64) as usize]
+    }
+}
+
 /// A seeded permutation of 0..n (Fisher–Yates).
 pub fn shuffled(n: usize, seed: u64) -> Vec<usize> {
     let mut rng = SplitMix64(seed);
@@ -94,7 +148,7 @@ pub fn length_grouped_batches(lengths: &[usize], batch_size: usize, seed: u64) -
         w.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
         batches.extend(w.chunks(batch_size).map(<[usize]>::to_vec));
     }
-    let perm = shuffled(batches.len(), seed ^ 0x5EED);
+    let perm = shuffled(batches.len(), seed_for(seed, "batch-order", 0));
     perm.into_iter()
         .map(|i| std::mem::take(&mut batches[i]))
         .collect()

@@ -7,11 +7,8 @@
 
 pub mod batch;
 pub mod chat;
-pub mod contract;
-pub mod demo;
 pub mod error;
 pub mod inspect;
-pub mod judge;
 pub mod load;
 pub mod read;
 pub mod records;
@@ -19,7 +16,9 @@ pub mod stream;
 pub mod tokenizer;
 pub mod write;
 
-pub use batch::{length_grouped_batches, pack, pad_right, shuffled, Batch, Overlong};
+pub use batch::{
+    length_grouped_batches, pack, pad_right, seed_for, shuffled, Batch, Epochs, Overlong,
+};
 pub use chat::{ChatTemplate, Example};
 pub use error::{DataError, Location, Result};
 pub use load::{LoadOptions, LoadReport};

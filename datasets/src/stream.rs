@@ -114,7 +114,7 @@ pub fn build_stream(
     }
     let key = cache_key(files, tok, settings)?;
     if let Some(dir) = cache_dir {
-        if let Some(stream) = read_cache(&dir.join(&key), settings.block_size)? {
+        if let Some(stream) = read_cache(&dir.join(&key), settings.block_size, tok.vocab_size()) {
             return Ok(stream);
         }
     }
@@ -195,30 +195,45 @@ fn cache_key(files: &[PathBuf], tok: &TextTokenizer, settings: &StreamSettings) 
     Ok(h.finalize().to_hex()[..32].to_string())
 }
 
-fn read_cache(dir: &Path, block_size: usize) -> Result<Option<TokenStream>> {
+/// A cached stream, if a complete and consistent entry exists. An entry that is damaged (cut
+/// short, edited, or from a tokenizer with fewer tokens) is a miss: it is removed, with a
+/// warning, and the stream is built again.
+fn read_cache(dir: &Path, block_size: usize, vocab: usize) -> Option<TokenStream> {
     let meta = dir.join("stats.json");
     if !meta.exists() {
-        return Ok(None);
+        return None;
     }
-    let stats: StreamStats = serde_json::from_slice(
-        &std::fs::read(&meta).map_err(DataError::io(&meta))?,
-    )
-    .map_err(|e| DataError::Invalid(format!("{}: corrupt cache entry: {e}", meta.display())))?;
-    let read = |name: &str| -> Result<Vec<u32>> {
-        let p = dir.join(name);
-        let bytes = std::fs::read(&p).map_err(DataError::io(&p))?;
-        Ok(bytes
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
+    let read = |name: &str| -> Option<Vec<u32>> {
+        let bytes = std::fs::read(dir.join(name)).ok()?;
+        (bytes.len() % 4 == 0).then(|| {
+            bytes
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        })
     };
-    Ok(Some(TokenStream {
-        block_size,
-        train: read("train.u32")?,
-        val: read("val.u32")?,
-        stats,
-        from_cache: true,
-    }))
+    let entry = (|| {
+        let stats: StreamStats = serde_json::from_slice(&std::fs::read(&meta).ok()?).ok()?;
+        let (train, val) = (read("train.u32")?, read("val.u32")?);
+        let consistent = train.len() == stats.train_tokens
+            && val.len() == stats.val_tokens
+            && train.len() % block_size == 0
+            && val.len() % block_size == 0
+            && !train.is_empty()
+            && train.iter().chain(&val).all(|&t| (t as usize) < vocab);
+        consistent.then_some(TokenStream {
+            block_size,
+            train,
+            val,
+            stats,
+            from_cache: true,
+        })
+    })();
+    if entry.is_none() {
+        tracing::warn!("token cache {} is damaged; rebuilding it", dir.display());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    entry
 }
 
 /// Writes the entry into a temporary folder and renames it into place, so a reader never sees a

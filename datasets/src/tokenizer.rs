@@ -91,6 +91,9 @@ impl TextTokenizer {
     }
 }
 
+/// The smallest vocabulary a BPE can have: the special tokens and the 256 byte symbols.
+pub const MIN_VOCAB: usize = SPECIAL_TOKENS.len() + 256;
+
 /// Trains a byte-level BPE of `vocab_size` entries (special tokens included) on `docs`.
 pub fn train_bpe<I, S>(docs: I, vocab_size: usize, min_frequency: u64) -> Result<Tokenizer>
 where

@@ -194,19 +194,29 @@ fn prepare_demo_converts_a_raw_tree_without_leaking_held_out_snippets() {
         "great\t3.1\t0.5\t[3]\n",
     );
     let out = dir.path().join("demo");
-    let counts = temper_data::demo::prepare_demo(&raw, &out, 7).unwrap();
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_temper-data"))
+        .args(["prepare-demo", "--seed", "7", "--raw"])
+        .arg(&raw)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let counts: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("counts.json")).unwrap()).unwrap();
+    let n = |k: &str| counts[k].as_u64().unwrap() as usize;
     assert_eq!(
-        (
-            counts.brown_files,
-            counts.shakespeare_works,
-            counts.snippets
-        ),
+        (n("brown_files"), n("shakespeare_works"), n("snippets")),
         (1, 1, 300)
     );
-    assert_eq!(counts.domain_train + counts.domain_heldout, 300);
+    assert_eq!(n("domain_train") + n("domain_heldout"), 300);
     assert!(
-        counts.domain_heldout > 10 && counts.rm_train > 100 && counts.sft_train > 100,
-        "{counts:?}"
+        n("domain_heldout") > 10 && n("rm_train") > 100 && n("sft_train") > 100,
+        "{counts}"
     );
     let general = rows_of(&out.join("general.parquet"));
     assert_eq!(general[0]["text"], "The jury said \" no \".\n\nIt ended.");
@@ -247,7 +257,7 @@ fn prepare_demo_converts_a_raw_tree_without_leaking_held_out_snippets() {
     }
     // The warm-up file is exactly the positive-instruction pairs.
     let positive = rows_of(&out.join("rm_train_positive.parquet"));
-    assert_eq!(positive.len(), counts.rm_train_positive);
+    assert_eq!(positive.len(), n("rm_train_positive"));
     assert_eq!(
         positive.len(),
         pairs

@@ -1,23 +1,31 @@
-//! Running a pipeline: select what may run, decide each stage when its parents are done, run
-//! stale stages as subprocesses (up to `jobs` at once), record everything in the lock file and
-//! a per-run manifest. Stage output goes to `<workdir>/logs/<stage>.log`; the terminal gets one
-//! line per event. A failed stage stops its descendants only; Ctrl-C stops every child and
-//! leaves each stage's atomic state for the next run to resume.
+//! `temper run`: select what may run, plan each stage, check every stage that may run with its
+//! own parser, then launch stale stages as subprocesses (up to `jobs` at once) and reap them,
+//! recording everything in the lock file and a per-run manifest.
+//!
+//! A stage runs in `stages/.<name>.next/` and is swapped into `stages/<name>/` only when it
+//! succeeds, so a failed or interrupted run destroys nothing. A failed stage stops its
+//! descendants only. SIGINT, SIGTERM and SIGHUP are passed to the running stages (which save
+//! their state and stop); a second signal kills them; kill -9 of `temper run` reaches them too
+//! (PR_SET_PDEATHSIG).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
-use std::path::Path;
+use std::io::Write as _;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use serde_json::json;
+use temper_stage::signals;
 
+use crate::folders::{check_foreign, claim_workdir, recover, remove_stage_folder, swap_in};
 use crate::hash::HashCache;
-use crate::plan::{output_hashes, resolve, staleness, Decision, Lock, Resolved, StageRecord};
+use crate::lock::{Lock, RunRecord, RunStatus};
+use crate::plan::{decide, output_hashes, Decision};
+use crate::resolve::{ancestors, configs_dir, resolve_all, Resolved};
 use crate::schema::Pipeline;
+use crate::validate::validate_stages;
 
 #[derive(Clone, Debug, Default)]
 pub struct RunOptions {
@@ -26,105 +34,37 @@ pub struct RunOptions {
     pub from: Option<String>,
     pub with_parents: bool,
     pub force: bool,
+    /// Start selected stages over even where an unfinished attempt could be resumed.
+    pub fresh: bool,
     pub dry_run: bool,
 }
 
-fn now() -> u64 {
+/// How `temper run` ended, as its exit code.
+pub const EXIT_OK: i32 = 0;
+pub const EXIT_STAGE_FAILED: i32 = 1;
+pub const EXIT_INVALID: i32 = 2;
+
+pub fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
 
-fn ancestors(p: &Pipeline, name: &str) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    let mut frontier = vec![name.to_string()];
-    while let Some(n) = frontier.pop() {
-        if let Some(s) = p.stage(&n) {
-            for parent in &s.parents {
-                if out.insert(parent.clone()) {
-                    frontier.push(parent.clone());
-                }
-            }
-        }
-    }
-    out
+/// Which stages the options force to run, and which may run if stale.
+struct Selection {
+    forced: BTreeSet<String>,
+    eligible: BTreeSet<String>,
 }
 
-/// Short "key=value" text of the main numbers in a stage's summary.json.
-pub fn key_metrics(out: &Path) -> String {
-    let Ok(text) = std::fs::read_to_string(out.join("summary.json")) else {
-        return String::new();
-    };
-    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
-        return String::new();
-    };
-    const KEYS: [&str; 11] = [
-        "loss",
-        "ppl",
-        "general/ppl",
-        "accuracy",
-        "margin",
-        "reward/mean",
-        "kl/mean",
-        "win_rate",
-        "judge_agreement_ppo",
-        "vocab_size",
-        "chars_per_token",
-    ];
-    KEYS.iter()
-        .filter_map(|k| {
-            v.get(*k).and_then(|x| x.as_f64()).map(|x| {
-                format!(
-                    "{k} {}",
-                    if x.abs() >= 100.0 {
-                        format!("{x:.0}")
-                    } else {
-                        format!("{x:.4}")
-                    }
-                )
-            })
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-struct Running {
-    child: Child,
-    resolved: Resolved,
-    started: Instant,
-}
-
-/// Runs the pipeline; Ok(true) when every selected stage ended up up to date.
-pub fn run(p: &Pipeline, opts: &RunOptions, interrupted: Arc<AtomicBool>) -> anyhow::Result<bool> {
-    for name in opts.stage.iter().chain(&opts.from) {
-        if p.stage(name).is_none() {
-            bail!("no stage `{name}` in {}", p.file.display());
-        }
-    }
-    std::fs::create_dir_all(&p.workdir)
-        .with_context(|| format!("creating {}", p.workdir.display()))?;
-    let guard_path = p.workdir.join(".run.lock");
-    let guard = File::create(&guard_path)?;
-    if guard.try_lock().is_err() {
-        bail!(
-            "another `temper run` is using {}; wait for it to finish",
-            p.workdir.display()
-        );
-    }
-
-    let mut lock = Lock::load(&p.workdir)?;
-    let mut cache: HashCache = std::mem::take(&mut lock.file_hashes);
-    let order: Vec<String> = p.topo_order().into_iter().map(|s| s.name.clone()).collect();
-
-    // Forced: run whatever their state. Eligible: may run if stale.
+fn select(p: &Pipeline, opts: &RunOptions, order: &[String]) -> Selection {
     let forced: BTreeSet<String> = match (&opts.stage, &opts.from) {
         (Some(s), _) => [s.clone()].into(),
         (None, Some(f)) => std::iter::once(f.clone()).chain(p.descendants(f)).collect(),
         (None, None) if opts.force => order.iter().cloned().collect(),
         _ => BTreeSet::new(),
     };
-    let eligible: BTreeSet<String> = if opts.stage.is_none() && opts.from.is_none() {
+    let eligible = if opts.stage.is_none() && opts.from.is_none() {
         order.iter().cloned().collect()
     } else if opts.with_parents {
         forced
@@ -135,263 +75,515 @@ pub fn run(p: &Pipeline, opts: &RunOptions, interrupted: Arc<AtomicBool>) -> any
     } else {
         forced.clone()
     };
+    Selection { forced, eligible }
+}
 
-    let mut keys = BTreeMap::new();
-    let mut resolved = BTreeMap::new();
-    for name in &order {
-        let st = p.stage(name).expect("ordered names are stages");
-        let r = resolve(st, p, &keys, &mut cache)?;
-        keys.insert(name.clone(), r.key.clone());
-        resolved.insert(name.clone(), r);
+/// The decision for a stage under the options: a forced stage runs even when up to date, and
+/// `--fresh` never resumes.
+fn decision(
+    r: &Resolved,
+    p: &Pipeline,
+    lock: &Lock,
+    sel: &Selection,
+    opts: &RunOptions,
+    cache: &mut HashCache,
+) -> (Decision, String) {
+    let (mut d, mut why) = decide(r, p, lock, cache);
+    if sel.forced.contains(&r.name) {
+        why = format!("requested; {why}");
+        if d == Decision::Skip || (opts.fresh && d == Decision::Resume) {
+            d = Decision::Fresh;
+        }
     }
+    (d, why)
+}
 
-    // Parents outside the selection must already be up to date.
-    let needed: BTreeSet<String> = eligible
-        .iter()
-        .flat_map(|e| ancestors(p, e))
-        .filter(|a| !eligible.contains(a))
-        .collect();
-    for a in &needed {
-        let (d, why) = staleness(&resolved[a], lock.stages.get(a), p, &lock, &mut cache);
+/// The plan printed by `--dry-run`, and the stages that may run (for validation). Stages whose
+/// parents will run wait for them and rerun only if their outputs change.
+fn plan(
+    p: &Pipeline,
+    resolved: &BTreeMap<String, Resolved>,
+    lock: &Lock,
+    sel: &Selection,
+    opts: &RunOptions,
+    cache: &mut HashCache,
+) -> (Vec<String>, Vec<String>) {
+    let (mut lines, mut may_run) = (Vec::new(), Vec::new());
+    for st in p.topo_order() {
+        let name = &st.name;
+        if !sel.eligible.contains(name) {
+            lines.push(format!("{name}: not selected"));
+            continue;
+        }
+        let (d, why) = decision(&resolved[name], p, lock, sel, opts, cache);
+        let waits: Vec<&str> = st
+            .parents
+            .iter()
+            .filter(|x| may_run.contains(*x))
+            .map(String::as_str)
+            .collect();
         if d != Decision::Skip {
-            bail!("parent stage `{a}` is stale ({why}); run it first, or pass --with-parents");
+            lines.push(format!("{name}: would run ({why})"));
+            may_run.push(name.clone());
+        } else if !waits.is_empty() {
+            lines.push(format!(
+                "{name}: waits for {}; reruns if their outputs change",
+                waits.join(", ")
+            ));
+            may_run.push(name.clone());
+        } else {
+            lines.push(format!("{name}: {why}"));
         }
     }
+    (lines, may_run)
+}
 
+struct Running {
+    child: Child,
+    pgid: i32,
+    name: String,
+    started: Instant,
+}
+
+/// Runs the pipeline; returns the exit code.
+pub fn run(p: &Pipeline, opts: &RunOptions) -> anyhow::Result<i32> {
+    for name in opts.stage.iter().chain(&opts.from) {
+        if p.stage(name).is_none() {
+            bail!("no stage `{name}` in {}", p.file.display());
+        }
+    }
+    let mut lock = Lock::load(&p.workdir)?;
+    let mut cache = std::mem::take(&mut lock.file_hashes);
+    let order: Vec<String> = p.topo_order().into_iter().map(|s| s.name.clone()).collect();
+    let resolved = resolve_all(p, &mut cache)?;
+    let sel = select(p, opts, &order);
+    // Parents outside the selection must already be up to date.
+    for a in sel.eligible.iter().flat_map(|e| ancestors(p, e)) {
+        if !sel.eligible.contains(&a) {
+            let (d, why) = decide(&resolved[&a], p, &lock, &mut cache);
+            if d != Decision::Skip {
+                bail!("parent stage `{a}` is stale ({why}); run it first, or pass --with-parents");
+            }
+        }
+    }
+    let (lines, may_run) = plan(p, &resolved, &lock, &sel, opts, &mut cache);
     if opts.dry_run {
-        let mut will_run = BTreeSet::new();
-        for name in &order {
-            if !eligible.contains(name) {
-                println!("{name}: not selected");
-                continue;
-            }
-            let (d, why) = staleness(&resolved[name], lock.stages.get(name), p, &lock, &mut cache);
-            let running_parents: Vec<&String> = p
-                .stage(name)
-                .expect("stage")
-                .parents
-                .iter()
-                .filter(|x| will_run.contains(*x))
-                .collect();
-            if forced.contains(name) {
-                println!("{name}: would run (requested; {why})");
-                will_run.insert(name.clone());
-            } else if d != Decision::Skip {
-                println!("{name}: would run ({why})");
-                will_run.insert(name.clone());
-            } else if !running_parents.is_empty() {
-                println!(
-                    "{name}: waits for {}; reruns if its outputs change",
-                    running_parents
-                        .iter()
-                        .map(|s| s.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-                will_run.insert(name.clone());
-            } else {
-                println!("{name}: {why}");
-            }
+        lines.iter().for_each(|l| println!("{l}"));
+        return Ok(EXIT_OK);
+    }
+    for name in &may_run {
+        check_foreign(p, name)?;
+    }
+    let rebuilt: BTreeSet<String> = may_run.iter().cloned().collect();
+    let problems = validate_stages(p, &resolved, &may_run, &rebuilt)?;
+    if !problems.is_empty() {
+        eprintln!(
+            "temper: error: {} problem(s) found before running anything:",
+            problems.len()
+        );
+        for pr in &problems {
+            eprintln!("  {pr}");
         }
-        lock.file_hashes = cache;
-        lock.save(&p.workdir)?;
-        return Ok(true);
+        return Ok(EXIT_INVALID);
     }
 
-    let logs = p.workdir.join("logs");
-    let configs = p.workdir.join("configs");
-    std::fs::create_dir_all(&logs)?;
-    std::fs::create_dir_all(&configs)?;
-    let run_started = now();
-    let mut manifest = Vec::new();
-    let mut done: BTreeMap<String, bool> = BTreeMap::new(); // name → succeeded (or skipped)
-    let mut running: Vec<Running> = Vec::new();
-    let jobs = opts.jobs.max(1);
-    let mut all_ok = true;
+    std::fs::create_dir_all(&p.workdir)
+        .with_context(|| format!("creating {}", p.workdir.display()))?;
+    claim_workdir(p)?;
+    let guard = File::create(p.workdir.join(".run.lock"))?;
+    if guard.try_lock().is_err() {
+        bail!(
+            "another `temper run` is using {}; wait for it to finish",
+            p.workdir.display()
+        );
+    }
+    recover(p, &mut lock, &mut cache)?;
+    for dir in ["logs", "configs", "stages", "manifests"] {
+        std::fs::create_dir_all(p.workdir.join(dir))?;
+    }
+    let mut ex = Executor {
+        p,
+        opts,
+        sel,
+        resolved,
+        order,
+        lock,
+        cache,
+        manifest: Vec::new(),
+        settled: BTreeMap::new(),
+        running: Vec::new(),
+    };
+    let started = now();
+    let interrupted = ex.execute()?;
+    let Executor {
+        mut lock,
+        cache,
+        manifest,
+        settled,
+        ..
+    } = ex;
+    lock.file_hashes = cache;
+    lock.save(&p.workdir)?;
+    let all_ok = !interrupted && settled.values().all(|&ok| ok);
+    write_manifest(p, started, all_ok, manifest)?;
+    drop(guard);
+    Ok(if interrupted {
+        temper_stage::EXIT_INTERRUPTED
+    } else if all_ok {
+        EXIT_OK
+    } else {
+        EXIT_STAGE_FAILED
+    })
+}
 
-    loop {
-        if interrupted.load(Ordering::SeqCst) {
-            for r in &mut running {
-                let _ = r.child.kill();
-                let _ = r.child.wait();
-                println!(
-                    "✗ {} interrupted; its state/ is kept, the next run resumes it",
-                    r.resolved.name
-                );
-                manifest.push(json!({"stage": r.resolved.name, "key": r.resolved.key, "decision": "interrupted"}));
+/// The state of one `temper run` while stages launch and finish.
+struct Executor<'a> {
+    p: &'a Pipeline,
+    opts: &'a RunOptions,
+    sel: Selection,
+    resolved: BTreeMap<String, Resolved>,
+    order: Vec<String>,
+    lock: Lock,
+    cache: HashCache,
+    manifest: Vec<serde_json::Value>,
+    /// Stage → whether it succeeded (or was up to date).
+    settled: BTreeMap<String, bool>,
+    running: Vec<Running>,
+}
+
+impl Executor<'_> {
+    /// Launches and reaps until every stage is settled; true when a signal stopped the run.
+    fn execute(&mut self) -> anyhow::Result<bool> {
+        loop {
+            if signals::stop_requested() {
+                stop_all(
+                    &mut self.running,
+                    &mut self.lock,
+                    self.p,
+                    &mut self.manifest,
+                )?;
+                return Ok(true);
             }
-            running.clear();
-            all_ok = false;
-            break;
+            let launched = self.launch_ready()?;
+            let reaped = self.reap_finished()?;
+            if self.settled.len() == self.order.len() {
+                return Ok(false);
+            }
+            if !launched && !reaped {
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
-        // Launch or settle every stage whose parents are settled.
+    }
+
+    /// Settles or launches every stage whose parents are settled; true if anything changed.
+    fn launch_ready(&mut self) -> anyhow::Result<bool> {
         let mut progressed = false;
-        for name in &order {
-            if done.contains_key(name) || running.iter().any(|r| &r.resolved.name == name) {
+        for name in self.order.clone() {
+            if self.settled.contains_key(&name) || self.running.iter().any(|r| r.name == name) {
                 continue;
             }
-            let parents = &p.stage(name).expect("stage").parents;
-            if !parents.iter().all(|x| done.contains_key(x)) {
+            let parents = &self.p.stage(&name).expect("stage").parents;
+            if !parents.iter().all(|x| self.settled.contains_key(x)) {
                 continue;
             }
-            if let Some(failed) = parents.iter().find(|x| done.get(*x) == Some(&false)) {
+            if let Some(failed) = parents
+                .iter()
+                .find(|x| self.settled.get(*x) == Some(&false))
+            {
                 println!("- {name}: skipped, parent {failed} did not finish");
-                manifest.push(json!({"stage": name, "decision": "blocked", "reason": format!("parent {failed} did not finish")}));
-                done.insert(name.clone(), false);
+                self.manifest.push(json!({"stage": name, "decision": "blocked", "reason": format!("parent {failed} did not finish")}));
+                self.settled.insert(name, false);
                 progressed = true;
                 continue;
             }
-            let r = resolved[name].clone();
-            let (mut d, mut why) = staleness(&r, lock.stages.get(name), p, &lock, &mut cache);
-            if !eligible.contains(name) {
-                // Outside the selection: leave it as it is.
-                done.insert(name.clone(), true);
+            if !self.sel.eligible.contains(&name) {
+                self.settled.insert(name, true); // outside the selection: left as it is
                 progressed = true;
                 continue;
             }
-            if forced.contains(name) {
-                why = format!("requested; {why}");
-                if d == Decision::Skip {
-                    d = Decision::Fresh;
-                }
-            }
+            let r = &self.resolved[&name];
+            let (d, why) = decision(r, self.p, &self.lock, &self.sel, self.opts, &mut self.cache);
             if d == Decision::Skip {
                 println!("✓ {name}: up to date");
-                manifest
+                self.manifest
                     .push(json!({"stage": name, "key": r.key, "decision": "skip", "reason": why}));
-                done.insert(name.clone(), true);
+                self.settled.insert(name, true);
                 progressed = true;
                 continue;
             }
-            if running.len() >= jobs {
+            if self.running.len() >= self.opts.jobs.max(1) {
                 continue;
             }
-            let out = p.stage_out(name);
-            if d == Decision::Fresh && out.exists() {
-                std::fs::remove_dir_all(&out)
-                    .with_context(|| format!("clearing {}", out.display()))?;
-            }
-            std::fs::create_dir_all(&out)?;
-            let config_path = configs.join(format!("{name}.yaml"));
-            std::fs::write(&config_path, serde_yaml::to_string(&r.config)?)?;
-            let log_path = logs.join(format!("{name}.log"));
-            let log = File::options().create(true).append(true).open(&log_path)?;
-            let child = Command::new(&r.binary)
-                .arg("--config")
-                .arg(&config_path)
-                .arg("--out")
-                .arg(&out)
-                .stdout(Stdio::from(log.try_clone()?))
-                .stderr(Stdio::from(log))
-                .stdin(Stdio::null())
-                .spawn()
-                .with_context(|| format!("starting {}", r.binary.display()))?;
-            println!("▶ {name}: running ({why}); log: {}", log_path.display());
-            let parent_outputs = parents
-                .iter()
-                .filter_map(|x| {
-                    lock.stages
-                        .get(x)
-                        .map(|rec| (x.clone(), rec.outputs_hash()))
-                })
-                .collect();
-            lock.stages.insert(
-                name.clone(),
-                StageRecord {
-                    key: r.key.clone(),
-                    kind: r.kind.clone(),
-                    binary: r.binary_hash.clone(),
-                    params: r.params.clone(),
-                    inputs: r.inputs.clone(),
-                    parents: r.parents.clone(),
-                    parent_outputs,
-                    outputs: BTreeMap::new(),
-                    status: "running".into(),
-                    started: now(),
-                    finished: None,
-                    duration_s: None,
-                    exit_code: None,
-                },
-            );
-            lock.file_hashes = cache.clone();
-            lock.save(&p.workdir)?;
-            running.push(Running {
-                child,
-                resolved: r,
-                started: Instant::now(),
-            });
+            self.running
+                .push(launch(self.p, r, d, &why, &mut self.lock)?);
+            self.lock.file_hashes = self.cache.clone();
+            self.lock.save(&self.p.workdir)?;
             progressed = true;
         }
+        Ok(progressed)
+    }
 
-        // Reap finished children.
+    /// Records every stage that has exited; true if any had.
+    fn reap_finished(&mut self) -> anyhow::Result<bool> {
+        let mut reaped = false;
         let mut i = 0;
-        while i < running.len() {
-            let Some(status) = running[i].child.try_wait()? else {
+        while i < self.running.len() {
+            let Some(status) = self.running[i].child.try_wait()? else {
                 i += 1;
                 continue;
             };
-            let r = running.remove(i);
-            let name = r.resolved.name.clone();
-            let secs = r.started.elapsed().as_secs_f64();
-            let out = p.stage_out(&name);
-            let rec = lock.stages.get_mut(&name).expect("recorded at launch");
-            rec.finished = Some(now());
-            rec.duration_s = Some(secs);
-            rec.exit_code = status.code();
-            if status.success() {
-                rec.outputs = output_hashes(&out, &mut cache)?;
-                rec.status = "ok".into();
-                println!("✓ {name}: done in {secs:.1}s {}", key_metrics(&out));
-                done.insert(name.clone(), true);
-            } else {
-                rec.status = "failed".into();
-                let log =
-                    std::fs::read_to_string(p.workdir.join("logs").join(format!("{name}.log")))
-                        .unwrap_or_default();
-                let last = log
-                    .lines()
-                    .rev()
-                    .find(|l| !l.trim().is_empty())
-                    .unwrap_or("")
-                    .to_string();
-                println!(
-                    "✗ {name}: failed ({}) after {secs:.1}s: {last}",
-                    status
-                        .code()
-                        .map_or("killed".into(), |c| format!("exit {c}"))
-                );
-                done.insert(name.clone(), false);
-                all_ok = false;
-            }
-            manifest.push(json!({
-                "stage": name, "key": r.resolved.key, "decision": "ran", "exit_code": status.code(),
-                "duration_s": secs, "binary": r.resolved.binary, "binary_hash": r.resolved.binary_hash,
-                "inputs": r.resolved.inputs, "parents": r.resolved.parents,
-            }));
-            lock.file_hashes = cache.clone();
-            lock.save(&p.workdir)?;
-            progressed = true;
+            let r = self.running.remove(i);
+            signals::unregister_group(r.pgid);
+            let resolved = &self.resolved[&r.name];
+            let ok = reap(
+                self.p,
+                &r,
+                status,
+                &mut self.lock,
+                &mut self.cache,
+                &mut self.manifest,
+                resolved,
+            )?;
+            self.settled.insert(r.name.clone(), ok);
+            self.lock.file_hashes = self.cache.clone();
+            self.lock.save(&self.p.workdir)?;
+            reaped = true;
         }
+        Ok(reaped)
+    }
+}
 
-        if done.len() == order.len() {
-            break;
-        }
-        if !progressed {
-            std::thread::sleep(Duration::from_millis(20));
+/// Starts a stage in its attempt folder (a fresh one, or the one it resumes) and records the
+/// attempt in the lock.
+fn launch(
+    p: &Pipeline,
+    r: &Resolved,
+    d: Decision,
+    why: &str,
+    lock: &mut Lock,
+) -> anyhow::Result<Running> {
+    let name = &r.name;
+    let folder = p.stage_attempt(name);
+    if d == Decision::Fresh {
+        remove_stage_folder(&folder)?;
+    }
+    let config_path = configs_dir(p).join(format!("{name}.yaml"));
+    temper_stage::atomic::write_atomic(&config_path, serde_yaml::to_string(&r.config)?.as_bytes())?;
+    let log_path = p.workdir.join("logs").join(format!("{name}.log"));
+    let mut log = File::options().create(true).append(true).open(&log_path)?;
+    writeln!(
+        log,
+        "=== {}: temper run: {name} ({why}) in {}",
+        utc(now()),
+        folder.display()
+    )?;
+    let parent_pid = std::process::id() as libc::pid_t;
+    let mut cmd = Command::new(&r.binary);
+    cmd.arg("--config")
+        .arg(&config_path)
+        .arg("--out")
+        .arg(&folder)
+        .env("TEMPER_PIPELINE", &p.file)
+        .env("TEMPER_STAGE", name)
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log))
+        .stdin(Stdio::null())
+        .process_group(0);
+    // SAFETY: the closure only calls async-signal-safe functions (prctl, getppid, _exit).
+    unsafe {
+        cmd.pre_exec(move || signals::die_with_parent(parent_pid));
+    }
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", r.binary.display()))?;
+    let pgid = child.id() as i32;
+    signals::register_group(pgid);
+    println!("▶ {name}: running ({why}); log: {}", log_path.display());
+    let parent_outputs = r
+        .parents
+        .keys()
+        .filter_map(|x| lock.done(x).map(|rec| (x.clone(), rec.outputs_hash())))
+        .collect();
+    lock.entry(name).attempt = Some(RunRecord {
+        key: r.key.clone(),
+        kind: r.kind.name().into(),
+        binary: r.binary_hash.clone(),
+        params: r.params.clone(),
+        inputs: r.inputs.clone(),
+        parents: r.parents.clone(),
+        parent_outputs,
+        outputs: BTreeMap::new(),
+        status: RunStatus::Running,
+        reason: why.into(),
+        started: now(),
+        finished: None,
+        duration_s: None,
+        exit_code: None,
+    });
+    Ok(Running {
+        child,
+        pgid,
+        name: name.clone(),
+        started: Instant::now(),
+    })
+}
+
+/// Records how a stage ended; a success is recorded, then swapped into place. Returns whether
+/// it succeeded.
+fn reap(
+    p: &Pipeline,
+    r: &Running,
+    status: std::process::ExitStatus,
+    lock: &mut Lock,
+    cache: &mut HashCache,
+    manifest: &mut Vec<serde_json::Value>,
+    resolved: &Resolved,
+) -> anyhow::Result<bool> {
+    let name = &r.name;
+    let secs = r.started.elapsed().as_secs_f64();
+    let entry = lock.entry(name);
+    let mut rec = entry.attempt.take().expect("recorded at launch");
+    rec.finished = Some(now());
+    rec.duration_s = Some(secs);
+    rec.exit_code = status.code();
+    let ok = status.success();
+    if ok {
+        rec.outputs = output_hashes(&p.stage_attempt(name), cache)?;
+        rec.status = RunStatus::Ok;
+        entry.done = Some(rec);
+        // Recorded before the swap: a kill in between is finished by `recover`.
+        lock.save(&p.workdir)?;
+        swap_in(p, name, cache)?;
+        println!(
+            "✓ {name}: done in {secs:.1}s {}",
+            crate::report::key_metrics(&p.stage_out(name))
+        );
+    } else {
+        rec.status = if status.code() == Some(temper_stage::EXIT_INTERRUPTED) {
+            RunStatus::Interrupted
+        } else {
+            RunStatus::Failed
+        };
+        entry.attempt = Some(rec);
+        let log = std::fs::read_to_string(p.workdir.join("logs").join(format!("{name}.log")))
+            .unwrap_or_default();
+        let last = log
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .to_string();
+        let how = status
+            .code()
+            .map_or("killed".into(), |c| format!("exit {c}"));
+        println!("✗ {name}: failed ({how}) after {secs:.1}s: {last}");
+        if let Some(d) = &lock.done(name) {
+            println!(
+                "  its previous outputs (key {}) are kept in {}",
+                &d.key[..8],
+                p.stage_out(name).display()
+            );
         }
     }
+    manifest.push(json!({
+        "stage": name, "key": resolved.key, "decision": "ran", "exit_code": status.code(),
+        "duration_s": secs, "binary": resolved.binary, "binary_hash": resolved.binary_hash,
+        "inputs": resolved.inputs, "parents": resolved.parents,
+    }));
+    Ok(ok)
+}
 
-    lock.file_hashes = cache;
-    lock.save(&p.workdir)?;
-    let manifests = p.workdir.join("manifests");
-    std::fs::create_dir_all(&manifests)?;
+/// Asks every running stage to stop (SIGTERM to its process group: it saves its state and
+/// exits), waits up to TEMPER_STOP_GRACE_S seconds (default 30), then kills what is left.
+fn stop_all(
+    running: &mut Vec<Running>,
+    lock: &mut Lock,
+    p: &Pipeline,
+    manifest: &mut Vec<serde_json::Value>,
+) -> anyhow::Result<()> {
+    let grace: u64 = std::env::var("TEMPER_STOP_GRACE_S")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    for r in running.iter() {
+        signals::signal_group(r.pgid, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(grace);
+    while Instant::now() < deadline
+        && running
+            .iter_mut()
+            .any(|r| r.child.try_wait().ok().flatten().is_none())
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for r in running.drain(..) {
+        let mut child = r.child;
+        if child.try_wait()?.is_none() {
+            signals::signal_group(r.pgid, libc::SIGKILL);
+            let _ = child.wait();
+        }
+        signals::unregister_group(r.pgid);
+        if let Some(a) = lock.entry(&r.name).attempt.as_mut() {
+            a.status = RunStatus::Interrupted;
+            a.finished = Some(now());
+        }
+        println!(
+            "✗ {} interrupted; its state/ is kept in {}, and the next run resumes it",
+            r.name,
+            p.stage_attempt(&r.name).display()
+        );
+        manifest.push(json!({"stage": r.name, "decision": "interrupted"}));
+    }
+    Ok(())
+}
+
+/// `YYYY-MM-DD HH:MM:SS UTC` for a Unix time (the civil-from-days algorithm; no time crate).
+pub fn utc(secs: u64) -> String {
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn write_manifest(
+    p: &Pipeline,
+    started: u64,
+    ok: bool,
+    stages: Vec<serde_json::Value>,
+) -> anyhow::Result<()> {
     let record = json!({
-        "format": 1, "pipeline": p.name, "file": p.file, "started": run_started, "finished": now(),
-        "temper_version": env!("CARGO_PKG_VERSION"), "ok": all_ok, "stages": manifest,
+        "format": 2, "pipeline": p.name, "file": p.file, "started": started, "finished": now(),
+        "temper_version": env!("CARGO_PKG_VERSION"), "ok": ok, "stages": stages,
     });
-    std::fs::write(
-        manifests.join(format!("{run_started}-{}.json", std::process::id())),
-        serde_json::to_vec_pretty(&record)?,
-    )?;
-    Ok(all_ok)
+    temper_stage::atomic::write_json(
+        &p.workdir
+            .join("manifests")
+            .join(format!("{started}-{}.json", std::process::id())),
+        &record,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_by_hand() {
+        assert_eq!(super::utc(0), "1970-01-01 00:00:00 UTC");
+        // 2000-03-01 is day 11017: the leap day of a century divisible by 400 came before it.
+        assert_eq!(
+            super::utc(11_017 * 86_400 + 3_723),
+            "2000-03-01 01:02:03 UTC"
+        );
+    }
 }

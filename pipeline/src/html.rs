@@ -150,7 +150,7 @@ pub fn write_report(p: &Pipeline, out: Option<&Path>) -> anyhow::Result<PathBuf>
                    (PPO: iteration).</p>",
     );
     for st in p.topo_order() {
-        stage_section(&mut html, p, &st.name, &st.uses, &dir);
+        stage_section(&mut html, p, &st.name, st.uses.name(), &dir);
     }
     html.push_str("</body></html>\n");
     let tmp = path.with_extension("html.tmp");

@@ -2,16 +2,18 @@
 //! declared as a DAG in one YAML file, skipping stages whose inputs did not change.
 
 mod exec;
+mod folders;
 mod hash;
 mod html;
+mod lock;
 mod plan;
 mod plot;
 mod report;
+mod resolve;
 mod schema;
+mod validate;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -25,7 +27,11 @@ Run an LLM alignment pipeline declared in one YAML file.
 Each stage (tokenizer, pretrain, sft, reward, ppo, eval) runs its own binary on a resolved
 config; references like ${sft.checkpoint} wire the stages into a DAG. A stage's cache key
 hashes its binary, parameters, input files and parents' keys: `temper run` skips what is up
-to date, says why it runs the rest, and resumes a failed or interrupted stage from its state."
+to date, says why it runs the rest, and resumes a failed or interrupted stage from its state.
+A stage runs beside its previous outputs and replaces them only when it succeeds.
+
+Exit codes: 0 success, 1 a stage failed, 2 invalid pipeline or stage config (nothing ran),
+130 interrupted (the stages saved their state; the next run resumes them)."
 )]
 struct Cli {
     /// Use this work folder instead of the file's `workdir`.
@@ -50,8 +56,8 @@ enum Cmd {
         /// The pipeline YAML.
         file: PathBuf,
         /// Stages to run at once.
-        #[arg(long, default_value_t = 1)]
-        jobs: usize,
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+        jobs: u64,
         /// Rerun only this stage (its parents must be up to date, unless --with-parents).
         #[arg(long, conflicts_with = "from")]
         stage: Option<String>,
@@ -64,12 +70,16 @@ enum Cmd {
         /// Rerun every stage, up to date or not.
         #[arg(long)]
         force: bool,
-        /// Print what would run and why, and run nothing.
+        /// With --stage or --from: start over instead of resuming an unfinished run (the way
+        /// out of a state that cannot be resumed).
+        #[arg(long)]
+        fresh: bool,
+        /// Print what would run and why; run and write nothing.
         #[arg(long)]
         dry_run: bool,
     },
-    /// Check the file (keys, kinds, references, cycles) and each stage's config, reporting
-    /// every problem at once.
+    /// Check the file (keys, kinds, references, cycles) and every stage's config with the
+    /// stage's own parser, reporting every problem at once with its line.
     Validate { file: PathBuf },
     /// Each stage's state (up to date, stale and why, failed, never run), last run, duration
     /// and key metrics.
@@ -105,25 +115,45 @@ enum Cmd {
     },
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum Split {
+/// Which rows of metrics.jsonl.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Split {
     Eval,
     Train,
     All,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum DagFormat {
+impl Split {
+    pub fn name(self) -> &'static str {
+        match self {
+            Split::Eval => "eval",
+            Split::Train => "train",
+            Split::All => "all",
+        }
+    }
+
+    /// Whether a row of split `row` belongs.
+    pub fn admits(self, row: &str) -> bool {
+        self == Split::All || row == self.name()
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum DagFormat {
     Mermaid,
     Dot,
 }
 
 fn main() {
+    temper_stage::cli::install_panic_hook("temper");
     let code = match run() {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("temper: error: {e:#}");
-            2
+            eprintln!(
+                "temper: error: {}",
+                temper_stage::cli::one_line(&format!("{e:#}"))
+            );
+            exec::EXIT_INVALID
         }
     };
     std::process::exit(code);
@@ -138,6 +168,9 @@ fn run() -> anyhow::Result<i32> {
         }
         if let Some(w) = &cli.workdir {
             p.workdir = schema::normalize(&std::env::current_dir()?.join(w));
+            if let Some(problem) = schema::workdir_problem(&p.workdir, &p.base) {
+                anyhow::bail!("--workdir: {problem}");
+            }
         }
         Ok(p)
     };
@@ -149,45 +182,38 @@ fn run() -> anyhow::Result<i32> {
             from,
             with_parents,
             force,
+            fresh,
             dry_run,
         } => {
             let p = load(file)?;
-            let interrupted = Arc::new(AtomicBool::new(false));
-            let flag = interrupted.clone();
-            ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))?;
+            anyhow::ensure!(
+                !*fresh || stage.is_some() || from.is_some(),
+                "--fresh applies to the stages named by --stage or --from"
+            );
+            temper_stage::signals::install();
             let opts = exec::RunOptions {
-                jobs: *jobs,
+                jobs: *jobs as usize,
                 stage: stage.clone(),
                 from: from.clone(),
                 with_parents: *with_parents,
                 force: *force,
+                fresh: *fresh,
                 dry_run: *dry_run,
             };
-            let ok = exec::run(&p, &opts, interrupted.clone())?;
-            Ok(if interrupted.load(Ordering::SeqCst) {
-                130
-            } else if ok {
-                0
-            } else {
-                1
-            })
+            exec::run(&p, &opts)
         }
         Cmd::Validate { file } => {
             let p = load(file)?;
-            let problems = report::validate_stages(&p)?;
+            let problems = report::validate_all(&p)?;
             if problems.is_empty() {
                 println!("{}: valid ({} stages)", file.display(), p.stages.len());
                 Ok(0)
             } else {
-                eprintln!(
-                    "temper: error: {}: {} problem(s):",
-                    file.display(),
-                    problems.len()
-                );
+                eprintln!("temper: error: {} problem(s):", problems.len());
                 for pr in problems {
                     eprintln!("  {pr}");
                 }
-                Ok(2)
+                Ok(exec::EXIT_INVALID)
             }
         }
         Cmd::Status { file } => {
@@ -201,12 +227,7 @@ fn run() -> anyhow::Result<i32> {
             last,
             json,
         } => {
-            let split = match split {
-                Split::Eval => "eval",
-                Split::Train => "train",
-                Split::All => "all",
-            };
-            report::metrics(&load(file)?, stage.as_deref(), split, *last, *json)?;
+            report::metrics(&load(file)?, stage.as_deref(), *split, *last, *json)?;
             Ok(0)
         }
         Cmd::Report { file, out } => {
@@ -215,13 +236,7 @@ fn run() -> anyhow::Result<i32> {
             Ok(0)
         }
         Cmd::Dag { file, format } => {
-            report::dag(
-                &load(file)?,
-                match format {
-                    DagFormat::Mermaid => "mermaid",
-                    DagFormat::Dot => "dot",
-                },
-            );
+            report::dag(&load(file)?, *format);
             Ok(0)
         }
     }

@@ -2,92 +2,67 @@
 //! html.rs).
 
 use std::collections::BTreeSet;
-use std::process::Command;
 
 use serde_json::Value as Json;
 
-use crate::exec::key_metrics;
-use crate::hash::HashCache;
-use crate::plan::{resolve, staleness, Decision, Lock};
-use crate::schema::{references, strings, Pipeline};
+use crate::lock::{Lock, RunStatus};
+use crate::plan::{decide, Decision};
+use crate::resolve::resolve_all;
+use crate::schema::Pipeline;
+use crate::validate::validate_stages;
 
-/// Runs each stage's own `--validate` on its resolved config, where its inputs exist yet.
-/// Returns the problems found (one line each).
-pub fn validate_stages(p: &Pipeline) -> anyhow::Result<Vec<String>> {
-    let mut problems = Vec::new();
-    let mut cache = HashCache::new();
-    let mut keys = std::collections::BTreeMap::new();
-    let scratch = tempdir()?;
-    for st in p.topo_order() {
-        let r = match resolve(st, p, &keys, &mut cache) {
-            Ok(r) => r,
-            Err(e) => {
-                problems.push(format!("{e:#}"));
-                continue;
-            }
-        };
-        keys.insert(st.name.clone(), r.key.clone());
-        let mut refs = Vec::new();
-        strings(&serde_yaml::Value::Mapping(st.params.clone()), &mut refs);
-        let waiting: BTreeSet<String> = refs
-            .iter()
-            .flat_map(|s| references(s))
-            .filter(|(stage, field)| {
-                let out = p.stage_out(stage);
-                !(if field == "checkpoint" {
-                    out.join("checkpoint")
-                } else {
-                    out
-                })
-                .exists()
-            })
-            .map(|(stage, _)| stage)
-            .collect();
-        if !waiting.is_empty() {
-            println!(
-                "{}: config parsed; inputs checked when {} has run",
-                st.name,
-                waiting.into_iter().collect::<Vec<_>>().join(", ")
-            );
-            continue;
-        }
-        let cfg = scratch.join(format!("{}.yaml", st.name));
-        std::fs::write(&cfg, serde_yaml::to_string(&r.config)?)?;
-        let out = Command::new(&r.binary)
-            .arg("--validate")
-            .arg("--config")
-            .arg(&cfg)
-            .arg("--out")
-            .arg(scratch.join(&st.name))
-            .env("TEMPER_LOG", "error")
-            .output()?;
-        if out.status.success() {
-            println!("{}: ok", st.name);
-        } else {
-            let err = String::from_utf8_lossy(&out.stderr);
-            let line = err
-                .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("failed without a message");
-            problems.push(format!(
-                "stage `{}`: {}",
-                st.name,
-                line.replace(
-                    &cfg.display().to_string(),
-                    &format!("{}: stage {}", p.file.display(), st.name)
-                )
-            ));
-        }
-    }
-    let _ = std::fs::remove_dir_all(&scratch);
-    Ok(problems)
+/// `temper validate`: every stage checked with its own parser. Upstream outputs that do not
+/// exist yet, or whose stages are stale, are pending. Returns the problems found.
+pub fn validate_all(p: &Pipeline) -> anyhow::Result<Vec<String>> {
+    let lock = Lock::load(&p.workdir)?;
+    let mut cache = lock.file_hashes.clone();
+    let resolved = resolve_all(p, &mut cache)?;
+    let names: Vec<String> = p.topo_order().iter().map(|s| s.name.clone()).collect();
+    let stale: BTreeSet<String> = names
+        .iter()
+        .filter(|n| decide(&resolved[*n], p, &lock, &mut cache).0 != Decision::Skip)
+        .cloned()
+        .collect();
+    let problems = validate_stages(p, &resolved, &names, &stale)?;
+    Ok(problems.iter().map(|pr| pr.to_string()).collect())
 }
 
-fn tempdir() -> anyhow::Result<std::path::PathBuf> {
-    let d = std::env::temp_dir().join(format!("temper-validate-{}", std::process::id()));
-    std::fs::create_dir_all(&d)?;
-    Ok(d)
+/// Short "key value" text of the main numbers in a stage's summary.json.
+pub fn key_metrics(out: &std::path::Path) -> String {
+    let Ok(text) = std::fs::read_to_string(out.join("summary.json")) else {
+        return String::new();
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return String::new();
+    };
+    const KEYS: [&str; 11] = [
+        "loss",
+        "ppl",
+        "general/ppl",
+        "accuracy",
+        "margin",
+        "reward/mean",
+        "kl/mean",
+        "win_rate",
+        "judge_agreement_ppo",
+        "vocab_size",
+        "chars_per_token",
+    ];
+    KEYS.iter()
+        .filter_map(|k| {
+            v.get(*k).and_then(|x| x.as_f64()).map(|x| {
+                format!(
+                    "{k} {}",
+                    if x.abs() >= 100.0 {
+                        format!("{x:.0}")
+                    } else {
+                        format!("{x:.4}")
+                    }
+                )
+            })
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn ago(secs: u64) -> String {
@@ -131,25 +106,36 @@ fn table(header: &[&str], rows: &[Vec<String>]) {
 pub fn status_rows(p: &Pipeline) -> anyhow::Result<Vec<Vec<String>>> {
     let lock = Lock::load(&p.workdir)?;
     let mut cache = lock.file_hashes.clone();
-    let mut keys = std::collections::BTreeMap::new();
+    let resolved = resolve_all(p, &mut cache)?;
     let mut rows = Vec::new();
     for st in p.topo_order() {
-        let r = resolve(st, p, &keys, &mut cache)?;
-        keys.insert(st.name.clone(), r.key.clone());
-        let rec = lock.stages.get(&st.name);
-        let (d, why) = staleness(&r, rec, p, &lock, &mut cache);
-        let state = match (rec.map(|r| r.status.as_str()), &d) {
-            (None, _) => "never run".to_string(),
-            (Some("failed"), Decision::Resume) => format!(
-                "failed (exit {}); resumes",
-                rec.and_then(|r| r.exit_code)
-                    .map_or("?".into(), |c| c.to_string())
-            ),
-            (Some("running"), Decision::Resume) => "interrupted; resumes".to_string(),
-            (_, Decision::Skip) => "up to date".to_string(),
-            _ => format!("stale: {why}"),
+        let (d, why) = decide(&resolved[&st.name], p, &lock, &mut cache);
+        let (done, attempt) = (lock.done(&st.name), lock.attempt(&st.name));
+        let mut state = match (&d, done) {
+            (Decision::Skip, _) => "up to date".to_string(),
+            (Decision::Resume, _) => match attempt.map(|a| (a.status, a.exit_code)) {
+                Some((RunStatus::Failed, Some(c))) => format!("failed (exit {c}); resumes"),
+                _ => "interrupted; resumes".to_string(),
+            },
+            (Decision::Fresh, None) if attempt.is_none() => "never run".to_string(),
+            (Decision::Fresh, _) => format!("stale: {why}"),
         };
-        let (when, took) = match rec {
+        if let (Some(a), Decision::Fresh) = (attempt, &d) {
+            state.push_str(&format!(
+                "; a newer run {} ({})",
+                match a.status {
+                    RunStatus::Failed => "failed",
+                    _ => "was interrupted",
+                },
+                a.exit_code
+                    .map_or("killed".to_string(), |c| format!("exit {c}"))
+            ));
+        }
+        let last = attempt
+            .filter(|_| d == Decision::Resume)
+            .or(done)
+            .or(attempt);
+        let (when, took) = match last {
             Some(r) => (
                 ago(r.started),
                 r.duration_s.map_or("-".into(), |d| format!("{d:.1}s")),
@@ -158,7 +144,7 @@ pub fn status_rows(p: &Pipeline) -> anyhow::Result<Vec<Vec<String>>> {
         };
         rows.push(vec![
             st.name.clone(),
-            st.uses.clone(),
+            st.uses.name().to_string(),
             state,
             when,
             took,
@@ -192,7 +178,7 @@ pub fn metric_rows(p: &Pipeline, stage: &str) -> Vec<Json> {
 pub fn metrics(
     p: &Pipeline,
     stage: Option<&str>,
-    split: &str,
+    split: crate::Split,
     last: Option<usize>,
     as_json: bool,
 ) -> anyhow::Result<()> {
@@ -210,7 +196,7 @@ pub fn metrics(
     for name in names {
         let mut rows: Vec<Json> = metric_rows(p, &name)
             .into_iter()
-            .filter(|r| split == "all" || r["split"] == split)
+            .filter(|r| split.admits(r["split"].as_str().unwrap_or("")))
             .collect();
         if let Some(n) = last {
             rows = rows.split_off(rows.len().saturating_sub(n));
@@ -232,10 +218,10 @@ pub fn metrics(
                 }
             }
         }
-        if split == "all" {
+        if split == crate::Split::All {
             cols.insert(1, "split".into());
         }
-        println!("\n{name} ({split})");
+        println!("\n{name} ({})", split.name());
         let cells: Vec<Vec<String>> = rows
             .iter()
             .map(|r| {
@@ -264,9 +250,9 @@ pub fn metrics(
     Ok(())
 }
 
-pub fn dag(p: &Pipeline, format: &str) {
+pub fn dag(p: &Pipeline, format: crate::DagFormat) {
     match format {
-        "dot" => {
+        crate::DagFormat::Dot => {
             println!("digraph \"{}\" {{\n  rankdir=LR;", p.name);
             for s in &p.stages {
                 println!("  \"{}\" [label=\"{}\\n({})\"];", s.name, s.name, s.uses);
@@ -276,7 +262,7 @@ pub fn dag(p: &Pipeline, format: &str) {
             }
             println!("}}");
         }
-        _ => {
+        crate::DagFormat::Mermaid => {
             println!("graph LR");
             for s in &p.stages {
                 println!("  {}[\"{} ({})\"]", s.name, s.name, s.uses);

@@ -11,9 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use serde_yaml::{Mapping, Value};
-
-/// Stage kinds and the binaries that run them.
-pub const KINDS: [&str; 6] = ["tokenizer", "pretrain", "sft", "reward", "ppo", "eval"];
+use temper_stage::StageKind;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -38,7 +36,7 @@ struct RawStage {
 #[derive(Clone, Debug)]
 pub struct Stage {
     pub name: String,
-    pub uses: String,
+    pub uses: StageKind,
     /// Parameters: defaults merged with `with`, references still symbolic.
     pub params: Mapping,
     /// Stages this one depends on (references and `needs`), sorted.
@@ -180,16 +178,17 @@ pub fn load(file: &Path) -> anyhow::Result<Pipeline> {
                 continue;
             }
         };
-        if !KINDS.contains(&st.uses.as_str()) {
+        let Some(kind) = StageKind::parse(&st.uses) else {
             problems.push(Problem {
                 line,
                 message: format!(
                     "stage `{name}`: unknown kind `uses: {}` (one of {})",
                     st.uses,
-                    KINDS.join(", ")
+                    StageKind::names()
                 ),
             });
-        }
+            continue;
+        };
         let mut params = raw.defaults.clone();
         for (k, v) in st.with {
             params.insert(k, v);
@@ -209,7 +208,7 @@ pub fn load(file: &Path) -> anyhow::Result<Pipeline> {
         }
         stages.push(Stage {
             name: name.to_string(),
-            uses: st.uses,
+            uses: kind,
             params,
             parents,
         });
@@ -243,10 +242,16 @@ pub fn load(file: &Path) -> anyhow::Result<Pipeline> {
             message: format!("cycle: {}", cycle.join(" -> ")),
         });
     }
+    let workdir = normalize(&base.join(&raw.workdir));
+    if let Some(problem) = workdir_problem(&workdir, &base) {
+        problems.push(Problem {
+            line: find_line(&text, |l| l.trim_start().starts_with("workdir:")),
+            message: problem,
+        });
+    }
     if !problems.is_empty() {
         return Err(invalid(problems).into());
     }
-    let workdir = normalize(&base.join(&raw.workdir));
     Ok(Pipeline {
         name: raw.name,
         file: file.into(),
@@ -254,6 +259,19 @@ pub fn load(file: &Path) -> anyhow::Result<Pipeline> {
         workdir,
         stages,
     })
+}
+
+/// Why `workdir` cannot be a pipeline's work folder, if it cannot: temper writes and replaces
+/// folders under it, so it may not be the pipeline file's own folder or one of its ancestors
+/// (where a project's own `stages/` or `configs/` live).
+pub fn workdir_problem(workdir: &Path, base: &Path) -> Option<String> {
+    if workdir.as_os_str().is_empty() || base.starts_with(workdir) {
+        return Some(format!(
+            "workdir `{}` is the pipeline file's folder or contains it; use a folder of its own, e.g. `runs/NAME`",
+            workdir.display()
+        ));
+    }
+    None
 }
 
 /// A dependency cycle as a path (first stage repeated at the end), if any.
@@ -341,8 +359,19 @@ impl Pipeline {
         out
     }
 
+    /// Where a stage's last successful outputs live.
     pub fn stage_out(&self, name: &str) -> PathBuf {
         self.workdir.join("stages").join(name)
+    }
+
+    /// Where a stage runs until it succeeds and is swapped in as [`Self::stage_out`].
+    pub fn stage_attempt(&self, name: &str) -> PathBuf {
+        self.workdir.join("stages").join(format!(".{name}.next"))
+    }
+
+    /// Where the previous outputs sit for the instant of a swap.
+    pub fn stage_retired(&self, name: &str) -> PathBuf {
+        self.workdir.join("stages").join(format!(".{name}.old"))
     }
 
     /// Applies `-o stage.key=value` overrides (value parsed as YAML; `key` may be dotted).
@@ -375,19 +404,4 @@ impl Pipeline {
     }
 }
 
-/// `a/b/../c` → `a/c`, without touching the file system (the folder may not exist yet).
-pub fn normalize(path: &Path) -> PathBuf {
-    let mut out = PathBuf::new();
-    for c in path.components() {
-        match c {
-            std::path::Component::ParentDir => {
-                if !out.pop() {
-                    out.push("..");
-                }
-            }
-            std::path::Component::CurDir => {}
-            other => out.push(other),
-        }
-    }
-    out
-}
+pub use temper_stage::kinds::normalize;

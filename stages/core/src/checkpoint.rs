@@ -9,6 +9,7 @@ use std::path::Path;
 
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
+use temper_data::TextTokenizer;
 
 use crate::config::{Arch, ModelConfig};
 use crate::error::{CoreError, Result};
@@ -16,6 +17,30 @@ use crate::model::{Heads, Transformer};
 
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const CONFIG_FILE: &str = "config.json";
+/// What an `init:` (or policy, reward model, baseline) folder must hold.
+pub const CHECKPOINT_FILES: [&str; 3] = [CONFIG_FILE, WEIGHTS_FILE, "tokenizer.json"];
+
+/// A checkpoint loaded with the tokenizer it was saved with.
+pub struct Loaded {
+    pub vs: VarStore,
+    pub model: Transformer,
+    pub tokenizer: TextTokenizer,
+    pub tokenizer_path: std::path::PathBuf,
+}
+
+/// Loads `dir` as `spec` says, with `dir/tokenizer.json`, checking they fit each other.
+pub fn load_with_tokenizer(dir: &Path, spec: LoadSpec, device: Device) -> Result<Loaded> {
+    let tokenizer_path = dir.join("tokenizer.json");
+    let tokenizer = TextTokenizer::load(&tokenizer_path)?;
+    let (vs, model) = load_checkpoint(dir, spec, device)?;
+    check_vocab(tokenizer.vocab_size(), &model.config, dir)?;
+    Ok(Loaded {
+        vs,
+        model,
+        tokenizer,
+        tokenizer_path,
+    })
+}
 
 /// What to do with the scalar head when loading.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,6 +96,40 @@ pub fn save_checkpoint(model: &Transformer, vs: &VarStore, dir: &Path) -> Result
         .expect("a JSON value always serialises");
     std::fs::write(&tmp, text).map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, &config).map_err(io_err(&config))?;
+    Ok(())
+}
+
+/// Writes the final model of a stage to `<out>/checkpoint/` with the tokenizer it was trained
+/// with, so the folder is a complete Hugging Face checkpoint for the next stage.
+pub fn save_final(
+    out: &Path,
+    model: &Transformer,
+    vs: &VarStore,
+    tokenizer: &Path,
+) -> Result<std::path::PathBuf> {
+    let dir = out.join("checkpoint");
+    save_checkpoint(model, vs, &dir)?;
+    let bytes = std::fs::read(tokenizer).map_err(io_err(tokenizer))?;
+    let dst = dir.join("tokenizer.json");
+    temper_stage::atomic::write_atomic(&dst, &bytes).map_err(|e| CoreError::Io {
+        path: dst.clone(),
+        source: std::io::Error::other(format!("{e:#}")),
+    })?;
+    Ok(dir)
+}
+
+/// A tokenizer must fit the model it feeds: every id it produces needs an embedding row.
+pub fn check_vocab(tokenizer_vocab: usize, model: &ModelConfig, dir: &Path) -> Result<()> {
+    if tokenizer_vocab as i64 > model.vocab_size {
+        return Err(CoreError::Config {
+            path: dir.join(CONFIG_FILE),
+            field: "vocab_size".into(),
+            message: format!(
+                "the model has {} embedding rows but its tokenizer has {tokenizer_vocab} tokens; use the tokenizer the model was trained with",
+                model.vocab_size
+            ),
+        });
+    }
     Ok(())
 }
 

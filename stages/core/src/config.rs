@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use crate::error::{CoreError, Result};
 
@@ -76,7 +76,7 @@ impl ScorePooling {
     }
 }
 
-fn default_rope_theta() -> f64 {
+pub(crate) fn default_rope_theta() -> f64 {
     10_000.0
 }
 
@@ -201,205 +201,96 @@ impl ModelConfig {
         v
     }
 
-    /// Reads a Hugging Face `config.json` (GPT-2 or Llama).
+    /// Reads a Hugging Face `config.json` (see [`crate::hf_config`] for the families).
     pub fn from_hf_json(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| CoreError::Io {
-            path: path.into(),
-            source,
-        })?;
-        let value: Value = serde_json::from_str(&text).map_err(|source| CoreError::Json {
-            path: path.into(),
-            source,
-        })?;
-        let obj = value
-            .as_object()
-            .ok_or_else(|| field_err(path, "(root)", "not an object"))?;
-        HfFields { path, obj }.parse()
-    }
-}
-
-fn field_err(path: &Path, field: &str, message: &str) -> CoreError {
-    CoreError::Config {
-        path: path.into(),
-        field: field.into(),
-        message: message.into(),
-    }
-}
-
-/// Typed access to the fields of one parsed `config.json`, with errors naming the field.
-struct HfFields<'a> {
-    path: &'a Path,
-    obj: &'a Map<String, Value>,
-}
-
-impl HfFields<'_> {
-    fn int(&self, key: &str) -> Result<i64> {
-        self.opt_int(key)?
-            .ok_or_else(|| field_err(self.path, key, "missing"))
+        crate::hf_config::read(path)
     }
 
-    fn opt_int(&self, key: &str) -> Result<Option<i64>> {
-        match self.obj.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_i64()
-                .map(Some)
-                .ok_or_else(|| field_err(self.path, key, "expected an integer")),
-        }
-    }
-
-    fn opt_float(&self, key: &str) -> Result<Option<f64>> {
-        match self.obj.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| field_err(self.path, key, "expected a number")),
-        }
-    }
-
-    fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
-        match self.obj.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_bool()
-                .map(Some)
-                .ok_or_else(|| field_err(self.path, key, "expected true or false")),
-        }
-    }
-
-    fn str(&self, key: &str) -> Option<&str> {
-        self.obj.get(key).and_then(Value::as_str)
-    }
-
-    /// `eos_token_id` may be a list in newer configs; we take the first.
-    fn token_id(&self, key: &str) -> Result<Option<i64>> {
-        match self.obj.get(key) {
-            Some(Value::Array(ids)) => Ok(ids.first().and_then(Value::as_i64)),
-            _ => self.opt_int(key),
-        }
-    }
-
-    fn reject_if_true(&self, key: &str) -> Result<()> {
-        if self.opt_bool(key)? == Some(true) {
-            return Err(field_err(
-                self.path,
-                key,
-                "not supported by temper (must be false)",
-            ));
-        }
-        Ok(())
-    }
-
-    fn parse(&self) -> Result<ModelConfig> {
-        let model_type = self
-            .str("model_type")
-            .ok_or_else(|| field_err(self.path, "model_type", "missing"))?;
-        let mut cfg = match model_type {
-            "gpt2" => {
-                let act = self.str("activation_function").unwrap_or("gelu_new");
-                if !matches!(act, "gelu_new" | "gelu_pytorch_tanh") {
-                    return Err(field_err(
-                        self.path,
-                        "activation_function",
-                        &format!("`{act}` not supported (temper implements gelu_new)"),
-                    ));
-                }
-                self.reject_if_true("scale_attn_by_inverse_layer_idx")?;
-                self.reject_if_true("reorder_and_upcast_attn")?;
-                if self.opt_bool("scale_attn_weights")? == Some(false) {
-                    return Err(field_err(self.path, "scale_attn_weights", "must be true"));
-                }
-                ModelConfig {
-                    arch: Arch::Gpt2,
-                    vocab_size: self.int("vocab_size")?,
-                    n_layer: self.int("n_layer")?,
-                    n_head: self.int("n_head")?,
-                    d_model: self.int("n_embd")?,
-                    n_kv_head: None,
-                    d_ff: self.opt_int("n_inner")?,
-                    max_position: self.int("n_positions")?,
-                    norm_eps: self.opt_float("layer_norm_epsilon")?,
-                    rope_theta: default_rope_theta(),
-                    tie_embeddings: Some(self.opt_bool("tie_word_embeddings")?.unwrap_or(true)),
-                    bos_token_id: None,
-                    eos_token_id: None,
-                    pad_token_id: None,
-                    score_pooling: ScorePooling::LastToken,
-                }
-            }
-            "llama" => {
-                if !matches!(self.obj.get("rope_scaling"), None | Some(Value::Null)) {
-                    return Err(field_err(
-                        self.path,
-                        "rope_scaling",
-                        "not supported by temper",
-                    ));
-                }
-                self.reject_if_true("attention_bias")?;
-                self.reject_if_true("mlp_bias")?;
-                let act = self.str("hidden_act").unwrap_or("silu");
-                if act != "silu" {
-                    return Err(field_err(
-                        self.path,
-                        "hidden_act",
-                        &format!("`{act}` not supported (temper implements silu)"),
-                    ));
-                }
-                let d_model = self.int("hidden_size")?;
-                let n_head = self.int("num_attention_heads")?;
-                if let Some(hd) = self.opt_int("head_dim")? {
-                    if hd * n_head != d_model {
-                        return Err(field_err(
-                            self.path,
-                            "head_dim",
-                            "must equal hidden_size / num_attention_heads",
-                        ));
-                    }
-                }
-                ModelConfig {
-                    arch: Arch::Llama,
-                    vocab_size: self.int("vocab_size")?,
-                    n_layer: self.int("num_hidden_layers")?,
-                    n_head,
-                    d_model,
-                    n_kv_head: self.opt_int("num_key_value_heads")?,
-                    d_ff: Some(self.int("intermediate_size")?),
-                    max_position: self.int("max_position_embeddings")?,
-                    norm_eps: self.opt_float("rms_norm_eps")?,
-                    rope_theta: self
-                        .opt_float("rope_theta")?
-                        .unwrap_or(default_rope_theta()),
-                    tie_embeddings: Some(self.opt_bool("tie_word_embeddings")?.unwrap_or(false)),
-                    bos_token_id: None,
-                    eos_token_id: None,
-                    pad_token_id: None,
-                    score_pooling: ScorePooling::LastToken,
-                }
-            }
-            other => {
-                return Err(field_err(
-                    self.path,
-                    "model_type",
-                    &format!("`{other}` not supported: temper loads gpt2 and llama"),
-                ))
-            }
+    /// Parameters of the backbone and heads described here (an LM head counted when untied).
+    pub fn param_count(&self) -> i64 {
+        let (c, v, l) = (self.d_model, self.vocab_size, self.n_layer);
+        let kv = self.n_kv_head() * self.head_dim();
+        let f = self.d_ff();
+        let per_layer = match self.arch {
+            // c_attn (C×3C + 3C), c_proj (C×C + C), the MLP's c_fc and c_proj, two LayerNorms.
+            Arch::Gpt2 => 3 * c * c + 3 * c + c * c + c + 2 * c * f + f + c + 4 * c,
+            Arch::Llama => 2 * c * c + 2 * c * kv + 3 * c * f + 2 * c,
         };
-        cfg.bos_token_id = self.token_id("bos_token_id")?;
-        cfg.eos_token_id = self.token_id("eos_token_id")?;
-        cfg.pad_token_id = self.token_id("pad_token_id")?;
-        cfg.score_pooling = match self.obj.get("temper_score_pooling") {
-            None | Some(Value::Null) => ScorePooling::LastToken,
-            Some(v) => serde_json::from_value(v.clone()).map_err(|_| {
-                field_err(
-                    self.path,
-                    "temper_score_pooling",
-                    &format!("{v} is not \"last_token\" or \"response_mean\""),
-                )
-            })?,
+        let positions = if self.arch == Arch::Gpt2 {
+            self.max_position * c
+        } else {
+            0
         };
-        cfg.validate()
-            .map_err(|e| field_err(self.path, "(shape)", &e.to_string()))?;
+        let head = if self.tie_embeddings() { 0 } else { v * c };
+        v * c + positions + l * per_layer + 2 * c + head
+    }
+
+    /// A rough upper bound on the bytes fp32 training of `batch` × `seq` tokens needs: weights,
+    /// gradients and two AdamW moments, the activations kept for backward (attention scores
+    /// included, as the CPU's math attention materialises them) and the logits. Used to refuse
+    /// absurd sizes up front, not to plan memory.
+    pub fn training_bytes(&self, batch: i64, seq: i64) -> f64 {
+        let (b, t) = (batch as f64, seq as f64);
+        let (c, l) = (self.d_model as f64, self.n_layer as f64);
+        let weights = 16.0 * self.param_count() as f64;
+        let per_layer =
+            b * t * (12.0 * c + 2.0 * self.d_ff() as f64) + 2.0 * b * self.n_head as f64 * t * t;
+        let logits = 3.0 * b * t * self.vocab_size as f64;
+        weights + 4.0 * (l * per_layer + logits)
+    }
+}
+
+/// The `model:` section of a from-scratch config: a model shape whose tokenizer-decided fields
+/// (vocabulary size, EOS and pad ids) may be left out and are filled in from the tokenizer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelShape {
+    pub arch: Arch,
+    pub n_layer: i64,
+    pub n_head: i64,
+    pub d_model: i64,
+    pub max_position: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vocab_size: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_kv_head: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub d_ff: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub norm_eps: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tie_embeddings: Option<bool>,
+}
+
+impl ModelShape {
+    /// The full model config, with what the tokenizer decides filled in.
+    pub fn resolve(&self, tokenizer_vocab: usize, eos: u32, pad: u32) -> Result<ModelConfig> {
+        let vocab_size = self.vocab_size.unwrap_or(tokenizer_vocab as i64);
+        if vocab_size < tokenizer_vocab as i64 {
+            return Err(CoreError::InvalidModel(format!(
+                "vocab_size {vocab_size} is smaller than the tokenizer's {tokenizer_vocab}"
+            )));
+        }
+        let cfg = ModelConfig {
+            arch: self.arch,
+            vocab_size,
+            n_layer: self.n_layer,
+            n_head: self.n_head,
+            d_model: self.d_model,
+            n_kv_head: self.n_kv_head,
+            d_ff: self.d_ff,
+            max_position: self.max_position,
+            norm_eps: self.norm_eps,
+            rope_theta: self.rope_theta.unwrap_or_else(default_rope_theta),
+            tie_embeddings: self.tie_embeddings,
+            bos_token_id: None,
+            eos_token_id: Some(eos as i64),
+            pad_token_id: Some(pad as i64),
+            score_pooling: ScorePooling::LastToken,
+        };
+        cfg.validate()?;
         Ok(cfg)
     }
 }

@@ -69,8 +69,8 @@ pub fn resolve_device(spec: DeviceSpec) -> Result<Device> {
             if n < count {
                 Ok(Device::Cuda(n))
             } else {
-                Err(CoreError::InvalidModel(format!(
-                    "device cuda:{n} requested but libtorch sees {count} CUDA device(s); use `device: auto` or `cpu`"
+                Err(CoreError::Device(format!(
+                    "cuda:{n} requested but libtorch sees {count} CUDA device(s); use `device: auto` or `cpu`"
                 )))
             }
         }
@@ -107,4 +107,16 @@ pub fn with_autocast<T>(device: Device, precision: Precision, f: impl FnOnce() -
     }
     let _restore = Restore(device_code, prev);
     Ok(f())
+}
+
+/// Refuses a job whose estimated memory exceeds the machine's (CPU: physical memory). On CUDA
+/// the estimate is not checked here: libtorch reports an out-of-memory error on its own.
+pub fn check_memory(device: Device, bytes: f64, what: &str) -> std::result::Result<(), String> {
+    if device.is_cuda() {
+        return Ok(());
+    }
+    match temper_stage::memory::total_bytes() {
+        Some(total) => temper_stage::memory::check_fits(bytes, total, what),
+        None => Ok(()),
+    }
 }

@@ -10,6 +10,9 @@ pub enum CoreError {
     #[error(transparent)]
     Torch(#[from] tch::TchError),
 
+    #[error(transparent)]
+    Data(#[from] temper_data::DataError),
+
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -29,8 +32,11 @@ pub enum CoreError {
         message: String,
     },
 
-    #[error("invalid model config: {0}")]
+    #[error("invalid model shape: {0}")]
     InvalidModel(String),
+
+    #[error("device: {0}")]
+    Device(String),
 
     #[error("{path}: checkpoint does not match the model: {}", describe_mismatch(.missing, .unexpected, .mismatched))]
     CheckpointMismatch {
@@ -40,6 +46,13 @@ pub enum CoreError {
         /// (name, shape the model expects, shape in the file)
         mismatched: Vec<(String, Vec<i64>, Vec<i64>)>,
     },
+
+    /// A training state that cannot be resumed: what is wrong, and how to start over.
+    #[error("{path} cannot be resumed: {message}; {}", temper_stage::cli::fresh_hint(.path))]
+    State { path: PathBuf, message: String },
+
+    #[error("{path} was written under a different config: restore that config to resume it, or {}", temper_stage::cli::fresh_hint(.path))]
+    StateMismatch { path: PathBuf },
 
     #[error("{0}")]
     Shape(String),

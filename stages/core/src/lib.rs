@@ -3,31 +3,40 @@
 //! GPT-2 and Llama families share one implementation with small enum switches ([`Arch`]);
 //! parameter names are Hugging Face's, so `model.safetensors` files move between temper and
 //! `transformers` without conversion. Training loops live in the stage binaries; this crate
-//! holds the pieces they call.
+//! holds the pieces they call: the model, sampler, scoring, losses, RL maths, optimizer,
+//! checkpoints and the resumable state. The stage contract (arguments, configs, folders,
+//! metrics files) is temper-stage's.
 
 pub mod checkpoint;
 pub mod config;
 pub mod device;
 pub mod error;
 mod ffi;
+pub mod hf_config;
 pub mod kv_cache;
 mod layers;
 pub mod losses;
 pub mod model;
 pub mod optim;
+pub mod rewards;
 pub mod rl;
-pub mod rundir;
 pub mod sample;
 pub mod schedule;
-pub mod stage;
+pub mod scoring;
+pub mod state;
+pub mod tensors;
 
-pub use checkpoint::{load_checkpoint, save_checkpoint, LoadSpec, ScoreHead};
-pub use config::{Arch, ModelConfig, ScorePooling};
+pub use checkpoint::{
+    load_checkpoint, load_with_tokenizer, save_checkpoint, save_final, LoadSpec, Loaded, ScoreHead,
+    CHECKPOINT_FILES,
+};
+pub use config::{Arch, ModelConfig, ModelShape, ScorePooling};
 pub use device::{resolve_device, with_autocast, DeviceSpec, Precision};
 pub use error::{CoreError, Result};
 pub use kv_cache::KvCache;
 pub use model::{causal_lm_loss, lm_target_mask, token_logprobs, Heads, Transformer};
 pub use optim::{AdamW, AdamWConfig};
-pub use rundir::{config_hash, Progress, RunDir};
 pub use sample::{generate, Generation, Joined, SamplingConfig};
 pub use schedule::{OptimSettings, Schedule};
+pub use state::{resume_or_start, save_state};
+pub use tensors::BatchTensors;

@@ -9,6 +9,7 @@ use tch::nn;
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{Arch, ModelConfig, ScorePooling};
+use crate::device::{with_autocast, Precision};
 use crate::error::{CoreError, Result};
 use crate::kv_cache::KvCache;
 use crate::layers::{normal_init, Linear, Mlp, Norm, Rope};
@@ -382,6 +383,46 @@ impl Transformer {
                 Ok(total / m.sum_dim_intlist(1, false, Kind::Float).clamp_min(1.0))
             }
         }
+    }
+
+    /// Mean next-token loss of `ids` (B, T) over the targets whose `loss_mask` is 1, with
+    /// `attention` (B, T) for padded rows, under autocast when `precision` asks for it.
+    pub fn lm_loss(
+        &self,
+        ids: &Tensor,
+        attention: Option<&Tensor>,
+        loss_mask: &Tensor,
+        precision: Precision,
+    ) -> Result<Tensor> {
+        with_autocast(self.device(), precision, || -> Result<Tensor> {
+            let (_, logits) = self.forward(ids, attention)?;
+            Ok(causal_lm_loss(&logits, ids, loss_mask))
+        })?
+    }
+
+    /// Token-weighted mean loss over `batches` of (ids, attention, loss mask), without
+    /// gradients: each batch counts by its number of trained targets.
+    pub fn mean_lm_loss(
+        &self,
+        batches: impl IntoIterator<Item = (Tensor, Option<Tensor>, Tensor)>,
+        precision: Precision,
+    ) -> Result<f64> {
+        let (mut total, mut weight) = (0.0, 0.0);
+        tch::no_grad(|| -> Result<()> {
+            for (ids, attn, mask) in batches {
+                let t = mask.size()[1];
+                let targets = mask
+                    .narrow(1, 1, t - 1)
+                    .to_kind(Kind::Double)
+                    .sum(Kind::Double)
+                    .double_value(&[]);
+                let loss = self.lm_loss(&ids, attn.as_ref(), &mask, precision)?;
+                total += loss.to_kind(Kind::Double).double_value(&[]) * targets;
+                weight += targets;
+            }
+            Ok(())
+        })?;
+        Ok(total / weight.max(1.0))
     }
 
     /// Convenience: hidden states and logits of a full sequence.

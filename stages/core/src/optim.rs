@@ -99,6 +99,20 @@ impl AdamW {
         fused_step(&self.no_decay, lr, &c, 0.0)
     }
 
+    /// The whole update of a training step: clips the gradients to `grad_clip` (0 disables
+    /// clipping; the norm is measured anyway), steps at `lr`, clears the gradients. Returns the
+    /// gradient norm before clipping.
+    pub fn update(&mut self, grad_clip: f64, lr: f64) -> Result<f64> {
+        let norm = self.clip_grad_norm(if grad_clip > 0.0 {
+            grad_clip
+        } else {
+            f64::INFINITY
+        });
+        self.step(lr)?;
+        self.zero_grad();
+        Ok(norm)
+    }
+
     pub fn zero_grad(&mut self) {
         for p in self.decay.iter_mut().chain(self.no_decay.iter_mut()) {
             p.value.zero_grad();

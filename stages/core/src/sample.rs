@@ -7,6 +7,7 @@
 //! to checkpoint. Everything but that (B,) vector of draws stays on the device.
 
 use tch::{Device, Kind, Tensor};
+use temper_data::batch::SplitMix64;
 
 use crate::error::{CoreError, Result};
 use crate::kv_cache::KvCache;
@@ -91,17 +92,10 @@ pub fn left_pad(seqs: &[Vec<i64>], pad: i64, device: Device) -> (Tensor, Tensor)
     )
 }
 
-/// splitmix64: a well-mixed 64-bit hash, enough for reproducible uniform draws.
-fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// A uniform draw in (0, 1) for `seed` at `step`.
+/// A uniform draw in (0, 1) for `seed` at `step`: splitmix64 of the seed, mixed with the step.
 pub fn uniform_draw(seed: u64, step: u64) -> f64 {
-    let bits = splitmix64(splitmix64(seed) ^ step.wrapping_mul(0xD1B5_4A32_D192_ED03));
+    let mixed = SplitMix64(seed).next_u64() ^ step.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    let bits = SplitMix64(mixed).next_u64();
     ((bits >> 11) as f64 + 0.5) / (1u64 << 53) as f64
 }
 

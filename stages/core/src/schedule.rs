@@ -77,27 +77,54 @@ impl OptimSettings {
         }
     }
 
-    pub fn validate(&self) -> Result<(), String> {
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            return Err(format!(
-                "optim.lr must be a positive number, got {}",
-                self.lr
-            ));
+    /// Range checks; an error names the key inside `optim:` and what is wrong.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        let finite_pos = |v: f64| v.is_finite() && v > 0.0;
+        if !finite_pos(self.lr) {
+            return Err(("lr", format!("must be a positive number, got {}", self.lr)));
         }
-        if self.min_lr < 0.0 || self.min_lr > self.lr {
-            return Err(format!(
-                "optim.min_lr must be in [0, lr], got {}",
-                self.min_lr
-            ));
+        if !(self.min_lr >= 0.0 && self.min_lr <= self.lr) {
+            return Err(("min_lr", format!("must be in [0, lr], got {}", self.min_lr)));
         }
         if self.grad_accum == 0 {
-            return Err("optim.grad_accum must be at least 1".into());
+            return Err(("grad_accum", "must be at least 1".into()));
         }
-        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
-            return Err("optim.beta1 and beta2 must be in [0, 1)".into());
+        for (key, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return Err((key, format!("must be in [0, 1), got {b}")));
+            }
+        }
+        if !finite_pos(self.eps) {
+            return Err((
+                "eps",
+                format!("must be a positive number, got {}", self.eps),
+            ));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err((
+                "weight_decay",
+                format!("must be ≥ 0, got {}", self.weight_decay),
+            ));
+        }
+        if !(self.grad_clip.is_finite() && self.grad_clip >= 0.0) {
+            return Err((
+                "grad_clip",
+                format!("must be ≥ 0 (0 disables clipping), got {}", self.grad_clip),
+            ));
         }
         Ok(())
     }
+}
+
+/// Checks an `optim:` block of a stage config, the error naming the key and its line.
+pub fn check_optim<T>(
+    cfg: &temper_stage::ConfigFile<T>,
+    field: &str,
+    optim: &OptimSettings,
+) -> Result<(), temper_stage::StageError> {
+    optim
+        .validate()
+        .map_err(|(key, message)| cfg.error(&format!("{field}.{key}"), message))
 }
 
 #[cfg(test)]

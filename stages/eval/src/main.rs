@@ -9,20 +9,23 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use anyhow::{anyhow, Context};
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tch::{Kind, Tensor};
 use temper_core::checkpoint::ScoreHead;
-use temper_core::sample::{generate, Generation, Joined, SamplingConfig};
-use temper_core::stage::{self, invalid, StageArgs, StageError};
+use temper_core::rewards::{SentimentJudge, Verdict};
+use temper_core::sample::{generate, Generation, SamplingConfig};
+use temper_core::scoring::{decode_replies, response_logprobs, reward_scores};
 use temper_core::{
-    load_checkpoint, resolve_device, token_logprobs, with_autocast, DeviceSpec, LoadSpec,
-    Precision, RunDir, Transformer,
+    load_checkpoint, load_with_tokenizer, resolve_device, with_autocast, DeviceSpec, LoadSpec,
+    Loaded, Precision, Transformer, CHECKPOINT_FILES,
 };
-use temper_data::judge::{SentimentJudge, Verdict};
-use temper_data::{ChatTemplate, Fields, LoadOptions, Overlong, TextTokenizer};
+use temper_data::{seed_for, ChatTemplate, Fields, LoadOptions, Overlong, PromptRecord};
+use temper_stage::{
+    invalid, main_with, ConfigFile, Inputs, MetricsLog, StageArgs, StageError, StageFolder,
+    StageKind,
+};
 use tracing::info;
 
 /// Compare a PPO policy with its SFT baseline on held-out prompts.
@@ -94,11 +97,6 @@ fn default_shown() -> usize {
     6
 }
 
-fn main() {
-    let args = Args::parse();
-    stage::main_with("temper-eval", || run(&args.stage));
-}
-
 /// One model's replies: text, reward-model score, summed log-prob ratio to the reference.
 struct Replies {
     text: Vec<String>,
@@ -107,160 +105,304 @@ struct Replies {
     eos: Vec<bool>,
 }
 
-fn run(args: &StageArgs) -> Result<(), StageError> {
-    let cfg: Config = stage::read_config(&args.config)?;
-    for (name, dir) in [
-        ("policy", &cfg.policy),
-        ("baseline", &cfg.baseline),
-        ("reward_model", &cfg.reward_model),
-    ]
-    .into_iter()
-    .chain(cfg.reference.as_ref().map(|r| ("reference", r)))
-    {
-        if !dir.join("model.safetensors").exists() {
-            return Err(invalid(anyhow!(
-                "{name}: {} holds no model.safetensors",
-                dir.display()
-            )));
+fn main() {
+    let args = Args::parse();
+    main_with("temper-eval", || run(&args.stage))
+}
+
+/// Range checks and the inputs' presence; nothing is read yet.
+fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError> {
+    let c = &cfg.value;
+    cfg.ensure(c.max_prompts >= 1, "max_prompts", "must be at least 1")?;
+    cfg.ensure(c.batch_size >= 1, "batch_size", "must be at least 1")?;
+    cfg.ensure(
+        c.max_new_tokens >= 1,
+        "max_new_tokens",
+        "must be at least 1",
+    )?;
+    cfg.ensure(
+        c.temperature.is_finite() && c.temperature >= 0.0,
+        "temperature",
+        "must be ≥ 0 (0 is greedy)",
+    )?;
+    cfg.ensure(
+        c.top_p.is_none_or(|p| p > 0.0 && p <= 1.0),
+        "top_p",
+        "must be in (0, 1]",
+    )?;
+    for (field, dir) in [
+        ("policy", Some(&c.policy)),
+        ("baseline", Some(&c.baseline)),
+        ("reference", c.reference.as_ref()),
+        ("reward_model", Some(&c.reward_model)),
+    ] {
+        if let Some(dir) = dir {
+            inputs.folder(cfg, field, dir, &CHECKPOINT_FILES[..2])?;
         }
     }
-    for f in [Some(&cfg.prompts), cfg.lexicon.as_ref()]
-        .into_iter()
-        .flatten()
-    {
-        if !f.exists() {
-            return Err(invalid(anyhow!("{} not found", f.display())));
-        }
+    inputs.file(cfg, "prompts", &c.prompts)?;
+    if let Some(l) = &c.lexicon {
+        inputs.file(cfg, "lexicon", l)?;
     }
-    let device = resolve_device(cfg.device).map_err(invalid)?;
-    let tok = TextTokenizer::load(&cfg.policy.join("tokenizer.json")).map_err(invalid)?;
-    let template = ChatTemplate::new(&tok).map_err(invalid)?;
-    let (_p, policy) =
-        load_checkpoint(&cfg.policy, LoadSpec::CAUSAL_LM, device).map_err(invalid)?;
-    let (_b, baseline) =
-        load_checkpoint(&cfg.baseline, LoadSpec::CAUSAL_LM, device).map_err(invalid)?;
-    let (_r, reference) = load_checkpoint(
-        cfg.reference.as_ref().unwrap_or(&cfg.baseline),
+    Ok(())
+}
+
+/// The models, the judge and the prompts, loaded and cross-checked.
+struct Setup {
+    policy: Loaded,
+    baseline: Transformer,
+    reference: Transformer,
+    reward: Transformer,
+    judge: Option<SentimentJudge>,
+    template: ChatTemplate,
+    prompts: Vec<(Vec<u32>, PromptRecord)>,
+}
+
+fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
+    let c = &cfg.value;
+    let device = resolve_device(c.device).map_err(invalid)?;
+    let policy = load_with_tokenizer(&c.policy, LoadSpec::CAUSAL_LM, device).map_err(invalid)?;
+    let template = ChatTemplate::new(&policy.tokenizer).map_err(invalid)?;
+    let load = |dir: &PathBuf, spec| -> Result<Transformer, StageError> {
+        let (_, model) = load_checkpoint(dir, spec, device).map_err(invalid)?;
+        temper_core::checkpoint::check_vocab(policy.tokenizer.vocab_size(), &model.config, dir)
+            .map_err(invalid)?;
+        Ok(model)
+    };
+    let baseline = load(&c.baseline, LoadSpec::CAUSAL_LM)?;
+    let reference = load(
+        c.reference.as_ref().unwrap_or(&c.baseline),
         LoadSpec::CAUSAL_LM,
-        device,
-    )
-    .map_err(invalid)?;
-    let (_rm, reward) = load_checkpoint(
-        &cfg.reward_model,
-        LoadSpec {
-            lm_head: false,
-            score: ScoreHead::Load,
-        },
-        device,
-    )
-    .map_err(invalid)?;
-    let judge = cfg
+    )?;
+    let rm_spec = LoadSpec {
+        lm_head: false,
+        score: ScoreHead::Load,
+    };
+    let reward = load(&c.reward_model, rm_spec)?;
+    let judge = c
         .lexicon
         .as_ref()
         .map(|l| SentimentJudge::load(l))
         .transpose()
         .map_err(invalid)?;
-    let max_prompt = (policy.config.max_position - cfg.max_new_tokens).max(1) as usize;
+    let max_position = policy.model.config.max_position;
+    cfg.ensure(
+        c.max_new_tokens < max_position,
+        "max_new_tokens",
+        format!("must leave room for a prompt in the model's {max_position} positions"),
+    )?;
     let opts = LoadOptions {
-        tokenizer: &tok,
+        tokenizer: &policy.tokenizer,
         template,
-        fields: &cfg.fields,
-        max_len: max_prompt,
+        fields: &c.fields,
+        max_len: (max_position - c.max_new_tokens) as usize,
         overlong: Overlong::Skip,
         train_on_prompt: false,
     };
-    let (mut prompts, _) = opts.prompts(&cfg.prompts).map_err(invalid)?;
-    prompts.truncate(cfg.max_prompts);
-    if args.validate {
-        println!(
-            "{}",
-            serde_yaml::to_string(&cfg).context("printing the resolved config")?
-        );
-        return Ok(());
-    }
-    let mut run = RunDir::create(&args.out)?;
-    run.reset_logs()?;
-    stage::write_resolved(&run.out, &cfg)?;
+    let (mut prompts, _) = opts.prompts(&c.prompts).map_err(invalid)?;
+    prompts.truncate(c.max_prompts);
+    Ok(Setup {
+        policy,
+        baseline,
+        reference,
+        reward,
+        judge,
+        template,
+        prompts,
+    })
+}
 
-    let sampling = SamplingConfig {
-        max_new_tokens: cfg.max_new_tokens,
-        temperature: cfg.temperature,
-        top_k: None,
-        top_p: cfg.top_p,
-        eos_token_id: Some(template.eos as i64),
-        pad_token_id: template.pad as i64,
-    };
-    let ids: Vec<Vec<i64>> = prompts
-        .iter()
-        .map(|(p, _)| p.iter().map(|&t| t as i64).collect())
-        .collect();
-    let reply = |model: &Transformer| -> anyhow::Result<Replies> {
-        let mut out = Replies {
-            text: vec![],
-            scores: vec![],
-            kl: vec![],
-            eos: vec![],
-        };
-        for (c, chunk) in ids.chunks(cfg.batch_size).enumerate() {
-            let seeds: Vec<u64> = (0..chunk.len())
-                .map(|i| cfg.seed ^ ((c * cfg.batch_size + i) as u64))
-                .collect();
-            let g = with_autocast(device, cfg.precision, || {
-                generate(model, chunk, &sampling, &seeds)
-            })??;
-            score_replies(
-                &g,
-                &reward,
-                &reference,
-                model,
-                &tok,
-                template.eos,
-                cfg.temperature,
-                cfg.precision,
-                &mut out,
-            )?;
-        }
-        Ok(out)
-    };
-    let tuned = reply(&policy)?;
-    let base = reply(&baseline)?;
-    let n = prompts.len() as f64;
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-    let wins: f64 = tuned
-        .scores
-        .iter()
-        .zip(&base.scores)
-        .map(|(a, b)| {
-            if a > b {
-                1.0
-            } else if a == b {
-                0.5
-            } else {
-                0.0
-            }
-        })
-        .sum::<f64>()
-        / n;
-    let labels: Vec<Option<String>> = prompts
+fn run(args: &StageArgs) -> Result<(), StageError> {
+    let cfg = ConfigFile::<Config>::load(&args.config, StageKind::Eval)?;
+    let mut inputs = Inputs::new(&args.pending);
+    check(&cfg, &mut inputs)?;
+    temper_stage::folder::check(&args.out)?;
+    if inputs.any_pending() {
+        return cfg.print_resolved(); // the rest is checked when the inputs exist
+    }
+    let s = prepare(&cfg)?;
+    if args.validate {
+        return cfg.print_resolved();
+    }
+    let c = &cfg.value;
+    let folder = StageFolder::claim(&args.out, "eval")?;
+    let mut log = MetricsLog::open(&folder.path)?;
+    log.reset()?;
+    cfg.write_resolved(&folder.path)?;
+
+    let tuned = replies(&s, &s.policy.model, c)?;
+    let base = replies(&s, &s.baseline, c)?;
+    let labels: Vec<Option<String>> = s
+        .prompts
         .iter()
         .map(|(_, r)| {
             r.meta
-                .get(&cfg.label_field)
+                .get(&c.label_field)
                 .and_then(|v| v.as_str())
                 .map(str::to_owned)
         })
         .collect();
     // The judge reads each reply once; agreement, correlation and the samples reuse it.
     let judged = |r: &Replies| -> Option<Vec<Verdict>> {
-        let j = judge.as_ref()?;
+        let j = s.judge.as_ref()?;
         Some(r.text.iter().map(|t| j.judge(t)).collect())
     };
     let (ppo_verdicts, sft_verdicts) = (judged(&tuned), judged(&base));
+    let summary = summarize(
+        &tuned,
+        &base,
+        &labels,
+        ppo_verdicts.as_deref(),
+        sft_verdicts.as_deref(),
+    );
+    let fields: Vec<(&str, f64)> = summary
+        .iter()
+        .filter_map(|(k, v)| v.as_f64().map(|x| (k.as_str(), x)))
+        .collect();
+    log.log_eval(0, &fields)?;
+    let records: Vec<serde_json::Value> = (0..s.prompts.len())
+        .map(|i| json!({
+            "step": 0, "prompt": s.policy.tokenizer.decode(&s.prompts[i].0).unwrap_or_default(), "label": labels[i],
+            "ppo": tuned.text[i], "ppo_score": tuned.scores[i], "ppo_kl": tuned.kl[i],
+            "sft": base.text[i], "sft_score": base.scores[i],
+            "ppo_judge": ppo_verdicts.as_ref().map(|v| v[i].compound),
+            "sft_judge": sft_verdicts.as_ref().map(|v| v[i].compound),
+        }))
+        .collect();
+    log.log_samples(&records)?;
+    temper_stage::atomic::write_json(
+        &folder.path.join("report.json"),
+        &json!({"summary": summary, "samples": records}),
+    )?;
+    temper_stage::atomic::write_atomic(
+        &folder.path.join("report.md"),
+        report_md(&summary, &records, c.show).as_bytes(),
+    )?;
+    info!(
+        "win-rate {:.3}; score PPO {:.3} vs SFT {:.3}; KL {:.3}",
+        summary["win_rate"], summary["score_ppo"], summary["score_sft"], summary["kl_ppo"]
+    );
+    log.write_summary("ok", summary)?;
+    Ok(())
+}
+
+/// One model's replies to every prompt (same seeds for every model), each scored by the reward
+/// model and by its KL to the reference: Σ log π − log π_ref over the reply at the sampling
+/// temperature.
+fn replies(s: &Setup, model: &Transformer, c: &Config) -> anyhow::Result<Replies> {
+    let sampling = SamplingConfig {
+        max_new_tokens: c.max_new_tokens,
+        temperature: c.temperature,
+        top_k: None,
+        top_p: c.top_p,
+        eos_token_id: Some(s.template.eos as i64),
+        pad_token_id: s.template.pad as i64,
+    };
+    let ids: Vec<Vec<i64>> = s
+        .prompts
+        .iter()
+        .map(|(p, _)| p.iter().map(|&t| t as i64).collect())
+        .collect();
+    let mut out = Replies {
+        text: vec![],
+        scores: vec![],
+        kl: vec![],
+        eos: vec![],
+    };
+    let device = model.device();
+    for (chunk_index, chunk) in ids.chunks(c.batch_size).enumerate() {
+        let seeds: Vec<u64> = (0..chunk.len())
+            .map(|i| {
+                seed_for(
+                    c.seed,
+                    "eval-prompt",
+                    (chunk_index * c.batch_size + i) as u64,
+                )
+            })
+            .collect();
+        let g = with_autocast(device, c.precision, || {
+            generate(model, chunk, &sampling, &seeds)
+        })??;
+        let (scores, kl) = score(s, model, &g, c)?;
+        out.scores
+            .extend(Vec::<f64>::try_from(scores.to_kind(Kind::Double))?);
+        out.kl
+            .extend(Vec::<f64>::try_from(kl.to_kind(Kind::Double))?);
+        for r in decode_replies(&s.policy.tokenizer, &g.tokens, &g.mask, s.template.eos)? {
+            out.text.push(r.text);
+            out.eos.push(r.ended_with_eos);
+        }
+    }
+    Ok(out)
+}
+
+/// Reward-model scores (B,) and KL to the reference (B,) of one generated batch.
+fn score(
+    s: &Setup,
+    model: &Transformer,
+    g: &Generation,
+    c: &Config,
+) -> anyhow::Result<(Tensor, Tensor)> {
+    let joined = g.joined();
+    let p = g.prompt.size()[1];
+    let mask = g.mask.to_kind(Kind::Float);
+    let device = model.device();
+    tch::no_grad(|| {
+        with_autocast(
+            device,
+            c.precision,
+            || -> anyhow::Result<(Tensor, Tensor)> {
+                let scores = reward_scores(&s.reward, &joined)?;
+                let lp = |m: &Transformer| -> anyhow::Result<Tensor> {
+                    Ok(response_logprobs(
+                        m,
+                        &joined.seq,
+                        &joined.attention,
+                        p,
+                        &g.tokens,
+                        c.temperature,
+                    )?
+                    .0)
+                };
+                let kl = ((lp(model)? - lp(&s.reference)?) * &mask).sum_dim_intlist(
+                    1,
+                    false,
+                    Kind::Float,
+                );
+                Ok((scores, kl))
+            },
+        )?
+    })
+}
+
+/// The evaluation's numbers: RM scores and win-rate, KL, EOS rates, and, with a judge, its
+/// agreement with the wanted sentiment (overall and per sentiment) and its correlation with
+/// the reward model within each sentiment.
+fn summarize(
+    tuned: &Replies,
+    base: &Replies,
+    labels: &[Option<String>],
+    ppo_verdicts: Option<&[Verdict]>,
+    sft_verdicts: Option<&[Verdict]>,
+) -> temper_stage::Summary {
+    let n = labels.len() as f64;
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let wins: f64 = tuned
+        .scores
+        .iter()
+        .zip(&base.scores)
+        .map(|(a, b)| match a.partial_cmp(b) {
+            Some(std::cmp::Ordering::Greater) => 1.0,
+            Some(std::cmp::Ordering::Equal) => 0.5,
+            _ => 0.0,
+        })
+        .sum::<f64>()
+        / n;
     // Agreement over all labelled prompts, or only those wanting `only`.
     let agreement = |verdicts: &[Verdict], only: Option<&str>| -> Option<f64> {
         let hits: Vec<bool> = verdicts
             .iter()
-            .zip(&labels)
+            .zip(labels)
             .filter(|(_, l)| only.is_none() || l.as_deref() == only)
             .filter_map(|(v, l)| l.as_ref().map(|l| v.agrees_with(l)))
             .collect();
@@ -268,26 +410,26 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     };
     // Does the reward model measure what the independent judge measures? Its scores against
     // the judge's compound score signed by the wanted sentiment (+ for positive, − for
-    // negative), within each wanted sentiment: a Bradley–Terry score is only
-    // comparable between replies to the same kind of prompt (its level per prompt is free).
+    // negative), within each wanted sentiment: a Bradley–Terry score is only comparable
+    // between replies to the same kind of prompt (its level per prompt is free).
     let rm_judge_corr = |verdicts: &[Verdict], scores: &[f64]| -> Option<f64> {
         let points: Vec<(&str, f64, f64)> = verdicts
             .iter()
             .zip(scores)
-            .zip(&labels)
-            .filter_map(|((v, &s), l)| {
+            .zip(labels)
+            .filter_map(|((v, &sc), l)| {
                 let label = l.as_deref()?;
                 let sign = match label {
                     "positive" => 1.0,
                     "negative" => -1.0,
                     _ => return None,
                 };
-                Some((label, s, sign * v.compound))
+                Some((label, sc, sign * v.compound))
             })
             .collect();
         within_group_pearson(&points)
     };
-    let mut summary = serde_json::Map::new();
+    let mut summary = temper_stage::Summary::new();
     let mut put = |k: &str, v: f64| {
         summary.insert(k.into(), json!(v));
     };
@@ -305,8 +447,8 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         "eos_rate_sft",
         base.eos.iter().filter(|&&e| e).count() as f64 / n,
     );
-    if let (Some(ppo_v), Some(sft_v)) = (&ppo_verdicts, &sft_verdicts) {
-        let sides = [("ppo", ppo_v, &tuned), ("sft", sft_v, &base)];
+    if let (Some(ppo_v), Some(sft_v)) = (ppo_verdicts, sft_verdicts) {
+        let sides = [("ppo", ppo_v, tuned), ("sft", sft_v, base)];
         for (name, v, _) in sides {
             if let Some(a) = agreement(v, None) {
                 put(&format!("judge_agreement_{name}"), a);
@@ -325,95 +467,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
             }
         }
     }
-    let fields: Vec<(&str, f64)> = summary
-        .iter()
-        .filter_map(|(k, v)| v.as_f64().map(|x| (k.as_str(), x)))
-        .collect();
-    run.log(0, "eval", &fields)?;
-    let records: Vec<serde_json::Value> = (0..prompts.len())
-        .map(|i| json!({
-            "step": 0, "prompt": tok.decode(&prompts[i].0).unwrap_or_default(), "label": labels[i],
-            "ppo": tuned.text[i], "ppo_score": tuned.scores[i], "ppo_kl": tuned.kl[i],
-            "sft": base.text[i], "sft_score": base.scores[i],
-            "ppo_judge": ppo_verdicts.as_ref().map(|v| v[i].compound),
-            "sft_judge": sft_verdicts.as_ref().map(|v| v[i].compound),
-        }))
-        .collect();
-    run.log_samples(&records)?;
-    std::fs::write(
-        run.out.join("report.json"),
-        serde_json::to_vec_pretty(&json!({"summary": summary, "samples": records}))?,
-    )?;
-    std::fs::write(
-        run.out.join("report.md"),
-        report_md(&summary, &records, cfg.show),
-    )?;
-    info!(
-        "win-rate {wins:.3}; score PPO {:.3} vs SFT {:.3}; KL {:.3}",
-        mean(&tuned.scores),
-        mean(&base.scores),
-        mean(&tuned.kl)
-    );
-    run.write_summary("ok", summary)?;
-    Ok(())
-}
-
-/// Scores one batch of replies: the reward model on prompt + reply, the reference KL on the
-/// reply tokens (Σ log π − log π_ref at the sampling temperature), and the decoded text.
-#[allow(clippy::too_many_arguments)]
-fn score_replies(
-    g: &Generation,
-    reward: &Transformer,
-    reference: &Transformer,
-    model: &Transformer,
-    tok: &TextTokenizer,
-    eos: u32,
-    temperature: f64,
-    precision: Precision,
-    out: &mut Replies,
-) -> anyhow::Result<()> {
-    let p = g.prompt.size()[1];
-    let n = g.tokens.size()[1];
-    let Joined {
-        seq,
-        attention: attn,
-        response,
-    } = g.joined();
-    let mask = g.mask.to_kind(Kind::Float);
-    let device = seq.device();
-    let (scores, kl) = tch::no_grad(|| {
-        with_autocast(device, precision, || -> anyhow::Result<(Tensor, Tensor)> {
-            let h = reward.hidden_states(&seq, Some(&attn), None)?;
-            let scores = reward
-                .sequence_scores(&h, &attn, &response)?
-                .to_kind(Kind::Float);
-            let lp = |m: &Transformer| -> anyhow::Result<Tensor> {
-                let h = m.hidden_states(&seq, Some(&attn), None)?;
-                let logits = m.logits(&h.narrow(1, p - 1, n))?.to_kind(Kind::Float) / temperature;
-                Ok(token_logprobs(&logits, &g.tokens))
-            };
-            let kl = ((lp(model)? - lp(reference)?) * &mask).sum_dim_intlist(1, false, Kind::Float);
-            Ok((scores, kl))
-        })?
-    })?;
-    out.scores
-        .extend(Vec::<f64>::try_from(scores.to_kind(Kind::Double))?);
-    out.kl
-        .extend(Vec::<f64>::try_from(kl.to_kind(Kind::Double))?);
-    for i in 0..g.tokens.size()[0] {
-        let toks = Vec::<i64>::try_from(g.tokens.get(i))?;
-        let m = Vec::<bool>::try_from(g.mask.get(i))?;
-        out.eos
-            .push(toks.iter().zip(&m).any(|(&t, &k)| k && t == eos as i64));
-        let reply: Vec<u32> = toks
-            .iter()
-            .zip(&m)
-            .filter(|(&t, &k)| k && t != eos as i64)
-            .map(|(&t, _)| t as u32)
-            .collect();
-        out.text.push(tok.decode(&reply)?);
-    }
-    Ok(())
+    summary
 }
 
 fn report_md(

@@ -11,22 +11,27 @@ mod rollout;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{anyhow, Context};
+use anyhow::Context;
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use tch::nn::VarStore;
 use tch::{Kind, Tensor};
 use temper_core::checkpoint::ScoreHead;
-use temper_core::rl::{self, AdaptiveKl, KlEstimator};
-use temper_core::stage::{self, invalid, StageArgs, StageError};
+use temper_core::rl::{self, KlControl, KlEstimator, RewardStats};
+use temper_core::schedule::check_optim;
 use temper_core::{
-    config_hash, load_checkpoint, resolve_device, save_checkpoint, AdamW, DeviceSpec, LoadSpec,
-    OptimSettings, Precision, RunDir,
+    load_checkpoint, load_with_tokenizer, resolve_device, resume_or_start, save_checkpoint,
+    save_final, save_state, AdamW, DeviceSpec, LoadSpec, Loaded, OptimSettings, Precision,
+    SamplingConfig, Transformer, CHECKPOINT_FILES,
 };
-use temper_data::{shuffled, ChatTemplate, Fields, LoadOptions, Overlong, TextTokenizer};
-use tracing::info;
+use temper_data::{seed_for, shuffled, ChatTemplate, Fields, LoadOptions, Overlong};
+use temper_stage::{
+    invalid, main_with, progress_bar, ConfigFile, Every, Inputs, MetricsLog, StageArgs, StageError,
+    StageFolder, StageKind,
+};
 
-use crate::rollout::{Models, RewardStats};
+use crate::rollout::Models;
 
 /// RLHF with PPO: actor, critic, frozen reference and reward model.
 #[derive(Parser)]
@@ -72,6 +77,20 @@ struct KlSettings {
 
 fn default_horizon() -> f64 {
     10_000.0
+}
+
+impl KlSettings {
+    /// The controller these settings describe: adaptive with a target, else fixed.
+    fn control(&self) -> KlControl {
+        match self.target {
+            Some(target) => KlControl::Adaptive {
+                coef: self.coef,
+                target,
+                horizon: self.horizon,
+            },
+            None => KlControl::Fixed { coef: self.coef },
+        }
+    }
 }
 
 impl Default for KlSettings {
@@ -149,10 +168,10 @@ struct Config {
     #[serde(default = "default_critic_optim")]
     critic_optim: OptimSettings,
     #[serde(default = "default_every")]
-    save_every: u64,
+    save_every: Every,
     /// Write a few prompts, replies, scores and KL to samples.jsonl every N iterations.
     #[serde(default = "default_every")]
-    sample_every: u64,
+    sample_every: Every,
     #[serde(default)]
     device: DeviceSpec,
     #[serde(default)]
@@ -188,8 +207,8 @@ fn default_vf_coef() -> f64 {
 fn default_true() -> bool {
     true
 }
-fn default_every() -> u64 {
-    10
+fn default_every() -> Every {
+    Every::new(10)
 }
 fn default_actor_optim() -> OptimSettings {
     OptimSettings {
@@ -212,261 +231,262 @@ fn default_critic_optim() -> OptimSettings {
 
 fn main() {
     let args = Args::parse();
-    stage::main_with("temper-ppo", || run(&args.stage));
+    main_with("temper-ppo", || run(&args.stage))
 }
 
-fn validate(cfg: &Config) -> Result<(), StageError> {
-    let bad = |m: String| Err(invalid(anyhow!(m)));
-    cfg.optim.validate().map_err(|m| invalid(anyhow!(m)))?;
-    cfg.critic_optim
-        .validate()
-        .map_err(|m| invalid(anyhow!("critic_{m}")))?;
-    if cfg.iterations == 0 || cfg.batch_size == 0 || cfg.minibatch_size == 0 || cfg.ppo_epochs == 0
-    {
-        return bad(
-            "iterations, batch_size, minibatch_size and ppo_epochs must be positive".into(),
-        );
+/// Range checks and the inputs' presence; nothing is read yet.
+fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError> {
+    let c = &cfg.value;
+    check_optim(cfg, "optim", &c.optim)?;
+    check_optim(cfg, "critic_optim", &c.critic_optim)?;
+    for (field, v) in [
+        ("iterations", c.iterations),
+        ("batch_size", c.batch_size as u64),
+        ("minibatch_size", c.minibatch_size as u64),
+        ("ppo_epochs", c.ppo_epochs as u64),
+    ] {
+        cfg.ensure(v >= 1, field, "must be at least 1")?;
     }
-    if cfg.max_new_tokens < 1 || cfg.temperature.is_nan() || cfg.temperature <= 0.0 {
-        return bad(
-            "max_new_tokens must be at least 1 and temperature positive (PPO samples)".into(),
-        );
+    cfg.ensure(
+        c.max_new_tokens >= 1,
+        "max_new_tokens",
+        "must be at least 1",
+    )?;
+    cfg.ensure(
+        c.temperature.is_finite() && c.temperature > 0.0,
+        "temperature",
+        "must be positive (PPO samples)",
+    )?;
+    cfg.ensure(
+        c.top_k.is_none_or(|k| k >= 1),
+        "top_k",
+        "must be at least 1",
+    )?;
+    cfg.ensure(
+        c.top_p.is_none_or(|p| p > 0.0 && p <= 1.0),
+        "top_p",
+        "must be in (0, 1]",
+    )?;
+    cfg.ensure(
+        c.kl.coef.is_finite() && c.kl.coef >= 0.0,
+        "kl.coef",
+        "must be ≥ 0",
+    )?;
+    cfg.ensure(
+        c.kl.target.is_none_or(|t| t > 0.0),
+        "kl.target",
+        "must be positive",
+    )?;
+    cfg.ensure(c.kl.horizon > 0.0, "kl.horizon", "must be positive")?;
+    cfg.ensure((0.0..=1.0).contains(&c.gamma), "gamma", "must be in [0, 1]")?;
+    cfg.ensure((0.0..=1.0).contains(&c.lam), "lam", "must be in [0, 1]")?;
+    for (field, v) in [
+        ("cliprange", c.cliprange),
+        ("cliprange_value", c.cliprange_value),
+    ] {
+        cfg.ensure(v > 0.0 && v.is_finite(), field, "must be positive")?;
     }
-    if cfg.kl.coef < 0.0 || cfg.kl.target.is_some_and(|t| t <= 0.0) {
-        return bad("kl.coef must be ≥ 0 and kl.target > 0".into());
-    }
-    for (name, dir) in [("policy", &cfg.policy), ("reward_model", &cfg.reward_model)] {
-        for f in ["model.safetensors", "config.json", "tokenizer.json"] {
-            if !dir.join(f).exists() {
-                return bad(format!("{name}: {} lacks {f}", dir.display()));
-            }
-        }
-    }
-    if !cfg.prompts.exists() {
-        return bad(format!("prompts: {} not found", cfg.prompts.display()));
-    }
+    cfg.ensure(
+        c.reward_clip.is_none_or(|v| v > 0.0),
+        "reward_clip",
+        "must be positive",
+    )?;
+    inputs.folder(cfg, "policy", &c.policy, &CHECKPOINT_FILES)?;
+    inputs.folder(cfg, "reward_model", &c.reward_model, &CHECKPOINT_FILES)?;
+    inputs.file(cfg, "prompts", &c.prompts)?;
     Ok(())
 }
 
-fn run(args: &StageArgs) -> Result<(), StageError> {
-    let cfg: Config = stage::read_config(&args.config)?;
-    validate(&cfg)?;
-    let device = resolve_device(cfg.device).map_err(invalid)?;
-    tch::manual_seed(cfg.seed as i64);
-    let tokenizer_path = cfg.policy.join("tokenizer.json");
-    let tok = TextTokenizer::load(&tokenizer_path).map_err(invalid)?;
-    if std::fs::read(&tokenizer_path).ok()
-        != std::fs::read(cfg.reward_model.join("tokenizer.json")).ok()
-    {
-        return Err(invalid(anyhow!("policy and reward_model use different tokenizers; PPO needs them to agree token for token")));
-    }
-    let template = ChatTemplate::new(&tok).map_err(invalid)?;
+/// The four models and the rendered prompts. Frozen models are loaded with gradients off and
+/// only run under no_grad.
+struct Setup {
+    actor: Loaded,
+    reference: Transformer,
+    reward: Transformer,
+    critic: (VarStore, Transformer),
+    template: ChatTemplate,
+    prompts: Vec<Vec<u32>>,
+}
 
-    // The four models. Frozen ones are loaded with gradients off and only run under no_grad.
-    let (actor_vs, actor) =
-        load_checkpoint(&cfg.policy, LoadSpec::CAUSAL_LM, device).map_err(invalid)?;
+fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
+    let c = &cfg.value;
+    let device = resolve_device(c.device).map_err(invalid)?;
+    tch::manual_seed(c.seed as i64);
+    let actor = load_with_tokenizer(&c.policy, LoadSpec::CAUSAL_LM, device).map_err(invalid)?;
+    let same_tokenizer = std::fs::read(&actor.tokenizer_path).ok()
+        == std::fs::read(c.reward_model.join("tokenizer.json")).ok();
+    cfg.ensure(
+        same_tokenizer,
+        "reward_model",
+        "uses a different tokenizer from the policy; PPO needs them to agree token for token",
+    )?;
+    let template = ChatTemplate::new(&actor.tokenizer).map_err(invalid)?;
     let (mut ref_vs, reference) =
-        load_checkpoint(&cfg.policy, LoadSpec::CAUSAL_LM, device).map_err(invalid)?;
+        load_checkpoint(&c.policy, LoadSpec::CAUSAL_LM, device).map_err(invalid)?;
     ref_vs.freeze();
     let rm_spec = LoadSpec {
         lm_head: false,
         score: ScoreHead::Load,
     };
-    let (mut rm_vs, reward) =
-        load_checkpoint(&cfg.reward_model, rm_spec, device).map_err(invalid)?;
+    let (mut rm_vs, reward) = load_checkpoint(&c.reward_model, rm_spec, device).map_err(invalid)?;
     rm_vs.freeze();
-    let (critic_vs, critic) = match cfg.critic_init {
-        CriticInit::Reward => load_checkpoint(&cfg.reward_model, rm_spec, device),
-        CriticInit::Policy => load_checkpoint(
-            &cfg.policy,
-            LoadSpec {
+    let critic = match c.critic_init {
+        CriticInit::Reward => load_checkpoint(&c.reward_model, rm_spec, device),
+        CriticInit::Policy => {
+            let spec = LoadSpec {
                 lm_head: false,
                 score: ScoreHead::Fresh,
-            },
-            device,
-        ),
+            };
+            load_checkpoint(&c.policy, spec, device)
+        }
     }
     .map_err(invalid)?;
-
-    let max_prompt = cfg
+    let max_position = actor.model.config.max_position;
+    cfg.ensure(
+        c.max_new_tokens < max_position,
+        "max_new_tokens",
+        format!("must leave room for a prompt in the model's {max_position} positions"),
+    )?;
+    let max_prompt = c
         .max_prompt_len
-        .unwrap_or((actor.config.max_position - cfg.max_new_tokens).max(1) as usize);
+        .unwrap_or((max_position - c.max_new_tokens) as usize);
     let opts = LoadOptions {
-        tokenizer: &tok,
+        tokenizer: &actor.tokenizer,
         template,
-        fields: &cfg.fields,
+        fields: &c.fields,
         max_len: max_prompt,
         overlong: Overlong::Skip,
         train_on_prompt: false,
     };
-    let (prompts, report) = opts.prompts(&cfg.prompts).map_err(invalid)?;
-    info!(
+    let (prompts, report) = opts.prompts(&c.prompts).map_err(invalid)?;
+    tracing::info!(
         "{}: {} prompts ({} longer than {max_prompt} tokens skipped)",
-        cfg.prompts.display(),
+        c.prompts.display(),
         prompts.len(),
         report.skipped
     );
+    Ok(Setup {
+        actor,
+        reference,
+        reward,
+        critic,
+        template,
+        prompts: prompts.into_iter().map(|(ids, _)| ids).collect(),
+    })
+}
+
+fn run(args: &StageArgs) -> Result<(), StageError> {
+    let cfg = ConfigFile::<Config>::load(&args.config, StageKind::Ppo)?;
+    let mut inputs = Inputs::new(&args.pending);
+    check(&cfg, &mut inputs)?;
+    temper_stage::folder::check(&args.out)?;
+    if inputs.any_pending() {
+        return cfg.print_resolved(); // the rest is checked when the inputs exist
+    }
+    let s = prepare(&cfg)?;
     if args.validate {
-        println!(
-            "{}",
-            serde_yaml::to_string(&cfg).context("printing the resolved config")?
-        );
-        return Ok(());
+        return cfg.print_resolved();
     }
 
-    let mut run = RunDir::create(&args.out)?;
-    stage::write_resolved(&run.out, &cfg)?;
-    let (mut actor_opt, mut critic_opt) = match cfg.optimizer {
+    let c = &cfg.value;
+    let (actor_vs, critic_vs) = (&s.actor.vs, &s.critic.0);
+    let folder = StageFolder::claim(&args.out, "ppo")?;
+    cfg.write_resolved(&folder.path)?;
+    let mut log = MetricsLog::open(&folder.path)?;
+    let (mut actor_opt, mut critic_opt) = match c.optimizer {
         OptimizerMode::Separate => (
-            AdamW::new(&actor_vs, cfg.optim.adamw()),
-            Some(AdamW::new(&critic_vs, cfg.critic_optim.adamw())),
+            AdamW::new(actor_vs, c.optim.adamw()),
+            Some(AdamW::new(critic_vs, c.critic_optim.adamw())),
         ),
         OptimizerMode::Shared => (
             AdamW::over(
-                &[("actor.", &actor_vs), ("critic.", &critic_vs)],
-                cfg.optim.adamw(),
+                &[("actor.", actor_vs), ("critic.", critic_vs)],
+                c.optim.adamw(),
             ),
             None,
         ),
     };
-    let hash = config_hash(&cfg);
-    let mut kl_ctl = AdaptiveKl {
-        coef: cfg.kl.coef,
-        target: cfg.kl.target.unwrap_or(1.0),
-        horizon: cfg.kl.horizon,
-    };
-
-    let loaded = {
-        let mut opts_mut: Vec<&mut AdamW> = std::iter::once(&mut actor_opt)
+    let mut progress = {
+        let mut opts: Vec<&mut AdamW> = std::iter::once(&mut actor_opt)
             .chain(critic_opt.as_mut())
             .collect();
-        run.resume_or_start(&[&actor_vs, &critic_vs], &mut opts_mut, &hash)?
+        resume_or_start(
+            &folder.path,
+            &mut log,
+            &[actor_vs, critic_vs],
+            &mut opts,
+            &cfg.hash,
+        )?
     };
-    let mut progress = loaded;
-    kl_ctl.coef = progress
-        .extra
-        .get("kl_coef")
-        .and_then(|v| v.as_f64())
-        .unwrap_or(kl_ctl.coef);
-    let mut stats: RewardStats = progress
-        .extra
-        .get("reward_stats")
-        .and_then(|v| serde_json::from_value(v.clone()).ok())
-        .unwrap_or_default();
-
+    let kl_control = c.kl.control();
+    let mut kl_coef = extra(&progress, "kl_coef").unwrap_or(kl_control.initial_coef());
+    let mut stats: RewardStats = extra(&progress, "reward_stats").unwrap_or_default();
     let models = Models {
-        actor: &actor,
-        reference: &reference,
-        reward: &reward,
-        critic: &critic,
-        template,
-        precision: cfg.precision,
+        actor: &s.actor.model,
+        reference: &s.reference,
+        reward: &s.reward,
+        critic: &s.critic.1,
+        template: s.template,
+        precision: c.precision,
     };
-    let bar = stage::progress_bar(cfg.iterations, progress.step);
-    while progress.step < cfg.iterations {
+    let bar = progress_bar(c.iterations, progress.step);
+    while progress.step < c.iterations {
         let iter = progress.step;
         // 1. A batch of prompts (a seeded pass over the prompt set) and the actor's replies.
-        let per_pass = prompts.len().div_ceil(cfg.batch_size) as u64;
-        let order = shuffled(
-            prompts.len(),
-            cfg.seed ^ (iter / per_pass).wrapping_mul(0x9E37),
-        );
-        let start = ((iter % per_pass) as usize) * cfg.batch_size;
-        let batch: Vec<&Vec<u32>> = order[start..(start + cfg.batch_size).min(order.len())]
-            .iter()
-            .map(|&i| &prompts[i].0)
-            .collect();
+        let batch = prompt_batch(&s.prompts, c, iter);
         let gen_start = Instant::now();
+        let base = seed_for(c.seed, "rollout", iter);
         let seeds: Vec<u64> = (0..batch.len() as u64)
-            .map(|i| cfg.seed ^ (iter << 20) ^ i)
+            .map(|i| seed_for(base, "prompt", i))
             .collect();
-        let sampling = temper_core::SamplingConfig {
-            max_new_tokens: cfg.max_new_tokens,
-            temperature: cfg.temperature,
-            top_k: cfg.top_k,
-            top_p: cfg.top_p,
-            eos_token_id: Some(template.eos as i64),
-            pad_token_id: template.pad as i64,
-        };
-        let ro = rollout::rollout(&models, &batch, &sampling, &seeds)?;
+        let ro = rollout::rollout(&models, &batch, &sampling(c, &s.template), &seeds)?;
         let gen_secs = gen_start.elapsed().as_secs_f64();
         let train_start = Instant::now();
 
-        // 2. Scores from the reward model at each sequence's last real token, then the
-        //    optional missing-EOS penalty, normalisation and clipping.
-        let raw_score = ro.scores.shallow_clone(); // (B,)
-        let mut score = raw_score.shallow_clone();
-        if let Some(p) = cfg.missing_eos_penalty {
-            score = &score + ro.has_eos.logical_not().to_kind(Kind::Float) * p;
-        }
-        if cfg.reward_normalize {
-            stats.update(&Vec::<f64>::try_from(score.to_kind(Kind::Double))?);
-            score = (score - stats.mean) / stats.std().max(1e-6);
-        }
-        if let Some(c) = cfg.reward_clip {
-            score = score.clamp(-c, c);
-        }
+        // 2. Scores from the reward model, then the optional missing-EOS penalty,
+        //    normalisation and clipping.
+        let score = shape_scores(&ro, c, &mut stats)?;
 
         // 3. Per-token KL to the reference, as a penalty; the score on the last real token.
-        let kl = rl::kl_penalty(&ro.logprobs, &ro.ref_logprobs, &ro.mask, cfg.kl.estimator); // (B, N)
-        let rewards = rl::token_rewards(&score, &kl, &ro.mask, kl_ctl.coef);
+        let kl = rl::kl_penalty(&ro.logprobs, &ro.ref_logprobs, &ro.mask, c.kl.estimator); // (B, N)
+        let rewards = rl::token_rewards(&score, &kl, &ro.mask, kl_coef);
 
         // 4. Advantages by GAE over response tokens, returns, whitening.
-        let (mut adv, returns) = rl::gae(&rewards, &ro.values, &ro.mask, cfg.gamma, cfg.lam);
-        if cfg.whiten_advantages {
+        let (mut adv, returns) = rl::gae(&rewards, &ro.values, &ro.mask, c.gamma, c.lam);
+        if c.whiten_advantages {
             adv = rl::masked_whiten(&adv, &ro.mask);
         }
 
         // 5. PPO epochs over shuffled minibatches.
+        let settings = optimize_settings(c, iter);
         let m = rollout::optimize(
             &models,
             &ro,
             &adv,
             &returns,
-            rollout::OptimizeSettings {
-                epochs: cfg.ppo_epochs,
-                minibatch: cfg.minibatch_size,
-                cliprange: cfg.cliprange,
-                cliprange_value: cfg.cliprange_value,
-                vf_coef: cfg.vf_coef,
-                entropy_coef: cfg.entropy_coef,
-                temperature: cfg.temperature,
-                actor_lr: cfg.optim.lr_at(iter, cfg.iterations),
-                actor_clip: cfg.optim.grad_clip,
-                critic_lr: cfg.critic_optim.lr_at(iter, cfg.iterations),
-                critic_clip: cfg.critic_optim.grad_clip,
-                seed: cfg.seed ^ (iter << 8),
-                iteration: iter,
-                last_saved: iter / cfg.save_every * cfg.save_every,
-            },
+            settings,
             &mut actor_opt,
             critic_opt.as_mut(),
         )?;
 
         // 6. The KL coefficient: adaptive towards the target, or fixed.
-        let seq_kl = (kl.sum_dim_intlist(1, false, Kind::Float))
+        let seq_kl = kl
+            .sum_dim_intlist(1, false, Kind::Float)
             .mean(Kind::Float)
             .double_value(&[]);
-        if cfg.kl.target.is_some() {
-            kl_ctl.update(seq_kl, batch.len());
-        }
+        kl_coef = kl_control.next_coef(kl_coef, seq_kl, batch.len());
 
-        let train_secs = train_start.elapsed().as_secs_f64();
         progress.step += 1;
         let step = progress.step;
-        let gen_tokens = ro
-            .mask
-            .to_kind(Kind::Float)
-            .sum(Kind::Float)
-            .double_value(&[]);
+        let gen_tokens = ro.mask.sum(Kind::Float).double_value(&[]);
         progress.tokens_seen += gen_tokens as u64;
         let scalar = |t: &Tensor| t.to_kind(Kind::Double).double_value(&[]);
         let fields = [
             ("reward/mean", scalar(&score.mean(Kind::Float))),
             ("reward/std", scalar(&score.std(true))),
-            ("score/mean", scalar(&raw_score.mean(Kind::Float))),
+            ("score/mean", scalar(&ro.scores.mean(Kind::Float))),
             ("kl/mean", seq_kl),
-            ("kl/coef", kl_ctl.coef),
+            ("kl/coef", kl_coef),
             ("policy/loss", m.policy_loss),
             ("policy/clipfrac", m.clipfrac),
             ("policy/approx_kl", m.approx_kl),
@@ -482,46 +502,143 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
                 "response/eos_rate",
                 scalar(&ro.has_eos.to_kind(Kind::Float).mean(Kind::Float)),
             ),
-            ("lr", cfg.optim.lr_at(iter, cfg.iterations)),
+            ("lr", c.optim.lr_at(iter, c.iterations)),
             ("grad_norm", m.grad_norm),
             ("tokens", progress.tokens_seen as f64),
             ("tokens_per_s", gen_tokens / gen_secs),
             (
                 "train_tokens_per_s",
-                scalar(&ro.attention.to_kind(Kind::Float).sum(Kind::Float)) * cfg.ppo_epochs as f64
-                    / train_secs,
+                scalar(&ro.attention.sum(Kind::Float)) * c.ppo_epochs as f64
+                    / train_start.elapsed().as_secs_f64(),
             ),
         ];
-        run.log(step, "train", &fields)?;
+        log.log_train(step, &fields)?;
         bar.set_position(step);
-        info!("iteration {step}/{}: reward {:.3}, score {:.3}, kl {seq_kl:.3} (coef {:.4}), len {:.1}", cfg.iterations, fields[0].1, fields[2].1, kl_ctl.coef, fields[12].1);
-        if step % cfg.sample_every == 0 || step == cfg.iterations {
-            let records = rollout::sample_records(&tok, &ro, &raw_score, &kl, step, 4)?;
-            run.log_samples(&records)?;
+        if c.sample_every.due(step, c.iterations) {
+            let records = rollout::sample_records(
+                &s.actor.tokenizer,
+                s.template.eos,
+                &ro,
+                &ro.scores,
+                &kl,
+                step,
+                4,
+            )?;
+            log.log_samples(&records)?;
         }
-        progress.extra.insert("kl_coef".into(), json!(kl_ctl.coef));
+        progress.extra.insert("kl_coef".into(), json!(kl_coef));
         progress.extra.insert(
             "reward_stats".into(),
             serde_json::to_value(&stats).context("stats")?,
         );
-        if step % cfg.save_every == 0 || step == cfg.iterations {
+        let stopping = temper_stage::signals::stop_requested();
+        if c.save_every.due(step, c.iterations) || stopping {
             let opts: Vec<&AdamW> = std::iter::once(&actor_opt)
                 .chain(critic_opt.as_ref())
                 .collect();
-            run.save_state(&[&actor_vs, &critic_vs], &opts, &progress)?;
+            save_state(&folder.path, &log, &[actor_vs, critic_vs], &opts, &progress)?;
+        }
+        if stopping {
+            return Err(temper_stage::Interrupted { step }.into());
         }
     }
     bar.finish_and_clear();
 
-    run.save_final(&actor, &actor_vs, &tokenizer_path)?;
-    save_checkpoint(&critic, &critic_vs, &run.out.join("critic"))?;
-    let rows = std::fs::read_to_string(run.out.join("metrics.jsonl")).context("reading metrics")?;
+    save_final(
+        &folder.path,
+        &s.actor.model,
+        actor_vs,
+        &s.actor.tokenizer_path,
+    )?;
+    save_checkpoint(&s.critic.1, critic_vs, &folder.path.join("critic"))?;
+    log.write_summary("ok", summary(&folder.path, &progress)?)?;
+    Ok(())
+}
+
+/// A stage-specific value kept in the state (the KL coefficient, reward statistics).
+fn extra<T: serde::de::DeserializeOwned>(p: &temper_stage::Progress, key: &str) -> Option<T> {
+    p.extra
+        .get(key)
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
+}
+
+/// The prompts of iteration `iter`: a seeded pass over the prompt set, one batch at a time.
+fn prompt_batch<'a>(prompts: &'a [Vec<u32>], c: &Config, iter: u64) -> Vec<&'a Vec<u32>> {
+    let per_pass = prompts.len().div_ceil(c.batch_size) as u64;
+    let order = shuffled(
+        prompts.len(),
+        seed_for(c.seed, "prompt-pass", iter / per_pass),
+    );
+    let start = ((iter % per_pass) as usize) * c.batch_size;
+    order[start..(start + c.batch_size).min(order.len())]
+        .iter()
+        .map(|&i| &prompts[i])
+        .collect()
+}
+
+fn sampling(c: &Config, template: &ChatTemplate) -> SamplingConfig {
+    SamplingConfig {
+        max_new_tokens: c.max_new_tokens,
+        temperature: c.temperature,
+        top_k: c.top_k,
+        top_p: c.top_p,
+        eos_token_id: Some(template.eos as i64),
+        pad_token_id: template.pad as i64,
+    }
+}
+
+/// The reward-model scores with the missing-EOS penalty, running normalisation and clipping
+/// applied, as configured.
+fn shape_scores(
+    ro: &rollout::Rollout,
+    c: &Config,
+    stats: &mut RewardStats,
+) -> anyhow::Result<Tensor> {
+    let mut score = ro.scores.shallow_clone(); // (B,)
+    if let Some(p) = c.missing_eos_penalty {
+        score = &score + ro.has_eos.logical_not().to_kind(Kind::Float) * p;
+    }
+    if c.reward_normalize {
+        stats.update(&Vec::<f64>::try_from(score.to_kind(Kind::Double))?);
+        score = (score - stats.mean) / stats.std().max(1e-6);
+    }
+    if let Some(clip) = c.reward_clip {
+        score = score.clamp(-clip, clip);
+    }
+    Ok(score)
+}
+
+fn optimize_settings(c: &Config, iter: u64) -> rollout::OptimizeSettings {
+    rollout::OptimizeSettings {
+        epochs: c.ppo_epochs,
+        minibatch: c.minibatch_size,
+        cliprange: c.cliprange,
+        cliprange_value: c.cliprange_value,
+        vf_coef: c.vf_coef,
+        entropy_coef: c.entropy_coef,
+        temperature: c.temperature,
+        actor_lr: c.optim.lr_at(iter, c.iterations),
+        actor_clip: c.optim.grad_clip,
+        critic_lr: c.critic_optim.lr_at(iter, c.iterations),
+        critic_clip: c.critic_optim.grad_clip,
+        seed: seed_for(c.seed, "ppo-minibatch", iter),
+        iteration: iter,
+        last_saved: iter / c.save_every.get() * c.save_every.get(),
+    }
+}
+
+/// The final iteration's key numbers, for summary.json.
+fn summary(
+    out: &std::path::Path,
+    progress: &temper_stage::Progress,
+) -> anyhow::Result<temper_stage::Summary> {
+    let rows = std::fs::read_to_string(out.join("metrics.jsonl")).context("reading metrics")?;
     let last: serde_json::Value = rows
         .lines()
         .last()
         .and_then(|l| serde_json::from_str(l).ok())
         .unwrap_or_default();
-    let mut summary = serde_json::Map::new();
+    let mut summary = temper_stage::Summary::new();
     for k in [
         "reward/mean",
         "score/mean",
@@ -534,6 +651,5 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     }
     summary.insert("iterations".into(), progress.step.into());
     summary.insert("tokens".into(), progress.tokens_seen.into());
-    run.write_summary("ok", summary)?;
-    Ok(())
+    Ok(summary)
 }

@@ -1,14 +1,16 @@
 //! The two halves of a PPO iteration that touch the models: the rollout (generate, then score
 //! with every model without gradients) and the optimisation epochs over its minibatches.
 
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tch::{Kind, Tensor};
 use temper_core::rl;
 use temper_core::sample::{generate, SamplingConfig};
-use temper_core::stage::{check_finite, optimizer_step};
-use temper_core::{token_logprobs, with_autocast, AdamW, Joined, Precision, Transformer};
-use temper_data::{shuffled, ChatTemplate, TextTokenizer};
+use temper_core::scoring::{
+    decode_prompts, decode_replies, response_logprobs, response_values, reward_scores,
+};
+use temper_core::{with_autocast, AdamW, Precision, Transformer};
+use temper_data::{seed_for, shuffled, ChatTemplate, TextTokenizer};
+use temper_stage::check_finite;
 
 pub struct Models<'a> {
     pub actor: &'a Transformer,
@@ -23,6 +25,8 @@ pub struct Models<'a> {
 pub struct Rollout {
     pub seq: Tensor,          // (B, P + N) prompt then response
     pub attention: Tensor,    // (B, P + N)
+    pub prompt: Tensor,       // (B, P) left-padded
+    pub prompt_mask: Tensor,  // (B, P)
     pub prompt_len: i64,      // P
     pub tokens: Tensor,       // (B, N)
     pub mask: Tensor,         // (B, N) float, 1 on real response tokens (EOS included)
@@ -31,39 +35,6 @@ pub struct Rollout {
     pub ref_logprobs: Tensor, // (B, N) reference, same temperature
     pub values: Tensor,       // (B, N) critic
     pub scores: Tensor,       // (B,) reward model, pooled as it was trained
-}
-
-/// Log-probs (B, N) of the response tokens and the logits (B, N, V) they come from.
-fn response_logprobs(
-    model: &Transformer,
-    seq: &Tensor,
-    attn: &Tensor,
-    p: i64,
-    tokens: &Tensor,
-    temperature: f64,
-) -> anyhow::Result<(Tensor, Tensor)> {
-    let n = tokens.size()[1];
-    let hidden = model.hidden_states(seq, Some(attn), None)?;
-    let logits = model
-        .logits(&hidden.narrow(1, p - 1, n))?
-        .to_kind(Kind::Float)
-        / temperature; // position p-1+t predicts token t
-    Ok((token_logprobs(&logits, tokens), logits))
-}
-
-/// Critic values (B, N) of the states before each response token.
-fn response_values(
-    critic: &Transformer,
-    seq: &Tensor,
-    attn: &Tensor,
-    p: i64,
-    n: i64,
-) -> anyhow::Result<Tensor> {
-    let hidden = critic.hidden_states(seq, Some(attn), None)?;
-    Ok(critic
-        .scores(&hidden)?
-        .narrow(1, p - 1, n)
-        .to_kind(Kind::Float))
 }
 
 pub fn rollout(
@@ -82,11 +53,8 @@ pub fn rollout(
     })??;
     let p = g.prompt.size()[1];
     let n = g.tokens.size()[1];
-    let Joined {
-        seq,
-        attention,
-        response,
-    } = g.joined();
+    let joined = g.joined();
+    let (seq, attention) = (&joined.seq, &joined.attention);
     let mask = g.mask.to_kind(Kind::Float);
     let has_eos = g
         .tokens
@@ -96,18 +64,16 @@ pub fn rollout(
     let t = sampling.temperature;
     tch::no_grad(|| {
         with_autocast(device, m.precision, || -> anyhow::Result<Rollout> {
-            let (logprobs, _) = response_logprobs(m.actor, &seq, &attention, p, &g.tokens, t)?;
+            let (logprobs, _) = response_logprobs(m.actor, seq, attention, p, &g.tokens, t)?;
             let (ref_logprobs, _) =
-                response_logprobs(m.reference, &seq, &attention, p, &g.tokens, t)?;
-            let values = response_values(m.critic, &seq, &attention, p, n)? * &mask;
-            let hidden = m.reward.hidden_states(&seq, Some(&attention), None)?;
-            let scores = m
-                .reward
-                .sequence_scores(&hidden, &attention, &response)?
-                .to_kind(Kind::Float);
+                response_logprobs(m.reference, seq, attention, p, &g.tokens, t)?;
+            let values = response_values(m.critic, seq, attention, p, n)? * &mask;
+            let scores = reward_scores(m.reward, &joined)?;
             Ok(Rollout {
                 seq: seq.shallow_clone(),
                 attention: attention.shallow_clone(),
+                prompt: g.prompt.shallow_clone(),
+                prompt_mask: g.prompt_mask.shallow_clone(),
                 prompt_len: p,
                 tokens: g.tokens.shallow_clone(),
                 mask: mask.shallow_clone(),
@@ -169,7 +135,7 @@ pub fn optimize(
     let mut out = OptimizeMetrics::default();
     let mut updates = 0.0;
     for epoch in 0..s.epochs {
-        let order = shuffled(b, s.seed ^ epoch as u64);
+        let order = shuffled(b, seed_for(s.seed, "ppo-epoch", epoch as u64));
         for chunk in order.chunks(s.minibatch) {
             let idx = Tensor::from_slice(&chunk.iter().map(|&i| i as i64).collect::<Vec<_>>())
                 .to_device(device);
@@ -217,14 +183,14 @@ pub fn optimize(
             let grad_norm = match critic_opt.as_deref_mut() {
                 Some(copt) => {
                     policy.backward();
-                    let g = optimizer_step(actor_opt, s.actor_clip, s.actor_lr)?;
+                    let g = actor_opt.update(s.actor_clip, s.actor_lr)?;
                     vl.backward();
-                    optimizer_step(copt, s.critic_clip, s.critic_lr)?;
+                    copt.update(s.critic_clip, s.critic_lr)?;
                     g
                 }
                 None => {
                     (&policy + &vl * s.vf_coef).backward();
-                    optimizer_step(actor_opt, s.actor_clip, s.actor_lr)?
+                    actor_opt.update(s.actor_clip, s.actor_lr)?
                 }
             };
             out.policy_loss += plv;
@@ -251,36 +217,10 @@ pub fn optimize(
     Ok(out)
 }
 
-/// Running mean and variance of scores (Welford), for reward normalisation; part of the state.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct RewardStats {
-    pub count: f64,
-    pub mean: f64,
-    pub m2: f64,
-}
-
-impl RewardStats {
-    pub fn update(&mut self, xs: &[f64]) {
-        for &x in xs {
-            self.count += 1.0;
-            let d = x - self.mean;
-            self.mean += d / self.count;
-            self.m2 += d * (x - self.mean);
-        }
-    }
-
-    pub fn std(&self) -> f64 {
-        if self.count < 2.0 {
-            1.0
-        } else {
-            (self.m2 / (self.count - 1.0)).sqrt()
-        }
-    }
-}
-
 /// The first `k` rollouts as records for samples.jsonl.
 pub fn sample_records(
     tok: &TextTokenizer,
+    eos: u32,
     ro: &Rollout,
     scores: &Tensor,
     kl: &Tensor,
@@ -288,30 +228,30 @@ pub fn sample_records(
     k: usize,
 ) -> anyhow::Result<Vec<serde_json::Value>> {
     let b = ro.seq.size()[0].min(k as i64);
-    let p = ro.prompt_len;
-    let mut out = Vec::new();
-    for i in 0..b {
-        let row = Vec::<i64>::try_from(ro.seq.get(i))?;
-        let att = Vec::<i64>::try_from(ro.attention.get(i))?;
-        let prompt: Vec<u32> = row[..p as usize]
-            .iter()
-            .zip(&att)
-            .filter(|(_, &a)| a == 1)
-            .map(|(&t, _)| t as u32)
-            .collect();
-        let reply: Vec<u32> = row[p as usize..]
-            .iter()
-            .zip(&att[p as usize..])
-            .filter(|(_, &a)| a == 1)
-            .map(|(&t, _)| t as u32)
-            .collect();
-        out.push(json!({
-            "step": step,
-            "prompt": tok.decode(&prompt)?,
-            "response": tok.decode(&reply)?,
-            "score": scores.double_value(&[i]),
-            "kl": kl.get(i).sum(Kind::Float).double_value(&[]),
-        }));
-    }
-    Ok(out)
+    let prompts = decode_prompts(
+        tok,
+        &ro.prompt.narrow(0, 0, b),
+        &ro.prompt_mask.narrow(0, 0, b),
+    )?;
+    let replies = decode_replies(
+        tok,
+        &ro.tokens.narrow(0, 0, b),
+        &ro.mask.narrow(0, 0, b),
+        eos,
+    )?;
+    Ok(prompts
+        .into_iter()
+        .zip(replies)
+        .enumerate()
+        .map(|(i, (prompt, reply))| {
+            json!({
+                "step": step,
+                "prompt": prompt,
+                "response": reply.text,
+                "ended_with_eos": reply.ended_with_eos,
+                "score": scores.double_value(&[i as i64]),
+                "kl": kl.get(i as i64).sum(Kind::Float).double_value(&[]),
+            })
+        })
+        .collect())
 }

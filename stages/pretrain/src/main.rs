@@ -6,19 +6,23 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use anyhow::{anyhow, Context};
 use clap::Parser;
 use serde::{Deserialize, Serialize};
-use tch::{Device, Kind, Tensor};
-use temper_core::stage::{self, check_finite, invalid, optimizer_step, StageArgs, StageError};
+use tch::nn::VarStore;
+use tch::{Device, Tensor};
+use temper_core::device::check_memory;
+use temper_core::schedule::check_optim;
 use temper_core::{
-    causal_lm_loss, config_hash, load_checkpoint, resolve_device, with_autocast, AdamW, DeviceSpec,
-    Heads, LoadSpec, OptimSettings, Precision, RunDir, Transformer,
+    load_checkpoint, resolve_device, resume_or_start, save_final, save_state, AdamW, DeviceSpec,
+    Heads, LoadSpec, ModelShape, OptimSettings, Precision, Transformer, CHECKPOINT_FILES,
 };
-use temper_data::stream::{build_stream, StreamSettings};
+use temper_data::stream::{build_stream, StreamSettings, TokenStream};
 use temper_data::tokenizer::{EOS, PAD};
-use temper_data::{shuffled, Fields, TextSplit, TextTokenizer};
-use tracing::info;
+use temper_data::{seed_for, shuffled, Epochs, Fields, TextSplit, TextTokenizer};
+use temper_stage::{
+    check_finite, invalid, main_with, progress_bar, Cadence, ConfigFile, Every, Inputs, MetricsLog,
+    StageArgs, StageError, StageFolder, StageKind, Throughput,
+};
 
 /// Next-token training from scratch or from a checkpoint (continued pretraining).
 #[derive(Parser)]
@@ -43,7 +47,7 @@ struct Config {
     init: Option<PathBuf>,
     /// Model shape for training from scratch (vocab_size defaults to the tokenizer's).
     #[serde(default)]
-    model: Option<serde_yaml::Value>,
+    model: Option<ModelShape>,
     /// Tokens per training sequence.
     block_size: usize,
     #[serde(default = "default_val_fraction")]
@@ -59,21 +63,22 @@ struct Config {
     #[serde(default)]
     optim: OptimSettings,
     #[serde(default = "default_every")]
-    eval_every: u64,
+    eval_every: Every,
     /// Batches of held-out blocks per evaluation (0 = all).
     #[serde(default = "default_eval_batches")]
     eval_batches: usize,
     #[serde(default = "default_every")]
-    save_every: u64,
+    save_every: Every,
     #[serde(default = "default_log_every")]
-    log_every: u64,
+    log_every: Every,
     #[serde(default)]
     device: DeviceSpec,
     #[serde(default)]
     precision: Precision,
     #[serde(default)]
     seed: u64,
-    /// Where tokenized corpora are cached (default ~/.cache/temper/tokens).
+    /// Where tokenized corpora are cached (default ~/.cache/temper/tokens). Not part of the
+    /// cache key: where a cache lives changes no result.
     #[serde(default)]
     cache_dir: Option<PathBuf>,
 }
@@ -102,323 +107,300 @@ fn default_val_fraction() -> f64 {
 fn default_split() -> TextSplit {
     TextSplit::BlankLine
 }
-fn default_every() -> u64 {
-    100
+fn default_every() -> Every {
+    Every::new(100)
 }
 fn default_eval_batches() -> usize {
     20
 }
-fn default_log_every() -> u64 {
-    10
+fn default_log_every() -> Every {
+    Every::new(10)
 }
 
 fn main() {
     let args = Args::parse();
-    stage::main_with("temper-pretrain", || run(&args.stage));
+    main_with("temper-pretrain", || run(&args.stage))
 }
 
-fn validate(cfg: &Config) -> Result<(), StageError> {
-    let bad = |m: String| Err(invalid(anyhow!(m)));
-    cfg.optim.validate().map_err(|m| invalid(anyhow!(m)))?;
-    if cfg.steps == 0 || cfg.batch_size == 0 || cfg.block_size < 2 {
-        return bad("steps and batch_size must be positive and block_size at least 2".into());
+/// Range checks and the inputs' presence; nothing is read yet.
+fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError> {
+    let c = &cfg.value;
+    check_optim(cfg, "optim", &c.optim)?;
+    cfg.ensure(c.steps >= 1, "steps", "must be at least 1")?;
+    cfg.ensure(c.batch_size >= 1, "batch_size", "must be at least 1")?;
+    cfg.ensure(c.block_size >= 2, "block_size", "must be at least 2")?;
+    cfg.ensure(
+        (0.0..1.0).contains(&c.val_fraction),
+        "val_fraction",
+        format!("must be in [0, 1), got {}", c.val_fraction),
+    )?;
+    cfg.ensure(
+        c.init.is_some() != c.model.is_some(),
+        "model",
+        "set exactly one of `init` (continue from a checkpoint) and `model` (train from scratch)",
+    )?;
+    cfg.ensure(!c.data.is_empty(), "data", "list at least one file")?;
+    inputs.file(cfg, "tokenizer", &c.tokenizer)?;
+    for f in &c.data {
+        inputs.file(cfg, "data", f)?;
     }
-    if cfg.init.is_none() == cfg.model.is_none() {
-        return bad("set exactly one of `init` (continue from a checkpoint) and `model` (train from scratch)".into());
-    }
-    for f in cfg
-        .data
-        .iter()
-        .chain(cfg.eval_data.values().flat_map(|e| &e.files))
-        .chain([&cfg.tokenizer])
-    {
-        if !f.exists() {
-            return bad(format!("{} not found", f.display()));
+    for (name, e) in &c.eval_data {
+        for f in &e.files {
+            inputs.file(cfg, &format!("eval_data.{name}.files"), f)?;
         }
     }
-    if cfg.data.is_empty() {
-        return bad("data: list at least one file".into());
-    }
-    if let Some(init) = &cfg.init {
-        if !init.join("model.safetensors").exists() {
-            return bad(format!(
-                "init: {} holds no model.safetensors",
-                init.display()
-            ));
-        }
+    if let Some(init) = &c.init {
+        inputs.folder(cfg, "init", init, &CHECKPOINT_FILES[..2])?;
     }
     Ok(())
 }
 
-fn cache_dir(cfg: &Config) -> PathBuf {
-    cfg.cache_dir.clone().unwrap_or_else(|| {
-        let base = std::env::var_os("TEMPER_CACHE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/temper")
-            });
-        base.join("tokens")
-    })
+/// Everything the loop needs, loaded and cross-checked before anything is written.
+struct Setup {
+    tokenizer_path: PathBuf,
+    device: Device,
+    vs: VarStore,
+    model: Transformer,
+    stream: TokenStream,
+    /// (name, held-out tokens): the corpus's own held-out blocks, then the extra streams.
+    evals: Vec<(String, Vec<u32>)>,
 }
 
-fn run(args: &StageArgs) -> Result<(), StageError> {
-    let cfg: Config = stage::read_config(&args.config)?;
-    validate(&cfg)?;
-    let tokenizer_path = match &cfg.init {
+fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
+    let c = &cfg.value;
+    let tokenizer_path = match &c.init {
         Some(init) if init.join("tokenizer.json").exists() => init.join("tokenizer.json"),
-        _ => cfg.tokenizer.clone(),
+        _ => c.tokenizer.clone(),
     };
     let tok = TextTokenizer::load(&tokenizer_path).map_err(invalid)?;
     let (eos, pad) = (tok.require(EOS).map_err(invalid)?, tok.id(PAD).unwrap_or(0));
-    let device = resolve_device(cfg.device).map_err(invalid)?;
-    tch::manual_seed(cfg.seed as i64);
-    let (vs, model) = match (&cfg.init, &cfg.model) {
+    let device = resolve_device(c.device).map_err(invalid)?;
+    tch::manual_seed(c.seed as i64);
+    let (vs, model) = match (&c.init, &c.model) {
         (Some(init), _) => load_checkpoint(init, LoadSpec::CAUSAL_LM, device).map_err(invalid)?,
         (None, Some(shape)) => {
-            let mc = stage::model_config_from(shape, tok.vocab_size(), eos, pad)?;
-            let vs = tch::nn::VarStore::new(device);
-            let model = Transformer::new(
-                &vs.root(),
-                &mc,
-                Heads {
-                    lm: true,
-                    score: false,
-                },
-            )
-            .map_err(invalid)?;
+            let mc = shape
+                .resolve(tok.vocab_size(), eos, pad)
+                .map_err(|e| cfg.error("model", e))?;
+            check_memory(device, mc.training_bytes(1, 1), "this model")
+                .map_err(|m| cfg.error("model", m))?;
+            let vs = VarStore::new(device);
+            let heads = Heads {
+                lm: true,
+                score: false,
+            };
+            let model = Transformer::new(&vs.root(), &mc, heads).map_err(invalid)?;
             (vs, model)
         }
-        (None, None) => unreachable!("validate requires init or model"),
+        (None, None) => unreachable!("check() requires init or model"),
     };
-    if tok.vocab_size() > model.config.vocab_size as usize {
-        return Err(invalid(anyhow!(
-            "tokenizer has {} tokens, the model only {}",
-            tok.vocab_size(),
-            model.config.vocab_size
-        )));
-    }
-    if cfg.block_size as i64 > model.config.max_position {
-        return Err(invalid(anyhow!(
-            "block_size {} exceeds the model's max_position {}",
-            cfg.block_size,
+    temper_core::checkpoint::check_vocab(tok.vocab_size(), &model.config, &tokenizer_path)
+        .map_err(invalid)?;
+    cfg.ensure(
+        c.block_size as i64 <= model.config.max_position,
+        "block_size",
+        format!(
+            "exceeds the model's max_position {}",
             model.config.max_position
-        )));
-    }
-    let settings = |_: &str| StreamSettings {
-        block_size: cfg.block_size,
-        val_fraction: cfg.val_fraction,
-        text_split: cfg.text_split,
-        fields: cfg.fields.clone(),
+        ),
+    )?;
+    let estimate = model
+        .config
+        .training_bytes(c.batch_size as i64, c.block_size as i64);
+    check_memory(
+        device,
+        estimate,
+        "training at this batch_size and block_size",
+    )
+    .map_err(|m| cfg.error("batch_size", m))?;
+    let settings = |val_fraction| StreamSettings {
+        block_size: c.block_size,
+        val_fraction,
+        text_split: c.text_split,
+        fields: c.fields.clone(),
     };
-    let cache = cache_dir(&cfg);
+    let cache = c.cache_dir.clone().unwrap_or_else(default_cache_dir);
     let stream =
-        build_stream(&cfg.data, &tok, &settings("train"), Some(&cache)).map_err(invalid)?;
-    // Each evaluation stream is a list of blocks: the held-out part of the training corpus,
-    // then the extra streams.
-    let mut evals: Vec<(String, Vec<u32>)> = vec![("eval".into(), stream.val.clone())];
-    for (name, e) in &cfg.eval_data {
-        let mut st = settings(name);
-        if e.split == EvalSplit::All {
-            st.val_fraction = 0.0;
-        }
-        let s = build_stream(&e.files, &tok, &st, Some(&cache)).map_err(invalid)?;
-        evals.push((
-            name.clone(),
-            if e.split == EvalSplit::All {
-                s.train
-            } else {
-                s.val
-            },
-        ));
+        build_stream(&c.data, &tok, &settings(c.val_fraction), Some(&cache)).map_err(invalid)?;
+    let mut evals = vec![("eval".to_string(), stream.val.clone())];
+    for (name, e) in &c.eval_data {
+        let all = e.split == EvalSplit::All;
+        let fraction = if all { 0.0 } else { c.val_fraction };
+        let s = build_stream(&e.files, &tok, &settings(fraction), Some(&cache)).map_err(invalid)?;
+        evals.push((name.clone(), if all { s.train } else { s.val }));
     }
-    info!(
+    tracing::info!(
         "corpus: {} documents, {} train blocks, {} held-out blocks of {} tokens{}",
         stream.stats.documents,
         stream.train_blocks(),
         stream.val_blocks(),
-        cfg.block_size,
+        c.block_size,
         if stream.from_cache { " (cached)" } else { "" }
     );
+    Ok(Setup {
+        tokenizer_path,
+        device,
+        vs,
+        model,
+        stream,
+        evals,
+    })
+}
+
+fn default_cache_dir() -> PathBuf {
+    std::env::var_os("TEMPER_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/temper")
+        })
+        .join("tokens")
+}
+
+fn run(args: &StageArgs) -> Result<(), StageError> {
+    let cfg = ConfigFile::<Config>::load(&args.config, StageKind::Pretrain)?;
+    let mut inputs = Inputs::new(&args.pending);
+    check(&cfg, &mut inputs)?;
+    temper_stage::folder::check(&args.out)?;
+    if inputs.any_pending() {
+        return cfg.print_resolved(); // the rest is checked when the inputs exist
+    }
+    let s = prepare(&cfg)?;
     if args.validate {
-        println!(
-            "{}",
-            serde_yaml::to_string(&cfg).context("printing the resolved config")?
-        );
-        return Ok(());
+        return cfg.print_resolved();
     }
 
-    let mut run = RunDir::create(&args.out)?;
-    stage::write_resolved(&run.out, &cfg)?;
-    let mut opt = AdamW::new(&vs, cfg.optim.adamw());
-    let hash = config_hash(&cfg);
-    let mut progress = run.resume_or_start(&[&vs], &mut [&mut opt], &hash)?;
-
-    let (b, t) = (cfg.batch_size, cfg.block_size);
-    let n_blocks = stream.train_blocks();
-    let mut epoch_order: Option<(usize, Vec<usize>)> = None;
-    let bar = stage::progress_bar(cfg.steps, progress.step);
-    let mut window = (std::time::Instant::now(), 0u64);
+    let c = &cfg.value;
+    let folder = StageFolder::claim(&args.out, "pretrain")?;
+    cfg.write_resolved(&folder.path)?;
+    let mut log = MetricsLog::open(&folder.path)?;
+    let mut opt = AdamW::new(&s.vs, c.optim.adamw());
+    let mut progress =
+        resume_or_start(&folder.path, &mut log, &[&s.vs], &mut [&mut opt], &cfg.hash)?;
+    let every = Cadence::new(c.log_every, c.eval_every, c.save_every, c.steps);
+    let (b, t, accum) = (c.batch_size, c.block_size, c.optim.grad_accum);
+    let n_blocks = s.stream.train_blocks();
+    // Block k of the run is block order[k % n] of epoch k / n: a function of the step alone,
+    // so a resumed run reads exactly the batches an uninterrupted one would.
+    let mut blocks = Epochs::new(|e| shuffled(n_blocks, seed_for(c.seed, "epoch", e)));
+    let bar = progress_bar(c.steps, progress.step);
+    let mut throughput = Throughput::new();
     let mut last_eval = BTreeMap::new();
     if progress.step == 0 {
         // A baseline before any update (for continued pretraining: where the domain starts).
-        for (name, s) in &evals {
-            if let Some(loss) = eval_loss(&model, s, &cfg, device)? {
-                let prefix = if name == "eval" {
-                    String::new()
-                } else {
-                    format!("{name}/")
-                };
-                run.log(
-                    0,
-                    "eval",
-                    &[
-                        (&format!("{prefix}loss"), loss),
-                        (&format!("{prefix}ppl"), loss.exp()),
-                    ],
-                )?;
-            }
-        }
+        last_eval = evaluate(&s, c, &mut log, 0)?;
     }
-    while progress.step < cfg.steps {
+    while progress.step < c.steps {
         let step = progress.step;
-        let lr = cfg.optim.lr_at(step, cfg.steps);
+        let lr = c.optim.lr_at(step, c.steps);
         let mut step_loss = 0.0;
-        for micro in 0..cfg.optim.grad_accum {
-            // Sample k of the run is block order[k % n] of epoch k / n: a function of the step
-            // alone, so a resumed run reads exactly the batches the uninterrupted one would.
-            let first = ((step * cfg.optim.grad_accum + micro) as usize) * b;
-            let mut ids = Vec::with_capacity(b * t);
-            for k in first..first + b {
-                let epoch = k / n_blocks;
-                if epoch_order.as_ref().is_none_or(|(e, _)| *e != epoch) {
-                    epoch_order = Some((
-                        epoch,
-                        shuffled(n_blocks, cfg.seed ^ (epoch as u64).wrapping_mul(0x9E37)),
-                    ));
-                }
-                let block = epoch_order.as_ref().expect("set above").1[k % n_blocks];
-                ids.extend(stream.block(&stream.train, block).iter().map(|&x| x as i64));
-            }
+        for micro in 0..accum {
+            let first = (step * accum + micro) * b as u64;
+            let ids: Vec<i64> = (first..first + b as u64)
+                .flat_map(|k| s.stream.block(&s.stream.train, *blocks.get(k)))
+                .map(|&x| x as i64)
+                .collect();
             let ids = Tensor::from_slice(&ids)
                 .view([b as i64, t as i64])
-                .to_device(device);
-            let loss = with_autocast(device, cfg.precision, || -> anyhow::Result<Tensor> {
-                let (_, logits) = model.forward(&ids, None)?;
-                Ok(causal_lm_loss(&logits, &ids, &ids.ones_like()))
-            })??;
+                .to_device(s.device);
+            let loss = s.model.lm_loss(&ids, None, &ids.ones_like(), c.precision)?;
             let value = loss.double_value(&[]);
             if let Err(e) = check_finite(value, step + 1, step) {
-                run.save_state(&[&vs], &[&opt], &progress)?;
+                save_state(&folder.path, &log, &[&s.vs], &[&opt], &progress)?;
                 return Err(e.into());
             }
-            (loss / cfg.optim.grad_accum as f64).backward();
-            step_loss += value / cfg.optim.grad_accum as f64;
+            (loss / accum as f64).backward();
+            step_loss += value / accum as f64;
         }
-        let grad_norm = optimizer_step(&mut opt, cfg.optim.grad_clip, lr)?;
+        let grad_norm = opt.update(c.optim.grad_clip, lr)?;
         progress.step += 1;
-        progress.tokens_seen += (b * t) as u64 * cfg.optim.grad_accum;
-        window.1 += (b * t) as u64 * cfg.optim.grad_accum;
+        progress.tokens_seen += (b * t) as u64 * accum;
+        throughput.add((b * t) as u64 * accum);
         let step = progress.step;
         bar.set_position(step);
         bar.set_message(format!("loss {step_loss:.4}"));
-        if step % cfg.log_every == 0 || step == cfg.steps {
-            let tps = window.1 as f64 / window.0.elapsed().as_secs_f64();
-            window = (std::time::Instant::now(), 0);
-            run.log(
+        if every.log_due(step) {
+            log.log_train(
                 step,
-                "train",
                 &[
                     ("loss", step_loss),
                     ("ppl", step_loss.exp()),
                     ("lr", lr),
                     ("grad_norm", grad_norm),
                     ("tokens", progress.tokens_seen as f64),
-                    ("tokens_per_s", tps),
+                    ("tokens_per_s", throughput.take()),
                 ],
             )?;
-            info!("step {step}/{}: loss {step_loss:.4}, lr {lr:.2e}, grad_norm {grad_norm:.3}, {tps:.0} tok/s", cfg.steps);
         }
-        if step % cfg.eval_every == 0 || step == cfg.steps {
-            for (name, s) in &evals {
-                if let Some(loss) = eval_loss(&model, s, &cfg, device)? {
-                    let prefix = if name == "eval" {
-                        String::new()
-                    } else {
-                        format!("{name}/")
-                    };
-                    run.log(
-                        step,
-                        "eval",
-                        &[
-                            (&format!("{prefix}loss"), loss),
-                            (&format!("{prefix}ppl"), loss.exp()),
-                        ],
-                    )?;
-                    info!("step {step}: {name} loss {loss:.4}, ppl {:.2}", loss.exp());
-                    last_eval.insert(name.clone(), loss);
-                }
-            }
+        if every.eval_due(step) {
+            last_eval = evaluate(&s, c, &mut log, step)?;
         }
-        if step % cfg.save_every == 0 || step == cfg.steps {
-            run.save_state(&[&vs], &[&opt], &progress)?;
+        if every.save_due(step) {
+            save_state(&folder.path, &log, &[&s.vs], &[&opt], &progress)?;
         }
+        every.stop_if_asked(step)?;
     }
     bar.finish_and_clear();
 
-    run.save_final(&model, &vs, &tokenizer_path)?;
-    let mut summary = run.summary_base(&progress);
+    save_final(&folder.path, &s.model, &s.vs, &s.tokenizer_path)?;
+    let mut summary = log.summary_base(&progress);
     for (name, loss) in &last_eval {
-        let prefix = if name == "eval" {
-            String::new()
-        } else {
-            format!("{name}/")
-        };
-        summary.insert(format!("{prefix}loss"), (*loss).into());
-        summary.insert(format!("{prefix}ppl"), loss.exp().into());
+        summary.insert(format!("{}loss", prefix(name)), (*loss).into());
+        summary.insert(format!("{}ppl", prefix(name)), loss.exp().into());
     }
-    run.write_summary("ok", summary)?;
+    log.write_summary("ok", summary)?;
     Ok(())
 }
 
-/// Mean next-token loss over (up to `eval_batches` batches of) a stream's blocks.
-fn eval_loss(
-    model: &Transformer,
-    tokens: &[u32],
-    cfg: &Config,
-    device: Device,
-) -> anyhow::Result<Option<f64>> {
-    let n = tokens.len() / cfg.block_size;
-    let limit = if cfg.eval_batches == 0 {
-        n
+/// Metric-name prefix of an evaluation stream: none for the corpus's own held-out part.
+fn prefix(name: &str) -> String {
+    if name == "eval" {
+        String::new()
     } else {
-        n.min(cfg.eval_batches * cfg.batch_size)
-    };
-    if limit == 0 {
-        return Ok(None);
+        format!("{name}/")
     }
-    let (mut total, mut count) = (0.0, 0.0);
-    for chunk in (0..limit).collect::<Vec<_>>().chunks(cfg.batch_size) {
-        let ids: Vec<i64> = chunk
-            .iter()
-            .flat_map(|&i| {
-                tokens[i * cfg.block_size..(i + 1) * cfg.block_size]
-                    .iter()
-                    .map(|&x| x as i64)
-            })
-            .collect();
-        let ids = Tensor::from_slice(&ids)
-            .view([chunk.len() as i64, cfg.block_size as i64])
-            .to_device(device);
-        let loss = tch::no_grad(|| {
-            with_autocast(device, cfg.precision, || -> anyhow::Result<f64> {
-                let (_, logits) = model.forward(&ids, None)?;
-                Ok(causal_lm_loss(&logits, &ids, &ids.ones_like())
-                    .to_kind(Kind::Double)
-                    .double_value(&[]))
-            })
-        })??;
-        total += loss * chunk.len() as f64;
-        count += chunk.len() as f64;
+}
+
+/// Loss and perplexity on every evaluation stream, logged; returns stream → loss.
+fn evaluate(
+    s: &Setup,
+    c: &Config,
+    log: &mut MetricsLog,
+    step: u64,
+) -> anyhow::Result<BTreeMap<String, f64>> {
+    let mut out = BTreeMap::new();
+    for (name, tokens) in &s.evals {
+        let n = tokens.len() / c.block_size;
+        let limit = if c.eval_batches == 0 {
+            n
+        } else {
+            n.min(c.eval_batches * c.batch_size)
+        };
+        if limit == 0 {
+            continue;
+        }
+        let batches = (0..limit).collect::<Vec<_>>();
+        let batches = batches.chunks(c.batch_size).map(|chunk| {
+            let ids: Vec<i64> = chunk
+                .iter()
+                .flat_map(|&i| &tokens[i * c.block_size..(i + 1) * c.block_size])
+                .map(|&x| x as i64)
+                .collect();
+            let ids = Tensor::from_slice(&ids)
+                .view([chunk.len() as i64, c.block_size as i64])
+                .to_device(s.device);
+            let mask = ids.ones_like();
+            (ids, None, mask)
+        });
+        let loss = s.model.mean_lm_loss(batches, c.precision)?;
+        let p = prefix(name);
+        log.log_eval(
+            step,
+            &[
+                (&format!("{p}loss"), loss),
+                (&format!("{p}ppl"), loss.exp()),
+            ],
+        )?;
+        out.insert(name.clone(), loss);
     }
-    Ok(Some(total / count))
+    Ok(out)
 }

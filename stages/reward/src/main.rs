@@ -1,26 +1,29 @@
 //! temper-reward: a Bradley–Terry reward model. The backbone comes from a checkpoint (usually
 //! SFT), a fresh scalar head reads the score at each sequence's last real token (the reply's
 //! EOS) or averages it over the reply (`pooling`), and the loss is
-//! −log σ(r_chosen − r_rejected − margin). The checkpoint holds backbone
-//! and head (`score.weight`), loadable by PPO as a reward model and as a critic.
+//! −log σ(r_chosen − r_rejected − margin). The checkpoint holds backbone and head
+//! (`score.weight`), loadable by PPO as a reward model and as a critic.
 
 use std::path::PathBuf;
 
-use anyhow::{anyhow, Context};
 use clap::Parser;
 use serde::{Deserialize, Serialize};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 use temper_core::checkpoint::ScoreHead;
 use temper_core::losses::bradley_terry_loss;
-use temper_core::stage::{self, check_finite, invalid, optimizer_step, StageArgs, StageError};
+use temper_core::schedule::check_optim;
 use temper_core::{
-    config_hash, load_checkpoint, resolve_device, with_autocast, AdamW, DeviceSpec, LoadSpec,
-    OptimSettings, Precision, RunDir, ScorePooling, Transformer,
+    load_with_tokenizer, resolve_device, resume_or_start, save_final, save_state, with_autocast,
+    AdamW, BatchTensors, DeviceSpec, LoadSpec, Loaded, OptimSettings, Precision, ScorePooling,
+    CHECKPOINT_FILES,
 };
 use temper_data::{
-    pad_right, shuffled, ChatTemplate, Example, Fields, LoadOptions, Overlong, TextTokenizer,
+    seed_for, shuffled, ChatTemplate, Epochs, Example, Fields, LoadOptions, Overlong,
 };
-use tracing::info;
+use temper_stage::{
+    check_finite, invalid, main_with, progress_bar, Cadence, ConfigFile, Every, Inputs, MetricsLog,
+    StageArgs, StageError, StageFolder, StageKind, Throughput,
+};
 
 /// Bradley–Terry reward model on preference pairs.
 #[derive(Parser)]
@@ -59,11 +62,11 @@ struct Config {
     #[serde(default)]
     optim: OptimSettings,
     #[serde(default = "default_every")]
-    eval_every: u64,
+    eval_every: Every,
     #[serde(default = "default_every")]
-    save_every: u64,
+    save_every: Every,
     #[serde(default = "default_log_every")]
-    log_every: u64,
+    log_every: Every,
     #[serde(default)]
     device: DeviceSpec,
     #[serde(default)]
@@ -72,197 +75,191 @@ struct Config {
     seed: u64,
 }
 
-fn default_every() -> u64 {
-    100
+fn default_every() -> Every {
+    Every::new(100)
 }
-fn default_log_every() -> u64 {
-    10
+fn default_log_every() -> Every {
+    Every::new(10)
 }
 
 fn main() {
     let args = Args::parse();
-    stage::main_with("temper-reward", || run(&args.stage));
+    main_with("temper-reward", || run(&args.stage))
 }
 
 type Pair = (Example, Example);
 
-fn run(args: &StageArgs) -> Result<(), StageError> {
-    let cfg: Config = stage::read_config(&args.config)?;
-    cfg.optim.validate().map_err(|m| invalid(anyhow!(m)))?;
-    if cfg.steps == 0 || cfg.batch_size == 0 {
-        return Err(invalid(anyhow!("steps and batch_size must be positive")));
+/// Range checks and the inputs' presence; nothing is read yet.
+fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError> {
+    let c = &cfg.value;
+    check_optim(cfg, "optim", &c.optim)?;
+    cfg.ensure(c.steps >= 1, "steps", "must be at least 1")?;
+    cfg.ensure(c.batch_size >= 1, "batch_size", "must be at least 1")?;
+    cfg.ensure(c.max_len != Some(0), "max_len", "must be at least 1")?;
+    cfg.ensure(c.margin.is_finite(), "margin", "must be a number")?;
+    inputs.folder(cfg, "init", &c.init, &CHECKPOINT_FILES)?;
+    inputs.file(cfg, "data", &c.data)?;
+    if let Some(e) = &c.eval_data {
+        inputs.file(cfg, "eval_data", e)?;
     }
-    for f in [Some(&cfg.data), cfg.eval_data.as_ref()]
-        .into_iter()
-        .flatten()
-    {
-        if !f.exists() {
-            return Err(invalid(anyhow!("{} not found", f.display())));
-        }
-    }
-    let device = resolve_device(cfg.device).map_err(invalid)?;
-    tch::manual_seed(cfg.seed as i64);
-    let tokenizer_path = cfg.init.join("tokenizer.json");
-    let tok = TextTokenizer::load(&tokenizer_path).map_err(invalid)?;
-    let template = ChatTemplate::new(&tok).map_err(invalid)?;
+    Ok(())
+}
+
+/// The model with its fresh head and the rendered pairs.
+struct Setup {
+    m: Loaded,
+    template: ChatTemplate,
+    train: Vec<Pair>,
+    eval: Vec<Pair>,
+}
+
+fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
+    let c = &cfg.value;
+    let device = resolve_device(c.device).map_err(invalid)?;
+    tch::manual_seed(c.seed as i64);
     let spec = LoadSpec {
         lm_head: false,
         score: ScoreHead::Fresh,
     };
-    let (vs, mut model) = load_checkpoint(&cfg.init, spec, device).map_err(invalid)?;
-    model.config.score_pooling = cfg.pooling;
-    let max_len = cfg.max_len.unwrap_or(model.config.max_position as usize);
+    let mut m = load_with_tokenizer(&c.init, spec, device).map_err(invalid)?;
+    m.model.config.score_pooling = c.pooling;
+    let template = ChatTemplate::new(&m.tokenizer).map_err(invalid)?;
+    let max_len = c.max_len.unwrap_or(m.model.config.max_position as usize);
+    cfg.ensure(
+        max_len as i64 <= m.model.config.max_position,
+        "max_len",
+        format!(
+            "exceeds the model's max_position {}",
+            m.model.config.max_position
+        ),
+    )?;
+    let estimate = m
+        .model
+        .config
+        .training_bytes(2 * c.batch_size as i64, max_len as i64);
+    temper_core::device::check_memory(device, estimate, "training at this batch_size and max_len")
+        .map_err(|msg| cfg.error("batch_size", msg))?;
     let opts = LoadOptions {
-        tokenizer: &tok,
+        tokenizer: &m.tokenizer,
         template,
-        fields: &cfg.fields,
+        fields: &c.fields,
         max_len,
-        overlong: cfg.overlong,
+        overlong: c.overlong,
         train_on_prompt: false,
     };
-    let (train, report) = opts.pairs(&cfg.data).map_err(invalid)?;
-    info!(
+    let (train, report) = opts.pairs(&c.data).map_err(invalid)?;
+    tracing::info!(
         "{}: {} pairs ({} truncated, {} skipped)",
-        cfg.data.display(),
+        c.data.display(),
         train.len(),
         report.truncated,
         report.skipped
     );
-    let eval = match &cfg.eval_data {
+    let eval = match &c.eval_data {
         Some(p) => opts.pairs(p).map_err(invalid)?.0,
         None => Vec::new(),
     };
+    Ok(Setup {
+        m,
+        template,
+        train,
+        eval,
+    })
+}
+
+fn run(args: &StageArgs) -> Result<(), StageError> {
+    let cfg = ConfigFile::<Config>::load(&args.config, StageKind::Reward)?;
+    let mut inputs = Inputs::new(&args.pending);
+    check(&cfg, &mut inputs)?;
+    temper_stage::folder::check(&args.out)?;
+    if inputs.any_pending() {
+        return cfg.print_resolved(); // the rest is checked when the inputs exist
+    }
+    let s = prepare(&cfg)?;
     if args.validate {
-        println!(
-            "{}",
-            serde_yaml::to_string(&cfg).context("printing the resolved config")?
-        );
-        return Ok(());
+        return cfg.print_resolved();
     }
 
-    let mut run = RunDir::create(&args.out)?;
-    stage::write_resolved(&run.out, &cfg)?;
-    let mut opt = AdamW::new(&vs, cfg.optim.adamw());
-    let hash = config_hash(&cfg);
-    let mut progress = run.resume_or_start(&[&vs], &mut [&mut opt], &hash)?;
-
-    let per_epoch = train.len().div_ceil(cfg.batch_size) as u64;
-    let mut epoch_order: Option<(u64, Vec<usize>)> = None;
-    let bar = stage::progress_bar(cfg.steps, progress.step);
-    let mut window = (std::time::Instant::now(), 0u64);
+    let c = &cfg.value;
+    let vs = &s.m.vs;
+    let folder = StageFolder::claim(&args.out, "reward")?;
+    cfg.write_resolved(&folder.path)?;
+    let mut log = MetricsLog::open(&folder.path)?;
+    let mut opt = AdamW::new(vs, c.optim.adamw());
+    let mut progress = resume_or_start(&folder.path, &mut log, &[vs], &mut [&mut opt], &cfg.hash)?;
+    let every = Cadence::new(c.log_every, c.eval_every, c.save_every, c.steps);
+    // Micro-batch k of the run is batch k % n of epoch k / n: a function of the step alone.
+    let n = s.train.len();
+    let mut batches = Epochs::new(|e| {
+        let order = shuffled(n, seed_for(c.seed, "epoch", e));
+        order.chunks(c.batch_size).map(<[usize]>::to_vec).collect()
+    });
+    let bar = progress_bar(c.steps, progress.step);
+    let mut throughput = Throughput::new();
     let mut last_eval = None;
-    if progress.step == 0 && !eval.is_empty() {
+    if progress.step == 0 {
         // A baseline before any update: an untrained head is at chance.
-        let m = evaluate(&model, &eval, &cfg, template.pad, device)?;
-        run.log(
-            0,
-            "eval",
-            &[
-                ("loss", m.loss),
-                ("accuracy", m.accuracy),
-                ("margin", m.margin),
-                ("reward_chosen", m.chosen),
-                ("reward_rejected", m.rejected),
-            ],
-        )?;
+        last_eval = evaluate(&s, c, &mut log, 0)?;
     }
-    while progress.step < cfg.steps {
+    while progress.step < c.steps {
         let step = progress.step;
-        let lr = cfg.optim.lr_at(step, cfg.steps);
+        let lr = c.optim.lr_at(step, c.steps);
+        let accum = c.optim.grad_accum;
         let (mut step_loss, mut step_acc) = (0.0, 0.0);
-        for micro in 0..cfg.optim.grad_accum {
-            let k = step * cfg.optim.grad_accum + micro;
-            let epoch = k / per_epoch;
-            if epoch_order.as_ref().is_none_or(|(e, _)| *e != epoch) {
-                epoch_order = Some((
-                    epoch,
-                    shuffled(train.len(), cfg.seed ^ epoch.wrapping_mul(0x9E37)),
-                ));
-            }
-            let order = &epoch_order.as_ref().expect("set above").1;
-            let start = ((k % per_epoch) as usize) * cfg.batch_size;
-            let pairs: Vec<&Pair> = order[start..(start + cfg.batch_size).min(order.len())]
+        for micro in 0..accum {
+            let pairs: Vec<&Pair> = batches
+                .get(step * accum + micro)
                 .iter()
-                .map(|&i| &train[i])
+                .map(|&i| &s.train[i])
                 .collect();
-            let out = pair_scores(&model, &pairs, template.pad, device, cfg.precision)?;
-            let loss = bradley_terry_loss(&out.chosen, &out.rejected, cfg.margin);
+            let out = pair_scores(&s, &pairs, c.precision)?;
+            let loss = bradley_terry_loss(&out.chosen, &out.rejected, c.margin);
             let value = loss.double_value(&[]);
             if let Err(e) = check_finite(value, step + 1, step) {
-                run.save_state(&[&vs], &[&opt], &progress)?;
+                save_state(&folder.path, &log, &[vs], &[&opt], &progress)?;
                 return Err(e.into());
             }
-            (loss / cfg.optim.grad_accum as f64).backward();
-            step_loss += value / cfg.optim.grad_accum as f64;
-            step_acc += out.accuracy() / cfg.optim.grad_accum as f64;
+            (loss / accum as f64).backward();
+            step_loss += value / accum as f64;
+            step_acc += out.accuracy() / accum as f64;
             progress.tokens_seen += out.tokens;
-            window.1 += out.tokens;
+            throughput.add(out.tokens);
         }
-        let grad_norm = optimizer_step(&mut opt, cfg.optim.grad_clip, lr)?;
+        let grad_norm = opt.update(c.optim.grad_clip, lr)?;
         progress.step += 1;
         let step = progress.step;
         bar.set_position(step);
         bar.set_message(format!("loss {step_loss:.4} acc {step_acc:.2}"));
-        if step % cfg.log_every == 0 || step == cfg.steps {
-            let tps = window.1 as f64 / window.0.elapsed().as_secs_f64();
-            window = (std::time::Instant::now(), 0);
-            run.log(
+        if every.log_due(step) {
+            log.log_train(
                 step,
-                "train",
                 &[
                     ("loss", step_loss),
                     ("accuracy", step_acc),
                     ("lr", lr),
                     ("grad_norm", grad_norm),
                     ("tokens", progress.tokens_seen as f64),
-                    ("tokens_per_s", tps),
+                    ("tokens_per_s", throughput.take()),
                 ],
             )?;
-            info!(
-                "step {step}/{}: loss {step_loss:.4}, accuracy {step_acc:.3}, {tps:.0} tok/s",
-                cfg.steps
-            );
         }
-        if (step % cfg.eval_every == 0 || step == cfg.steps) && !eval.is_empty() {
-            let m = evaluate(&model, &eval, &cfg, template.pad, device)?;
-            run.log(
-                step,
-                "eval",
-                &[
-                    ("loss", m.loss),
-                    ("accuracy", m.accuracy),
-                    ("margin", m.margin),
-                    ("reward_chosen", m.chosen),
-                    ("reward_rejected", m.rejected),
-                ],
-            )?;
-            info!(
-                "step {step}: eval loss {:.4}, accuracy {:.3}, margin {:.3}",
-                m.loss, m.accuracy, m.margin
-            );
-            last_eval = Some(m);
+        if every.eval_due(step) {
+            last_eval = evaluate(&s, c, &mut log, step)?;
         }
-        if step % cfg.save_every == 0 || step == cfg.steps {
-            run.save_state(&[&vs], &[&opt], &progress)?;
+        if every.save_due(step) {
+            save_state(&folder.path, &log, &[vs], &[&opt], &progress)?;
         }
+        every.stop_if_asked(step)?;
     }
     bar.finish_and_clear();
 
-    run.save_final(&model, &vs, &tokenizer_path)?;
-    let mut summary = run.summary_base(&progress);
-    summary.insert("train_pairs".into(), train.len().into());
-    if let Some(m) = last_eval {
-        for (k, v) in [
-            ("loss", m.loss),
-            ("accuracy", m.accuracy),
-            ("margin", m.margin),
-            ("reward_chosen", m.chosen),
-            ("reward_rejected", m.rejected),
-        ] {
-            summary.insert(k.into(), v.into());
-        }
+    save_final(&folder.path, &s.m.model, vs, &s.m.tokenizer_path)?;
+    let mut summary = log.summary_base(&progress);
+    summary.insert("train_pairs".into(), s.train.len().into());
+    for (k, v) in last_eval.unwrap_or_default() {
+        summary.insert(k.into(), v.into());
     }
-    run.write_summary("ok", summary)?;
+    log.write_summary("ok", summary)?;
     Ok(())
 }
 
@@ -283,70 +280,57 @@ impl PairScores {
 }
 
 /// Scores both sides of each pair in one forward pass over a (2B, T) batch.
-fn pair_scores(
-    model: &Transformer,
-    pairs: &[&Pair],
-    pad: u32,
-    device: Device,
-    precision: Precision,
-) -> anyhow::Result<PairScores> {
+fn pair_scores(s: &Setup, pairs: &[&Pair], precision: Precision) -> anyhow::Result<PairScores> {
+    let model = &s.m.model;
     let rows: Vec<&Example> = pairs
         .iter()
         .map(|p| &p.0)
         .chain(pairs.iter().map(|p| &p.1))
         .collect();
-    let b = pad_right(&rows, pad);
-    let shape = [b.rows as i64, b.cols as i64];
-    let ids = Tensor::from_slice(&b.ids).view(shape).to_device(device);
-    let attn = Tensor::from_slice(&b.attention_mask)
-        .view(shape)
-        .to_device(device);
-    let reply = Tensor::from_slice(&b.loss_mask)
-        .view(shape)
-        .to_device(device);
-    let scores = with_autocast(device, precision, || -> anyhow::Result<Tensor> {
-        let hidden = model.hidden_states(&ids, Some(&attn), None)?;
+    let b = BatchTensors::pad(&rows, s.template.pad, model.device());
+    let scores = with_autocast(model.device(), precision, || -> anyhow::Result<Tensor> {
+        let hidden = model.hidden_states(&b.ids, Some(&b.attention), None)?;
         Ok(model
-            .sequence_scores(&hidden, &attn, &reply)?
+            .sequence_scores(&hidden, &b.attention, &b.loss_mask)?
             .to_kind(Kind::Float))
     })??;
     let n = pairs.len() as i64;
     Ok(PairScores {
         chosen: scores.narrow(0, 0, n),
         rejected: scores.narrow(0, n, n),
-        tokens: b.attention_mask.iter().sum::<i64>() as u64,
+        tokens: b.tokens,
     })
 }
 
-struct EvalMetrics {
-    loss: f64,
-    accuracy: f64,
-    margin: f64,
-    chosen: f64,
-    rejected: f64,
-}
-
+/// Held-out loss, accuracy, margin and mean rewards, logged; None without eval data.
 fn evaluate(
-    model: &Transformer,
-    eval: &[Pair],
-    cfg: &Config,
-    pad: u32,
-    device: Device,
-) -> anyhow::Result<EvalMetrics> {
-    let (mut chosen, mut rejected) = (Vec::new(), Vec::new());
-    for chunk in eval.chunks(cfg.batch_size) {
-        let pairs: Vec<&Pair> = chunk.iter().collect();
-        let s = tch::no_grad(|| pair_scores(model, &pairs, pad, device, cfg.precision))?;
-        chosen.push(s.chosen);
-        rejected.push(s.rejected);
+    s: &Setup,
+    c: &Config,
+    log: &mut MetricsLog,
+    step: u64,
+) -> anyhow::Result<Option<Vec<(&'static str, f64)>>> {
+    if s.eval.is_empty() {
+        return Ok(None);
     }
-    let (c, r) = (Tensor::cat(&chosen, 0), Tensor::cat(&rejected, 0));
+    let (mut chosen, mut rejected) = (Vec::new(), Vec::new());
+    for chunk in s.eval.chunks(c.batch_size) {
+        let pairs: Vec<&Pair> = chunk.iter().collect();
+        let out = tch::no_grad(|| pair_scores(s, &pairs, c.precision))?;
+        chosen.push(out.chosen);
+        rejected.push(out.rejected);
+    }
+    let (ch, rj) = (Tensor::cat(&chosen, 0), Tensor::cat(&rejected, 0));
     let scalar = |t: Tensor| t.to_kind(Kind::Double).double_value(&[]);
-    Ok(EvalMetrics {
-        loss: scalar(bradley_terry_loss(&c, &r, cfg.margin)),
-        accuracy: scalar(c.gt_tensor(&r).to_kind(Kind::Float).mean(Kind::Float)),
-        margin: scalar((&c - &r).mean(Kind::Float)),
-        chosen: scalar(c.mean(Kind::Float)),
-        rejected: scalar(r.mean(Kind::Float)),
-    })
+    let fields = vec![
+        ("loss", scalar(bradley_terry_loss(&ch, &rj, c.margin))),
+        (
+            "accuracy",
+            scalar(ch.gt_tensor(&rj).to_kind(Kind::Float).mean(Kind::Float)),
+        ),
+        ("margin", scalar((&ch - &rj).mean(Kind::Float))),
+        ("reward_chosen", scalar(ch.mean(Kind::Float))),
+        ("reward_rejected", scalar(rj.mean(Kind::Float))),
+    ];
+    log.log_eval(step, &fields)?;
+    Ok(Some(fields))
 }

@@ -4,22 +4,25 @@
 
 use std::path::PathBuf;
 
-use anyhow::{anyhow, Context};
+use anyhow::Context;
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tch::{Device, Kind, Tensor};
 use temper_core::sample::{generate, SamplingConfig};
-use temper_core::stage::{self, check_finite, invalid, optimizer_step, StageArgs, StageError};
+use temper_core::schedule::check_optim;
+use temper_core::scoring::decode_replies;
 use temper_core::{
-    causal_lm_loss, config_hash, load_checkpoint, resolve_device, with_autocast, AdamW, DeviceSpec,
-    LoadSpec, OptimSettings, Precision, RunDir, Transformer,
+    load_with_tokenizer, resolve_device, resume_or_start, save_final, save_state, AdamW,
+    BatchTensors, DeviceSpec, LoadSpec, Loaded, OptimSettings, Precision, CHECKPOINT_FILES,
 };
 use temper_data::{
-    length_grouped_batches, pack, pad_right, shuffled, ChatTemplate, Example, Fields, LoadOptions,
-    Overlong, TextTokenizer,
+    length_grouped_batches, pack, seed_for, shuffled, ChatTemplate, Epochs, Example, Fields,
+    LoadOptions, Overlong,
 };
-use tracing::info;
+use temper_stage::{
+    check_finite, invalid, main_with, progress_bar, Cadence, ConfigFile, Every, Inputs, MetricsLog,
+    StageArgs, StageError, StageFolder, StageKind, Throughput,
+};
 
 /// Prompt-masked supervised fine-tuning on chat-templated examples.
 #[derive(Parser)]
@@ -55,11 +58,11 @@ struct Config {
     #[serde(default)]
     optim: OptimSettings,
     #[serde(default = "default_every")]
-    eval_every: u64,
+    eval_every: Every,
     #[serde(default = "default_every")]
-    save_every: u64,
+    save_every: Every,
     #[serde(default = "default_log_every")]
-    log_every: u64,
+    log_every: Every,
     /// Held-out prompts to sample a reply for at each evaluation.
     #[serde(default = "default_samples")]
     samples: usize,
@@ -75,11 +78,11 @@ struct Config {
     seed: u64,
 }
 
-fn default_every() -> u64 {
-    100
+fn default_every() -> Every {
+    Every::new(100)
 }
-fn default_log_every() -> u64 {
-    10
+fn default_log_every() -> Every {
+    Every::new(10)
 }
 fn default_samples() -> usize {
     4
@@ -93,296 +96,256 @@ fn default_temperature() -> f64 {
 
 fn main() {
     let args = Args::parse();
-    stage::main_with("temper-sft", || run(&args.stage));
+    main_with("temper-sft", || run(&args.stage))
 }
 
-fn validate(cfg: &Config) -> Result<(), StageError> {
-    cfg.optim.validate().map_err(|m| invalid(anyhow!(m)))?;
-    if cfg.steps == 0 || cfg.batch_size == 0 {
-        return Err(invalid(anyhow!("steps and batch_size must be positive")));
-    }
-    for f in [Some(&cfg.data), cfg.eval_data.as_ref()]
-        .into_iter()
-        .flatten()
-    {
-        if !f.exists() {
-            return Err(invalid(anyhow!("{} not found", f.display())));
-        }
-    }
-    for f in ["model.safetensors", "config.json", "tokenizer.json"] {
-        if !cfg.init.join(f).exists() {
-            return Err(invalid(anyhow!("init: {} lacks {f}", cfg.init.display())));
-        }
+/// Range checks and the inputs' presence; nothing is read yet.
+fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError> {
+    let c = &cfg.value;
+    check_optim(cfg, "optim", &c.optim)?;
+    cfg.ensure(c.steps >= 1, "steps", "must be at least 1")?;
+    cfg.ensure(c.batch_size >= 1, "batch_size", "must be at least 1")?;
+    cfg.ensure(c.max_len != Some(0), "max_len", "must be at least 1")?;
+    cfg.ensure(
+        c.max_new_tokens >= 1,
+        "max_new_tokens",
+        "must be at least 1",
+    )?;
+    cfg.ensure(
+        c.temperature.is_finite() && c.temperature >= 0.0,
+        "temperature",
+        "must be ≥ 0 (0 is greedy)",
+    )?;
+    inputs.folder(cfg, "init", &c.init, &CHECKPOINT_FILES)?;
+    inputs.file(cfg, "data", &c.data)?;
+    if let Some(e) = &c.eval_data {
+        inputs.file(cfg, "eval_data", e)?;
     }
     Ok(())
 }
 
-fn run(args: &StageArgs) -> Result<(), StageError> {
-    let cfg: Config = stage::read_config(&args.config)?;
-    validate(&cfg)?;
-    let device = resolve_device(cfg.device).map_err(invalid)?;
-    tch::manual_seed(cfg.seed as i64);
-    let tokenizer_path = cfg.init.join("tokenizer.json");
-    let tok = TextTokenizer::load(&tokenizer_path).map_err(invalid)?;
-    let template = ChatTemplate::new(&tok).map_err(invalid)?;
-    let (vs, model) = load_checkpoint(&cfg.init, LoadSpec::CAUSAL_LM, device).map_err(invalid)?;
-    let max_len = cfg.max_len.unwrap_or(model.config.max_position as usize);
-    if max_len as i64 > model.config.max_position {
-        return Err(invalid(anyhow!(
-            "max_len {max_len} exceeds the model's max_position {}",
-            model.config.max_position
-        )));
-    }
+/// The model and the rendered data, cross-checked before anything is written.
+struct Setup {
+    m: Loaded,
+    template: ChatTemplate,
+    train: Vec<Example>,
+    eval: Vec<Example>,
+    /// Held-out prompts to sample from at evaluations, with their reference replies.
+    prompts: Vec<(Vec<u32>, String)>,
+    report: temper_data::LoadReport,
+}
+
+fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
+    let c = &cfg.value;
+    let device = resolve_device(c.device).map_err(invalid)?;
+    tch::manual_seed(c.seed as i64);
+    let m = load_with_tokenizer(&c.init, LoadSpec::CAUSAL_LM, device).map_err(invalid)?;
+    let template = ChatTemplate::new(&m.tokenizer).map_err(invalid)?;
+    let max_len = c.max_len.unwrap_or(m.model.config.max_position as usize);
+    cfg.ensure(
+        max_len as i64 <= m.model.config.max_position,
+        "max_len",
+        format!(
+            "exceeds the model's max_position {}",
+            m.model.config.max_position
+        ),
+    )?;
+    let estimate = m
+        .model
+        .config
+        .training_bytes(c.batch_size as i64, max_len as i64);
+    temper_core::device::check_memory(device, estimate, "training at this batch_size and max_len")
+        .map_err(|msg| cfg.error("batch_size", msg))?;
     let opts = LoadOptions {
-        tokenizer: &tok,
+        tokenizer: &m.tokenizer,
         template,
-        fields: &cfg.fields,
+        fields: &c.fields,
         max_len,
-        overlong: cfg.overlong,
-        train_on_prompt: cfg.train_on_prompt,
+        overlong: c.overlong,
+        train_on_prompt: c.train_on_prompt,
     };
-    let (mut train, report) = opts.sft(&cfg.data).map_err(invalid)?;
-    info!(
+    let (mut train, report) = opts.sft(&c.data).map_err(invalid)?;
+    tracing::info!(
         "{}: {} examples ({} truncated, {} skipped), mean {:.1} tokens",
-        cfg.data.display(),
+        c.data.display(),
         report.kept,
         report.truncated,
         report.skipped,
         report.mean_tokens()
     );
-    if cfg.packing {
-        let order = shuffled(train.len(), cfg.seed);
+    if c.packing {
+        let order = shuffled(train.len(), seed_for(c.seed, "packing", 0));
         let ordered: Vec<Example> = order.into_iter().map(|i| train[i].clone()).collect();
         train = pack(&ordered, max_len);
-        info!("packed into {} rows of up to {max_len} tokens", train.len());
+        tracing::info!("packed into {} rows of up to {max_len} tokens", train.len());
     }
-    let (eval, prompts) = match &cfg.eval_data {
+    let (eval, prompts) = match &c.eval_data {
         Some(p) => (
             opts.sft(p).map_err(invalid)?.0,
-            opts.sft_prompts(p, cfg.samples).map_err(invalid)?,
+            opts.sft_prompts(p, c.samples).map_err(invalid)?,
         ),
         None => (Vec::new(), Vec::new()),
     };
+    Ok(Setup {
+        m,
+        template,
+        train,
+        eval,
+        prompts,
+        report,
+    })
+}
+
+fn run(args: &StageArgs) -> Result<(), StageError> {
+    let cfg = ConfigFile::<Config>::load(&args.config, StageKind::Sft)?;
+    let mut inputs = Inputs::new(&args.pending);
+    check(&cfg, &mut inputs)?;
+    temper_stage::folder::check(&args.out)?;
+    if inputs.any_pending() {
+        return cfg.print_resolved(); // the rest is checked when the inputs exist
+    }
+    let s = prepare(&cfg)?;
     if args.validate {
-        println!(
-            "{}",
-            serde_yaml::to_string(&cfg).context("printing the resolved config")?
-        );
-        return Ok(());
+        return cfg.print_resolved();
     }
 
-    let mut run = RunDir::create(&args.out)?;
-    stage::write_resolved(&run.out, &cfg)?;
-    let mut opt = AdamW::new(&vs, cfg.optim.adamw());
-    let hash = config_hash(&cfg);
-    let mut progress = run.resume_or_start(&[&vs], &mut [&mut opt], &hash)?;
-
-    let lengths: Vec<usize> = train.iter().map(Example::len).collect();
-    let mut epoch_batches: Option<(u64, Vec<Vec<usize>>)> = None;
-    let bar = stage::progress_bar(cfg.steps, progress.step);
-    let mut window = (std::time::Instant::now(), 0u64);
+    let c = &cfg.value;
+    let (vs, model, device) = (&s.m.vs, &s.m.model, s.m.model.device());
+    let folder = StageFolder::claim(&args.out, "sft")?;
+    cfg.write_resolved(&folder.path)?;
+    let mut log = MetricsLog::open(&folder.path)?;
+    let mut opt = AdamW::new(vs, c.optim.adamw());
+    let mut progress = resume_or_start(&folder.path, &mut log, &[vs], &mut [&mut opt], &cfg.hash)?;
+    let every = Cadence::new(c.log_every, c.eval_every, c.save_every, c.steps);
+    let lengths: Vec<usize> = s.train.iter().map(Example::len).collect();
+    // Micro-batch k of the run is batch k % n of epoch k / n: a function of the step alone.
+    let mut batches = Epochs::new(|e| {
+        length_grouped_batches(&lengths, c.batch_size, seed_for(c.seed, "epoch", e))
+    });
+    let bar = progress_bar(c.steps, progress.step);
+    let mut throughput = Throughput::new();
     let mut last_eval = None;
-    if progress.step == 0 && !eval.is_empty() {
+    if progress.step == 0 {
         // A baseline before any update, so the curve shows what fine-tuning changed.
-        let loss = eval_loss(
-            &model,
-            &eval,
-            cfg.batch_size,
-            template.pad,
-            device,
-            cfg.precision,
-        )?;
-        run.log(0, "eval", &[("loss", loss), ("ppl", loss.exp())])?;
-        info!("step 0: eval loss {loss:.4}, ppl {:.2}", loss.exp());
-        if !prompts.is_empty() {
-            let records = sample_replies(&model, &tok, &template, &prompts, &cfg, 0)?;
-            run.log_samples(&records)?;
-        }
+        last_eval = evaluate(&s, c, &mut log, 0)?;
     }
-    while progress.step < cfg.steps {
+    while progress.step < c.steps {
         let step = progress.step;
-        let lr = cfg.optim.lr_at(step, cfg.steps);
+        let lr = c.optim.lr_at(step, c.steps);
+        let accum = c.optim.grad_accum;
         let mut step_loss = 0.0;
-        for micro in 0..cfg.optim.grad_accum {
-            // Micro-batch k is batch k % n of epoch k / n: a function of the step alone, so a
-            // resumed run reads exactly the batches an uninterrupted one would.
-            let k = step * cfg.optim.grad_accum + micro;
-            let epoch = k / lengths.len().div_ceil(cfg.batch_size) as u64;
-            if epoch_batches.as_ref().is_none_or(|(e, _)| *e != epoch) {
-                epoch_batches = Some((
-                    epoch,
-                    length_grouped_batches(
-                        &lengths,
-                        cfg.batch_size,
-                        cfg.seed ^ epoch.wrapping_mul(0x9E37),
-                    ),
-                ));
-            }
-            let batches = &epoch_batches.as_ref().expect("set above").1;
-            let rows: Vec<&Example> = batches[(k % batches.len() as u64) as usize]
+        for micro in 0..accum {
+            let rows: Vec<&Example> = batches
+                .get(step * accum + micro)
                 .iter()
-                .map(|&i| &train[i])
+                .map(|&i| &s.train[i])
                 .collect();
-            let (loss, tokens) = batch_loss(&model, &rows, template.pad, device, cfg.precision)?;
+            let b = BatchTensors::pad(&rows, s.template.pad, device);
+            let loss = model.lm_loss(&b.ids, Some(&b.attention), &b.loss_mask, c.precision)?;
             let value = loss.double_value(&[]);
             if let Err(e) = check_finite(value, step + 1, step) {
-                run.save_state(&[&vs], &[&opt], &progress)?;
+                save_state(&folder.path, &log, &[vs], &[&opt], &progress)?;
                 return Err(e.into());
             }
-            (loss / cfg.optim.grad_accum as f64).backward();
-            step_loss += value / cfg.optim.grad_accum as f64;
-            progress.tokens_seen += tokens;
-            window.1 += tokens;
+            (loss / accum as f64).backward();
+            step_loss += value / accum as f64;
+            progress.tokens_seen += b.tokens;
+            throughput.add(b.tokens);
         }
-        let grad_norm = optimizer_step(&mut opt, cfg.optim.grad_clip, lr)?;
+        let grad_norm = opt.update(c.optim.grad_clip, lr)?;
         progress.step += 1;
         let step = progress.step;
         bar.set_position(step);
         bar.set_message(format!("loss {step_loss:.4}"));
-        if step % cfg.log_every == 0 || step == cfg.steps {
-            let tps = window.1 as f64 / window.0.elapsed().as_secs_f64();
-            window = (std::time::Instant::now(), 0);
-            run.log(
+        if every.log_due(step) {
+            log.log_train(
                 step,
-                "train",
                 &[
                     ("loss", step_loss),
                     ("ppl", step_loss.exp()),
                     ("lr", lr),
                     ("grad_norm", grad_norm),
                     ("tokens", progress.tokens_seen as f64),
-                    ("tokens_per_s", tps),
+                    ("tokens_per_s", throughput.take()),
                 ],
             )?;
-            info!("step {step}/{}: loss {step_loss:.4}, lr {lr:.2e}, grad_norm {grad_norm:.3}, {tps:.0} tok/s", cfg.steps);
         }
-        if (step % cfg.eval_every == 0 || step == cfg.steps) && !eval.is_empty() {
-            let loss = eval_loss(
-                &model,
-                &eval,
-                cfg.batch_size,
-                template.pad,
-                device,
-                cfg.precision,
-            )?;
-            run.log(step, "eval", &[("loss", loss), ("ppl", loss.exp())])?;
-            info!("step {step}: eval loss {loss:.4}, ppl {:.2}", loss.exp());
-            last_eval = Some(loss);
-            if !prompts.is_empty() {
-                let records = sample_replies(&model, &tok, &template, &prompts, &cfg, step)?;
-                run.log_samples(&records)?;
-            }
+        if every.eval_due(step) {
+            last_eval = evaluate(&s, c, &mut log, step)?;
         }
-        if step % cfg.save_every == 0 || step == cfg.steps {
-            run.save_state(&[&vs], &[&opt], &progress)?;
+        if every.save_due(step) {
+            save_state(&folder.path, &log, &[vs], &[&opt], &progress)?;
         }
+        every.stop_if_asked(step)?;
     }
     bar.finish_and_clear();
 
-    run.save_final(&model, &vs, &tokenizer_path)?;
-    let mut summary = run.summary_base(&progress);
-    summary.insert("train_examples".into(), train.len().into());
+    save_final(&folder.path, model, vs, &s.m.tokenizer_path)?;
+    let mut summary = log.summary_base(&progress);
+    summary.insert("train_examples".into(), s.train.len().into());
     summary.insert(
         "data".into(),
-        serde_json::to_value(&report).context("report")?,
+        serde_json::to_value(&s.report).context("report")?,
     );
     if let Some(loss) = last_eval {
         summary.insert("loss".into(), loss.into());
         summary.insert("ppl".into(), loss.exp().into());
     }
-    run.write_summary("ok", summary)?;
+    log.write_summary("ok", summary)?;
     Ok(())
 }
 
-/// Masked next-token loss of a padded batch, and its number of real tokens.
-fn batch_loss(
-    model: &Transformer,
-    rows: &[&Example],
-    pad: u32,
-    device: Device,
-    precision: Precision,
-) -> anyhow::Result<(Tensor, u64)> {
-    let b = pad_right(rows, pad);
-    let shape = [b.rows as i64, b.cols as i64];
-    let ids = Tensor::from_slice(&b.ids).view(shape).to_device(device);
-    let attn = Tensor::from_slice(&b.attention_mask)
-        .view(shape)
-        .to_device(device);
-    let loss_mask = Tensor::from_slice(&b.loss_mask)
-        .view(shape)
-        .to_device(device);
-    let loss = with_autocast(device, precision, || -> anyhow::Result<Tensor> {
-        let (_, logits) = model.forward(&ids, Some(&attn))?;
-        Ok(causal_lm_loss(&logits, &ids, &loss_mask))
-    })??;
-    Ok((loss, b.attention_mask.iter().sum::<i64>() as u64))
-}
-
-/// Token-weighted mean loss over all held-out examples.
-fn eval_loss(
-    model: &Transformer,
-    eval: &[Example],
-    batch_size: usize,
-    pad: u32,
-    device: Device,
-    precision: Precision,
-) -> anyhow::Result<f64> {
-    let (mut total, mut weight) = (0.0, 0.0);
-    for chunk in eval.chunks(batch_size) {
-        let rows: Vec<&Example> = chunk.iter().collect();
-        let targets: f64 = chunk
-            .iter()
-            .map(|e| e.loss_mask.iter().skip(1).map(|&m| m as f64).sum::<f64>())
-            .sum();
-        let (loss, _) = tch::no_grad(|| batch_loss(model, &rows, pad, device, precision))?;
-        total += loss.to_kind(Kind::Double).double_value(&[]) * targets;
-        weight += targets;
+/// Held-out loss (logged) and sampled replies (to samples.jsonl); None without eval data.
+fn evaluate(s: &Setup, c: &Config, log: &mut MetricsLog, step: u64) -> anyhow::Result<Option<f64>> {
+    if s.eval.is_empty() {
+        return Ok(None);
     }
-    Ok(total / weight.max(1.0))
+    let device = s.m.model.device();
+    let batches = s.eval.chunks(c.batch_size).map(|chunk| {
+        let rows: Vec<&Example> = chunk.iter().collect();
+        let b = BatchTensors::pad(&rows, s.template.pad, device);
+        (b.ids, Some(b.attention), b.loss_mask)
+    });
+    let loss = s.m.model.mean_lm_loss(batches, c.precision)?;
+    log.log_eval(step, &[("loss", loss), ("ppl", loss.exp())])?;
+    if !s.prompts.is_empty() {
+        let records = sample_replies(s, c, step)?;
+        log.log_samples(&records)?;
+    }
+    Ok(Some(loss))
 }
 
-/// Samples one reply per held-out prompt (seeded by step and prompt) for samples.jsonl.
-fn sample_replies(
-    model: &Transformer,
-    tok: &TextTokenizer,
-    template: &ChatTemplate,
-    prompts: &[(Vec<u32>, String)],
-    cfg: &Config,
-    step: u64,
-) -> anyhow::Result<Vec<serde_json::Value>> {
-    let ids: Vec<Vec<i64>> = prompts
+/// One reply per held-out prompt, seeded by step and prompt, for samples.jsonl.
+fn sample_replies(s: &Setup, c: &Config, step: u64) -> anyhow::Result<Vec<serde_json::Value>> {
+    let model = &s.m.model;
+    let ids: Vec<Vec<i64>> = s
+        .prompts
         .iter()
         .map(|(p, _)| p.iter().map(|&t| t as i64).collect())
         .collect();
     let room = model.config.max_position - ids.iter().map(Vec::len).max().unwrap_or(0) as i64;
     let sampling = SamplingConfig {
-        max_new_tokens: cfg.max_new_tokens.min(room).max(1),
-        temperature: cfg.temperature,
+        max_new_tokens: c.max_new_tokens.min(room).max(1),
+        temperature: c.temperature,
         top_k: None,
         top_p: Some(0.95),
-        eos_token_id: Some(template.eos as i64),
-        pad_token_id: template.pad as i64,
+        eos_token_id: Some(s.template.eos as i64),
+        pad_token_id: s.template.pad as i64,
     };
+    let base = seed_for(c.seed, "sample", step);
     let seeds: Vec<u64> = (0..ids.len() as u64)
-        .map(|i| cfg.seed ^ (step << 16) ^ i)
+        .map(|i| seed_for(base, "prompt", i))
         .collect();
     let g = generate(model, &ids, &sampling, &seeds)?;
+    let replies = decode_replies(&s.m.tokenizer, &g.tokens, &g.mask, s.template.eos)?;
     let mut out = Vec::new();
-    for (i, (prompt, reference)) in prompts.iter().enumerate() {
-        let toks = Vec::<i64>::try_from(g.tokens.get(i as i64))?;
-        let mask = Vec::<bool>::try_from(g.mask.get(i as i64))?;
-        let reply: Vec<u32> = toks
-            .iter()
-            .zip(&mask)
-            .filter(|(&t, &m)| m && t != template.eos as i64)
-            .map(|(&t, _)| t as u32)
-            .collect();
+    for ((prompt, reference), reply) in s.prompts.iter().zip(replies) {
         out.push(json!({
             "step": step,
-            "prompt": tok.decode(prompt)?,
-            "response": tok.decode(&reply)?,
+            "prompt": s.m.tokenizer.decode(prompt)?,
+            "response": reply.text,
             "reference": reference,
-            "ended_with_eos": toks.iter().zip(&mask).any(|(&t, &m)| m && t == template.eos as i64),
+            "ended_with_eos": reply.ended_with_eos,
         }));
     }
     Ok(out)

@@ -9,7 +9,6 @@ use clap::Parser;
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 use temper_core::sample::{generate, SamplingConfig};
-use temper_core::stage::optimizer_step;
 use temper_core::{
     causal_lm_loss, resolve_device, with_autocast, AdamW, AdamWConfig, Arch, DeviceSpec, Heads,
     ModelConfig, Precision, Transformer,
@@ -116,7 +115,7 @@ fn main() -> anyhow::Result<()> {
             Ok(causal_lm_loss(&logits, &x, &ones))
         })??;
         loss.backward();
-        optimizer_step(&mut opt, 0.0, 3e-4)?;
+        opt.update(0.0, 3e-4)?;
         Ok(())
     };
     for _ in 0..a.warmup {

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use crate::error::{DataError, Result};
+use crate::error::{CoreError, Result};
 
 const NEGATIONS: [&str; 21] = [
     "not", "no", "never", "none", "nobody", "nothing", "neither", "nor", "nowhere", "cannot",
@@ -76,24 +76,29 @@ fn words(text: &str) -> Vec<String> {
 impl SentimentJudge {
     /// Reads `vader_lexicon.txt`: `token<TAB>mean valence<TAB>...` per line.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(DataError::io(path))?;
+        let text = std::fs::read_to_string(path).map_err(|source| CoreError::Io {
+            path: path.into(),
+            source,
+        })?;
         let mut lexicon = HashMap::new();
         for (i, line) in text.lines().enumerate() {
             let mut parts = line.split('\t');
             let (Some(word), Some(valence)) = (parts.next(), parts.next()) else {
                 continue;
             };
-            let v: f64 = valence.trim().parse().map_err(|_| {
-                DataError::Invalid(format!(
-                    "{}:{}: valence `{valence}` is not a number",
-                    path.display(),
-                    i + 1
-                ))
+            let v: f64 = valence.trim().parse().map_err(|_| CoreError::Config {
+                path: path.into(),
+                field: format!("line {}", i + 1),
+                message: format!("valence `{valence}` is not a number"),
             })?;
             lexicon.insert(word.to_lowercase(), v);
         }
         if lexicon.is_empty() {
-            return Err(DataError::Empty { path: path.into() });
+            return Err(CoreError::Config {
+                path: path.into(),
+                field: "(file)".into(),
+                message: "no lexicon entries".into(),
+            });
         }
         Ok(Self { lexicon })
     }

@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use temper_data::demo::prepare_demo;
+mod demo;
+
+use demo::prepare_demo;
 use temper_data::inspect::{inspect, DatasetKind};
 use temper_data::TextTokenizer;
 

@@ -20,11 +20,11 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::batch::SplitMix64;
-use crate::error::{DataError, Result};
-use crate::records::{Message, Role};
-use crate::stream::held_out;
-use crate::write::{write_parquet, Column};
+use temper_data::batch::SplitMix64;
+use temper_data::error::{DataError, Result};
+use temper_data::records::{Message, Role};
+use temper_data::stream::held_out;
+use temper_data::write::{write_parquet, Column};
 
 const HELDOUT_FRACTION: f64 = 0.1;
 /// |mean rating| at or above which a snippet counts as clearly positive / negative.

@@ -1,0 +1,89 @@
+//! Input paths a stage checks before doing anything. Under `--validate --pending P` a path at
+//! or below P is one an upstream stage will produce: it is not required to exist yet, and
+//! checks that need its content are skipped (the run checks them again when it starts).
+
+use std::path::{Path, PathBuf};
+
+use crate::config::ConfigFile;
+use crate::exit::StageError;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Availability {
+    Present,
+    /// Not there yet; an upstream stage will write it.
+    Pending,
+}
+
+pub struct Inputs {
+    pending: Vec<PathBuf>,
+    any_pending: bool,
+}
+
+impl Inputs {
+    pub fn new(pending: &[PathBuf]) -> Self {
+        Self {
+            pending: pending
+                .iter()
+                .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
+                .collect(),
+            any_pending: false,
+        }
+    }
+
+    fn is_pending(&self, path: &Path) -> bool {
+        let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let abs = crate::kinds::normalize(&abs);
+        self.pending.iter().any(|p| abs.starts_with(p))
+    }
+
+    /// Whether some input checked so far is pending: content checks must wait for the run.
+    pub fn any_pending(&self) -> bool {
+        self.any_pending
+    }
+
+    /// A file the stage reads.
+    pub fn file<T>(
+        &mut self,
+        cfg: &ConfigFile<T>,
+        field: &str,
+        path: &Path,
+    ) -> Result<Availability, StageError> {
+        // Pending wins over an old copy on disk: the upstream stage is about to replace it.
+        if self.is_pending(path) {
+            self.any_pending = true;
+            return Ok(Availability::Pending);
+        }
+        if path.is_file() {
+            return Ok(Availability::Present);
+        }
+        let why = if path.exists() {
+            "is not a file"
+        } else {
+            "not found"
+        };
+        Err(cfg.error(field, format!("{} {why}", path.display())))
+    }
+
+    /// A folder that must hold `files` (a checkpoint: config.json, model.safetensors, …).
+    pub fn folder<T>(
+        &mut self,
+        cfg: &ConfigFile<T>,
+        field: &str,
+        path: &Path,
+        files: &[&str],
+    ) -> Result<Availability, StageError> {
+        if self.is_pending(path) {
+            self.any_pending = true;
+            return Ok(Availability::Pending);
+        }
+        if !path.is_dir() {
+            return Err(cfg.error(field, format!("{} is not a folder", path.display())));
+        }
+        for f in files {
+            if !path.join(f).exists() {
+                return Err(cfg.error(field, format!("{} lacks {f}", path.display())));
+            }
+        }
+        Ok(Availability::Present)
+    }
+}

@@ -1,0 +1,233 @@
+//! The files every stage writes about itself: `metrics.jsonl` (one JSON object per logged step,
+//! the schema in ARCHITECTURE.md), `samples.jsonl` (generations at evaluation points) and
+//! `summary.json` (final numbers and status). On resume, rows logged after the saved step are
+//! dropped, so a resumed run's files match an uninterrupted run's.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use serde_json::{Map, Value};
+
+use crate::progress::Progress;
+
+/// Final numbers of a stage, as written to summary.json.
+pub type Summary = Map<String, Value>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Eval,
+}
+
+impl Split {
+    pub fn name(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Eval => "eval",
+        }
+    }
+}
+
+pub struct MetricsLog {
+    pub out: PathBuf,
+    metrics: File,
+    samples: Option<File>,
+    started: Instant,
+    elapsed_before: f64,
+}
+
+fn append(path: &Path) -> anyhow::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))
+}
+
+/// Non-finite numbers have no JSON form; they are logged as null.
+pub fn json_number(v: f64) -> Value {
+    serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number)
+}
+
+impl MetricsLog {
+    /// Opens the logs of a stage folder for appending.
+    pub fn open(out: &Path) -> anyhow::Result<Self> {
+        Ok(Self {
+            out: out.into(),
+            metrics: append(&out.join("metrics.jsonl"))?,
+            samples: None,
+            started: Instant::now(),
+            elapsed_before: 0.0,
+        })
+    }
+
+    /// Seconds of work so far, across resumes.
+    pub fn elapsed(&self) -> f64 {
+        self.elapsed_before + self.started.elapsed().as_secs_f64()
+    }
+
+    /// Continues a run from a saved state: rows after its step are dropped, the clock resumes.
+    pub fn resume(&mut self, progress: &Progress) -> anyhow::Result<()> {
+        trim_jsonl(&self.out.join("metrics.jsonl"), progress.step)?;
+        trim_jsonl(&self.out.join("samples.jsonl"), progress.step)?;
+        self.metrics = append(&self.out.join("metrics.jsonl"))?;
+        self.samples = None;
+        self.elapsed_before = progress.elapsed_s;
+        self.started = Instant::now();
+        Ok(())
+    }
+
+    /// Starts from scratch: the metrics and samples of an earlier, unresumable run go.
+    pub fn reset(&mut self) -> anyhow::Result<()> {
+        for name in ["metrics.jsonl", "samples.jsonl"] {
+            let p = self.out.join(name);
+            if p.exists() {
+                std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+            }
+        }
+        self.metrics = append(&self.out.join("metrics.jsonl"))?;
+        self.samples = None;
+        Ok(())
+    }
+
+    /// Appends one row `{"step", "split", "time_s", ...fields}` and flushes it.
+    pub fn log(&mut self, step: u64, split: Split, fields: &[(&str, f64)]) -> anyhow::Result<()> {
+        let mut obj = Map::new();
+        obj.insert("step".into(), step.into());
+        obj.insert("split".into(), split.name().into());
+        obj.insert(
+            "time_s".into(),
+            ((self.elapsed() * 1000.0).round() / 1000.0).into(),
+        );
+        for (k, v) in fields {
+            obj.insert((*k).into(), json_number(*v));
+        }
+        writeln!(self.metrics, "{}", Value::Object(obj))
+            .and_then(|_| self.metrics.flush())
+            .context("writing metrics.jsonl")
+    }
+
+    /// Logs an evaluation row and says it in one log line.
+    pub fn log_eval(&mut self, step: u64, fields: &[(&str, f64)]) -> anyhow::Result<()> {
+        self.log(step, Split::Eval, fields)?;
+        tracing::info!("step {step}: eval {}", describe(fields));
+        Ok(())
+    }
+
+    /// Logs a training row and says it in one log line.
+    pub fn log_train(&mut self, step: u64, fields: &[(&str, f64)]) -> anyhow::Result<()> {
+        self.log(step, Split::Train, fields)?;
+        tracing::info!("step {step}: {}", describe(fields));
+        Ok(())
+    }
+
+    /// Appends records to samples.jsonl.
+    pub fn log_samples(&mut self, records: &[Value]) -> anyhow::Result<()> {
+        if self.samples.is_none() {
+            self.samples = Some(append(&self.out.join("samples.jsonl"))?);
+        }
+        let f = self.samples.as_mut().expect("opened above");
+        for r in records {
+            writeln!(f, "{r}").context("writing samples.jsonl")?;
+        }
+        f.flush().context("writing samples.jsonl")
+    }
+
+    /// The summary fields every training stage reports: steps, tokens and mean tokens/s.
+    pub fn summary_base(&self, progress: &Progress) -> Summary {
+        let mut m = Map::new();
+        m.insert("steps".into(), progress.step.into());
+        m.insert("tokens".into(), progress.tokens_seen.into());
+        m.insert(
+            "tokens_per_s".into(),
+            json_number(progress.tokens_seen as f64 / self.elapsed().max(1e-9)),
+        );
+        m
+    }
+
+    /// Writes summary.json atomically with the stage's final numbers, its status and wall time.
+    pub fn write_summary(&self, status: &str, mut fields: Summary) -> anyhow::Result<()> {
+        fields.insert("status".into(), status.into());
+        fields.insert("wall_time_s".into(), json_number(self.elapsed()));
+        crate::atomic::write_json(&self.out.join("summary.json"), &Value::Object(fields))
+    }
+}
+
+/// "loss 1.2346, ppl 3.4368" for a log line.
+fn describe(fields: &[(&str, f64)]) -> String {
+    fields
+        .iter()
+        .map(|(k, v)| {
+            if v.abs() >= 1000.0 {
+                format!("{k} {v:.0}")
+            } else if *v != 0.0 && v.abs() < 1e-3 {
+                format!("{k} {v:.2e}")
+            } else {
+                format!("{k} {v:.4}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Keeps the lines of a JSONL file whose `step` is at most `step`.
+fn trim_jsonl(path: &Path, step: u64) -> anyhow::Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let file = File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let kept: Vec<String> = BufReader::new(file)
+        .lines()
+        .map_while(Result::ok)
+        .filter(|line| {
+            serde_json::from_str::<Value>(line)
+                .ok()
+                .and_then(|v| v.get("step").and_then(Value::as_u64))
+                .is_some_and(|s| s <= step)
+        })
+        .collect();
+    let mut text = kept.join("\n");
+    if !text.is_empty() {
+        text.push('\n');
+    }
+    crate::atomic::write_atomic(path, text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_drops_rows_after_the_saved_step() {
+        let d = tempfile::tempdir().unwrap();
+        let mut m = MetricsLog::open(d.path()).unwrap();
+        for s in 1..=5 {
+            m.log(
+                s,
+                Split::Train,
+                &[("loss", 1.0 / s as f64), ("x", f64::NAN)],
+            )
+            .unwrap();
+        }
+        let p = Progress {
+            step: 3,
+            ..Progress::start("h")
+        };
+        m.resume(&p).unwrap();
+        m.log(4, Split::Train, &[("loss", 0.25)]).unwrap();
+        let text = std::fs::read_to_string(d.path().join("metrics.jsonl")).unwrap();
+        let steps: Vec<u64> = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["step"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(steps, [1, 2, 3, 4]);
+        assert!(text.contains("\"x\":null"), "NaN is logged as null");
+    }
+}
