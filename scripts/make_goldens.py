@@ -12,8 +12,18 @@ with `save_pretrained` under tests/fixtures/<family>/, and writes golden.safeten
   adamw_losses               (4,)          loss before and after each of 3 torch.optim.AdamW steps
   greedy_prompt_ids/_mask    (2, 6)        left-padded prompts
   greedy_tokens              (2, 16)       model.generate(do_sample=False, max_new_tokens=16)
+  grad.<parameter>           each parameter's gradient of `loss` before any step (llm.c's check)
 
-golden.json records the settings and the reference calls. Rerun with the project venv:
+Beside them:
+  tests/fixtures/<family>_rm/   a tiny *ForSequenceClassification (one label) with golden scores
+                                of the same three rows: the reward-model head as transformers reads it
+  tests/fixtures/sampling/      logits with transformers' Temperature/TopK/TopP logits processors
+                                applied: what temper's sampler keeps
+  tests/fixtures/vader/         real movie-review snippets and tweets with the compound score of the
+                                vaderSentiment package itself, and the part of its lexicon they use
+
+golden.json records the settings and the reference calls. Rerun with the project venv, after
+scripts/fetch_data.sh (the VADER golden reads the fetched snippets):
   .venv/bin/python scripts/make_goldens.py
 The tests read these files without Python.
 """
@@ -24,23 +34,29 @@ import sys
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM, LlamaForSequenceClassification)
+from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                    TopPLogitsWarper)
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
 ADAMW = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
 
-def tiny(family):
+def tiny_config(family, **extra):
     if family == "gpt2":
-        cfg = GPT2Config(vocab_size=101, n_positions=64, n_embd=32, n_layer=2, n_head=4,
-                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                         bos_token_id=None, eos_token_id=None, pad_token_id=0)
-        return GPT2LMHeadModel(cfg)
-    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
-                      bos_token_id=None, eos_token_id=None, pad_token_id=0)
-    return LlamaForCausalLM(cfg)
+        return GPT2Config(vocab_size=101, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0,
+                          bos_token_id=None, eos_token_id=None, pad_token_id=0, **extra)
+    return LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                       rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
+                       bos_token_id=None, eos_token_id=None, pad_token_id=0, **extra)
+
+
+def tiny(family):
+    cls = GPT2LMHeadModel if family == "gpt2" else LlamaForCausalLM
+    return cls(tiny_config(family))
 
 
 def inputs(vocab):
@@ -95,6 +111,7 @@ def make(family, seed):
     opt = torch.optim.AdamW(adamw_groups(train), lr=ADAMW["lr"], betas=ADAMW["betas"],
                             eps=ADAMW["eps"])
     losses = []
+    grads = {}
     for step in range(4):
         step_loss = lm_loss(train(input_ids=ids, attention_mask=mask, position_ids=pos).logits, ids, mask)
         losses.append(step_loss.item())
@@ -102,6 +119,9 @@ def make(family, seed):
             break
         opt.zero_grad()
         step_loss.backward()
+        if step == 0:
+            grads = {f"grad.{n}": p.grad.detach().clone().contiguous()
+                     for n, p in train.named_parameters()}
         opt.step()
 
     save_file({
@@ -110,6 +130,7 @@ def make(family, seed):
         "adamw_losses": torch.tensor(losses),
         "greedy_prompt_ids": prompt, "greedy_prompt_mask": prompt_mask,
         "greedy_tokens": greedy.contiguous(),
+        **grads,
     }, os.path.join(out_dir, "golden.safetensors"))
     with open(os.path.join(out_dir, "golden.json"), "w") as f:
         json.dump({
@@ -122,12 +143,97 @@ def make(family, seed):
                 "loss": "cross_entropy(logits[:, :-1], input_ids[:, 1:] with -100 where mask[t] == 0 or mask[t-1] == 0)",
                 "adamw_losses": "torch.optim.AdamW(groups, lr, betas, eps); loss before each of 3 steps and after the last",
                 "greedy_tokens": "model.generate(prompt, attention_mask, max_new_tokens=16, do_sample=False)",
+                "grad.*": "p.grad of `loss` for every named parameter, before the first AdamW step",
             },
         }, f, indent=1)
     print(f"{family}: loss {loss.item():.6f}, adamw losses {[round(l, 6) for l in losses]}")
 
 
+def make_reward_model(family, seed):
+    """A tiny *ForSequenceClassification with one label, and its scores of the three golden rows
+    (unpadded, right-padded, left-padded): transformers reads the score at the last non-pad
+    token, as temper's `last_token` pooling does."""
+    torch.manual_seed(seed)
+    cls = GPT2ForSequenceClassification if family == "gpt2" else LlamaForSequenceClassification
+    model = cls(tiny_config(family, num_labels=1)).eval()
+    out_dir = os.path.join(ROOT, f"{family}_rm")
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    ids, mask, pos = inputs(model.config.vocab_size)
+    with torch.no_grad():
+        scores = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.squeeze(-1)
+    save_file({"input_ids": ids, "attention_mask": mask, "scores": scores.contiguous()},
+              os.path.join(out_dir, "golden.safetensors"))
+    with open(os.path.join(out_dir, "golden.json"), "w") as f:
+        json.dump({"family": family, "seed": seed, "reference_calls": {
+            "scores": f"{cls.__name__}(num_labels=1)(input_ids, attention_mask, position_ids).logits[:, 0]"}},
+            f, indent=1)
+    print(f"{family}_rm: scores {[round(x, 5) for x in scores.tolist()]}")
+
+
+def make_sampling():
+    """What temper's sampler keeps of a distribution: transformers' own logits processors."""
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(4, 50, generator=g) * 3
+    temperature = 0.7
+    scaled = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    top_k = TopKLogitsWarper(top_k=5)(None, scaled.clone())
+    top_p = TopPLogitsWarper(top_p=0.8)(None, scaled.clone())
+    both = TopPLogitsWarper(top_p=0.8)(None, TopKLogitsWarper(top_k=10)(None, scaled.clone()))
+    out_dir = os.path.join(ROOT, "sampling")
+    os.makedirs(out_dir, exist_ok=True)
+    save_file({"logits": logits, "top_k_5": top_k, "top_p_0.8": top_p, "top_k_10_top_p_0.8": both},
+              os.path.join(out_dir, "golden.safetensors"))
+    with open(os.path.join(out_dir, "golden.json"), "w") as f:
+        json.dump({"temperature": temperature, "reference_calls": {
+            "top_k_5": "TopKLogitsWarper(5)(TemperatureLogitsWarper(0.7)(logits))",
+            "top_p_0.8": "TopPLogitsWarper(0.8)(TemperatureLogitsWarper(0.7)(logits))",
+            "top_k_10_top_p_0.8": "TopPLogitsWarper(0.8)(TopKLogitsWarper(10)(TemperatureLogitsWarper(0.7)(logits)))"}},
+            f, indent=1)
+    print("sampling: kept per row", (top_p > float("-inf")).sum(-1).tolist())
+
+
+def make_vader():
+    """Real movie-review snippets and tweets (every 35th and 40th line of the fetched files, ASCII
+    only) with vaderSentiment's own compound score, VADER's documented tricky sentences, and the
+    lexicon entries those texts use (a derived fixture; the full lexicon is fetched, not kept)."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    raw = os.path.join(os.environ.get("TEMPER_CACHE", os.path.expanduser("~/.cache/temper")), "raw",
+                       "vader", "hutto_ICWSM_2014")
+    texts = []
+    for name, every in [("movieReviewSnippets_GroundTruth.txt", 35), ("tweets_GroundTruth.txt", 40)]:
+        with open(os.path.join(raw, name), encoding="utf-8", errors="replace") as f:
+            lines = f.read().replace("\r\n", "\n").split("\n")
+        for line in lines[::every]:
+            parts = line.split("\t")
+            if len(parts) >= 3 and parts[2].strip() and parts[2].isascii():
+                texts.append(parts[2].strip())
+    texts += ["VADER is VERY SMART, uber handsome, and FRIGGIN FUNNY!!!",
+              "The book was only kind of good.", "At least it isn't a horrible book.",
+              "The plot was good, but the characters are uncompelling and the dialog is not great.",
+              "Sentiment analysis has never been this good!", "Without a doubt, excellent idea.",
+              "Roger Dodger is one of the least compelling variations on this theme.",
+              "On the other hand, VADER is quite bad ass", "No, it is not good, nor fun at all??",
+              "Not bad at all", "It was kind of a mess, but the acting is the bomb!"]
+    analyzer = SentimentIntensityAnalyzer()
+    used = {w.lower() for t in texts for w in t.split()} | {w.lower().strip(".,!?;:\"'()") for t in texts for w in t.split()}
+    lexicon = {w: v for w, v in analyzer.lexicon.items() if w in used}
+    out_dir = os.path.join(ROOT, "vader")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "lexicon.txt"), "w") as f:
+        for w in sorted(lexicon):
+            f.write(f"{w}\t{lexicon[w]}\n")
+    with open(os.path.join(out_dir, "golden.jsonl"), "w") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t, "compound": analyzer.polarity_scores(t)["compound"]}) + "\n")
+    print(f"vader: {len(texts)} texts, {len(lexicon)} lexicon entries")
+
+
 if __name__ == "__main__":
     make("gpt2", 1234)
     make("llama", 4321)
+    make_reward_model("gpt2", 99)
+    make_reward_model("llama", 98)
+    make_sampling()
+    make_vader()
     sys.exit(0)

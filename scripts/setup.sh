@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what temper needs to build and run: a Python venv with torch 2.11.0 (whose bundled
-# libtorch tch 0.24 links against) plus transformers for the reference scripts.
+# libtorch tch 0.24 links against) plus the reference packages the goldens and load checks use
+# (transformers, peft, trl, bitsandbytes, vaderSentiment, tensorboard); the Rust code needs none
+# of them.
 # The venv lives in a cache keyed by the torch version, outside the clone, so a fresh clone
 # (CI) reuses it; `.libtorch` in the repo is a symlink to the wheel's torch/ folder, which
 # `.cargo/config.toml` points LIBTORCH and the binaries' rpath at. Idempotent: a second run
@@ -8,20 +10,21 @@
 set -euo pipefail
 
 TORCH_VERSION=2.11.0
-TRANSFORMERS_VERSION=4.57.1
+# Reference packages, pinned; changing one changes the stamp, so the next run installs it.
+REFERENCE="transformers==4.57.1 peft==0.21.2 trl==1.16.0 bitsandbytes==0.50.2 vaderSentiment==3.3.2 tensorboard==2.20.0"
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cache=${TEMPER_CACHE:-$HOME/.cache/temper}
 venv=$cache/torch-$TORCH_VERSION/venv
-stamp=$venv/.temper-ready-$TORCH_VERSION-$TRANSFORMERS_VERSION
+stamp=$venv/.temper-ready-$(echo "$TORCH_VERSION $REFERENCE" | sha256sum | cut -c1-16)
 
 if [ ! -f "$stamp" ]; then
-  echo "setup: creating $venv (torch $TORCH_VERSION, ~4.6 GB on first run)" >&2
+  echo "setup: installing into $venv (torch $TORCH_VERSION, ~4.6 GB on first run)" >&2
   mkdir -p "$(dirname "$venv")"
-  python3 -m venv "$venv"
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
   "$venv/bin/python" -m pip install -q --upgrade pip
-  "$venv/bin/python" -m pip install -q "torch==$TORCH_VERSION" "transformers==$TRANSFORMERS_VERSION" \
-    safetensors numpy
-  "$venv/bin/python" -c "import torch, transformers; assert torch.__version__.startswith('$TORCH_VERSION'), torch.__version__"
+  # shellcheck disable=SC2086 # REFERENCE is a list of requirements
+  "$venv/bin/python" -m pip install -q "torch==$TORCH_VERSION" $REFERENCE safetensors numpy
+  "$venv/bin/python" -c "import torch, transformers, peft, trl, vaderSentiment; assert torch.__version__.startswith('$TORCH_VERSION'), torch.__version__"
   touch "$stamp"
 fi
 

@@ -29,6 +29,11 @@ fn golden(family: &str) -> BTreeMap<String, Tensor> {
         .collect()
 }
 
+fn golden_json(family: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture(family).join("golden.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
 fn load(family: &str) -> (tch::nn::VarStore, Transformer) {
     load_checkpoint(&fixture(family), LoadSpec::CAUSAL_LM, Device::Cpu).expect("fixture loads")
 }
@@ -156,12 +161,16 @@ fn three_adamw_steps_reproduce_reference_losses() {
         let (vs, model) = load(family);
         let g = golden(family);
         let want = Vec::<f64>::try_from(&g["adamw_losses"].to_kind(Kind::Double)).unwrap();
+        // The settings torch.optim.AdamW ran with, as the golden script recorded them.
+        let settings = &golden_json(family)["adamw"];
+        let number = |k: &str| settings[k].as_f64().unwrap();
         let config = AdamWConfig {
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.1,
+            beta1: settings["betas"][0].as_f64().unwrap(),
+            beta2: settings["betas"][1].as_f64().unwrap(),
+            eps: number("eps"),
+            weight_decay: number("weight_decay"),
         };
+        let lr = number("lr");
         let mut opt = AdamW::new(&vs, config);
         for (step, want) in want.iter().enumerate() {
             let (_, logits) = model
@@ -180,7 +189,7 @@ fn three_adamw_steps_reproduce_reference_losses() {
             );
             opt.zero_grad();
             loss.backward();
-            opt.step(1e-2).unwrap();
+            opt.step(lr).unwrap();
         }
     }
 }
@@ -403,4 +412,104 @@ fn sampling_is_seeded_per_sequence_and_stops_at_eos() {
             .int64_value(&[])
             == 1
     );
+}
+
+#[test]
+fn step_zero_gradients_match_transformers() {
+    for family in FAMILIES {
+        let (vs, model) = load(family);
+        let g = golden(family);
+        let mask = &g["attention_mask"];
+        let (_, logits) = model.forward(&g["input_ids"], Some(mask)).unwrap();
+        temper_core::causal_lm_loss(&logits, &g["input_ids"], &lm_target_mask(mask)).backward();
+        let vars = vs.variables();
+        let mut worst = (0.0, String::new());
+        for (key, want) in g.iter().filter(|(k, _)| k.starts_with("grad.")) {
+            let name = &key["grad.".len()..];
+            // transformers ties GPT-2's lm_head to wte; only the embedding is a parameter.
+            let var = vars.get(name).unwrap_or_else(|| panic!("{family}: no variable {name}"));
+            let got = var.grad();
+            let scale = want.abs().max().double_value(&[]).max(1e-6);
+            let d = (&got - want).abs().max().double_value(&[]) / scale;
+            if d > worst.0 {
+                worst = (d, name.to_string());
+            }
+        }
+        let count = g.keys().filter(|k| k.starts_with("grad.")).count();
+        assert_eq!(count, vars.len(), "{family}: a gradient for every parameter");
+        eprintln!("{family}: worst gradient relative difference {:.2e} ({})", worst.0, worst.1);
+        assert!(worst.0 < 1e-4, "{family}: gradient of {} differs by {:.2e} (relative)", worst.1, worst.0);
+    }
+}
+
+#[test]
+fn reward_model_scores_match_sequence_classification() {
+    for family in FAMILIES {
+        let dir = repo().join("tests/fixtures").join(format!("{family}_rm"));
+        let spec = LoadSpec {
+            lm_head: false,
+            score: temper_core::ScoreHead::Load,
+        };
+        let (_vs, model) = load_checkpoint(&dir, spec, Device::Cpu).expect("reward fixture loads");
+        let g: BTreeMap<String, Tensor> = Tensor::read_safetensors(dir.join("golden.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+        let mask = &g["attention_mask"];
+        let hidden = model.hidden_states(&g["input_ids"], Some(mask), None).unwrap();
+        let scores = model.last_token_scores(&hidden, mask).unwrap();
+        let d = (&scores - &g["scores"]).abs().max().double_value(&[]);
+        eprintln!("{family}: max |score - {family}ForSequenceClassification| = {d:.2e}");
+        assert!(d < 1e-5, "{family}: reward scores differ by {d}");
+    }
+}
+
+#[test]
+fn top_k_and_top_p_keep_what_transformers_keeps() {
+    let dir = repo().join("tests/fixtures/sampling");
+    let g: BTreeMap<String, Tensor> = Tensor::read_safetensors(dir.join("golden.safetensors"))
+        .unwrap()
+        .into_iter()
+        .collect();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let scaled = &g["logits"] / json["temperature"].as_f64().unwrap();
+    for (key, top_k, top_p) in [
+        ("top_k_5", Some(5), None),
+        ("top_p_0.8", None, Some(0.8)),
+        ("top_k_10_top_p_0.8", Some(10), Some(0.8)),
+    ] {
+        let ours = temper_core::sample::truncate(&scaled, top_k, top_p);
+        let want = &g[key];
+        let kept = |t: &Tensor| t.isfinite();
+        assert!(kept(&ours).equal(&kept(want)), "{key}: different tokens kept");
+        let d = (ours.masked_select(&kept(want)) - want.masked_select(&kept(want)))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(d < 1e-6, "{key}: kept logits differ by {d}");
+    }
+}
+
+#[test]
+fn the_sentiment_judge_matches_the_vader_package() {
+    let dir = repo().join("tests/fixtures/vader");
+    let judge = temper_core::rewards::SentimentJudge::load(&dir.join("lexicon.txt")).unwrap();
+    let golden = std::fs::read_to_string(dir.join("golden.jsonl")).unwrap();
+    let mut worst = (0.0, String::new());
+    let mut n = 0;
+    for line in golden.lines() {
+        let row: serde_json::Value = serde_json::from_str(line).unwrap();
+        let text = row["text"].as_str().unwrap();
+        let got = judge.judge(text).compound;
+        // The package rounds to 4 decimals.
+        let d = (got - row["compound"].as_f64().unwrap()).abs();
+        if d > worst.0 {
+            worst = (d, text.to_string());
+        }
+        n += 1;
+    }
+    eprintln!("VADER: {n} texts, worst |compound - vaderSentiment| = {:.1e}", worst.0);
+    assert!(n > 300);
+    assert!(worst.0 <= 5.1e-5, "compound differs by {} on {:?}", worst.0, worst.1);
 }

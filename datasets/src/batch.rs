@@ -86,6 +86,13 @@ pub fn seed_for(seed: u64, stream: &str, index: u64) -> u64 {
     b.next_u64()
 }
 
+/// `n` per-item seeds of one draw (a batch of prompts at one step, say):
+/// `seed_for(seed_for(seed, stream, index), "item", i)` for i in 0..n.
+pub fn seeds_for(seed: u64, stream: &str, index: u64, n: usize) -> Vec<u64> {
+    let base = seed_for(seed, stream, index);
+    (0..n as u64).map(|i| seed_for(base, "item", i)).collect()
+}
+
 /// The items of a training run in seeded epochs: item k of the run is item k % n of epoch
 /// k / n, each epoch built by `make(epoch)` (which must give n items every time). A function
 /// of k alone, so a resumed run reads exactly what an uninterrupted one would.

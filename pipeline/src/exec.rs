@@ -145,6 +145,48 @@ struct Running {
     started: Instant,
 }
 
+/// Everything checked before anything is written: parents outside the selection are up to
+/// date, no folder of someone else's is in the way, and every stage that may run passes its
+/// own `--validate`. Some(exit code) when the run ends here (a dry run, or problems).
+fn preflight(
+    p: &Pipeline,
+    opts: &RunOptions,
+    resolved: &BTreeMap<String, Resolved>,
+    lock: &Lock,
+    sel: &Selection,
+    cache: &mut HashCache,
+) -> anyhow::Result<Option<i32>> {
+    for a in sel.eligible.iter().flat_map(|e| ancestors(p, e)) {
+        if !sel.eligible.contains(&a) {
+            let (d, why) = decide(&resolved[&a], p, lock, cache);
+            if d != Decision::Skip {
+                bail!("parent stage `{a}` is stale ({why}); run it first, or pass --with-parents");
+            }
+        }
+    }
+    let (lines, may_run) = plan(p, resolved, lock, sel, opts, cache);
+    if opts.dry_run {
+        lines.iter().for_each(|l| println!("{l}"));
+        return Ok(Some(EXIT_OK));
+    }
+    for name in &may_run {
+        check_foreign(p, name)?;
+    }
+    let rebuilt: BTreeSet<String> = may_run.iter().cloned().collect();
+    let problems = validate_stages(p, resolved, &may_run, &rebuilt)?;
+    if problems.is_empty() {
+        return Ok(None);
+    }
+    eprintln!(
+        "temper: error: {} problem(s) found before running anything:",
+        problems.len()
+    );
+    for pr in &problems {
+        eprintln!("  {pr}");
+    }
+    Ok(Some(EXIT_INVALID))
+}
+
 /// Runs the pipeline; returns the exit code.
 pub fn run(p: &Pipeline, opts: &RunOptions) -> anyhow::Result<i32> {
     for name in opts.stage.iter().chain(&opts.from) {
@@ -157,36 +199,9 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> anyhow::Result<i32> {
     let order: Vec<String> = p.topo_order().into_iter().map(|s| s.name.clone()).collect();
     let resolved = resolve_all(p, &mut cache)?;
     let sel = select(p, opts, &order);
-    // Parents outside the selection must already be up to date.
-    for a in sel.eligible.iter().flat_map(|e| ancestors(p, e)) {
-        if !sel.eligible.contains(&a) {
-            let (d, why) = decide(&resolved[&a], p, &lock, &mut cache);
-            if d != Decision::Skip {
-                bail!("parent stage `{a}` is stale ({why}); run it first, or pass --with-parents");
-            }
-        }
+    if let Some(code) = preflight(p, opts, &resolved, &lock, &sel, &mut cache)? {
+        return Ok(code);
     }
-    let (lines, may_run) = plan(p, &resolved, &lock, &sel, opts, &mut cache);
-    if opts.dry_run {
-        lines.iter().for_each(|l| println!("{l}"));
-        return Ok(EXIT_OK);
-    }
-    for name in &may_run {
-        check_foreign(p, name)?;
-    }
-    let rebuilt: BTreeSet<String> = may_run.iter().cloned().collect();
-    let problems = validate_stages(p, &resolved, &may_run, &rebuilt)?;
-    if !problems.is_empty() {
-        eprintln!(
-            "temper: error: {} problem(s) found before running anything:",
-            problems.len()
-        );
-        for pr in &problems {
-            eprintln!("  {pr}");
-        }
-        return Ok(EXIT_INVALID);
-    }
-
     std::fs::create_dir_all(&p.workdir)
         .with_context(|| format!("creating {}", p.workdir.display()))?;
     claim_workdir(p)?;

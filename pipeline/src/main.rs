@@ -185,11 +185,11 @@ fn run() -> anyhow::Result<i32> {
             fresh,
             dry_run,
         } => {
-            let p = load(file)?;
             anyhow::ensure!(
                 !*fresh || stage.is_some() || from.is_some(),
                 "--fresh applies to the stages named by --stage or --from"
             );
+            let p = load(file)?;
             temper_stage::signals::install();
             let opts = exec::RunOptions {
                 jobs: *jobs as usize,
@@ -202,20 +202,7 @@ fn run() -> anyhow::Result<i32> {
             };
             exec::run(&p, &opts)
         }
-        Cmd::Validate { file } => {
-            let p = load(file)?;
-            let problems = report::validate_all(&p)?;
-            if problems.is_empty() {
-                println!("{}: valid ({} stages)", file.display(), p.stages.len());
-                Ok(0)
-            } else {
-                eprintln!("temper: error: {} problem(s):", problems.len());
-                for pr in problems {
-                    eprintln!("  {pr}");
-                }
-                Ok(exec::EXIT_INVALID)
-            }
-        }
+        Cmd::Validate { file } => report::validate_all(&load(file)?),
         Cmd::Status { file } => {
             report::status(&load(file)?)?;
             Ok(0)

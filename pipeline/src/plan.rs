@@ -157,6 +157,82 @@ mod tests {
         assert_eq!(out, ["gone", "new", "optim.lr"]);
     }
 
+    fn fixture(workdir: &Path) -> (Pipeline, Resolved) {
+        let p = Pipeline {
+            name: "t".into(),
+            file: workdir.join("t.yaml"),
+            base: workdir.into(),
+            workdir: workdir.into(),
+            stages: Vec::new(),
+        };
+        let r = Resolved {
+            name: "sft".into(),
+            kind: temper_stage::StageKind::Sft,
+            binary: "temper-sft".into(),
+            binary_hash: "bin".into(),
+            config: Default::default(),
+            config_abs: Default::default(),
+            params: json!({"steps": 3}),
+            inputs: [("data.jsonl".to_string(), "h1".to_string())].into(),
+            parents: [("pretrain".to_string(), "k0".to_string())].into(),
+            upstream: Default::default(),
+            key: "k1".into(),
+        };
+        (p, r)
+    }
+
+    fn record(r: &Resolved, outputs: &BTreeMap<String, String>, status: RunStatus) -> RunRecord {
+        RunRecord {
+            key: r.key.clone(),
+            binary: r.binary_hash.clone(),
+            params: r.params.clone(),
+            inputs: r.inputs.clone(),
+            parents: r.parents.clone(),
+            outputs: outputs.clone(),
+            status,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn decisions_and_their_reasons() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, r) = fixture(dir.path());
+        let mut cache = HashCache::new();
+        let mut lock = Lock::default();
+        assert_eq!(decide(&r, &p, &lock, &mut cache), (Decision::Fresh, "never run".into()));
+
+        let out = p.stage_out("sft");
+        std::fs::create_dir_all(out.join("checkpoint")).unwrap();
+        std::fs::write(out.join("checkpoint/model.safetensors"), "w").unwrap();
+        let outputs = output_hashes(&out, &mut cache).unwrap();
+        lock.entry("sft").done = Some(record(&r, &outputs, RunStatus::Ok));
+        assert_eq!(decide(&r, &p, &lock, &mut cache).0, Decision::Skip);
+
+        let mut changed = r.clone();
+        changed.key = "k2".into();
+        changed.params = json!({"steps": 4});
+        assert_eq!(decide(&changed, &p, &lock, &mut cache).1, "params changed: steps");
+        changed.params = r.params.clone();
+        changed.inputs.insert("data.jsonl".into(), "h2".into());
+        assert_eq!(decide(&changed, &p, &lock, &mut cache).1, "input changed: data.jsonl");
+        changed.inputs = r.inputs.clone();
+        changed.parents.insert("pretrain".into(), "k9".into());
+        assert_eq!(decide(&changed, &p, &lock, &mut cache).1, "parent pretrain changed");
+
+        // An unfinished attempt with the new key resumes; with another key it starts over.
+        std::fs::create_dir_all(p.stage_attempt("sft")).unwrap();
+        lock.entry("sft").attempt = Some(record(&changed, &Default::default(), RunStatus::Failed));
+        assert_eq!(decide(&changed, &p, &lock, &mut cache).0, Decision::Resume);
+        assert_eq!(decide(&r, &p, &lock, &mut cache).0, Decision::Skip);
+
+        std::fs::remove_file(out.join("checkpoint/model.safetensors")).unwrap();
+        assert_eq!(
+            decide(&r, &p, &lock, &mut cache),
+            (Decision::Fresh, "output missing: checkpoint/model.safetensors".into())
+        );
+    }
+
     #[test]
     fn state_and_dot_files_are_not_outputs() {
         for rel in [

@@ -68,6 +68,54 @@ fn range(values: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
 /// One chart: `title` on top, a line per series (dots where a series has few points), the
 /// y-axis labelled at min, middle and max, the x-axis (step) at its ends. None when no series
 /// has a finite point.
+/// One series: its line, its points when there are few, and its label (the `label`-th in the
+/// legend) when the chart has several.
+fn draw_series(
+    svg: &mut String,
+    s: &Series,
+    pts: &[(f64, f64)],
+    label: Option<usize>,
+    px: &dyn Fn(f64) -> f64,
+    py: &dyn Fn(f64) -> f64,
+) {
+    if pts.is_empty() {
+        return;
+    }
+    if pts.len() > 1 {
+        let path: Vec<String> = pts
+            .iter()
+            .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
+            .collect();
+        let _ = write!(
+            svg,
+            r##"<polyline fill="none" stroke="{}" stroke-width="1.5" points="{}"/>"##,
+            s.color,
+            path.join(" ")
+        );
+    }
+    if pts.len() <= 24 {
+        for &(x, y) in pts {
+            let _ = write!(
+                svg,
+                r##"<circle cx="{:.1}" cy="{:.1}" r="2.5" fill="{}"/>"##,
+                px(x),
+                py(y),
+                s.color
+            );
+        }
+    }
+    if let Some(i) = label {
+        let _ = write!(
+            svg,
+            r##"<text x="{}" y="{}" text-anchor="end" fill="{}">{}</text>"##,
+            W - RIGHT,
+            14.0 + 11.0 * i as f64,
+            s.color,
+            escape(&s.label)
+        );
+    }
+}
+
 pub fn line_chart(title: &str, series: &[Series]) -> Option<String> {
     let finite = |s: &Series| -> Vec<(f64, f64)> {
         s.points
@@ -115,42 +163,8 @@ pub fn line_chart(title: &str, series: &[Series]) -> Option<String> {
         step_label(x1)
     );
     for (i, (s, pts)) in series.iter().zip(&clean).enumerate() {
-        if pts.is_empty() {
-            continue;
-        }
-        if pts.len() > 1 {
-            let path: Vec<String> = pts
-                .iter()
-                .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
-                .collect();
-            let _ = write!(
-                svg,
-                r##"<polyline fill="none" stroke="{}" stroke-width="1.5" points="{}"/>"##,
-                s.color,
-                path.join(" ")
-            );
-        }
-        if pts.len() <= 24 {
-            for &(x, y) in pts {
-                let _ = write!(
-                    svg,
-                    r##"<circle cx="{:.1}" cy="{:.1}" r="2.5" fill="{}"/>"##,
-                    px(x),
-                    py(y),
-                    s.color
-                );
-            }
-        }
-        if series.len() > 1 {
-            let _ = write!(
-                svg,
-                r##"<text x="{}" y="{}" text-anchor="end" fill="{}">{}</text>"##,
-                W - RIGHT,
-                14.0 + 11.0 * i as f64,
-                s.color,
-                escape(&s.label)
-            );
-        }
+        let label = (series.len() > 1).then_some(i);
+        draw_series(&mut svg, s, pts, label, &px, &py);
     }
     svg.push_str("</svg>");
     Some(svg)

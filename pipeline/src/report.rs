@@ -12,8 +12,9 @@ use crate::schema::Pipeline;
 use crate::validate::validate_stages;
 
 /// `temper validate`: every stage checked with its own parser. Upstream outputs that do not
-/// exist yet, or whose stages are stale, are pending. Returns the problems found.
-pub fn validate_all(p: &Pipeline) -> anyhow::Result<Vec<String>> {
+/// exist yet, or whose stages are stale, are pending. Prints the verdict; returns the exit
+/// code.
+pub fn validate_all(p: &Pipeline) -> anyhow::Result<i32> {
     let lock = Lock::load(&p.workdir)?;
     let mut cache = lock.file_hashes.clone();
     let resolved = resolve_all(p, &mut cache)?;
@@ -24,7 +25,15 @@ pub fn validate_all(p: &Pipeline) -> anyhow::Result<Vec<String>> {
         .cloned()
         .collect();
     let problems = validate_stages(p, &resolved, &names, &stale)?;
-    Ok(problems.iter().map(|pr| pr.to_string()).collect())
+    if problems.is_empty() {
+        println!("{}: valid ({} stages)", p.file.display(), p.stages.len());
+        return Ok(0);
+    }
+    eprintln!("temper: error: {} problem(s):", problems.len());
+    for pr in problems {
+        eprintln!("  {pr}");
+    }
+    Ok(crate::exec::EXIT_INVALID)
 }
 
 /// Short "key value" text of the main numbers in a stage's summary.json.

@@ -113,6 +113,60 @@ fn substitute_all(v: &mut Value, p: &Pipeline, refs: &mut BTreeMap<String, Vec<P
     }
 }
 
+/// Rewrites the stage's declared path parameters in `config` (references already substituted)
+/// relative to the configs folder; returns the same config with absolute paths, and the
+/// input paths as written → absolute, without those an upstream stage produces.
+fn rewrite_paths(
+    stage: &Stage,
+    p: &Pipeline,
+    config: &mut Value,
+) -> (Value, BTreeMap<String, PathBuf>) {
+    let configs = configs_dir(p);
+    let absolute = |s: &str| {
+        normalize(&if Path::new(s).is_absolute() {
+            PathBuf::from(s)
+        } else {
+            p.base.join(s)
+        })
+    };
+    // The values as written, to key inputs by what the user typed; visited in the same order.
+    let mut written = Vec::new();
+    let mut raw = Value::Mapping(stage.params.clone());
+    for (pattern, role) in stage.uses.paths() {
+        visit_pattern(&mut raw, pattern, &mut |_, s| {
+            written.push((*role, s.clone()))
+        });
+    }
+    let mut config_abs = config.clone();
+    for (pattern, _) in stage.uses.paths() {
+        visit_pattern(&mut config_abs, pattern, &mut |_, s| {
+            if !s.is_empty() {
+                *s = absolute(s).to_string_lossy().into_owned();
+            }
+        });
+    }
+    let mut input_paths = BTreeMap::new();
+    let mut i = 0;
+    for (pattern, _) in stage.uses.paths() {
+        visit_pattern(config, pattern, &mut |_, s| {
+            let (role, as_written) = &written[i];
+            i += 1;
+            if s.is_empty() {
+                return;
+            }
+            let abs = absolute(s);
+            if *role == PathRole::Input && !as_written.contains("${") {
+                input_paths.insert(as_written.clone(), abs.clone());
+            }
+            *s = relative_to(&abs, &configs)
+                .unwrap_or(abs)
+                .to_string_lossy()
+                .into_owned();
+        });
+    }
+    (config_abs, input_paths)
+}
+
 pub fn resolve(
     stage: &Stage,
     p: &Pipeline,
@@ -130,48 +184,7 @@ pub fn resolve(
     let mut config = Value::Mapping(stage.params.clone());
     let mut upstream = BTreeMap::new();
     substitute_all(&mut config, p, &mut upstream);
-    let configs = configs_dir(p);
-    let mut input_paths: BTreeMap<String, PathBuf> = BTreeMap::new();
-    let mut written = Vec::new();
-    // The values as written, to key inputs by what the user typed.
-    let mut raw = Value::Mapping(stage.params.clone());
-    for (pattern, role) in stage.uses.paths() {
-        visit_pattern(&mut raw, pattern, &mut |_, s| {
-            written.push((*role, s.clone()))
-        });
-    }
-    let mut config_abs = config.clone();
-    for (pattern, _) in stage.uses.paths() {
-        visit_pattern(&mut config_abs, pattern, &mut |_, s| {
-            if !s.is_empty() && Path::new(s.as_str()).is_relative() {
-                *s = normalize(&p.base.join(s.as_str()))
-                    .to_string_lossy()
-                    .into_owned();
-            }
-        });
-    }
-    let mut i = 0;
-    for (pattern, _) in stage.uses.paths() {
-        visit_pattern(&mut config, pattern, &mut |_, s| {
-            let (role, as_written) = &written[i];
-            i += 1;
-            if s.is_empty() {
-                return;
-            }
-            let abs = normalize(&if Path::new(s.as_str()).is_absolute() {
-                PathBuf::from(s.as_str())
-            } else {
-                p.base.join(s.as_str())
-            });
-            if *role == PathRole::Input && !as_written.contains("${") {
-                input_paths.insert(as_written.clone(), abs.clone());
-            }
-            *s = relative_to(&abs, &configs)
-                .unwrap_or(abs)
-                .to_string_lossy()
-                .into_owned();
-        });
-    }
+    let (config_abs, input_paths) = rewrite_paths(stage, p, &mut config);
     let mut inputs = BTreeMap::new();
     for (as_written, abs) in &input_paths {
         let h = if abs.exists() {

@@ -150,98 +150,15 @@ pub fn load(file: &Path) -> anyhow::Result<Pipeline> {
     let mut problems = Vec::new();
     let mut stages = Vec::new();
     for (key, value) in &raw.stages {
-        let Some(name) = key.as_str() else {
-            problems.push(Problem {
-                line: None,
-                message: format!("stage names must be strings, got {key:?}"),
-            });
-            continue;
-        };
-        let line = stage_line(&text, name);
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-        {
-            problems.push(Problem {
-                line,
-                message: format!("stage name `{name}`: use letters, digits, `_` and `-`"),
-            });
-        }
-        let st: RawStage = match serde_yaml::from_value(value.clone()) {
-            Ok(s) => s,
-            Err(e) => {
-                problems.push(Problem {
-                    line,
-                    message: format!("stage `{name}`: {e}"),
-                });
-                continue;
+        match parse_stage(&text, key, value, &raw.defaults) {
+            Ok((stage, mut found)) => {
+                problems.append(&mut found);
+                stages.push(stage);
             }
-        };
-        let Some(kind) = StageKind::parse(&st.uses) else {
-            problems.push(Problem {
-                line,
-                message: format!(
-                    "stage `{name}`: unknown kind `uses: {}` (one of {})",
-                    st.uses,
-                    StageKind::names()
-                ),
-            });
-            continue;
-        };
-        let mut params = raw.defaults.clone();
-        for (k, v) in st.with {
-            params.insert(k, v);
-        }
-        let mut parents: BTreeSet<String> = st.needs.iter().cloned().collect();
-        let mut found = Vec::new();
-        strings(&Value::Mapping(params.clone()), &mut found);
-        for s in &found {
-            for (stage, field) in references(s) {
-                if !matches!(field.as_str(), "out" | "checkpoint") {
-                    let l =
-                        find_line(&text, |l| l.contains(&format!("${{{stage}.{field}}}"))).or(line);
-                    problems.push(Problem { line: l, message: format!("stage `{name}`: reference `${{{stage}.{field}}}`: use `${{{stage}.out}}` or `${{{stage}.checkpoint}}`") });
-                }
-                parents.insert(stage);
-            }
-        }
-        stages.push(Stage {
-            name: name.to_string(),
-            uses: kind,
-            params,
-            parents,
-        });
-    }
-    let names: BTreeSet<&str> = stages.iter().map(|s| s.name.as_str()).collect();
-    for s in &stages {
-        for p in &s.parents {
-            if !names.contains(p.as_str()) {
-                let l = find_line(&text, |l| {
-                    l.contains(&format!("${{{p}."))
-                        || l.contains(&format!("needs: [{p}"))
-                        || l.contains(&format!("- {p}"))
-                })
-                .or_else(|| stage_line(&text, &s.name));
-                problems.push(Problem {
-                    line: l,
-                    message: format!("stage `{}` refers to `{p}`, which is not a stage", s.name),
-                });
-            }
-            if p == &s.name {
-                problems.push(Problem {
-                    line: stage_line(&text, &s.name),
-                    message: format!("stage `{p}` refers to itself"),
-                });
-            }
+            Err(mut found) => problems.append(&mut found),
         }
     }
-    if let Some(cycle) = find_cycle(&stages) {
-        problems.push(Problem {
-            line: stage_line(&text, &cycle[0]),
-            message: format!("cycle: {}", cycle.join(" -> ")),
-        });
-    }
+    problems.extend(graph_problems(&text, &stages));
     let workdir = normalize(&base.join(&raw.workdir));
     if let Some(problem) = workdir_problem(&workdir, &base) {
         problems.push(Problem {
@@ -259,6 +176,104 @@ pub fn load(file: &Path) -> anyhow::Result<Pipeline> {
         workdir,
         stages,
     })
+}
+
+/// One stage of the file: its kind, its parameters over the defaults and its parents, with
+/// the problems that do not stop it from being read; Err when it cannot be read at all.
+fn parse_stage(
+    text: &str,
+    key: &Value,
+    value: &Value,
+    defaults: &Mapping,
+) -> Result<(Stage, Vec<Problem>), Vec<Problem>> {
+    let Some(name) = key.as_str() else {
+        return Err(vec![Problem {
+            line: None,
+            message: format!("stage names must be strings, got {key:?}"),
+        }]);
+    };
+    let line = stage_line(text, name);
+    let problem = |message: String| Problem { line, message };
+    let mut problems = Vec::new();
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        problems.push(problem(format!(
+            "stage name `{name}`: use letters, digits, `_` and `-`"
+        )));
+    }
+    let st: RawStage = serde_yaml::from_value(value.clone())
+        .map_err(|e| vec![problem(format!("stage `{name}`: {e}"))])?;
+    let kind = StageKind::parse(&st.uses).ok_or_else(|| {
+        vec![problem(format!(
+            "stage `{name}`: unknown kind `uses: {}` (one of {})",
+            st.uses,
+            StageKind::names()
+        ))]
+    })?;
+    let mut params = defaults.clone();
+    for (k, v) in st.with {
+        params.insert(k, v);
+    }
+    let mut parents: BTreeSet<String> = st.needs.iter().cloned().collect();
+    let mut found = Vec::new();
+    strings(&Value::Mapping(params.clone()), &mut found);
+    for s in &found {
+        for (stage, field) in references(s) {
+            if !matches!(field.as_str(), "out" | "checkpoint") {
+                let r = format!("${{{stage}.{field}}}");
+                problems.push(Problem {
+                    line: find_line(text, |l| l.contains(&r)).or(line),
+                    message: format!("stage `{name}`: reference `{r}`: use `${{{stage}.out}}` or `${{{stage}.checkpoint}}`"),
+                });
+            }
+            parents.insert(stage);
+        }
+    }
+    let stage = Stage {
+        name: name.to_string(),
+        uses: kind,
+        params,
+        parents,
+    };
+    Ok((stage, problems))
+}
+
+/// Dangling references, self-references and cycles.
+fn graph_problems(text: &str, stages: &[Stage]) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let names: BTreeSet<&str> = stages.iter().map(|s| s.name.as_str()).collect();
+    for s in stages {
+        for p in &s.parents {
+            if !names.contains(p.as_str()) {
+                let l = find_line(text, |l| {
+                    l.contains(&format!("${{{p}."))
+                        || l.contains(&format!("needs: [{p}"))
+                        || l.contains(&format!("- {p}"))
+                })
+                .or_else(|| stage_line(text, &s.name));
+                problems.push(Problem {
+                    line: l,
+                    message: format!("stage `{}` refers to `{p}`, which is not a stage", s.name),
+                });
+            }
+            if p == &s.name {
+                problems.push(Problem {
+                    line: stage_line(text, &s.name),
+                    message: format!("stage `{p}` refers to itself"),
+                });
+            }
+        }
+    }
+    if let Some(cycle) = find_cycle(stages) {
+        problems.push(Problem {
+            line: stage_line(text, &cycle[0]),
+            message: format!("cycle: {}", cycle.join(" -> ")),
+        });
+    }
+    problems
 }
 
 /// Why `workdir` cannot be a pipeline's work folder, if it cannot: temper writes and replaces
@@ -405,3 +420,46 @@ impl Pipeline {
 }
 
 pub use temper_stage::kinds::normalize;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_are_found_anywhere_in_a_string() {
+        assert_eq!(
+            references("${tokenizer.out}/tokenizer.json and ${sft.checkpoint}"),
+            [
+                ("tokenizer".to_string(), "out".to_string()),
+                ("sft".to_string(), "checkpoint".to_string())
+            ]
+        );
+        assert_eq!(references("${bare}"), [("bare".to_string(), String::new())]);
+        assert!(references("no ${ closing").is_empty());
+    }
+
+    #[test]
+    fn overrides_reach_nested_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.yaml");
+        std::fs::write(&file, "name: p\nworkdir: w\nstages:\n  sft: {uses: sft, with: {optim: {lr: 1}}}\n").unwrap();
+        let mut p = load(&file).unwrap();
+        p.apply_override("sft.optim.lr=2e-3").unwrap();
+        p.apply_override("sft.steps=[1, 2]").unwrap();
+        let params = &p.stage("sft").unwrap().params;
+        assert_eq!(params["optim"]["lr"], Value::from(2e-3));
+        assert_eq!(params["steps"], serde_yaml::from_str::<Value>("[1, 2]").unwrap());
+        assert!(p.apply_override("nope.x=1").unwrap_err().to_string().contains("no stage `nope`"));
+        assert!(p.apply_override("sft.optim.lr.x=1").is_err(), "lr is not a mapping");
+    }
+
+    #[test]
+    fn the_workdir_may_not_contain_the_pipeline_file() {
+        let base = Path::new("/p/configs");
+        assert!(workdir_problem(Path::new("/p/configs"), base).is_some());
+        assert!(workdir_problem(Path::new("/p"), base).is_some());
+        assert!(workdir_problem(Path::new(""), base).is_some());
+        assert!(workdir_problem(Path::new("/p/runs/demo"), base).is_none());
+        assert_eq!(normalize(Path::new("/p/configs/../runs/./demo")), Path::new("/p/runs/demo"));
+    }
+}

@@ -54,6 +54,9 @@ pub enum CoreError {
     #[error("{path} was written under a different config: restore that config to resume it, or {}", temper_stage::cli::fresh_hint(.path))]
     StateMismatch { path: PathBuf },
 
+    #[error("optimizer state: {0}")]
+    OptimizerState(String),
+
     #[error("{0}")]
     Shape(String),
 

@@ -245,48 +245,11 @@ impl Transformer {
                 self.config.max_position
             )));
         }
-        let device = ids.device();
-        // Without padding anywhere (no mask now, none cached) every row's positions are
-        // past..past+t and attention is plain causal: skip the per-row bookkeeping, which is
-        // most of a decode step's small ops.
-        let padded = mask.is_some() || cache.as_ref().is_some_and(|c| c.padded);
-        let real = padded.then(|| match mask {
-            Some(m) => m.to_kind(Kind::Bool),
-            None => Tensor::ones([b, t], (Kind::Bool, device)),
-        });
-        // Position ids count real tokens only, so left padding does not shift them.
-        let pos = match &real {
-            Some(real) => {
-                let mut pos = real.cumsum(1, Kind::Int64) - 1; // (B, T)
-                if let Some(c) = cache.as_ref() {
-                    pos += c.seen.unsqueeze(1);
-                }
-                pos.clamp_min(0)
-            }
-            None => Tensor::arange_start(past, past + t, (Kind::Int64, device)).unsqueeze(0),
-        };
-        if let Some(c) = cache.as_deref_mut() {
-            let mut slots = c.key_mask.narrow(1, past, t);
-            match &real {
-                Some(real) => slots.copy_(real),
-                None => _ = slots.fill_(1),
-            }
-            c.padded |= mask.is_some();
-        }
-        // None means plain causal attention (sdpa's is_causal) or, for one new token, none.
-        let attn_mask = match &real {
-            Some(real) => Some(padding_mask(
-                real,
-                cache.as_deref(),
-                mask.is_some(),
-                past,
-                t,
-            )),
-            None if past > 0 && t > 1 => {
-                Some(causal_block(past, t, device).view([1, 1, t, past + t]))
-            }
-            None => None,
-        };
+        let Layout {
+            real,
+            pos,
+            attn_mask,
+        } = layout(b, t, ids.device(), mask, cache.as_deref_mut());
         let mut x = Tensor::embedding(&self.embed, ids, -1, false, false); // (B, T, C)
         if let Some(wpe) = &self.positions {
             x += match &real {
@@ -430,6 +393,71 @@ impl Transformer {
         let hidden = self.hidden_states(ids, mask, None)?;
         let logits = self.logits(&hidden)?;
         Ok((hidden, logits))
+    }
+}
+
+/// Where each new token sits and what it may attend to.
+struct Layout {
+    /// (B, T) bool real-token mask, when any token (new or cached) may be padding.
+    real: Option<Tensor>,
+    /// Position ids, (B, T) or (1, T).
+    pos: Tensor,
+    /// (B, 1, T, S) bool; None means plain causal attention (sdpa's is_causal) or, for one
+    /// new token, none.
+    attn_mask: Option<Tensor>,
+}
+
+/// Positions and the attention mask of a call with `t` new tokens per row, updating the
+/// cache's key mask. Position ids count real tokens only, so left padding does not shift them.
+fn layout(
+    b: i64,
+    t: i64,
+    device: Device,
+    mask: Option<&Tensor>,
+    mut cache: Option<&mut KvCache>,
+) -> Layout {
+    let past = cache.as_ref().map_or(0, |c| c.len());
+    // Without padding anywhere (no mask now, none cached) every row's positions are
+    // past..past+t and attention is plain causal: skip the per-row bookkeeping, which is
+    // most of a decode step's small ops.
+    let padded = mask.is_some() || cache.as_ref().is_some_and(|c| c.padded);
+    let real = padded.then(|| match mask {
+        Some(m) => m.to_kind(Kind::Bool),
+        None => Tensor::ones([b, t], (Kind::Bool, device)),
+    });
+    let pos = match &real {
+        Some(real) => {
+            let mut pos = real.cumsum(1, Kind::Int64) - 1; // (B, T)
+            if let Some(c) = cache.as_ref() {
+                pos += c.seen.unsqueeze(1);
+            }
+            pos.clamp_min(0)
+        }
+        None => Tensor::arange_start(past, past + t, (Kind::Int64, device)).unsqueeze(0),
+    };
+    if let Some(c) = cache.as_deref_mut() {
+        let mut slots = c.key_mask.narrow(1, past, t);
+        match &real {
+            Some(real) => slots.copy_(real),
+            None => _ = slots.fill_(1),
+        }
+        c.padded |= mask.is_some();
+    }
+    let attn_mask = match &real {
+        Some(real) => Some(padding_mask(
+            real,
+            cache.as_deref(),
+            mask.is_some(),
+            past,
+            t,
+        )),
+        None if past > 0 && t > 1 => Some(causal_block(past, t, device).view([1, 1, t, past + t])),
+        None => None,
+    };
+    Layout {
+        real,
+        pos,
+        attn_mask,
     }
 }
 

@@ -171,7 +171,7 @@ impl AdamW {
                 ] {
                     let key = format!("{kind}.{}", p.name);
                     let src = saved.get(&key).ok_or_else(|| {
-                        CoreError::Shape(format!("optimizer state lacks `{key}`"))
+                        CoreError::OptimizerState(format!("lacks `{key}`"))
                     })?;
                     dst.f_copy_(src)?;
                 }

@@ -99,8 +99,19 @@ pub fn uniform_draw(seed: u64, step: u64) -> f64 {
     ((bits >> 11) as f64 + 0.5) / (1u64 << 53) as f64
 }
 
-/// Logits (B, V) with everything outside top-k / nucleus top-p set to -inf.
-fn truncate(logits: &Tensor, top_k: Option<i64>, top_p: Option<f64>) -> Tensor {
+/// Each sequence's uniform draw (B,) for decode step `step`.
+fn draws(seeds: &[u64], step: u64, device: Device) -> Tensor {
+    let u: Vec<f32> = seeds
+        .iter()
+        .map(|&s| uniform_draw(s, step) as f32)
+        .collect();
+    Tensor::from_slice(&u).to_device(device)
+}
+
+/// Logits (B, V) with everything outside top-k / nucleus top-p set to -inf: top-k first, then
+/// the smallest set of the remaining tokens whose probability reaches p (as transformers'
+/// TopK and TopP logits processors, checked in tests/parity.rs).
+pub fn truncate(logits: &Tensor, top_k: Option<i64>, top_p: Option<f64>) -> Tensor {
     let mut logits = logits.shallow_clone();
     let v = logits.size()[1];
     if let Some(k) = top_k.filter(|&k| k > 0 && k < v) {
@@ -194,13 +205,7 @@ pub fn generate(
         let zero = Tensor::zeros([], (Kind::Float, device));
         let (mut tokens, mut logprobs, mut masks) = (Vec::new(), Vec::new(), Vec::new());
         for step in 0..cfg.max_new_tokens {
-            let draws = (cfg.temperature > 0.0).then(|| {
-                let u: Vec<f32> = seeds
-                    .iter()
-                    .map(|&s| uniform_draw(s, step as u64) as f32)
-                    .collect();
-                Tensor::from_slice(&u).to_device(device)
-            });
+            let draws = (cfg.temperature > 0.0).then(|| draws(seeds, step as u64, device));
             let (tok, lp) = pick(&last, cfg, draws.as_ref());
             let live = done.logical_not();
             let tok = tok.where_self(&live, &pad);

@@ -25,10 +25,10 @@ use temper_core::{
     save_final, save_state, AdamW, DeviceSpec, LoadSpec, Loaded, OptimSettings, Precision,
     SamplingConfig, Transformer, CHECKPOINT_FILES,
 };
-use temper_data::{seed_for, shuffled, ChatTemplate, Fields, LoadOptions, Overlong};
+use temper_data::{seed_for, seeds_for, shuffled, ChatTemplate, Fields, LoadOptions, Overlong};
 use temper_stage::{
-    invalid, main_with, progress_bar, ConfigFile, Every, Inputs, MetricsLog, StageArgs, StageError,
-    StageFolder, StageKind,
+    invalid, main_with, progress_bar, Cadence, ConfigFile, Every, Inputs, MetricsLog, StageArgs,
+    StageError, StageFolder, StageKind,
 };
 
 use crate::rollout::Models;
@@ -308,6 +308,33 @@ struct Setup {
     prompts: Vec<Vec<u32>>,
 }
 
+impl Setup {
+    fn models(&self, precision: Precision) -> Models<'_> {
+        Models {
+            actor: &self.actor.model,
+            reference: &self.reference,
+            reward: &self.reward,
+            critic: &self.critic.1,
+            template: self.template,
+            precision,
+        }
+    }
+}
+
+/// The actor's optimizer and, unless they share it, the critic's.
+fn optimizers(c: &Config, actor: &VarStore, critic: &VarStore) -> (AdamW, Option<AdamW>) {
+    match c.optimizer {
+        OptimizerMode::Separate => (
+            AdamW::new(actor, c.optim.adamw()),
+            Some(AdamW::new(critic, c.critic_optim.adamw())),
+        ),
+        OptimizerMode::Shared => (
+            AdamW::over(&[("actor.", actor), ("critic.", critic)], c.optim.adamw()),
+            None,
+        ),
+    }
+}
+
 fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
     let c = &cfg.value;
     let device = resolve_device(c.device).map_err(invalid)?;
@@ -393,19 +420,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     let folder = StageFolder::claim(&args.out, "ppo")?;
     cfg.write_resolved(&folder.path)?;
     let mut log = MetricsLog::open(&folder.path)?;
-    let (mut actor_opt, mut critic_opt) = match c.optimizer {
-        OptimizerMode::Separate => (
-            AdamW::new(actor_vs, c.optim.adamw()),
-            Some(AdamW::new(critic_vs, c.critic_optim.adamw())),
-        ),
-        OptimizerMode::Shared => (
-            AdamW::over(
-                &[("actor.", actor_vs), ("critic.", critic_vs)],
-                c.optim.adamw(),
-            ),
-            None,
-        ),
-    };
+    let (mut actor_opt, mut critic_opt) = optimizers(c, actor_vs, critic_vs);
     let mut progress = {
         let mut opts: Vec<&mut AdamW> = std::iter::once(&mut actor_opt)
             .chain(critic_opt.as_mut())
@@ -421,26 +436,15 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     let kl_control = c.kl.control();
     let mut kl_coef = extra(&progress, "kl_coef").unwrap_or(kl_control.initial_coef());
     let mut stats: RewardStats = extra(&progress, "reward_stats").unwrap_or_default();
-    let models = Models {
-        actor: &s.actor.model,
-        reference: &s.reference,
-        reward: &s.reward,
-        critic: &s.critic.1,
-        template: s.template,
-        precision: c.precision,
-    };
+    let models = s.models(c.precision);
+    let every = Cadence::new(Every::new(1), c.sample_every, c.save_every, c.iterations);
     let bar = progress_bar(c.iterations, progress.step);
     while progress.step < c.iterations {
         let iter = progress.step;
         // 1. A batch of prompts (a seeded pass over the prompt set) and the actor's replies.
         let batch = prompt_batch(&s.prompts, c, iter);
-        let gen_start = Instant::now();
-        let base = seed_for(c.seed, "rollout", iter);
-        let seeds: Vec<u64> = (0..batch.len() as u64)
-            .map(|i| seed_for(base, "prompt", i))
-            .collect();
+        let seeds = seeds_for(c.seed, "rollout", iter, batch.len());
         let ro = rollout::rollout(&models, &batch, &sampling(c, &s.template), &seeds)?;
-        let gen_secs = gen_start.elapsed().as_secs_f64();
         let train_start = Instant::now();
 
         // 2. Scores from the reward model, then the optional missing-EOS penalty,
@@ -478,69 +482,38 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
 
         progress.step += 1;
         let step = progress.step;
-        let gen_tokens = ro.mask.sum(Kind::Float).double_value(&[]);
-        progress.tokens_seen += gen_tokens as u64;
-        let scalar = |t: &Tensor| t.to_kind(Kind::Double).double_value(&[]);
-        let fields = [
-            ("reward/mean", scalar(&score.mean(Kind::Float))),
-            ("reward/std", scalar(&score.std(true))),
-            ("score/mean", scalar(&ro.scores.mean(Kind::Float))),
-            ("kl/mean", seq_kl),
-            ("kl/coef", kl_coef),
-            ("policy/loss", m.policy_loss),
-            ("policy/clipfrac", m.clipfrac),
-            ("policy/approx_kl", m.approx_kl),
-            ("policy/entropy", m.entropy),
-            ("value/loss", m.value_loss),
-            ("value/clipfrac", m.value_clipfrac),
-            (
-                "value/explained_var",
-                scalar(&rl::explained_variance(&ro.values, &returns, &ro.mask)),
-            ),
-            ("response/len_mean", gen_tokens / batch.len() as f64),
-            (
-                "response/eos_rate",
-                scalar(&ro.has_eos.to_kind(Kind::Float).mean(Kind::Float)),
-            ),
-            ("lr", c.optim.lr_at(iter, c.iterations)),
-            ("grad_norm", m.grad_norm),
-            ("tokens", progress.tokens_seen as f64),
-            ("tokens_per_s", gen_tokens / gen_secs),
-            (
-                "train_tokens_per_s",
-                scalar(&ro.attention.sum(Kind::Float)) * c.ppo_epochs as f64
-                    / train_start.elapsed().as_secs_f64(),
-            ),
-        ];
-        log.log_train(step, &fields)?;
+        progress.tokens_seen += ro.mask.sum(Kind::Float).double_value(&[]) as u64;
+        let measured = Measured {
+            score: &score,
+            returns: &returns,
+            m: &m,
+            seq_kl,
+            kl_coef,
+            lr: c.optim.lr_at(iter, c.iterations),
+            train_s: train_start.elapsed().as_secs_f64(),
+        };
+        log.log_train(step, &iteration_fields(&ro, &measured, c, &progress))?;
         bar.set_position(step);
-        if c.sample_every.due(step, c.iterations) {
-            let records = rollout::sample_records(
-                &s.actor.tokenizer,
+        if every.eval_due(step) {
+            let tok = &s.actor.tokenizer;
+            log.log_samples(&rollout::sample_records(
+                tok,
                 s.template.eos,
                 &ro,
-                &ro.scores,
                 &kl,
                 step,
-                4,
-            )?;
-            log.log_samples(&records)?;
+            )?)?;
         }
         progress.extra.insert("kl_coef".into(), json!(kl_coef));
-        progress.extra.insert(
-            "reward_stats".into(),
-            serde_json::to_value(&stats).context("stats")?,
-        );
-        let stopping = temper_stage::signals::stop_requested();
-        if c.save_every.due(step, c.iterations) || stopping {
+        let stats_json = serde_json::to_value(&stats).context("stats")?;
+        progress.extra.insert("reward_stats".into(), stats_json);
+        if every.save_due(step) {
             let opts: Vec<&AdamW> = std::iter::once(&actor_opt)
                 .chain(critic_opt.as_ref())
                 .collect();
             save_state(&folder.path, &log, &[actor_vs, critic_vs], &opts, &progress)?;
         }
-        if stopping {
-            return Err(temper_stage::Interrupted { step }.into());
-        }
+        every.stop_if_asked(step)?;
     }
     bar.finish_and_clear();
 
@@ -553,6 +526,61 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     save_checkpoint(&s.critic.1, critic_vs, &folder.path.join("critic"))?;
     log.write_summary("ok", summary(&folder.path, &progress)?)?;
     Ok(())
+}
+
+/// What an iteration measured besides its rollout.
+struct Measured<'a> {
+    score: &'a Tensor,
+    returns: &'a Tensor,
+    m: &'a rollout::OptimizeMetrics,
+    seq_kl: f64,
+    kl_coef: f64,
+    lr: f64,
+    /// Seconds of the PPO epochs (advantages included).
+    train_s: f64,
+}
+
+/// The numbers of one iteration, in the metrics schema's names, with its time split.
+fn iteration_fields(
+    ro: &rollout::Rollout,
+    x: &Measured,
+    c: &Config,
+    progress: &temper_stage::Progress,
+) -> Vec<(&'static str, f64)> {
+    let scalar = |t: &Tensor| t.to_kind(Kind::Double).double_value(&[]);
+    let mean = |t: &Tensor| scalar(&t.to_kind(Kind::Float).mean(Kind::Float));
+    let gen_tokens = scalar(&ro.mask.sum(Kind::Float));
+    let train_tokens = scalar(&ro.attention.sum(Kind::Float)) * c.ppo_epochs as f64;
+    vec![
+        ("reward/mean", mean(x.score)),
+        ("reward/std", scalar(&x.score.std(true))),
+        ("score/mean", mean(&ro.scores)),
+        ("kl/mean", x.seq_kl),
+        ("kl/coef", x.kl_coef),
+        ("policy/loss", x.m.policy_loss),
+        ("policy/clipfrac", x.m.clipfrac),
+        ("policy/approx_kl", x.m.approx_kl),
+        ("policy/entropy", x.m.entropy),
+        ("value/loss", x.m.value_loss),
+        ("value/clipfrac", x.m.value_clipfrac),
+        (
+            "value/explained_var",
+            scalar(&rl::explained_variance(&ro.values, x.returns, &ro.mask)),
+        ),
+        (
+            "response/len_mean",
+            mean(&ro.mask.sum_dim_intlist(1, false, Kind::Float)),
+        ),
+        ("response/eos_rate", mean(&ro.has_eos)),
+        ("lr", x.lr),
+        ("grad_norm", x.m.grad_norm),
+        ("tokens", progress.tokens_seen as f64),
+        ("tokens_per_s", gen_tokens / ro.generate_s),
+        ("train_tokens_per_s", train_tokens / x.train_s),
+        ("time/generate_s", ro.generate_s),
+        ("time/score_s", ro.score_s),
+        ("time/train_s", x.train_s),
+    ]
 }
 
 /// A stage-specific value kept in the state (the KL coefficient, reward statistics).

@@ -35,6 +35,9 @@ pub struct Rollout {
     pub ref_logprobs: Tensor, // (B, N) reference, same temperature
     pub values: Tensor,       // (B, N) critic
     pub scores: Tensor,       // (B,) reward model, pooled as it was trained
+    /// Seconds spent generating, and scoring with the actor, reference, critic and reward model.
+    pub generate_s: f64,
+    pub score_s: f64,
 }
 
 pub fn rollout(
@@ -48,9 +51,12 @@ pub fn rollout(
         .map(|p| p.iter().map(|&t| t as i64).collect())
         .collect();
     let device = m.actor.device();
+    let started = std::time::Instant::now();
     let g = with_autocast(device, m.precision, || {
         generate(m.actor, &ids, sampling, seeds)
     })??;
+    let generate_s = started.elapsed().as_secs_f64();
+    let started = std::time::Instant::now();
     let p = g.prompt.size()[1];
     let n = g.tokens.size()[1];
     let joined = g.joined();
@@ -82,6 +88,8 @@ pub fn rollout(
                 ref_logprobs,
                 values,
                 scores,
+                generate_s,
+                score_s: started.elapsed().as_secs_f64(),
             })
         })?
     })
@@ -130,104 +138,121 @@ pub fn optimize(
     mut critic_opt: Option<&mut AdamW>,
 ) -> anyhow::Result<OptimizeMetrics> {
     let b = ro.seq.size()[0] as usize;
-    let n = ro.tokens.size()[1];
     let device = ro.seq.device();
-    let mut out = OptimizeMetrics::default();
+    let mut sums = [0.0; 7];
     let mut updates = 0.0;
     for epoch in 0..s.epochs {
         let order = shuffled(b, seed_for(s.seed, "ppo-epoch", epoch as u64));
         for chunk in order.chunks(s.minibatch) {
             let idx = Tensor::from_slice(&chunk.iter().map(|&i| i as i64).collect::<Vec<_>>())
                 .to_device(device);
-            let pick = |t: &Tensor| t.index_select(0, &idx);
-            let (seq, attn, tokens, mask) = (
-                pick(&ro.seq),
-                pick(&ro.attention),
-                pick(&ro.tokens),
-                pick(&ro.mask),
-            );
-            let (policy, pl, cf, akl, ent, vl, vcf) =
-                with_autocast(device, m.precision, || -> anyhow::Result<_> {
-                    let (logp, logits) = response_logprobs(
-                        m.actor,
-                        &seq,
-                        &attn,
-                        ro.prompt_len,
-                        &tokens,
-                        s.temperature,
-                    )?;
-                    let (pl, cf, akl) = rl::ppo_clip_loss(
-                        &logp,
-                        &pick(&ro.logprobs),
-                        &pick(adv),
-                        &mask,
-                        s.cliprange,
-                    );
-                    let ent = rl::entropy(&logits, &mask);
-                    let policy = &pl - &ent * s.entropy_coef;
-                    let values = response_values(m.critic, &seq, &attn, ro.prompt_len, n)?;
-                    let (vl, vcf) = rl::value_loss(
-                        &values,
-                        &pick(&ro.values),
-                        &pick(returns),
-                        &mask,
-                        s.cliprange_value,
-                    );
-                    Ok((policy, pl, cf, akl, ent, vl, vcf))
-                })??;
+            let l = minibatch_losses(m, ro, adv, returns, &idx, &s)?;
             let scalar = |t: &Tensor| t.to_kind(Kind::Double).double_value(&[]);
-            let (plv, vlv) = (scalar(&pl), scalar(&vl));
+            let (plv, vlv) = (scalar(&l.policy_loss), scalar(&l.value_loss));
             // Stop before an update that would write NaN into the weights; state/ keeps the
             // last saved iteration.
             check_finite(plv + vlv, s.iteration + 1, s.last_saved)?;
             let grad_norm = match critic_opt.as_deref_mut() {
                 Some(copt) => {
-                    policy.backward();
+                    l.objective.backward();
                     let g = actor_opt.update(s.actor_clip, s.actor_lr)?;
-                    vl.backward();
+                    l.value_loss.backward();
                     copt.update(s.critic_clip, s.critic_lr)?;
                     g
                 }
                 None => {
-                    (&policy + &vl * s.vf_coef).backward();
+                    (&l.objective + &l.value_loss * s.vf_coef).backward();
                     actor_opt.update(s.actor_clip, s.actor_lr)?
                 }
             };
-            out.policy_loss += plv;
-            out.clipfrac += scalar(&cf);
-            out.approx_kl += scalar(&akl);
-            out.entropy += scalar(&ent);
-            out.value_loss += vlv;
-            out.value_clipfrac += scalar(&vcf);
-            out.grad_norm += grad_norm;
+            let values = [
+                plv,
+                scalar(&l.clipfrac),
+                scalar(&l.approx_kl),
+                scalar(&l.entropy),
+                vlv,
+                scalar(&l.value_clipfrac),
+                grad_norm,
+            ];
+            sums.iter_mut().zip(values).for_each(|(acc, v)| *acc += v);
             updates += 1.0;
         }
     }
-    for v in [
-        &mut out.policy_loss,
-        &mut out.clipfrac,
-        &mut out.approx_kl,
-        &mut out.entropy,
-        &mut out.value_loss,
-        &mut out.value_clipfrac,
-        &mut out.grad_norm,
-    ] {
-        *v /= updates;
-    }
-    Ok(out)
+    let [policy_loss, clipfrac, approx_kl, entropy, value_loss, value_clipfrac, grad_norm] =
+        sums.map(|v| v / updates);
+    Ok(OptimizeMetrics {
+        policy_loss,
+        clipfrac,
+        approx_kl,
+        entropy,
+        value_loss,
+        value_clipfrac,
+        grad_norm,
+    })
 }
 
-/// The first `k` rollouts as records for samples.jsonl.
+/// One minibatch's losses (rows `idx` of the rollout), under autocast.
+struct MinibatchLosses {
+    /// What the actor minimises: the clipped policy loss minus the entropy bonus.
+    objective: Tensor,
+    policy_loss: Tensor,
+    clipfrac: Tensor,
+    approx_kl: Tensor,
+    entropy: Tensor,
+    value_loss: Tensor,
+    value_clipfrac: Tensor,
+}
+
+fn minibatch_losses(
+    m: &Models,
+    ro: &Rollout,
+    adv: &Tensor,
+    returns: &Tensor,
+    idx: &Tensor,
+    s: &OptimizeSettings,
+) -> anyhow::Result<MinibatchLosses> {
+    let pick = |t: &Tensor| t.index_select(0, idx);
+    let (seq, attn, tokens, mask) = (
+        pick(&ro.seq),
+        pick(&ro.attention),
+        pick(&ro.tokens),
+        pick(&ro.mask),
+    );
+    let (p, n) = (ro.prompt_len, ro.tokens.size()[1]);
+    with_autocast(seq.device(), m.precision, || -> anyhow::Result<_> {
+        let (logp, logits) = response_logprobs(m.actor, &seq, &attn, p, &tokens, s.temperature)?;
+        let (policy_loss, clipfrac, approx_kl) =
+            rl::ppo_clip_loss(&logp, &pick(&ro.logprobs), &pick(adv), &mask, s.cliprange);
+        let entropy = rl::entropy(&logits, &mask);
+        let values = response_values(m.critic, &seq, &attn, p, n)?;
+        let (value_loss, value_clipfrac) = rl::value_loss(
+            &values,
+            &pick(&ro.values),
+            &pick(returns),
+            &mask,
+            s.cliprange_value,
+        );
+        Ok(MinibatchLosses {
+            objective: &policy_loss - &entropy * s.entropy_coef,
+            policy_loss,
+            clipfrac,
+            approx_kl,
+            entropy,
+            value_loss,
+            value_clipfrac,
+        })
+    })?
+}
+
+/// The first four rollouts as records for samples.jsonl: prompt, reply, score and KL.
 pub fn sample_records(
     tok: &TextTokenizer,
     eos: u32,
     ro: &Rollout,
-    scores: &Tensor,
     kl: &Tensor,
     step: u64,
-    k: usize,
 ) -> anyhow::Result<Vec<serde_json::Value>> {
-    let b = ro.seq.size()[0].min(k as i64);
+    let b = ro.seq.size()[0].min(4);
     let prompts = decode_prompts(
         tok,
         &ro.prompt.narrow(0, 0, b),
@@ -249,7 +274,7 @@ pub fn sample_records(
                 "prompt": prompt,
                 "response": reply.text,
                 "ended_with_eos": reply.ended_with_eos,
-                "score": scores.double_value(&[i as i64]),
+                "score": ro.scores.double_value(&[i as i64]),
                 "kl": kl.get(i as i64).sum(Kind::Float).double_value(&[]),
             })
         })

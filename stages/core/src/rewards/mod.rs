@@ -1,6 +1,6 @@
-//! Rewards a program computes rather than a model: the independent sentiment judge (VADER's
-//! lexicon) used by evaluation.
+//! Rewards a program computes rather than a model: the independent sentiment judge (VADER)
+//! used by evaluation.
 
-pub mod lexicon;
+pub mod vader;
 
-pub use lexicon::{SentimentJudge, Verdict};
+pub use vader::{SentimentJudge, Verdict};
