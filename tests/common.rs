@@ -117,9 +117,10 @@ pub fn deterministic_metrics(out: &Path) -> Vec<serde_json::Value> {
         .into_iter()
         .map(|mut r| {
             let o = r.as_object_mut().unwrap();
-            for k in ["time_s", "tokens_per_s", "train_tokens_per_s"] {
-                o.remove(k);
-            }
+            o.retain(|k, _| {
+                !matches!(k.as_str(), "time_s" | "tokens_per_s" | "train_tokens_per_s")
+                    && !k.starts_with("time/")
+            });
             r
         })
         .collect()

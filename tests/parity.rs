@@ -427,7 +427,9 @@ fn step_zero_gradients_match_transformers() {
         for (key, want) in g.iter().filter(|(k, _)| k.starts_with("grad.")) {
             let name = &key["grad.".len()..];
             // transformers ties GPT-2's lm_head to wte; only the embedding is a parameter.
-            let var = vars.get(name).unwrap_or_else(|| panic!("{family}: no variable {name}"));
+            let var = vars
+                .get(name)
+                .unwrap_or_else(|| panic!("{family}: no variable {name}"));
             let got = var.grad();
             let scale = want.abs().max().double_value(&[]).max(1e-6);
             let d = (&got - want).abs().max().double_value(&[]) / scale;
@@ -436,9 +438,21 @@ fn step_zero_gradients_match_transformers() {
             }
         }
         let count = g.keys().filter(|k| k.starts_with("grad.")).count();
-        assert_eq!(count, vars.len(), "{family}: a gradient for every parameter");
-        eprintln!("{family}: worst gradient relative difference {:.2e} ({})", worst.0, worst.1);
-        assert!(worst.0 < 1e-4, "{family}: gradient of {} differs by {:.2e} (relative)", worst.1, worst.0);
+        assert_eq!(
+            count,
+            vars.len(),
+            "{family}: a gradient for every parameter"
+        );
+        eprintln!(
+            "{family}: worst gradient relative difference {:.2e} ({})",
+            worst.0, worst.1
+        );
+        assert!(
+            worst.0 < 1e-4,
+            "{family}: gradient of {} differs by {:.2e} (relative)",
+            worst.1,
+            worst.0
+        );
     }
 }
 
@@ -456,7 +470,9 @@ fn reward_model_scores_match_sequence_classification() {
             .into_iter()
             .collect();
         let mask = &g["attention_mask"];
-        let hidden = model.hidden_states(&g["input_ids"], Some(mask), None).unwrap();
+        let hidden = model
+            .hidden_states(&g["input_ids"], Some(mask), None)
+            .unwrap();
         let scores = model.last_token_scores(&hidden, mask).unwrap();
         let d = (&scores - &g["scores"]).abs().max().double_value(&[]);
         eprintln!("{family}: max |score - {family}ForSequenceClassification| = {d:.2e}");
@@ -482,7 +498,10 @@ fn top_k_and_top_p_keep_what_transformers_keeps() {
         let ours = temper_core::sample::truncate(&scaled, top_k, top_p);
         let want = &g[key];
         let kept = |t: &Tensor| t.isfinite();
-        assert!(kept(&ours).equal(&kept(want)), "{key}: different tokens kept");
+        assert!(
+            kept(&ours).equal(&kept(want)),
+            "{key}: different tokens kept"
+        );
         let d = (ours.masked_select(&kept(want)) - want.masked_select(&kept(want)))
             .abs()
             .max()
@@ -509,7 +528,15 @@ fn the_sentiment_judge_matches_the_vader_package() {
         }
         n += 1;
     }
-    eprintln!("VADER: {n} texts, worst |compound - vaderSentiment| = {:.1e}", worst.0);
+    eprintln!(
+        "VADER: {n} texts, worst |compound - vaderSentiment| = {:.1e}",
+        worst.0
+    );
     assert!(n > 300);
-    assert!(worst.0 <= 5.1e-5, "compound differs by {} on {:?}", worst.0, worst.1);
+    assert!(
+        worst.0 <= 5.1e-5,
+        "compound differs by {} on {:?}",
+        worst.0,
+        worst.1
+    );
 }

@@ -200,7 +200,10 @@ mod tests {
         let (p, r) = fixture(dir.path());
         let mut cache = HashCache::new();
         let mut lock = Lock::default();
-        assert_eq!(decide(&r, &p, &lock, &mut cache), (Decision::Fresh, "never run".into()));
+        assert_eq!(
+            decide(&r, &p, &lock, &mut cache),
+            (Decision::Fresh, "never run".into())
+        );
 
         let out = p.stage_out("sft");
         std::fs::create_dir_all(out.join("checkpoint")).unwrap();
@@ -212,13 +215,22 @@ mod tests {
         let mut changed = r.clone();
         changed.key = "k2".into();
         changed.params = json!({"steps": 4});
-        assert_eq!(decide(&changed, &p, &lock, &mut cache).1, "params changed: steps");
+        assert_eq!(
+            decide(&changed, &p, &lock, &mut cache).1,
+            "params changed: steps"
+        );
         changed.params = r.params.clone();
         changed.inputs.insert("data.jsonl".into(), "h2".into());
-        assert_eq!(decide(&changed, &p, &lock, &mut cache).1, "input changed: data.jsonl");
+        assert_eq!(
+            decide(&changed, &p, &lock, &mut cache).1,
+            "input changed: data.jsonl"
+        );
         changed.inputs = r.inputs.clone();
         changed.parents.insert("pretrain".into(), "k9".into());
-        assert_eq!(decide(&changed, &p, &lock, &mut cache).1, "parent pretrain changed");
+        assert_eq!(
+            decide(&changed, &p, &lock, &mut cache).1,
+            "parent pretrain changed"
+        );
 
         // An unfinished attempt with the new key resumes; with another key it starts over.
         std::fs::create_dir_all(p.stage_attempt("sft")).unwrap();
@@ -229,7 +241,10 @@ mod tests {
         std::fs::remove_file(out.join("checkpoint/model.safetensors")).unwrap();
         assert_eq!(
             decide(&r, &p, &lock, &mut cache),
-            (Decision::Fresh, "output missing: checkpoint/model.safetensors".into())
+            (
+                Decision::Fresh,
+                "output missing: checkpoint/model.safetensors".into()
+            )
         );
     }
 

@@ -442,15 +442,29 @@ mod tests {
     fn overrides_reach_nested_keys() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("p.yaml");
-        std::fs::write(&file, "name: p\nworkdir: w\nstages:\n  sft: {uses: sft, with: {optim: {lr: 1}}}\n").unwrap();
+        std::fs::write(
+            &file,
+            "name: p\nworkdir: w\nstages:\n  sft: {uses: sft, with: {optim: {lr: 1}}}\n",
+        )
+        .unwrap();
         let mut p = load(&file).unwrap();
         p.apply_override("sft.optim.lr=2e-3").unwrap();
         p.apply_override("sft.steps=[1, 2]").unwrap();
         let params = &p.stage("sft").unwrap().params;
         assert_eq!(params["optim"]["lr"], Value::from(2e-3));
-        assert_eq!(params["steps"], serde_yaml::from_str::<Value>("[1, 2]").unwrap());
-        assert!(p.apply_override("nope.x=1").unwrap_err().to_string().contains("no stage `nope`"));
-        assert!(p.apply_override("sft.optim.lr.x=1").is_err(), "lr is not a mapping");
+        assert_eq!(
+            params["steps"],
+            serde_yaml::from_str::<Value>("[1, 2]").unwrap()
+        );
+        assert!(p
+            .apply_override("nope.x=1")
+            .unwrap_err()
+            .to_string()
+            .contains("no stage `nope`"));
+        assert!(
+            p.apply_override("sft.optim.lr.x=1").is_err(),
+            "lr is not a mapping"
+        );
     }
 
     #[test]
@@ -460,6 +474,9 @@ mod tests {
         assert!(workdir_problem(Path::new("/p"), base).is_some());
         assert!(workdir_problem(Path::new(""), base).is_some());
         assert!(workdir_problem(Path::new("/p/runs/demo"), base).is_none());
-        assert_eq!(normalize(Path::new("/p/configs/../runs/./demo")), Path::new("/p/runs/demo"));
+        assert_eq!(
+            normalize(Path::new("/p/configs/../runs/./demo")),
+            Path::new("/p/runs/demo")
+        );
     }
 }

@@ -170,9 +170,9 @@ impl AdamW {
                     ("step", &mut p.step),
                 ] {
                     let key = format!("{kind}.{}", p.name);
-                    let src = saved.get(&key).ok_or_else(|| {
-                        CoreError::OptimizerState(format!("lacks `{key}`"))
-                    })?;
+                    let src = saved
+                        .get(&key)
+                        .ok_or_else(|| CoreError::OptimizerState(format!("lacks `{key}`")))?;
                     dst.f_copy_(src)?;
                 }
             }

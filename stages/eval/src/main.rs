@@ -9,7 +9,6 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use clap::Parser;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tch::{Kind, Tensor};
@@ -23,18 +22,10 @@ use temper_core::{
 };
 use temper_data::{seed_for, ChatTemplate, Fields, LoadOptions, Overlong, PromptRecord};
 use temper_stage::{
-    invalid, main_with, ConfigFile, Inputs, MetricsLog, StageArgs, StageError, StageFolder,
+    checked_config, invalid, ConfigFile, Inputs, MetricsLog, StageArgs, StageError, StageFolder,
     StageKind,
 };
 use tracing::info;
-
-/// Compare a PPO policy with its SFT baseline on held-out prompts.
-#[derive(Parser)]
-#[command(version)]
-struct Args {
-    #[command(flatten)]
-    stage: StageArgs,
-}
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -106,8 +97,11 @@ struct Replies {
 }
 
 fn main() {
-    let args = Args::parse();
-    main_with("temper-eval", || run(&args.stage))
+    temper_stage::stage_main(
+        "temper-eval",
+        "Compare a PPO policy with its SFT baseline on held-out prompts.",
+        run,
+    )
 }
 
 /// Range checks and the inputs' presence; nothing is read yet.
@@ -213,13 +207,9 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
 }
 
 fn run(args: &StageArgs) -> Result<(), StageError> {
-    let cfg = ConfigFile::<Config>::load(&args.config, StageKind::Eval)?;
-    let mut inputs = Inputs::new(&args.pending);
-    check(&cfg, &mut inputs)?;
-    temper_stage::folder::check(&args.out)?;
-    if inputs.any_pending() {
-        return cfg.print_resolved(); // the rest is checked when the inputs exist
-    }
+    let Some(cfg) = checked_config::<Config>(args, StageKind::Eval, check)? else {
+        return Ok(()); // an input is pending: the rest is checked when it exists
+    };
     let s = prepare(&cfg)?;
     if args.validate {
         return cfg.print_resolved();

@@ -12,7 +12,6 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use clap::Parser;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tch::nn::VarStore;
@@ -26,20 +25,13 @@ use temper_core::{
     SamplingConfig, Transformer, CHECKPOINT_FILES,
 };
 use temper_data::{seed_for, seeds_for, shuffled, ChatTemplate, Fields, LoadOptions, Overlong};
+use temper_stage::cadence::every_10;
 use temper_stage::{
-    invalid, main_with, progress_bar, Cadence, ConfigFile, Every, Inputs, MetricsLog, StageArgs,
-    StageError, StageFolder, StageKind,
+    checked_config, invalid, progress_bar, Cadence, ConfigFile, Every, Inputs, MetricsLog,
+    StageArgs, StageError, StageFolder, StageKind,
 };
 
 use crate::rollout::Models;
-
-/// RLHF with PPO: actor, critic, frozen reference and reward model.
-#[derive(Parser)]
-#[command(version)]
-struct Args {
-    #[command(flatten)]
-    stage: StageArgs,
-}
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -167,10 +159,10 @@ struct Config {
     optim: OptimSettings,
     #[serde(default = "default_critic_optim")]
     critic_optim: OptimSettings,
-    #[serde(default = "default_every")]
+    #[serde(default = "every_10")]
     save_every: Every,
     /// Write a few prompts, replies, scores and KL to samples.jsonl every N iterations.
-    #[serde(default = "default_every")]
+    #[serde(default = "every_10")]
     sample_every: Every,
     #[serde(default)]
     device: DeviceSpec,
@@ -207,9 +199,6 @@ fn default_vf_coef() -> f64 {
 fn default_true() -> bool {
     true
 }
-fn default_every() -> Every {
-    Every::new(10)
-}
 fn default_actor_optim() -> OptimSettings {
     OptimSettings {
         lr: 1e-5,
@@ -230,8 +219,11 @@ fn default_critic_optim() -> OptimSettings {
 }
 
 fn main() {
-    let args = Args::parse();
-    main_with("temper-ppo", || run(&args.stage))
+    temper_stage::stage_main(
+        "temper-ppo",
+        "RLHF with PPO: actor, critic, frozen reference and reward model.",
+        run,
+    )
 }
 
 /// Range checks and the inputs' presence; nothing is read yet.
@@ -403,13 +395,9 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
 }
 
 fn run(args: &StageArgs) -> Result<(), StageError> {
-    let cfg = ConfigFile::<Config>::load(&args.config, StageKind::Ppo)?;
-    let mut inputs = Inputs::new(&args.pending);
-    check(&cfg, &mut inputs)?;
-    temper_stage::folder::check(&args.out)?;
-    if inputs.any_pending() {
-        return cfg.print_resolved(); // the rest is checked when the inputs exist
-    }
+    let Some(cfg) = checked_config::<Config>(args, StageKind::Ppo, check)? else {
+        return Ok(()); // an input is pending: the rest is checked when it exists
+    };
     let s = prepare(&cfg)?;
     if args.validate {
         return cfg.print_resolved();

@@ -6,7 +6,6 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use clap::Parser;
 use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
@@ -19,18 +18,11 @@ use temper_core::{
 use temper_data::stream::{build_stream, StreamSettings, TokenStream};
 use temper_data::tokenizer::{EOS, PAD};
 use temper_data::{seed_for, shuffled, Epochs, Fields, TextSplit, TextTokenizer};
+use temper_stage::cadence::{every_10, every_100};
 use temper_stage::{
-    check_finite, invalid, main_with, progress_bar, Cadence, ConfigFile, Every, Inputs, MetricsLog,
-    StageArgs, StageError, StageFolder, StageKind, Throughput,
+    check_finite, checked_config, invalid, progress_bar, step_fields, Cadence, ConfigFile, Every,
+    Inputs, MetricsLog, StageArgs, StageError, StageFolder, StageKind, Throughput,
 };
-
-/// Next-token training from scratch or from a checkpoint (continued pretraining).
-#[derive(Parser)]
-#[command(version)]
-struct Args {
-    #[command(flatten)]
-    stage: StageArgs,
-}
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -62,14 +54,14 @@ struct Config {
     batch_size: usize,
     #[serde(default)]
     optim: OptimSettings,
-    #[serde(default = "default_every")]
+    #[serde(default = "every_100")]
     eval_every: Every,
     /// Batches of held-out blocks per evaluation (0 = all).
     #[serde(default = "default_eval_batches")]
     eval_batches: usize,
-    #[serde(default = "default_every")]
+    #[serde(default = "every_100")]
     save_every: Every,
-    #[serde(default = "default_log_every")]
+    #[serde(default = "every_10")]
     log_every: Every,
     #[serde(default)]
     device: DeviceSpec,
@@ -107,19 +99,16 @@ fn default_val_fraction() -> f64 {
 fn default_split() -> TextSplit {
     TextSplit::BlankLine
 }
-fn default_every() -> Every {
-    Every::new(100)
-}
 fn default_eval_batches() -> usize {
     20
 }
-fn default_log_every() -> Every {
-    Every::new(10)
-}
 
 fn main() {
-    let args = Args::parse();
-    main_with("temper-pretrain", || run(&args.stage))
+    temper_stage::stage_main(
+        "temper-pretrain",
+        "Next-token training from scratch or from a checkpoint (continued pretraining).",
+        run,
+    )
 }
 
 /// Range checks and the inputs' presence; nothing is read yet.
@@ -257,13 +246,9 @@ fn default_cache_dir() -> PathBuf {
 }
 
 fn run(args: &StageArgs) -> Result<(), StageError> {
-    let cfg = ConfigFile::<Config>::load(&args.config, StageKind::Pretrain)?;
-    let mut inputs = Inputs::new(&args.pending);
-    check(&cfg, &mut inputs)?;
-    temper_stage::folder::check(&args.out)?;
-    if inputs.any_pending() {
-        return cfg.print_resolved(); // the rest is checked when the inputs exist
-    }
+    let Some(cfg) = checked_config::<Config>(args, StageKind::Pretrain, check)? else {
+        return Ok(()); // an input is pending: the rest is checked when it exists
+    };
     let s = prepare(&cfg)?;
     if args.validate {
         return cfg.print_resolved();
@@ -319,17 +304,15 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         bar.set_position(step);
         bar.set_message(format!("loss {step_loss:.4}"));
         if every.log_due(step) {
-            log.log_train(
-                step,
-                &[
-                    ("loss", step_loss),
-                    ("ppl", step_loss.exp()),
-                    ("lr", lr),
-                    ("grad_norm", grad_norm),
-                    ("tokens", progress.tokens_seen as f64),
-                    ("tokens_per_s", throughput.take()),
-                ],
-            )?;
+            let mut fields = step_fields(
+                step_loss,
+                lr,
+                grad_norm,
+                progress.tokens_seen,
+                throughput.take(),
+            );
+            fields.push(("ppl", step_loss.exp()));
+            log.log_train(step, &fields)?;
         }
         if every.eval_due(step) {
             last_eval = evaluate(&s, c, &mut log, step)?;

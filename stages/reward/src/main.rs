@@ -6,7 +6,6 @@
 
 use std::path::PathBuf;
 
-use clap::Parser;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 use temper_core::checkpoint::ScoreHead;
@@ -20,18 +19,11 @@ use temper_core::{
 use temper_data::{
     seed_for, shuffled, ChatTemplate, Epochs, Example, Fields, LoadOptions, Overlong,
 };
+use temper_stage::cadence::{every_10, every_100};
 use temper_stage::{
-    check_finite, invalid, main_with, progress_bar, Cadence, ConfigFile, Every, Inputs, MetricsLog,
-    StageArgs, StageError, StageFolder, StageKind, Throughput,
+    check_finite, checked_config, invalid, progress_bar, step_fields, Cadence, ConfigFile, Every,
+    Inputs, MetricsLog, StageArgs, StageError, StageFolder, StageKind, Throughput,
 };
-
-/// Bradley–Terry reward model on preference pairs.
-#[derive(Parser)]
-#[command(version)]
-struct Args {
-    #[command(flatten)]
-    stage: StageArgs,
-}
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -61,11 +53,11 @@ struct Config {
     batch_size: usize,
     #[serde(default)]
     optim: OptimSettings,
-    #[serde(default = "default_every")]
+    #[serde(default = "every_100")]
     eval_every: Every,
-    #[serde(default = "default_every")]
+    #[serde(default = "every_100")]
     save_every: Every,
-    #[serde(default = "default_log_every")]
+    #[serde(default = "every_10")]
     log_every: Every,
     #[serde(default)]
     device: DeviceSpec,
@@ -75,16 +67,12 @@ struct Config {
     seed: u64,
 }
 
-fn default_every() -> Every {
-    Every::new(100)
-}
-fn default_log_every() -> Every {
-    Every::new(10)
-}
-
 fn main() {
-    let args = Args::parse();
-    main_with("temper-reward", || run(&args.stage))
+    temper_stage::stage_main(
+        "temper-reward",
+        "Bradley–Terry reward model on preference pairs.",
+        run,
+    )
 }
 
 type Pair = (Example, Example);
@@ -168,13 +156,9 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
 }
 
 fn run(args: &StageArgs) -> Result<(), StageError> {
-    let cfg = ConfigFile::<Config>::load(&args.config, StageKind::Reward)?;
-    let mut inputs = Inputs::new(&args.pending);
-    check(&cfg, &mut inputs)?;
-    temper_stage::folder::check(&args.out)?;
-    if inputs.any_pending() {
-        return cfg.print_resolved(); // the rest is checked when the inputs exist
-    }
+    let Some(cfg) = checked_config::<Config>(args, StageKind::Reward, check)? else {
+        return Ok(()); // an input is pending: the rest is checked when it exists
+    };
     let s = prepare(&cfg)?;
     if args.validate {
         return cfg.print_resolved();
@@ -231,17 +215,15 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         bar.set_position(step);
         bar.set_message(format!("loss {step_loss:.4} acc {step_acc:.2}"));
         if every.log_due(step) {
-            log.log_train(
-                step,
-                &[
-                    ("loss", step_loss),
-                    ("accuracy", step_acc),
-                    ("lr", lr),
-                    ("grad_norm", grad_norm),
-                    ("tokens", progress.tokens_seen as f64),
-                    ("tokens_per_s", throughput.take()),
-                ],
-            )?;
+            let mut fields = step_fields(
+                step_loss,
+                lr,
+                grad_norm,
+                progress.tokens_seen,
+                throughput.take(),
+            );
+            fields.push(("accuracy", step_acc));
+            log.log_train(step, &fields)?;
         }
         if every.eval_due(step) {
             last_eval = evaluate(&s, c, &mut log, step)?;

@@ -5,7 +5,6 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::Parser;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use temper_core::sample::{generate, SamplingConfig};
@@ -19,18 +18,11 @@ use temper_data::{
     length_grouped_batches, pack, seed_for, shuffled, ChatTemplate, Epochs, Example, Fields,
     LoadOptions, Overlong,
 };
+use temper_stage::cadence::{every_10, every_100};
 use temper_stage::{
-    check_finite, invalid, main_with, progress_bar, Cadence, ConfigFile, Every, Inputs, MetricsLog,
-    StageArgs, StageError, StageFolder, StageKind, Throughput,
+    check_finite, checked_config, invalid, progress_bar, step_fields, Cadence, ConfigFile, Every,
+    Inputs, MetricsLog, StageArgs, StageError, StageFolder, StageKind, Throughput,
 };
-
-/// Prompt-masked supervised fine-tuning on chat-templated examples.
-#[derive(Parser)]
-#[command(version)]
-struct Args {
-    #[command(flatten)]
-    stage: StageArgs,
-}
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -57,11 +49,11 @@ struct Config {
     batch_size: usize,
     #[serde(default)]
     optim: OptimSettings,
-    #[serde(default = "default_every")]
+    #[serde(default = "every_100")]
     eval_every: Every,
-    #[serde(default = "default_every")]
+    #[serde(default = "every_100")]
     save_every: Every,
-    #[serde(default = "default_log_every")]
+    #[serde(default = "every_10")]
     log_every: Every,
     /// Held-out prompts to sample a reply for at each evaluation.
     #[serde(default = "default_samples")]
@@ -78,12 +70,6 @@ struct Config {
     seed: u64,
 }
 
-fn default_every() -> Every {
-    Every::new(100)
-}
-fn default_log_every() -> Every {
-    Every::new(10)
-}
 fn default_samples() -> usize {
     4
 }
@@ -95,8 +81,11 @@ fn default_temperature() -> f64 {
 }
 
 fn main() {
-    let args = Args::parse();
-    main_with("temper-sft", || run(&args.stage))
+    temper_stage::stage_main(
+        "temper-sft",
+        "Prompt-masked supervised fine-tuning on chat-templated examples.",
+        run,
+    )
 }
 
 /// Range checks and the inputs' presence; nothing is read yet.
@@ -197,13 +186,9 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
 }
 
 fn run(args: &StageArgs) -> Result<(), StageError> {
-    let cfg = ConfigFile::<Config>::load(&args.config, StageKind::Sft)?;
-    let mut inputs = Inputs::new(&args.pending);
-    check(&cfg, &mut inputs)?;
-    temper_stage::folder::check(&args.out)?;
-    if inputs.any_pending() {
-        return cfg.print_resolved(); // the rest is checked when the inputs exist
-    }
+    let Some(cfg) = checked_config::<Config>(args, StageKind::Sft, check)? else {
+        return Ok(()); // an input is pending: the rest is checked when it exists
+    };
     let s = prepare(&cfg)?;
     if args.validate {
         return cfg.print_resolved();
@@ -258,17 +243,15 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         bar.set_position(step);
         bar.set_message(format!("loss {step_loss:.4}"));
         if every.log_due(step) {
-            log.log_train(
-                step,
-                &[
-                    ("loss", step_loss),
-                    ("ppl", step_loss.exp()),
-                    ("lr", lr),
-                    ("grad_norm", grad_norm),
-                    ("tokens", progress.tokens_seen as f64),
-                    ("tokens_per_s", throughput.take()),
-                ],
-            )?;
+            let mut fields = step_fields(
+                step_loss,
+                lr,
+                grad_norm,
+                progress.tokens_seen,
+                throughput.take(),
+            );
+            fields.push(("ppl", step_loss.exp()));
+            log.log_train(step, &fields)?;
         }
         if every.eval_due(step) {
             last_eval = evaluate(&s, c, &mut log, step)?;

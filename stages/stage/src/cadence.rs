@@ -67,6 +67,14 @@ impl From<Every> for u64 {
     }
 }
 
+/// Serde defaults for the cadence keys: `eval_every`/`save_every` 100, `log_every` 10.
+pub fn every_100() -> Every {
+    Every::new(100)
+}
+pub fn every_10() -> Every {
+    Every::new(10)
+}
+
 /// The three cadences of a training stage.
 #[derive(Clone, Debug)]
 pub struct Cadence {

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use crate::exit::StageError;
 
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone, clap::Parser)]
+#[command(version)]
 pub struct StageArgs {
     /// The stage's YAML config (see the README for every key and its default). Relative paths
     /// in it are relative to the file's folder.
@@ -24,6 +25,39 @@ pub struct StageArgs {
     /// and checks that need its content are skipped. Repeatable.
     #[arg(long, value_name = "PATH")]
     pub pending: Vec<PathBuf>,
+}
+
+/// The `main` of a stage binary: parses the arguments (`name` and `about` are its `--help`),
+/// then [`main_with`].
+pub fn stage_main(
+    name: &'static str,
+    about: &'static str,
+    run: impl FnOnce(&StageArgs) -> Result<(), StageError>,
+) -> ! {
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = StageArgs::command().name(name).about(about).get_matches();
+    let args = StageArgs::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    main_with(name, || run(&args))
+}
+
+/// The start every stage shares: read the config, run its range and input checks. None when
+/// the stage should stop here: an input is pending (an upstream stage will write it), so the
+/// checks that need its content wait for the run. The stage then loads what it needs and,
+/// under `--validate`, prints the resolved config and stops.
+pub fn checked_config<T: serde::de::DeserializeOwned + serde::Serialize>(
+    args: &StageArgs,
+    kind: crate::StageKind,
+    check: impl FnOnce(&crate::ConfigFile<T>, &mut crate::Inputs) -> Result<(), StageError>,
+) -> Result<Option<crate::ConfigFile<T>>, StageError> {
+    let cfg = crate::ConfigFile::<T>::load(&args.config, kind)?;
+    let mut inputs = crate::Inputs::new(&args.pending);
+    check(&cfg, &mut inputs)?;
+    crate::folder::check(&args.out)?;
+    if inputs.any_pending() {
+        cfg.print_resolved()?;
+        return Ok(None);
+    }
+    Ok(Some(cfg))
 }
 
 /// Runs a stage's main: installs logging and signal handlers, runs `run`, and turns an error

@@ -23,7 +23,7 @@ pub mod signals;
 pub mod yaml_lines;
 
 pub use cadence::{Cadence, Every, Throughput};
-pub use cli::{main_with, StageArgs};
+pub use cli::{checked_config, main_with, stage_main, StageArgs};
 pub use config::{ConfigFile, FieldError};
 pub use exit::{
     check_finite, invalid, Interrupted, NonFinite, StageError, EXIT_FAILED, EXIT_INTERRUPTED,
@@ -32,5 +32,5 @@ pub use exit::{
 pub use folder::StageFolder;
 pub use inputs::{Availability, Inputs};
 pub use kinds::StageKind;
-pub use metrics::{MetricsLog, Summary};
+pub use metrics::{step_fields, MetricsLog, Summary};
 pub use progress::{progress_bar, Progress};

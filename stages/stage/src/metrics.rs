@@ -156,6 +156,24 @@ impl MetricsLog {
     }
 }
 
+/// What every supervised step logs: loss, learning rate, gradient norm, tokens seen, and the
+/// throughput; a stage adds its own fields (`ppl`, `accuracy`) after these.
+pub fn step_fields(
+    loss: f64,
+    lr: f64,
+    grad_norm: f64,
+    tokens: u64,
+    tokens_per_s: f64,
+) -> Vec<(&'static str, f64)> {
+    vec![
+        ("loss", loss),
+        ("lr", lr),
+        ("grad_norm", grad_norm),
+        ("tokens", tokens as f64),
+        ("tokens_per_s", tokens_per_s),
+    ]
+}
+
 /// "loss 1.2346, ppl 3.4368" for a log line.
 fn describe(fields: &[(&str, f64)]) -> String {
     fields

@@ -6,21 +6,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use clap::Parser;
 use serde::{Deserialize, Serialize};
 use temper_data::tokenizer::save_tokenizer;
 use temper_data::{read_rows, train_bpe, Fields, RecordParser, TextSplit, TextTokenizer};
-use temper_stage::{
-    main_with, ConfigFile, Inputs, MetricsLog, StageArgs, StageError, StageFolder, StageKind,
-};
-
-/// Train a byte-level BPE tokenizer (with temper's chat special tokens) on a text corpus.
-#[derive(Parser)]
-#[command(version)]
-struct Args {
-    #[command(flatten)]
-    stage: StageArgs,
-}
+use temper_stage::{ConfigFile, Inputs, MetricsLog, StageArgs, StageError, StageFolder, StageKind};
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -47,8 +36,11 @@ fn default_min_frequency() -> u64 {
 }
 
 fn main() {
-    let args = Args::parse();
-    main_with("temper-tokenizer", || run(&args.stage))
+    temper_stage::stage_main(
+        "temper-tokenizer",
+        "Train a byte-level BPE tokenizer (with temper's chat special tokens) on a text corpus.",
+        run,
+    )
 }
 
 fn run(args: &StageArgs) -> Result<(), StageError> {
