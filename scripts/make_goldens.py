@@ -19,6 +19,10 @@ Beside them:
                                 of the same three rows: the reward-model head as transformers reads it
   tests/fixtures/sampling/      logits with transformers' Temperature/TopK/TopP logits processors
                                 applied: what temper's sampler keeps
+  tests/fixtures/preference/    the DPO family's losses and gradients on fixed log-probs, from TRL's
+                                code (ORPO and SimPO call TRL's own loss methods; DPO, IPO, hinge and KTO
+                                are TRL's loss branches restated, since TRL computes them inside its
+                                training step), and a DPO loss on the tiny GPT-2's real forward
   tests/fixtures/vader/         real movie-review snippets and tweets with the compound score of the
                                 vaderSentiment package itself, and the part of its lexicon they use
 
@@ -193,6 +197,99 @@ def make_sampling():
     print("sampling: kept per row", (top_p > float("-inf")).sum(-1).tolist())
 
 
+def make_preference():
+    """The preference losses against TRL 1.16 on fixed completion log-probs (4 pairs)."""
+    import types
+    import torch.nn.functional as F
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+    g = torch.Generator().manual_seed(5)
+    lens_c = torch.tensor([5.0, 9.0, 3.0, 7.0])
+    lens_r = torch.tensor([6.0, 4.0, 8.0, 7.0])
+    pc0 = -(torch.rand(4, generator=g) * 2 + 0.5) * lens_c
+    pr0 = -(torch.rand(4, generator=g) * 2 + 0.5) * lens_r
+    rc = pc0 + torch.randn(4, generator=g) * 0.5
+    rr = pr0 + torch.randn(4, generator=g) * 0.5
+    beta, eps, gamma, wd, wu = 0.2, 0.1, 0.5, 1.0, 1.5
+    fake = types.SimpleNamespace(beta=beta, label_smoothing=eps, alpha=0.0, loss_type="simpo",
+                                 simpo_gamma=gamma, accelerator=types.SimpleNamespace(device="cpu"))
+    out = {"policy_chosen": pc0, "policy_rejected": pr0, "reference_chosen": rc,
+           "reference_rejected": rr, "chosen_len": lens_c, "rejected_len": lens_r}
+
+    def record(name, fn):
+        pc = pc0.clone().requires_grad_(True)
+        pr = pr0.clone().requires_grad_(True)
+        loss = fn(pc, pr)
+        loss.backward()
+        out[f"{name}.loss"] = loss.detach().reshape(())
+        out[f"{name}.grad_chosen"] = pc.grad
+        out[f"{name}.grad_rejected"] = pr.grad
+
+    def delta(pc, pr):
+        return (pc - rc) - (pr - rr)
+
+    # trl/trainer/dpo_trainer.py, _compute_loss, loss_type "sigmoid" / "hinge" / "ipo".
+    record("sigmoid", lambda pc, pr: (-F.logsigmoid(beta * delta(pc, pr))).mean())
+    # Conservative DPO: the label-smoothed sigmoid of TRL's CPO "sigmoid" branch.
+    record("cdpo", lambda pc, pr: (-F.logsigmoid(beta * delta(pc, pr)) * (1 - eps)
+                                   - F.logsigmoid(-beta * delta(pc, pr)) * eps).mean())
+    record("hinge", lambda pc, pr: torch.relu(1 - beta * delta(pc, pr)).mean())
+    record("ipo", lambda pc, pr: (((pc - rc) / lens_c - (pr - rr) / lens_r) - 1 / (2 * beta)).pow(2).mean())
+    # SimPO: TRL's own CPOTrainer.cpo_loss (loss_type "simpo") on per-token averages.
+    fake.label_smoothing = 0.0
+    record("simpo", lambda pc, pr: CPOTrainer.cpo_loss(fake, pc / lens_c, pr / lens_r)[0].mean())
+    # ORPO: TRL's own ORPOTrainer.odds_ratio_loss on averages; the NLL is the chosen tokens' mean.
+    record("orpo", lambda pc, pr: -pc.sum() / lens_c.sum()
+           - ORPOTrainer.odds_ratio_loss(fake, pc / lens_c, pr / lens_r)[0].mean())
+    # KTO: trl/trainer/kto_trainer.py, _compute_loss: chosen = the pair's chosen replies as
+    # desirable examples, rejected as undesirable, z0 from mismatched log-ratios (given here).
+    mismatched = torch.tensor([0.3, -0.1, 0.4, 0.2])
+    out["kto_mismatched_logratios"] = mismatched
+    kl = mismatched.mean().clamp(min=0)
+    record("kto", lambda pc, pr: torch.cat((
+        wd * (1 - torch.sigmoid(beta * ((pc - rc) - kl))),
+        wu * (1 - torch.sigmoid(beta * (kl - (pr - rr)))))).mean())
+
+    # DPO on the tiny GPT-2's real forward: the fixture as policy, a perturbed copy as reference.
+    torch.manual_seed(17)
+    policy = GPT2LMHeadModel.from_pretrained(os.path.join(ROOT, "gpt2")).eval()
+    reference = GPT2LMHeadModel.from_pretrained(os.path.join(ROOT, "gpt2")).eval()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    ref_dir = os.path.join(ROOT, "preference", "reference")
+    os.makedirs(ref_dir, exist_ok=True)
+    reference.save_pretrained(ref_dir, safe_serialization=True)
+    ids = torch.randint(1, 101, (4, 10), generator=g)  # rows 0-1 chosen, 2-3 rejected
+    completion = torch.zeros(4, 10, dtype=torch.long)
+    completion[:, 4:] = 1  # prompt = the first 4 tokens
+    ids[2:, :4] = ids[:2, :4]  # the same prompts for both sides
+
+    def completion_logps(model):
+        logits = model(input_ids=ids).logits[:, :-1]
+        lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        return (lp * completion[:, 1:]).sum(1)
+
+    with torch.no_grad():
+        lp, rlp = completion_logps(policy), completion_logps(reference)
+    d = (lp[:2] - rlp[:2]) - (lp[2:] - rlp[2:])
+    out.update({"forward.ids": ids, "forward.completion_mask": completion, "forward.policy_logps": lp,
+                "forward.reference_logps": rlp, "forward.sigmoid_loss": (-F.logsigmoid(beta * d)).mean()})
+    out_dir = os.path.join(ROOT, "preference")
+    save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(out_dir, "golden.safetensors"))
+    with open(os.path.join(out_dir, "golden.json"), "w") as f:
+        json.dump({"beta": beta, "label_smoothing": eps, "simpo_gamma": gamma, "desirable_weight": wd,
+                   "undesirable_weight": wu, "trl": __import__("trl").__version__, "reference_calls": {
+                       "sigmoid/hinge/ipo": "trl/trainer/dpo_trainer.py DPOTrainer._compute_loss branches",
+                       "cdpo": "trl/experimental/cpo/cpo_trainer.py CPOTrainer.cpo_loss 'sigmoid' (label smoothing)",
+                       "simpo": "CPOTrainer.cpo_loss(loss_type='simpo') called on per-token averages",
+                       "orpo": "ORPOTrainer.odds_ratio_loss called on averages; NLL = chosen tokens' mean",
+                       "kto": "trl/trainer/kto_trainer.py KTOTrainer._compute_loss, loss_type 'kto'",
+                       "forward.sigmoid_loss": "DPO on GPT2LMHeadModel completion log-probs (fixture vs reference/)"}},
+                  f, indent=1)
+    print("preference: losses", {k: round(v.item(), 5) for k, v in out.items() if k.endswith(".loss")})
+
+
 def make_vader():
     """Real movie-review snippets and tweets (every 35th and 40th line of the fetched files, ASCII
     only) with vaderSentiment's own compound score, VADER's documented tricky sentences, and the
@@ -235,5 +332,6 @@ if __name__ == "__main__":
     make_reward_model("gpt2", 99)
     make_reward_model("llama", 98)
     make_sampling()
+    make_preference()
     make_vader()
     sys.exit(0)

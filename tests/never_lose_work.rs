@@ -447,7 +447,7 @@ fn zero_cadences_and_a_mismatched_tokenizer_exit_2_with_one_line() {
     let eval = write(
         &dir.path().join("eval.yaml"),
         &format!(
-            "policy: {0}\nbaseline: {0}\nreward_model: {0}\nprompts: {1}\n",
+            "policies: {{base: {0}}}\nbaseline: base\nreward_model: {0}\nprompts: {1}\n",
             init.display(),
             tiny("prompts_eval.jsonl").display()
         ),

@@ -123,7 +123,9 @@ fn runs_caches_and_reruns_exactly_what_changed() {
         ">loss</text>",        // a pretraining curve
         ">accuracy</text>",    // the reward model's held-out accuracy
         ">reward/mean</text>", // PPO's reward per iteration
-        "<td>win_rate</td>",   // the evaluation's single row, as a table
+        "<td>win_rate</td>",   // the evaluation's single row, as a metric × policy table
+        "<th>ppo</th>",
+        ">reward/mean vs kl/mean</text>", // PPO's reward against its KL
         "stages/eval/report.md",
     ] {
         assert!(html.contains(needle), "report.html lacks {needle}");
@@ -258,4 +260,178 @@ fn invalid_pipelines_fail_before_anything_runs_naming_the_problem() {
         err.contains("2 problem(s)") && err.contains("distill") && err.contains("`nope`"),
         "{err}"
     );
+}
+
+/// configs/tiny.yaml rewritten by `edit`, in a folder of its own that refers back to the
+/// fixtures, with its workdir there too.
+fn tiny_variant(dir: &Path, edit: impl Fn(String) -> String) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(repo().join("configs/tiny.yaml"))
+        .unwrap()
+        .replace(
+            "../tests/fixtures",
+            &repo().join("tests/fixtures").to_string_lossy(),
+        )
+        .replace("workdir: ../runs/tiny", "workdir: work");
+    let file = dir.join("tiny.yaml");
+    std::fs::write(&file, edit(text)).unwrap();
+    file
+}
+
+#[test]
+fn a_seed_sweep_runs_as_branches_and_compares_as_mean_and_std() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tiny_variant(dir.path(), |t| {
+        t.replace(
+            "  reward:\n    uses: reward\n",
+            "  reward:\n    uses: reward\n    matrix: {seed: [1, 2]}\n",
+        )
+    });
+    let f = file.to_str().unwrap();
+    let out = Command::new(bin("temper"))
+        .args(["run", f])
+        .output()
+        .unwrap();
+    assert_ok(&out, "sweep run");
+    assert_eq!(
+        ran(&out),
+        [
+            "tokenizer",
+            "pretrain",
+            "sft",
+            "reward@seed=1",
+            "reward@seed=2",
+            "ppo@seed=1",
+            "ppo@seed=2",
+            "eval@seed=1",
+            "eval@seed=2"
+        ],
+        "{}",
+        stdout(&out)
+    );
+    // The seed reaches the branch's downstream stages; the shared upstream ran once.
+    let cfg = std::fs::read_to_string(dir.path().join("work/configs/ppo@seed=2.yaml")).unwrap();
+    assert!(
+        cfg.contains("seed: 2") && cfg.contains("reward@seed=2/checkpoint"),
+        "{cfg}"
+    );
+    let cmp = Command::new(bin("temper"))
+        .args(["compare", f])
+        .output()
+        .unwrap();
+    let text = stdout(&cmp);
+    assert!(
+        text.contains("reward (2 branches)") && text.contains("seed=1") && text.contains("(n=2)"),
+        "{text}"
+    );
+    let row = text.lines().find(|l| l.starts_with("accuracy")).unwrap();
+    assert!(row.contains(" ± "), "{row}");
+    let json = Command::new(bin("temper"))
+        .args(["compare", f, "--json"])
+        .output()
+        .unwrap();
+    let first: serde_json::Value =
+        serde_json::from_str(stdout(&json).lines().next().unwrap()).unwrap();
+    assert_eq!(first["stage"], "reward");
+    assert_eq!(first["metrics"]["accuracy"]["n"], 2);
+    // `--stage reward` means every branch.
+    let again = Command::new(bin("temper"))
+        .args(["run", f, "--stage", "reward", "--dry-run"])
+        .output()
+        .unwrap();
+    assert!(
+        stdout(&again).contains("reward@seed=1: would run (requested"),
+        "{}",
+        stdout(&again)
+    );
+    assert!(
+        stdout(&again).contains("reward@seed=2: would run (requested"),
+        "{}",
+        stdout(&again)
+    );
+}
+
+#[test]
+fn a_failing_gate_stops_the_stage_and_its_descendants() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tiny_variant(dir.path(), |t| {
+        t.replace(
+            "  ppo:\n    uses: ppo\n",
+            "  ppo:\n    uses: ppo\n    gate: [\"reward.accuracy >= 1.01\"]\n",
+        )
+    });
+    let f = file.to_str().unwrap();
+    let out = Command::new(bin("temper"))
+        .args(["run", f])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "gated runs exit 4:\n{}",
+        stdout(&out)
+    );
+    let text = stdout(&out);
+    assert!(
+        text.contains("⊘ ppo: gated: reward.accuracy >= 1.01 failed: reward.accuracy = 1.0000"),
+        "{text}"
+    );
+    assert!(
+        text.contains("- eval: skipped, parent ppo was gated"),
+        "{text}"
+    );
+    let st = Command::new(bin("temper"))
+        .args(["status", f])
+        .output()
+        .unwrap();
+    assert!(
+        stdout(&st).contains("gated: reward.accuracy >= 1.01 failed"),
+        "{}",
+        stdout(&st)
+    );
+    // With the gate met, the stage runs.
+    let lowered = tiny_variant(dir.path(), |t| {
+        t.replace(
+            "  ppo:\n    uses: ppo\n",
+            "  ppo:\n    uses: ppo\n    gate: [\"reward.accuracy >= 0.5\"]\n",
+        )
+    });
+    let out = Command::new(bin("temper"))
+        .args(["run", lowered.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_ok(&out, "run with the gate met");
+    assert!(stdout(&out).contains("✓ eval: done"), "{}", stdout(&out));
+}
+
+#[test]
+fn two_runs_from_scratch_give_bit_identical_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut summaries = Vec::new();
+    for name in ["a", "b"] {
+        let w = dir.path().join(name);
+        assert_ok(&temper(&w, &["run", &tiny_yaml()]), "run");
+        let mut per_stage = std::collections::BTreeMap::new();
+        for stage in ["tokenizer", "pretrain", "sft", "reward", "ppo", "eval"] {
+            let out = w.join("stages").join(stage);
+            let mut s: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap())
+                    .unwrap();
+            let o = s.as_object_mut().unwrap();
+            o.retain(|k, _| !matches!(k.as_str(), "wall_time_s" | "tokens_per_s"));
+            let weights = std::fs::read(out.join("checkpoint/model.safetensors")).ok();
+            per_stage.insert(stage, (s, weights));
+        }
+        summaries.push(per_stage);
+    }
+    for (stage, (a, wa)) in &summaries[0] {
+        let (b, wb) = &summaries[1][stage];
+        assert_eq!(
+            a, b,
+            "{stage}: summaries differ between two runs from scratch"
+        );
+        assert!(
+            wa == wb,
+            "{stage}: weights differ between two runs from scratch"
+        );
+    }
 }

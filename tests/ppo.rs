@@ -79,7 +79,7 @@ fn ppo_raises_the_reward_with_bounded_kl_and_resumes_exactly() {
     let eval_cfg = write(
         &dir.path().join("eval.yaml"),
         &format!(
-            "policy: {}\nbaseline: {}\nreward_model: {}\nprompts: {}\nmax_new_tokens: 16\n",
+            "policies: {{ppo: {}, sft: {}}}\nbaseline: sft\nreward_model: {}\nprompts: {}\nmax_new_tokens: 16\n",
             whole.join("checkpoint").display(),
             sft.display(),
             rm.display(),
@@ -90,11 +90,21 @@ fn ppo_raises_the_reward_with_bounded_kl_and_resumes_exactly() {
     assert_ok(&run_stage("temper-eval", &eval_cfg, &eval), "eval");
     let s = summary(&eval);
     assert!(
-        s["score_ppo"].as_f64().unwrap() > s["score_sft"].as_f64().unwrap(),
+        s["ppo/score"].as_f64().unwrap() > s["sft/score"].as_f64().unwrap(),
         "{s}"
     );
-    assert!(s["win_rate"].as_f64().unwrap() > 0.5, "{s}");
+    assert!(s["ppo/win_rate"].as_f64().unwrap() > 0.5, "{s}");
+    for k in [
+        "ppo/kl",
+        "ppo/len",
+        "ppo/eos_rate",
+        "ppo/distinct_1",
+        "ppo/distinct_2",
+        "sft/len",
+    ] {
+        assert!(s[k].is_number(), "{k} missing: {s}");
+    }
     assert!(std::fs::read_to_string(eval.join("report.md"))
         .unwrap()
-        .contains("| win_rate |"));
+        .contains("| win_rate | - |"));
 }

@@ -30,6 +30,23 @@ impl Example {
         self.ids.is_empty()
     }
 
+    /// Tokens before the first trained one: the prompt of a rendered reply.
+    pub fn prompt_len(&self) -> usize {
+        self.loss_mask
+            .iter()
+            .position(|&m| m == 1)
+            .unwrap_or(self.len())
+    }
+
+    /// This example's prompt followed by `other`'s reply (KTO's mismatched pairs).
+    pub fn with_reply_of(&self, other: &Example) -> Example {
+        let (p, q) = (self.prompt_len(), other.prompt_len());
+        Example {
+            ids: [&self.ids[..p], &other.ids[q..]].concat(),
+            loss_mask: [&self.loss_mask[..p], &other.loss_mask[q..]].concat(),
+        }
+    }
+
     fn push(&mut self, ids: &[u32], trained: bool) {
         self.ids.extend_from_slice(ids);
         self.loss_mask

@@ -88,7 +88,7 @@ pub fn inspect(
                     .pairs(path)?
                     .0
                     .into_iter()
-                    .flat_map(|(c, r)| [c, r])
+                    .flat_map(|p| [p.chosen, p.rejected])
                     .collect(),
                 _ => opts
                     .prompts(path)?

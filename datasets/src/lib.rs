@@ -21,8 +21,10 @@ pub use batch::{
 };
 pub use chat::{ChatTemplate, Example};
 pub use error::{DataError, Location, Result};
-pub use load::{LoadOptions, LoadReport};
+pub use load::{LoadOptions, LoadReport, RenderedPair};
 pub use read::{read_rows, Row, TextSplit};
-pub use records::{Fields, Message, PreferencePair, PromptRecord, RecordParser, Role};
+pub use records::{
+    Fields, Message, PreferencePair, PromptRecord, RecordParser, Role, UnpairedExample,
+};
 pub use stream::{build_stream, StreamSettings, TokenStream};
 pub use tokenizer::{save_tokenizer, train_bpe, TextTokenizer};

@@ -32,6 +32,22 @@ impl LoadReport {
 /// A prompt's ids (ending in the assistant marker) and its record.
 pub type RenderedPrompt = (Vec<u32>, PromptRecord);
 
+/// A preference pair rendered: both sides as prompt + reply + EOS (loss mask on the reply), and
+/// the row's other fields.
+#[derive(Clone, Debug)]
+pub struct RenderedPair {
+    pub chosen: Example,
+    pub rejected: Example,
+    pub meta: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+impl RenderedPair {
+    /// A string field of the row (`sentiment`, say), for grouping results.
+    pub fn label(&self, field: &str) -> Option<&str> {
+        self.meta.get(field).and_then(|v| v.as_str())
+    }
+}
+
 /// Shared settings for rendering a file's records.
 pub struct LoadOptions<'a> {
     pub tokenizer: &'a TextTokenizer,
@@ -135,7 +151,7 @@ impl LoadOptions<'_> {
 
     /// Preference pairs, each side rendered as prompt + reply + EOS. The loss mask marks the
     /// reply, whose last token is where the reward model reads its score.
-    pub fn pairs(&self, path: &Path) -> Result<(Vec<(Example, Example)>, LoadReport)> {
+    pub fn pairs(&self, path: &Path) -> Result<(Vec<RenderedPair>, LoadReport)> {
         let parser = RecordParser {
             path,
             fields: self.fields,
@@ -161,8 +177,53 @@ impl LoadOptions<'_> {
                 render(pair.rejected.clone())?,
                 &mut report,
             )?;
-            if let (Some(c), Some(r)) = (chosen, rejected) {
-                out.push((c, r));
+            if let (Some(chosen), Some(rejected)) = (chosen, rejected) {
+                if chosen.ids == rejected.ids {
+                    return Err(DataError::Field {
+                        path: path.into(),
+                        location: row.location,
+                        field: self.fields.chosen.clone(),
+                        message: "renders to the same tokens as the rejected reply: the pair carries no preference".into(),
+                    });
+                }
+                out.push(RenderedPair {
+                    chosen,
+                    rejected,
+                    meta: pair.meta.clone(),
+                });
+            }
+        }
+        Ok((self.nonempty(path, out, &report)?, report))
+    }
+
+    /// Unpaired examples (KTO), rendered like one side of a pair, with their labels. A file of
+    /// preference pairs is read as two examples per pair: the chosen reply desirable, the
+    /// rejected one not.
+    pub fn unpaired(&self, path: &Path) -> Result<(Vec<(Example, bool)>, LoadReport)> {
+        let parser = RecordParser {
+            path,
+            fields: self.fields,
+        };
+        let mut report = LoadReport::default();
+        let mut out = Vec::new();
+        for row in read_rows(path, TextSplit::File)? {
+            let row = row?;
+            let examples = if row.value.get(&self.fields.chosen).is_some() {
+                let pair = parser.pair(&row)?;
+                vec![
+                    ([pair.prompt.clone(), pair.chosen].concat(), true),
+                    ([pair.prompt, pair.rejected].concat(), false),
+                ]
+            } else {
+                let u = parser.unpaired(&row)?;
+                vec![([u.prompt, u.completion].concat(), u.desirable)]
+            };
+            for (conversation, desirable) in examples {
+                let ex = self.template.render(self.tokenizer, &conversation, false)?;
+                out.extend(
+                    self.fit(path, row.location, ex, &mut report)?
+                        .map(|e| (e, desirable)),
+                );
             }
         }
         Ok((self.nonempty(path, out, &report)?, report))

@@ -48,6 +48,9 @@ pub struct Fields {
     pub prompt: String,
     pub chosen: String,
     pub rejected: String,
+    /// Unpaired examples (KTO): the reply, and whether it is desirable.
+    pub completion: String,
+    pub label: String,
 }
 
 impl Default for Fields {
@@ -62,16 +65,28 @@ impl Default for Fields {
             prompt: "prompt".into(),
             chosen: "chosen".into(),
             rejected: "rejected".into(),
+            completion: "completion".into(),
+            label: "label".into(),
         }
     }
 }
 
-/// A preference pair: the same conversation so far, two candidate assistant replies.
+/// An unpaired example (KTO): a conversation, one reply, and whether the reply is desirable.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UnpairedExample {
+    pub prompt: Vec<Message>,
+    pub completion: Vec<Message>,
+    pub desirable: bool,
+}
+
+/// A preference pair: the same conversation so far, two candidate assistant replies, and the
+/// row's other fields (a label to report accuracy by, say).
 #[derive(Clone, Debug, PartialEq)]
 pub struct PreferencePair {
     pub prompt: Vec<Message>,
     pub chosen: Vec<Message>,
     pub rejected: Vec<Message>,
+    pub meta: BTreeMap<String, Value>,
 }
 
 /// A prompt for generation (PPO, evaluation): the conversation to continue, and any other
@@ -224,6 +239,7 @@ impl RecordParser<'_> {
             prompt: self.turns(row, &f.prompt, Role::User)?,
             chosen: self.turns(row, &f.chosen, Role::Assistant)?,
             rejected: self.turns(row, &f.rejected, Role::Assistant)?,
+            meta: self.other_fields(row, &[&f.prompt, &f.chosen, &f.rejected]),
         };
         for (field, turns) in [(&f.chosen, &pair.chosen), (&f.rejected, &pair.rejected)] {
             if turns.last().map(|m| m.role) != Some(Role::Assistant) {
@@ -240,6 +256,38 @@ impl RecordParser<'_> {
         Ok(pair)
     }
 
+    /// An unpaired example: `prompt`, `completion` (a string or message list) and a boolean
+    /// `label` (true: desirable).
+    pub fn unpaired(&self, row: &Row) -> Result<UnpairedExample> {
+        let f = self.fields;
+        let desirable = match self.get(row, &f.label) {
+            Some(Value::Bool(b)) => *b,
+            None => {
+                return Err(self.err(
+                    row,
+                    &f.label,
+                    "missing: unpaired examples need a true/false label",
+                ))
+            }
+            Some(v) => {
+                return Err(self.err(
+                    row,
+                    &f.label,
+                    format!("expected true or false, got {}", kind(v)),
+                ))
+            }
+        };
+        let completion = self.turns(row, &f.completion, Role::Assistant)?;
+        if completion.last().map(|m| m.role) != Some(Role::Assistant) {
+            return Err(self.err(row, &f.completion, "must end with an assistant turn"));
+        }
+        Ok(UnpairedExample {
+            prompt: self.turns(row, &f.prompt, Role::User)?,
+            completion,
+            desirable,
+        })
+    }
+
     /// A prompt: `prompt` as a string or message list (or `messages`), plus the other fields.
     pub fn prompt(&self, row: &Row) -> Result<PromptRecord> {
         let f = self.fields;
@@ -252,17 +300,21 @@ impl RecordParser<'_> {
         if messages.last().map(|m| m.role) == Some(Role::Assistant) {
             return Err(self.err(row, field, "a prompt must not end with an assistant turn"));
         }
-        let meta = row
-            .value
+        let meta = self.other_fields(row, &[field]);
+        Ok(PromptRecord { messages, meta })
+    }
+
+    /// The row's fields other than `used`.
+    fn other_fields(&self, row: &Row, used: &[&String]) -> BTreeMap<String, Value> {
+        row.value
             .as_object()
             .map(|o| {
                 o.iter()
-                    .filter(|(k, _)| *k != field)
+                    .filter(|(k, _)| !used.contains(k))
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect()
             })
-            .unwrap_or_default();
-        Ok(PromptRecord { messages, meta })
+            .unwrap_or_default()
     }
 }
 

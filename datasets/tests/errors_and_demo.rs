@@ -255,15 +255,30 @@ fn prepare_demo_converts_a_raw_tree_without_leaking_held_out_snippets() {
         assert!(row["margin"].as_f64().unwrap() >= 2.0);
         assert!(!row["prompt"].as_str().unwrap().contains("Begin with"));
     }
-    // The warm-up file is exactly the positive-instruction pairs.
-    let positive = rows_of(&out.join("rm_train_positive.parquet"));
-    assert_eq!(positive.len(), n("rm_train_positive"));
-    assert_eq!(
-        positive.len(),
-        pairs
-            .iter()
-            .filter(|r| r["sentiment"] == "positive")
-            .count()
-    );
-    assert!(positive.iter().all(|r| r["sentiment"] == "positive") && !positive.is_empty());
+    // Every pair stands twice, under each instruction with the labels swapped, so a rule
+    // blind to the instruction is right exactly half the time.
+    let key = |r: &serde_json::Value, s: &str| {
+        (
+            r["chosen"].as_str().unwrap().to_string(),
+            r["rejected"].as_str().unwrap().to_string(),
+            s.to_string(),
+        )
+    };
+    let all: std::collections::HashSet<_> = pairs
+        .iter()
+        .map(|r| key(r, r["sentiment"].as_str().unwrap()))
+        .collect();
+    for r in &pairs {
+        let (c, rj, s) = key(r, r["sentiment"].as_str().unwrap());
+        let flipped = if s == "positive" {
+            "negative"
+        } else {
+            "positive"
+        };
+        assert!(
+            all.contains(&(rj, c, flipped.to_string())),
+            "{r} has no mirror"
+        );
+    }
+    assert_eq!(pairs.len() % 2, 0);
 }

@@ -43,6 +43,8 @@ pub struct RunOptions {
 pub const EXIT_OK: i32 = 0;
 pub const EXIT_STAGE_FAILED: i32 = 1;
 pub const EXIT_INVALID: i32 = 2;
+/// A gate stopped a stage (and its descendants); nothing failed.
+pub const EXIT_GATED: i32 = 4;
 
 pub fn now() -> u64 {
     SystemTime::now()
@@ -59,8 +61,12 @@ struct Selection {
 
 fn select(p: &Pipeline, opts: &RunOptions, order: &[String]) -> Selection {
     let forced: BTreeSet<String> = match (&opts.stage, &opts.from) {
-        (Some(s), _) => [s.clone()].into(),
-        (None, Some(f)) => std::iter::once(f.clone()).chain(p.descendants(f)).collect(),
+        (Some(s), _) => p.named(s).into_iter().collect(),
+        (None, Some(f)) => p
+            .named(f)
+            .into_iter()
+            .flat_map(|n| std::iter::once(n.clone()).chain(p.descendants(&n)))
+            .collect(),
         (None, None) if opts.force => order.iter().cloned().collect(),
         _ => BTreeSet::new(),
     };
@@ -190,7 +196,7 @@ fn preflight(
 /// Runs the pipeline; returns the exit code.
 pub fn run(p: &Pipeline, opts: &RunOptions) -> anyhow::Result<i32> {
     for name in opts.stage.iter().chain(&opts.from) {
-        if p.stage(name).is_none() {
+        if p.named(name).is_empty() {
             bail!("no stage `{name}` in {}", p.file.display());
         }
     }
@@ -227,6 +233,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> anyhow::Result<i32> {
         manifest: Vec::new(),
         settled: BTreeMap::new(),
         running: Vec::new(),
+        gated: Vec::new(),
     };
     let started = now();
     let interrupted = ex.execute()?;
@@ -235,6 +242,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> anyhow::Result<i32> {
         cache,
         manifest,
         settled,
+        gated,
         ..
     } = ex;
     lock.file_hashes = cache;
@@ -242,12 +250,22 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> anyhow::Result<i32> {
     let all_ok = !interrupted && settled.values().all(|&ok| ok);
     write_manifest(p, started, all_ok, manifest)?;
     drop(guard);
+    // Stages that did not finish because of a gate (the gated ones and their descendants).
+    let stopped_by_gates: BTreeSet<String> = gated
+        .iter()
+        .flat_map(|g| std::iter::once(g.clone()).chain(p.descendants(g)))
+        .collect();
+    let failed = settled
+        .iter()
+        .any(|(name, ok)| !ok && !stopped_by_gates.contains(name));
     Ok(if interrupted {
         temper_stage::EXIT_INTERRUPTED
     } else if all_ok {
         EXIT_OK
-    } else {
+    } else if failed {
         EXIT_STAGE_FAILED
+    } else {
+        EXIT_GATED
     })
 }
 
@@ -264,6 +282,8 @@ struct Executor<'a> {
     /// Stage → whether it succeeded (or was up to date).
     settled: BTreeMap<String, bool>,
     running: Vec<Running>,
+    /// Stages a gate stopped.
+    gated: Vec<String>,
 }
 
 impl Executor<'_> {
@@ -329,6 +349,17 @@ impl Executor<'_> {
             if self.running.len() >= self.opts.jobs.max(1) {
                 continue;
             }
+            if let Some(failed) = self.gate_failure(&name) {
+                println!("⊘ {name}: gated: {failed}");
+                self.manifest
+                    .push(json!({"stage": name, "decision": "gated", "reason": failed}));
+                self.lock.entry(&name).gated = Some(failed);
+                self.gated.push(name.clone());
+                self.settled.insert(name, false);
+                progressed = true;
+                continue;
+            }
+            self.lock.entry(&name).gated = None;
             self.running
                 .push(launch(self.p, r, d, &why, &mut self.lock)?);
             self.lock.file_hashes = self.cache.clone();
@@ -336,6 +367,17 @@ impl Executor<'_> {
             progressed = true;
         }
         Ok(progressed)
+    }
+
+    /// The first of the stage's gates that fails on its parent's summary, if any.
+    fn gate_failure(&self, name: &str) -> Option<String> {
+        let st = self.p.stage(name).expect("stage");
+        st.gates.iter().find_map(|g| {
+            let summary = std::fs::read_to_string(self.p.stage_out(&g.stage).join("summary.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok());
+            g.check(summary.as_ref()).err()
+        })
     }
 
     /// Records every stage that has exited; true if any had.

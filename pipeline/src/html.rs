@@ -72,19 +72,26 @@ fn stage_section(out: &mut String, p: &Pipeline, name: &str, kind: &str, report_
     }
     let names = metric_names(&rows);
     if rows.len() == 1 {
-        let cells: Vec<Vec<String>> = names
-            .iter()
-            .map(|n| {
-                vec![
-                    n.clone(),
-                    format!("{:.4}", rows[0][n].as_f64().unwrap_or(f64::NAN)),
-                ]
-            })
-            .collect();
-        table(out, &["metric", "value"], &cells);
+        single_row_table(out, &rows[0], &names);
         return;
     }
     out.push_str("<div class=\"charts\">");
+    if kind == "ppo" {
+        // Reward against KL, iteration by iteration: reward bought with ever more KL is the
+        // signature of over-optimisation.
+        let points: Vec<(f64, f64)> = rows
+            .iter()
+            .filter_map(|r| Some((r["kl/mean"].as_f64()?, r["reward/mean"].as_f64()?)))
+            .collect();
+        let series = [Series {
+            label: "iterations".into(),
+            color: "#2ca02c",
+            points,
+        }];
+        if let Some(svg) = crate::plot::xy_chart("reward/mean vs kl/mean", "KL", &series) {
+            out.push_str(&svg);
+        }
+    }
     for n in &names {
         let series: Vec<Series> = SPLITS
             .iter()
@@ -104,6 +111,81 @@ fn stage_section(out: &mut String, p: &Pipeline, name: &str, kind: &str, report_
         }
     }
     out.push_str("</div>");
+}
+
+/// Every swept stage's branches side by side (as `temper compare`): mean ± std and values.
+fn sweeps_section(out: &mut String, p: &Pipeline) {
+    let groups = crate::compare::groups(p);
+    if groups.is_empty() {
+        return;
+    }
+    out.push_str("<h2>Sweeps</h2>");
+    for g in groups {
+        let _ = write!(
+            out,
+            "<h3>{} ({} branches)</h3>",
+            escape(&g.name),
+            g.branches.len()
+        );
+        let mut header = vec!["metric".to_string(), "mean ± std".to_string()];
+        header.extend(g.branches.iter().map(|(l, _)| l.clone()));
+        let rows: Vec<Vec<String>> = g
+            .rows
+            .iter()
+            .map(|r| {
+                let (mean, std, n) = r.stats();
+                let fmt = crate::compare::fmt;
+                let mut row = vec![
+                    r.metric.clone(),
+                    format!("{} ± {} (n={n})", fmt(mean), fmt(std)),
+                ];
+                row.extend(r.values.iter().map(|v| v.map_or("-".into(), fmt)));
+                row
+            })
+            .collect();
+        let header: Vec<&str> = header.iter().map(String::as_str).collect();
+        table(out, &header, &rows);
+    }
+}
+
+/// A single row (an evaluation) as a table: metric × policy when its keys are `policy/metric`,
+/// else metric | value.
+fn single_row_table(out: &mut String, row: &Json, names: &[String]) {
+    let fmt = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.4}"));
+    let mut columns: Vec<&str> = Vec::new();
+    let mut metrics: Vec<&str> = Vec::new();
+    for n in names {
+        if let Some((policy, metric)) = n.split_once('/') {
+            if !columns.contains(&policy) {
+                columns.push(policy);
+            }
+            if !metrics.contains(&metric) {
+                metrics.push(metric);
+            }
+        }
+    }
+    if columns.is_empty() {
+        let cells: Vec<Vec<String>> = names
+            .iter()
+            .map(|n| vec![n.clone(), fmt(row[n].as_f64())])
+            .collect();
+        table(out, &["metric", "value"], &cells);
+        return;
+    }
+    let cells: Vec<Vec<String>> = metrics
+        .iter()
+        .map(|m| {
+            std::iter::once(m.to_string())
+                .chain(
+                    columns
+                        .iter()
+                        .map(|c| fmt(row[format!("{c}/{m}")].as_f64())),
+                )
+                .collect()
+        })
+        .collect();
+    let header: Vec<&str> = std::iter::once("metric").chain(columns).collect();
+    table(out, &header, &cells);
 }
 
 /// `target` relative to `from_dir` when it lies below it, else absolute.
@@ -149,6 +231,7 @@ pub fn write_report(p: &Pipeline, out: Option<&Path>) -> anyhow::Result<PathBuf>
                    <span style=\"color:#d62728\">eval</span>; x is the stage's step \
                    (PPO: iteration).</p>",
     );
+    sweeps_section(&mut html, p);
     for st in p.topo_order() {
         stage_section(&mut html, p, &st.name, st.uses.name(), &dir);
     }

@@ -83,6 +83,9 @@ pub struct StageEntry {
     /// A run that has not succeeded (outputs, state and log in `stages/.<name>.next/`).
     #[serde(default)]
     pub attempt: Option<RunRecord>,
+    /// Why a gate stopped the stage at the last `temper run`, if one did.
+    #[serde(default)]
+    pub gated: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -131,6 +134,10 @@ impl Lock {
 
     pub fn done(&self, stage: &str) -> Option<&RunRecord> {
         self.stages.get(stage).and_then(|e| e.done.as_ref())
+    }
+
+    pub fn gated(&self, stage: &str) -> Option<&str> {
+        self.stages.get(stage).and_then(|e| e.gated.as_deref())
     }
 
     pub fn attempt(&self, stage: &str) -> Option<&RunRecord> {

@@ -1,11 +1,14 @@
 //! temper: runs an alignment pipeline (tokenizer → pretrain → SFT → reward → PPO → eval)
 //! declared as a DAG in one YAML file, skipping stages whose inputs did not change.
 
+mod compare;
 mod exec;
 mod folders;
+mod gate;
 mod hash;
 mod html;
 mod lock;
+mod matrix;
 mod plan;
 mod plot;
 mod report;
@@ -98,6 +101,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The branches of every swept stage (`matrix:`) side by side: each final metric as mean ±
+    /// std over the branches, and each branch's value.
+    Compare {
+        file: PathBuf,
+        /// One JSON object per swept stage instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write an HTML report: status, graph, and a chart per metric per stage (train and eval
     /// curves), to <workdir>/report.html unless --out says otherwise.
     Report {
@@ -162,10 +173,7 @@ fn main() {
 fn run() -> anyhow::Result<i32> {
     let cli = Cli::parse();
     let load = |file: &std::path::Path| -> anyhow::Result<schema::Pipeline> {
-        let mut p = schema::load(file)?;
-        for o in &cli.overrides {
-            p.apply_override(o)?;
-        }
+        let mut p = schema::load_with(file, &cli.overrides)?;
         if let Some(w) = &cli.workdir {
             p.workdir = schema::normalize(&std::env::current_dir()?.join(w));
             if let Some(problem) = schema::workdir_problem(&p.workdir, &p.base) {
@@ -215,6 +223,10 @@ fn run() -> anyhow::Result<i32> {
             json,
         } => {
             report::metrics(&load(file)?, stage.as_deref(), *split, *last, *json)?;
+            Ok(0)
+        }
+        Cmd::Compare { file, json } => {
+            compare::print(&load(file)?, *json);
             Ok(0)
         }
         Cmd::Report { file, out } => {

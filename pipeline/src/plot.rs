@@ -116,6 +116,13 @@ fn draw_series(
     }
 }
 
+/// A chart of one metric against another (not against steps): points joined in order.
+pub fn xy_chart(title: &str, x_label: &str, series: &[Series]) -> Option<String> {
+    let svg = line_chart(title, series)?;
+    // Same drawing; the x axis names its metric instead of "step".
+    Some(svg.replace(">step ", &format!(">{} ", escape(x_label))))
+}
+
 pub fn line_chart(title: &str, series: &[Series]) -> Option<String> {
     let finite = |s: &Series| -> Vec<(f64, f64)> {
         s.points

@@ -44,7 +44,7 @@ pub fn key_metrics(out: &std::path::Path) -> String {
     let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
         return String::new();
     };
-    const KEYS: [&str; 11] = [
+    const KEYS: [&str; 9] = [
         "loss",
         "ppl",
         "general/ppl",
@@ -52,12 +52,21 @@ pub fn key_metrics(out: &std::path::Path) -> String {
         "margin",
         "reward/mean",
         "kl/mean",
-        "win_rate",
-        "judge_agreement_ppo",
         "vocab_size",
         "chars_per_token",
     ];
-    KEYS.iter()
+    // An evaluation's numbers are per policy: `ppo/win_rate`, `ppo/judge_agreement`.
+    let per_policy = v
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| k.ends_with("/win_rate") || k.ends_with("/judge_agreement"));
+    let keys: Vec<&str> = KEYS
+        .iter()
+        .copied()
+        .chain(per_policy.map(|(k, _)| k.as_str()))
+        .collect();
+    keys.iter()
         .filter_map(|k| {
             v.get(*k).and_then(|x| x.as_f64()).map(|x| {
                 format!(
@@ -89,7 +98,7 @@ fn ago(secs: u64) -> String {
 }
 
 /// Prints an aligned table.
-fn table(header: &[&str], rows: &[Vec<String>]) {
+pub fn table(header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {
@@ -122,6 +131,9 @@ pub fn status_rows(p: &Pipeline) -> anyhow::Result<Vec<Vec<String>>> {
         let (done, attempt) = (lock.done(&st.name), lock.attempt(&st.name));
         let mut state = match (&d, done) {
             (Decision::Skip, _) => "up to date".to_string(),
+            (_, _) if lock.gated(&st.name).is_some() => {
+                format!("gated: {}", lock.gated(&st.name).unwrap_or_default())
+            }
             (Decision::Resume, _) => match attempt.map(|a| (a.status, a.exit_code)) {
                 Some((RunStatus::Failed, Some(c))) => format!("failed (exit {c}); resumes"),
                 _ => "interrupted; resumes".to_string(),

@@ -31,16 +31,30 @@ struct RawStage {
     with: Mapping,
     #[serde(default)]
     needs: Vec<String>,
+    /// Expand this stage (and everything downstream) over these values: `{seed: [1, 2, 3]}`.
+    #[serde(default)]
+    matrix: Mapping,
+    /// Conditions on parents' summaries: `["reward.accuracy >= 0.7"]`.
+    #[serde(default)]
+    gate: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
 pub struct Stage {
+    /// The stage's name, or its branch's (`reward@seed=1`) when a matrix expanded it.
     pub name: String,
+    /// The name written in the file (the same as `name` outside sweeps).
+    pub group: String,
+    /// The branch's values, (key, value), empty outside sweeps.
+    pub branch: Vec<(String, Value)>,
     pub uses: StageKind,
     /// Parameters: defaults merged with `with`, references still symbolic.
     pub params: Mapping,
-    /// Stages this one depends on (references and `needs`), sorted.
+    /// Stages this one depends on (references, `needs` and gates), sorted.
     pub parents: BTreeSet<String>,
+    /// Its own matrix before expansion: (dotted key, values).
+    pub matrix: Vec<(String, Vec<Value>)>,
+    pub gates: Vec<crate::gate::Gate>,
 }
 
 #[derive(Clone, Debug)]
@@ -100,7 +114,8 @@ pub fn references(s: &str) -> Vec<(String, String)> {
             break;
         };
         let inner = &rest[start + 2..start + end];
-        if let Some((stage, field)) = inner.split_once('.') {
+        // The field is the last component: a branch name (`sft@optim.lr=0.001`) has dots.
+        if let Some((stage, field)) = inner.rsplit_once('.') {
             out.push((stage.to_string(), field.to_string()));
         } else {
             out.push((inner.to_string(), String::new()));
@@ -123,7 +138,13 @@ pub fn strings(v: &Value, out: &mut Vec<String>) {
 
 /// Parses and checks a pipeline file: unknown keys, unknown kinds, duplicate names, dangling
 /// references and cycles, all reported together.
+#[cfg(test)]
 pub fn load(file: &Path) -> anyhow::Result<Pipeline> {
+    load_with(file, &[])
+}
+
+/// [`load`] with `-o stage.key=value` overrides applied before sweeps are expanded.
+pub fn load_with(file: &Path, overrides: &[String]) -> anyhow::Result<Pipeline> {
     let text =
         std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     let invalid = |problems| Invalid {
@@ -158,6 +179,9 @@ pub fn load(file: &Path) -> anyhow::Result<Pipeline> {
             Err(mut found) => problems.append(&mut found),
         }
     }
+    for o in overrides {
+        apply_override(&mut stages, o)?;
+    }
     problems.extend(graph_problems(&text, &stages));
     let workdir = normalize(&base.join(&raw.workdir));
     if let Some(problem) = workdir_problem(&workdir, &base) {
@@ -169,13 +193,16 @@ pub fn load(file: &Path) -> anyhow::Result<Pipeline> {
     if !problems.is_empty() {
         return Err(invalid(problems).into());
     }
-    Ok(Pipeline {
+    let mut p = Pipeline {
         name: raw.name,
         file: file.into(),
         base,
         workdir,
         stages,
-    })
+    };
+    let order: Vec<Stage> = p.topo_order().into_iter().cloned().collect();
+    p.stages = crate::matrix::expand(order)?;
+    Ok(p)
 }
 
 /// One stage of the file: its kind, its parameters over the defaults and its parents, with
@@ -218,6 +245,31 @@ fn parse_stage(
         params.insert(k, v);
     }
     let mut parents: BTreeSet<String> = st.needs.iter().cloned().collect();
+    let mut matrix = Vec::new();
+    for (k, v) in &st.matrix {
+        let key = k.as_str().unwrap_or_default().to_string();
+        match v.as_sequence() {
+            Some(values) if !values.is_empty() && !key.is_empty() => {
+                matrix.push((key, values.clone()))
+            }
+            _ => problems.push(problem(format!(
+                "stage `{name}`: matrix key `{key}` needs a non-empty list of values"
+            ))),
+        }
+    }
+    let mut gates = Vec::new();
+    for g in &st.gate {
+        match crate::gate::parse(g) {
+            Ok(gate) => {
+                parents.insert(gate.stage.clone());
+                gates.push(gate);
+            }
+            Err(e) => problems.push(Problem {
+                line: find_line(text, |l| l.contains(g.as_str())).or(line),
+                message: format!("stage `{name}`: {e}"),
+            }),
+        }
+    }
     let mut found = Vec::new();
     strings(&Value::Mapping(params.clone()), &mut found);
     for s in &found {
@@ -234,9 +286,13 @@ fn parse_stage(
     }
     let stage = Stage {
         name: name.to_string(),
+        group: name.to_string(),
+        branch: Vec::new(),
         uses: kind,
         params,
         parents,
+        matrix,
+        gates,
     };
     Ok((stage, problems))
 }
@@ -343,6 +399,15 @@ impl Pipeline {
         self.stages.iter().find(|s| s.name == name)
     }
 
+    /// The stages a name on the command line means: a stage, or every branch of a swept one.
+    pub fn named(&self, name: &str) -> Vec<String> {
+        self.stages
+            .iter()
+            .filter(|s| s.name == name || s.group == name)
+            .map(|s| s.name.clone())
+            .collect()
+    }
+
     /// Stages in dependency order (parents first), ties in file order.
     pub fn topo_order(&self) -> Vec<&Stage> {
         let mut done: BTreeSet<&str> = BTreeSet::new();
@@ -388,35 +453,40 @@ impl Pipeline {
     pub fn stage_retired(&self, name: &str) -> PathBuf {
         self.workdir.join("stages").join(format!(".{name}.old"))
     }
+}
 
-    /// Applies `-o stage.key=value` overrides (value parsed as YAML; `key` may be dotted).
-    pub fn apply_override(&mut self, spec: &str) -> anyhow::Result<()> {
-        let (lhs, value) = spec
-            .split_once('=')
-            .ok_or_else(|| anyhow::anyhow!("override `{spec}`: expected stage.key=value"))?;
-        let (stage, key) = lhs
-            .split_once('.')
-            .ok_or_else(|| anyhow::anyhow!("override `{spec}`: expected stage.key=value"))?;
-        let st = self
-            .stages
-            .iter_mut()
-            .find(|s| s.name == stage)
-            .ok_or_else(|| anyhow::anyhow!("override `{spec}`: no stage `{stage}`"))?;
-        let value: Value =
-            serde_yaml::from_str(value).map_err(|e| anyhow::anyhow!("override `{spec}`: {e}"))?;
-        let parts: Vec<&str> = key.split('.').collect();
-        let mut map = &mut st.params;
-        for part in &parts[..parts.len() - 1] {
-            let entry = map
-                .entry(Value::from(*part))
-                .or_insert_with(|| Value::Mapping(Mapping::new()));
-            map = entry
-                .as_mapping_mut()
-                .ok_or_else(|| anyhow::anyhow!("override `{spec}`: `{part}` is not a mapping"))?;
-        }
-        map.insert(Value::from(parts[parts.len() - 1]), value);
-        Ok(())
+/// Applies one `-o stage.key=value` override (value parsed as YAML; `key` may be dotted) to
+/// the stage written as `stage` (every branch of it).
+fn apply_override(stages: &mut [Stage], spec: &str) -> anyhow::Result<()> {
+    let bad = || anyhow::anyhow!("override `{spec}`: expected stage.key=value");
+    let (lhs, value) = spec.split_once('=').ok_or_else(bad)?;
+    let (stage, key) = lhs.split_once('.').ok_or_else(bad)?;
+    let value: Value =
+        serde_yaml::from_str(value).map_err(|e| anyhow::anyhow!("override `{spec}`: {e}"))?;
+    let mut found = false;
+    for st in stages.iter_mut().filter(|s| s.group == stage) {
+        set_dotted(&mut st.params, key, value.clone())
+            .map_err(|e| anyhow::anyhow!("override `{spec}`: {e}"))?;
+        found = true;
     }
+    anyhow::ensure!(found, "override `{spec}`: no stage `{stage}`");
+    Ok(())
+}
+
+/// Sets `a.b.c` in `map`, creating the mappings on the way.
+pub fn set_dotted(map: &mut Mapping, key: &str, value: Value) -> Result<(), String> {
+    let parts: Vec<&str> = key.split('.').collect();
+    let mut map = map;
+    for part in &parts[..parts.len() - 1] {
+        let entry = map
+            .entry(Value::from(*part))
+            .or_insert_with(|| Value::Mapping(Mapping::new()));
+        map = entry
+            .as_mapping_mut()
+            .ok_or_else(|| format!("`{part}` is not a mapping"))?;
+    }
+    map.insert(Value::from(parts[parts.len() - 1]), value);
+    Ok(())
 }
 
 pub use temper_stage::kinds::normalize;
@@ -439,31 +509,45 @@ mod tests {
     }
 
     #[test]
-    fn overrides_reach_nested_keys() {
+    fn overrides_reach_nested_keys_and_every_branch() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("p.yaml");
-        std::fs::write(
-            &file,
-            "name: p\nworkdir: w\nstages:\n  sft: {uses: sft, with: {optim: {lr: 1}}}\n",
-        )
-        .unwrap();
-        let mut p = load(&file).unwrap();
-        p.apply_override("sft.optim.lr=2e-3").unwrap();
-        p.apply_override("sft.steps=[1, 2]").unwrap();
-        let params = &p.stage("sft").unwrap().params;
-        assert_eq!(params["optim"]["lr"], Value::from(2e-3));
+        let yaml = "name: p\nworkdir: w\nstages:\n  sft: {uses: sft, matrix: {seed: [1, 2]}, with: {optim: {lr: 1}}}\n";
+        std::fs::write(&file, yaml).unwrap();
+        let o = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let p = load_with(&file, &o(&["sft.optim.lr=2e-3", "sft.steps=[1, 2]"])).unwrap();
+        assert_eq!(p.stages.len(), 2);
+        for st in &p.stages {
+            assert_eq!(st.params["optim"]["lr"], Value::from(2e-3));
+            assert_eq!(
+                st.params["steps"],
+                serde_yaml::from_str::<Value>("[1, 2]").unwrap()
+            );
+        }
         assert_eq!(
-            params["steps"],
-            serde_yaml::from_str::<Value>("[1, 2]").unwrap()
+            p.stage("sft@seed=2").unwrap().params["seed"],
+            Value::from(2)
         );
-        assert!(p
-            .apply_override("nope.x=1")
-            .unwrap_err()
-            .to_string()
-            .contains("no stage `nope`"));
+        let err = |x: &str| load_with(&file, &o(&[x])).unwrap_err().to_string();
+        assert!(err("nope.x=1").contains("no stage `nope`"));
+        assert!(err("sft.optim.lr.x=1").contains("not a mapping"));
+    }
+
+    #[test]
+    fn bad_matrices_and_gates_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.yaml");
+        let yaml = "name: p\nworkdir: w\nstages:\n  a: {uses: sft, matrix: {seed: []}}\n  b: {uses: ppo, gate: [\"a.accuracy >> 1\"]}\n  c: {uses: ppo, gate: [\"z.loss < 1\"]}\n";
+        std::fs::write(&file, yaml).unwrap();
+        let e = load(&file).unwrap_err().to_string();
         assert!(
-            p.apply_override("sft.optim.lr.x=1").is_err(),
-            "lr is not a mapping"
+            e.contains("matrix key `seed` needs a non-empty list"),
+            "{e}"
+        );
+        assert!(e.contains("gate `a.accuracy >> 1`"), "{e}");
+        assert!(
+            e.contains("stage `c` refers to `z`, which is not a stage"),
+            "{e}"
         );
     }
 

@@ -48,6 +48,8 @@ pub fn pipeline_line(text: &str, stage: &str, field: Option<&str>) -> Option<usi
 
 /// Turns a stage binary's one-line error about `config` into a problem at the pipeline line.
 fn place(p: &Pipeline, text: &str, stage: &str, config: &Path, stderr: &str) -> StageProblem {
+    // A branch of a sweep is written in the file under its group's name.
+    let group = p.stage(stage).map_or(stage, |s| s.group.as_str());
     let line = stderr
         .lines()
         .rev()
@@ -73,7 +75,7 @@ fn place(p: &Pipeline, text: &str, stage: &str, config: &Path, stderr: &str) -> 
     StageProblem {
         file: p.file.clone(),
         stage: stage.into(),
-        line: pipeline_line(text, stage, field.as_deref()),
+        line: pipeline_line(text, group, field.as_deref()),
         message,
     }
 }

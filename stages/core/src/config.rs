@@ -51,6 +51,43 @@ pub struct ModelConfig {
     /// How the scalar head's per-token outputs become one score (reward models, critics).
     #[serde(default, skip_serializing_if = "ScorePooling::is_last_token")]
     pub score_pooling: ScorePooling,
+    /// A reward model's score multiplied by a sign read from each prompt's label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score_sign: Option<ScoreSign>,
+}
+
+/// A reward that depends on what the prompt asked for through a sign, not through what the
+/// model learned: score × map[prompt's `field`]. E.g. `{field: sentiment, map: {positive: 1,
+/// negative: -1}}` turns a model that scores sentiment into a reward for the sentiment each
+/// prompt wants. Saved in `config.json` as `temper_score_sign`, so PPO and evaluation apply it
+/// as the reward stage did.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScoreSign {
+    pub field: String,
+    pub map: std::collections::BTreeMap<String, f64>,
+}
+
+impl ScoreSign {
+    /// The multiplier for a record's fields; an error names the value it cannot map.
+    pub fn sign(&self, meta: &std::collections::BTreeMap<String, Value>) -> Result<f64> {
+        let value = meta
+            .get(&self.field)
+            .and_then(Value::as_str)
+            .ok_or_else(|| {
+                CoreError::Shape(format!(
+                    "the reward's sign needs a `{}` field on every prompt",
+                    self.field
+                ))
+            })?;
+        self.map.get(value).copied().ok_or_else(|| {
+            CoreError::Shape(format!(
+                "the reward's sign maps {} but a prompt has {} `{value}`",
+                self.map.keys().cloned().collect::<Vec<_>>().join(", "),
+                self.field
+            ))
+        })
+    }
 }
 
 /// How a reward model turns its scalar head's per-token outputs into one score per sequence.
@@ -189,6 +226,9 @@ impl ModelConfig {
         if !self.score_pooling.is_last_token() {
             obj.insert("temper_score_pooling".into(), json!(self.score_pooling));
         }
+        if let Some(sign) = &self.score_sign {
+            obj.insert("temper_score_sign".into(), json!(sign));
+        }
         for (key, id) in [
             ("bos_token_id", self.bos_token_id),
             ("eos_token_id", self.eos_token_id),
@@ -289,6 +329,7 @@ impl ModelShape {
             eos_token_id: Some(eos as i64),
             pad_token_id: Some(pad as i64),
             score_pooling: ScorePooling::LastToken,
+            score_sign: None,
         };
         cfg.validate()?;
         Ok(cfg)

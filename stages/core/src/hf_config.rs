@@ -43,6 +43,9 @@ struct Common {
     /// temper's own key: how a reward model pools its score (transformers ignores it).
     #[serde(default)]
     temper_score_pooling: Option<ScorePooling>,
+    /// temper's own key: the reward's sign by prompt label.
+    #[serde(default)]
+    temper_score_sign: Option<crate::config::ScoreSign>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -145,6 +148,7 @@ impl TryFrom<Gpt2Json> for ModelConfig {
                 eos_token_id: None,
                 pad_token_id: None,
                 score_pooling: ScorePooling::LastToken,
+                score_sign: None,
             },
             &j.common,
         ))
@@ -204,6 +208,7 @@ impl TryFrom<LlamaJson> for ModelConfig {
                 eos_token_id: None,
                 pad_token_id: None,
                 score_pooling: ScorePooling::LastToken,
+                score_sign: None,
             },
             &j.common,
         ))
@@ -215,6 +220,7 @@ fn with_common(mut cfg: ModelConfig, c: &Common) -> ModelConfig {
     cfg.eos_token_id = c.eos_token_id.as_ref().and_then(TokenIds::first);
     cfg.pad_token_id = c.pad_token_id.as_ref().and_then(TokenIds::first);
     cfg.score_pooling = c.temper_score_pooling.unwrap_or_default();
+    cfg.score_sign = c.temper_score_sign.clone();
     cfg
 }
 

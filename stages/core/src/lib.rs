@@ -18,6 +18,7 @@ mod layers;
 pub mod losses;
 pub mod model;
 pub mod optim;
+pub mod preference;
 pub mod rewards;
 pub mod rl;
 pub mod sample;
@@ -30,7 +31,7 @@ pub use checkpoint::{
     load_checkpoint, load_with_tokenizer, save_checkpoint, save_final, LoadSpec, Loaded, ScoreHead,
     CHECKPOINT_FILES,
 };
-pub use config::{Arch, ModelConfig, ModelShape, ScorePooling};
+pub use config::{Arch, ModelConfig, ModelShape, ScorePooling, ScoreSign};
 pub use device::{resolve_device, with_autocast, DeviceSpec, Precision};
 pub use error::{CoreError, Result};
 pub use kv_cache::KvCache;

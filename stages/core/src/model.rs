@@ -574,6 +574,7 @@ mod tests {
             eos_token_id: None,
             pad_token_id: Some(0),
             score_pooling: pooling,
+            score_sign: None,
         };
         let heads = Heads {
             lm: false,

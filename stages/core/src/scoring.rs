@@ -52,6 +52,30 @@ pub fn reward_scores(reward: &Transformer, joined: &Joined) -> Result<Tensor> {
         .to_kind(Kind::Float))
 }
 
+/// Each row's completion log-prob (the tokens with `loss_mask` 1, summed) and its token count,
+/// both (B,): ids, attention, loss_mask (B, T). Token t is predicted at position t − 1.
+pub fn completion_logps(
+    model: &Transformer,
+    ids: &Tensor,
+    attention: &Tensor,
+    loss_mask: &Tensor,
+    precision: crate::Precision,
+) -> Result<(Tensor, Tensor)> {
+    let t = ids.size()[1];
+    let lp = crate::with_autocast(model.device(), precision, || -> Result<Tensor> {
+        let (_, logits) = model.forward(ids, Some(attention))?;
+        Ok(token_logprobs(
+            &logits.narrow(1, 0, t - 1),
+            &ids.narrow(1, 1, t - 1),
+        ))
+    })??; // (B, T − 1)
+    let mask = loss_mask.narrow(1, 1, t - 1).to_kind(Kind::Float);
+    Ok((
+        (lp * &mask).sum_dim_intlist(1, false, Kind::Float),
+        mask.sum_dim_intlist(1, false, Kind::Float),
+    ))
+}
+
 /// A generated reply as text.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Reply {

@@ -1,40 +1,47 @@
-//! temper-eval: does PPO help? On held-out prompts, samples a reply from the PPO policy and
-//! from the baseline (SFT) with the same seeds, then reports: mean reward-model score of each,
-//! the PPO win-rate over the baseline under the reward model, the KL of PPO to the reference on
-//! its own samples, and how often each agrees with the prompt's wanted sentiment under an
-//! independent judge the pipeline never trained (the VADER lexicon). Writes report.json,
-//! report.md (with side-by-side samples), samples.jsonl, metrics.jsonl and summary.json.
+//! temper-eval: compares policies (SFT, PPO, DPO, …) on held-out prompts. Every policy answers
+//! every prompt with the same seeds; each reply is scored by the reward model, by its KL to the
+//! reference, and by an independent judge the pipeline never trained (VADER). Per policy it
+//! reports the RM score, the win-rate over the baseline, KL, reply length, EOS rate,
+//! distinct-1/2 and the judge's agreement with the wanted sentiment (overall and per
+//! sentiment) — the numbers that tell a real gain from reward hacking. Writes report.json,
+//! report.md (a table and side-by-side samples), samples.jsonl, metrics.jsonl, summary.json.
 //! It trains nothing, so it writes no checkpoint/.
 
+mod measures;
+
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tch::{Kind, Tensor};
-use temper_core::checkpoint::ScoreHead;
-use temper_core::rewards::{SentimentJudge, Verdict};
+use temper_core::checkpoint::{check_vocab, ScoreHead};
+use temper_core::rewards::SentimentJudge;
 use temper_core::sample::{generate, Generation, SamplingConfig};
 use temper_core::scoring::{decode_replies, response_logprobs, reward_scores};
 use temper_core::{
-    load_checkpoint, load_with_tokenizer, resolve_device, with_autocast, DeviceSpec, LoadSpec,
-    Loaded, Precision, Transformer, CHECKPOINT_FILES,
+    load_checkpoint, resolve_device, with_autocast, DeviceSpec, LoadSpec, Precision, Transformer,
+    CHECKPOINT_FILES,
 };
-use temper_data::{seed_for, ChatTemplate, Fields, LoadOptions, Overlong, PromptRecord};
+use temper_data::{
+    seeds_for, ChatTemplate, Fields, LoadOptions, Overlong, PromptRecord, TextTokenizer,
+};
 use temper_stage::{
     checked_config, invalid, ConfigFile, Inputs, MetricsLog, StageArgs, StageError, StageFolder,
     StageKind,
 };
-use tracing::info;
+
+use crate::measures::{policy_metrics, Replies};
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Config {
-    /// The tuned policy (PPO's checkpoint).
-    policy: PathBuf,
-    /// What it is compared with (the SFT checkpoint).
-    baseline: PathBuf,
-    /// KL is measured against this; defaults to the baseline.
+    /// The policies to compare, by name: checkpoint folders, e.g. {sft: …, ppo: …, dpo: …}.
+    policies: BTreeMap<String, PathBuf>,
+    /// The policy the others are compared with (win-rates): one of `policies`' names.
+    baseline: String,
+    /// KL is measured against this checkpoint; defaults to the baseline's.
     #[serde(default)]
     reference: Option<PathBuf>,
     reward_model: PathBuf,
@@ -88,18 +95,10 @@ fn default_shown() -> usize {
     6
 }
 
-/// One model's replies: text, reward-model score, summed log-prob ratio to the reference.
-struct Replies {
-    text: Vec<String>,
-    scores: Vec<f64>,
-    kl: Vec<f64>,
-    eos: Vec<bool>,
-}
-
 fn main() {
     temper_stage::stage_main(
         "temper-eval",
-        "Compare a PPO policy with its SFT baseline on held-out prompts.",
+        "Compare policies (SFT, PPO, DPO, …) on held-out prompts: reward-model score, win-rate, KL, length, EOS rate, distinct-n and an independent judge.",
         run,
     )
 }
@@ -107,6 +106,30 @@ fn main() {
 /// Range checks and the inputs' presence; nothing is read yet.
 fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError> {
     let c = &cfg.value;
+    cfg.ensure(
+        !c.policies.is_empty(),
+        "policies",
+        "name at least one policy",
+    )?;
+    cfg.ensure(
+        c.policies.contains_key(&c.baseline),
+        "baseline",
+        format!(
+            "`{}` is not one of the policies ({})",
+            c.baseline,
+            c.policies.keys().cloned().collect::<Vec<_>>().join(", ")
+        ),
+    )?;
+    for name in c.policies.keys() {
+        cfg.ensure(
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || "_-".contains(ch)),
+            "policies",
+            format!("policy name `{name}`: use letters, digits, `_` and `-`"),
+        )?;
+    }
     cfg.ensure(c.max_prompts >= 1, "max_prompts", "must be at least 1")?;
     cfg.ensure(c.batch_size >= 1, "batch_size", "must be at least 1")?;
     cfg.ensure(
@@ -124,16 +147,13 @@ fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError
         "top_p",
         "must be in (0, 1]",
     )?;
-    for (field, dir) in [
-        ("policy", Some(&c.policy)),
-        ("baseline", Some(&c.baseline)),
-        ("reference", c.reference.as_ref()),
-        ("reward_model", Some(&c.reward_model)),
-    ] {
-        if let Some(dir) = dir {
-            inputs.folder(cfg, field, dir, &CHECKPOINT_FILES[..2])?;
-        }
+    for (name, dir) in &c.policies {
+        inputs.folder(cfg, &format!("policies.{name}"), dir, &CHECKPOINT_FILES)?;
     }
+    if let Some(r) = &c.reference {
+        inputs.folder(cfg, "reference", r, &CHECKPOINT_FILES[..2])?;
+    }
+    inputs.folder(cfg, "reward_model", &c.reward_model, &CHECKPOINT_FILES[..2])?;
     inputs.file(cfg, "prompts", &c.prompts)?;
     if let Some(l) = &c.lexicon {
         inputs.file(cfg, "lexicon", l)?;
@@ -141,31 +161,57 @@ fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError
     Ok(())
 }
 
-/// The models, the judge and the prompts, loaded and cross-checked.
+/// The shared pieces: tokenizer, reference, reward model, judge and prompts. Policies are
+/// loaded one at a time, so memory holds one policy besides these.
 struct Setup {
-    policy: Loaded,
-    baseline: Transformer,
+    tok: TextTokenizer,
+    template: ChatTemplate,
     reference: Transformer,
     reward: Transformer,
     judge: Option<SentimentJudge>,
-    template: ChatTemplate,
     prompts: Vec<(Vec<u32>, PromptRecord)>,
+    labels: Vec<Option<String>>,
+    /// Each prompt's reward sign (the reward model's `temper_score_sign`; 1 without one).
+    signs: Vec<f64>,
 }
 
 fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
     let c = &cfg.value;
     let device = resolve_device(c.device).map_err(invalid)?;
-    let policy = load_with_tokenizer(&c.policy, LoadSpec::CAUSAL_LM, device).map_err(invalid)?;
-    let template = ChatTemplate::new(&policy.tokenizer).map_err(invalid)?;
+    let base_dir = &c.policies[&c.baseline];
+    let tokenizer = base_dir.join("tokenizer.json");
+    let tok = TextTokenizer::load(&tokenizer).map_err(invalid)?;
+    for (name, dir) in &c.policies {
+        let same = std::fs::read(dir.join("tokenizer.json")).ok() == std::fs::read(&tokenizer).ok();
+        cfg.ensure(
+            same,
+            &format!("policies.{name}"),
+            "uses a different tokenizer from the baseline; the policies must agree token for token",
+        )?;
+    }
+    let template = ChatTemplate::new(&tok).map_err(invalid)?;
     let load = |dir: &PathBuf, spec| -> Result<Transformer, StageError> {
         let (_, model) = load_checkpoint(dir, spec, device).map_err(invalid)?;
-        temper_core::checkpoint::check_vocab(policy.tokenizer.vocab_size(), &model.config, dir)
-            .map_err(invalid)?;
+        check_vocab(tok.vocab_size(), &model.config, dir).map_err(invalid)?;
         Ok(model)
     };
-    let baseline = load(&c.baseline, LoadSpec::CAUSAL_LM)?;
+    for dir in c.policies.values() {
+        // Config and vocabulary only: the weights are read when the policy's turn comes.
+        let config =
+            temper_core::ModelConfig::from_hf_json(&dir.join("config.json")).map_err(invalid)?;
+        check_vocab(tok.vocab_size(), &config, dir).map_err(invalid)?;
+        cfg.ensure(
+            c.max_new_tokens < config.max_position,
+            "max_new_tokens",
+            format!(
+                "must leave room for a prompt in {}'s {} positions",
+                dir.display(),
+                config.max_position
+            ),
+        )?;
+    }
     let reference = load(
-        c.reference.as_ref().unwrap_or(&c.baseline),
+        c.reference.as_ref().unwrap_or(base_dir),
         LoadSpec::CAUSAL_LM,
     )?;
     let rm_spec = LoadSpec {
@@ -179,30 +225,42 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
         .map(|l| SentimentJudge::load(l))
         .transpose()
         .map_err(invalid)?;
-    let max_position = policy.model.config.max_position;
-    cfg.ensure(
-        c.max_new_tokens < max_position,
-        "max_new_tokens",
-        format!("must leave room for a prompt in the model's {max_position} positions"),
-    )?;
     let opts = LoadOptions {
-        tokenizer: &policy.tokenizer,
+        tokenizer: &tok,
         template,
         fields: &c.fields,
-        max_len: (max_position - c.max_new_tokens) as usize,
+        max_len: (reference.config.max_position - c.max_new_tokens) as usize,
         overlong: Overlong::Skip,
         train_on_prompt: false,
     };
     let (mut prompts, _) = opts.prompts(&c.prompts).map_err(invalid)?;
     prompts.truncate(c.max_prompts);
+    let signs = match &reward.config.score_sign {
+        Some(sign) => prompts
+            .iter()
+            .map(|(_, r)| sign.sign(&r.meta))
+            .collect::<Result<Vec<f64>, _>>()
+            .map_err(|e| cfg.error("prompts", e))?,
+        None => vec![1.0; prompts.len()],
+    };
+    let labels = prompts
+        .iter()
+        .map(|(_, r)| {
+            r.meta
+                .get(&c.label_field)
+                .and_then(|v| v.as_str())
+                .map(str::to_owned)
+        })
+        .collect();
     Ok(Setup {
-        policy,
-        baseline,
+        tok,
+        template,
         reference,
         reward,
         judge,
-        template,
         prompts,
+        labels,
+        signs,
     })
 }
 
@@ -220,45 +278,29 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     log.reset()?;
     cfg.write_resolved(&folder.path)?;
 
-    let tuned = replies(&s, &s.policy.model, c)?;
-    let base = replies(&s, &s.baseline, c)?;
-    let labels: Vec<Option<String>> = s
-        .prompts
-        .iter()
-        .map(|(_, r)| {
-            r.meta
-                .get(&c.label_field)
-                .and_then(|v| v.as_str())
-                .map(str::to_owned)
-        })
-        .collect();
-    // The judge reads each reply once; agreement, correlation and the samples reuse it.
-    let judged = |r: &Replies| -> Option<Vec<Verdict>> {
-        let j = s.judge.as_ref()?;
-        Some(r.text.iter().map(|t| j.judge(t)).collect())
-    };
-    let (ppo_verdicts, sft_verdicts) = (judged(&tuned), judged(&base));
-    let summary = summarize(
-        &tuned,
-        &base,
-        &labels,
-        ppo_verdicts.as_deref(),
-        sft_verdicts.as_deref(),
-    );
+    let device = s.reference.device();
+    let mut replies = BTreeMap::new();
+    for (name, dir) in &c.policies {
+        let (_vs, model) = load_checkpoint(dir, LoadSpec::CAUSAL_LM, device).map_err(invalid)?;
+        tracing::info!("{name}: answering {} prompts", s.prompts.len());
+        replies.insert(name.clone(), answer(&s, &model, c)?);
+    }
+    let base = &replies[&c.baseline];
+    let mut summary = temper_stage::Summary::new();
+    summary.insert("prompts".into(), s.prompts.len().into());
+    for name in order(c) {
+        let r = &replies[name];
+        let baseline = (name != &c.baseline).then_some(base);
+        for (k, v) in policy_metrics(name, r, baseline, &s.labels) {
+            summary.insert(k, json!(v));
+        }
+    }
     let fields: Vec<(&str, f64)> = summary
         .iter()
         .filter_map(|(k, v)| v.as_f64().map(|x| (k.as_str(), x)))
         .collect();
     log.log_eval(0, &fields)?;
-    let records: Vec<serde_json::Value> = (0..s.prompts.len())
-        .map(|i| json!({
-            "step": 0, "prompt": s.policy.tokenizer.decode(&s.prompts[i].0).unwrap_or_default(), "label": labels[i],
-            "ppo": tuned.text[i], "ppo_score": tuned.scores[i], "ppo_kl": tuned.kl[i],
-            "sft": base.text[i], "sft_score": base.scores[i],
-            "ppo_judge": ppo_verdicts.as_ref().map(|v| v[i].compound),
-            "sft_judge": sft_verdicts.as_ref().map(|v| v[i].compound),
-        }))
-        .collect();
+    let records = sample_records(&s, c, &replies);
     log.log_samples(&records)?;
     temper_stage::atomic::write_json(
         &folder.path.join("report.json"),
@@ -266,20 +308,21 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     )?;
     temper_stage::atomic::write_atomic(
         &folder.path.join("report.md"),
-        report_md(&summary, &records, c.show).as_bytes(),
+        report_md(c, &summary, &records).as_bytes(),
     )?;
-    info!(
-        "win-rate {:.3}; score PPO {:.3} vs SFT {:.3}; KL {:.3}",
-        summary["win_rate"], summary["score_ppo"], summary["score_sft"], summary["kl_ppo"]
-    );
     log.write_summary("ok", summary)?;
     Ok(())
 }
 
-/// One model's replies to every prompt (same seeds for every model), each scored by the reward
-/// model and by its KL to the reference: Σ log π − log π_ref over the reply at the sampling
-/// temperature.
-fn replies(s: &Setup, model: &Transformer, c: &Config) -> anyhow::Result<Replies> {
+/// The baseline first, then the other policies in name order.
+fn order(c: &Config) -> Vec<&String> {
+    std::iter::once(&c.baseline)
+        .chain(c.policies.keys().filter(|k| **k != c.baseline))
+        .collect()
+}
+
+/// One policy's replies to every prompt (the same seeds for every policy), scored.
+fn answer(s: &Setup, model: &Transformer, c: &Config) -> anyhow::Result<Replies> {
     let sampling = SamplingConfig {
         max_new_tokens: c.max_new_tokens,
         temperature: c.temperature,
@@ -293,34 +336,37 @@ fn replies(s: &Setup, model: &Transformer, c: &Config) -> anyhow::Result<Replies
         .iter()
         .map(|(p, _)| p.iter().map(|&t| t as i64).collect())
         .collect();
+    let seeds = seeds_for(c.seed, "eval", 0, ids.len());
     let mut out = Replies {
         text: vec![],
+        tokens: vec![],
         scores: vec![],
         kl: vec![],
         eos: vec![],
+        judge: s.judge.as_ref().map(|_| Vec::new()),
     };
-    let device = model.device();
-    for (chunk_index, chunk) in ids.chunks(c.batch_size).enumerate() {
-        let seeds: Vec<u64> = (0..chunk.len())
-            .map(|i| {
-                seed_for(
-                    c.seed,
-                    "eval-prompt",
-                    (chunk_index * c.batch_size + i) as u64,
-                )
-            })
-            .collect();
-        let g = with_autocast(device, c.precision, || {
-            generate(model, chunk, &sampling, &seeds)
+    let batches = ids
+        .chunks(c.batch_size)
+        .zip(seeds.chunks(c.batch_size))
+        .zip(s.signs.chunks(c.batch_size));
+    for ((chunk, chunk_seeds), signs) in batches {
+        let g = with_autocast(model.device(), c.precision, || {
+            generate(model, chunk, &sampling, chunk_seeds)
         })??;
         let (scores, kl) = score(s, model, &g, c)?;
+        // The reward the policies were trained on: the score times the prompt's sign.
+        let scores = Vec::<f64>::try_from(scores.to_kind(Kind::Double))?;
         out.scores
-            .extend(Vec::<f64>::try_from(scores.to_kind(Kind::Double))?);
+            .extend(scores.iter().zip(signs).map(|(x, sign)| x * sign));
         out.kl
             .extend(Vec::<f64>::try_from(kl.to_kind(Kind::Double))?);
-        for r in decode_replies(&s.policy.tokenizer, &g.tokens, &g.mask, s.template.eos)? {
-            out.text.push(r.text);
+        for r in decode_replies(&s.tok, &g.tokens, &g.mask, s.template.eos)? {
+            if let (Some(j), Some(v)) = (&s.judge, out.judge.as_mut()) {
+                v.push(j.judge(&r.text).compound);
+            }
+            out.tokens.push(r.ids.len() + usize::from(r.ended_with_eos));
             out.eos.push(r.ended_with_eos);
+            out.text.push(r.text);
         }
     }
     Ok(out)
@@ -336,10 +382,9 @@ fn score(
     let joined = g.joined();
     let p = g.prompt.size()[1];
     let mask = g.mask.to_kind(Kind::Float);
-    let device = model.device();
     tch::no_grad(|| {
         with_autocast(
-            device,
+            model.device(),
             c.precision,
             || -> anyhow::Result<(Tensor, Tensor)> {
                 let scores = reward_scores(&s.reward, &joined)?;
@@ -365,191 +410,79 @@ fn score(
     })
 }
 
-/// The evaluation's numbers: RM scores and win-rate, KL, EOS rates, and, with a judge, its
-/// agreement with the wanted sentiment (overall and per sentiment) and its correlation with
-/// the reward model within each sentiment.
-fn summarize(
-    tuned: &Replies,
-    base: &Replies,
-    labels: &[Option<String>],
-    ppo_verdicts: Option<&[Verdict]>,
-    sft_verdicts: Option<&[Verdict]>,
-) -> temper_stage::Summary {
-    let n = labels.len() as f64;
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-    let wins: f64 = tuned
-        .scores
-        .iter()
-        .zip(&base.scores)
-        .map(|(a, b)| match a.partial_cmp(b) {
-            Some(std::cmp::Ordering::Greater) => 1.0,
-            Some(std::cmp::Ordering::Equal) => 0.5,
-            _ => 0.0,
-        })
-        .sum::<f64>()
-        / n;
-    // Agreement over all labelled prompts, or only those wanting `only`.
-    let agreement = |verdicts: &[Verdict], only: Option<&str>| -> Option<f64> {
-        let hits: Vec<bool> = verdicts
-            .iter()
-            .zip(labels)
-            .filter(|(_, l)| only.is_none() || l.as_deref() == only)
-            .filter_map(|(v, l)| l.as_ref().map(|l| v.agrees_with(l)))
-            .collect();
-        (!hits.is_empty()).then(|| hits.iter().filter(|&&a| a).count() as f64 / hits.len() as f64)
-    };
-    // Does the reward model measure what the independent judge measures? Its scores against
-    // the judge's compound score signed by the wanted sentiment (+ for positive, − for
-    // negative), within each wanted sentiment: a Bradley–Terry score is only comparable
-    // between replies to the same kind of prompt (its level per prompt is free).
-    let rm_judge_corr = |verdicts: &[Verdict], scores: &[f64]| -> Option<f64> {
-        let points: Vec<(&str, f64, f64)> = verdicts
-            .iter()
-            .zip(scores)
-            .zip(labels)
-            .filter_map(|((v, &sc), l)| {
-                let label = l.as_deref()?;
-                let sign = match label {
-                    "positive" => 1.0,
-                    "negative" => -1.0,
-                    _ => return None,
-                };
-                Some((label, sc, sign * v.compound))
-            })
-            .collect();
-        within_group_pearson(&points)
-    };
-    let mut summary = temper_stage::Summary::new();
-    let mut put = |k: &str, v: f64| {
-        summary.insert(k.into(), json!(v));
-    };
-    put("prompts", n);
-    put("score_ppo", mean(&tuned.scores));
-    put("score_sft", mean(&base.scores));
-    put("win_rate", wins);
-    put("kl_ppo", mean(&tuned.kl));
-    put("kl_sft", mean(&base.kl));
-    put(
-        "eos_rate_ppo",
-        tuned.eos.iter().filter(|&&e| e).count() as f64 / n,
-    );
-    put(
-        "eos_rate_sft",
-        base.eos.iter().filter(|&&e| e).count() as f64 / n,
-    );
-    if let (Some(ppo_v), Some(sft_v)) = (ppo_verdicts, sft_verdicts) {
-        let sides = [("ppo", ppo_v, tuned), ("sft", sft_v, base)];
-        for (name, v, _) in sides {
-            if let Some(a) = agreement(v, None) {
-                put(&format!("judge_agreement_{name}"), a);
-            }
-        }
-        for label in ["positive", "negative"] {
-            for (name, v, _) in sides {
-                if let Some(a) = agreement(v, Some(label)) {
-                    put(&format!("judge_agreement_{name}/{label}"), a);
+/// One record per prompt: the prompt, its label, and each policy's reply, score and verdict.
+fn sample_records(
+    s: &Setup,
+    c: &Config,
+    replies: &BTreeMap<String, Replies>,
+) -> Vec<serde_json::Value> {
+    (0..s.prompts.len())
+        .map(|i| {
+            let mut r = serde_json::Map::new();
+            r.insert("step".into(), 0.into());
+            r.insert(
+                "prompt".into(),
+                s.tok.decode(&s.prompts[i].0).unwrap_or_default().into(),
+            );
+            r.insert("label".into(), json!(s.labels[i]));
+            for name in order(c) {
+                let x = &replies[name];
+                r.insert(name.clone(), x.text[i].clone().into());
+                r.insert(format!("{name}_score"), json!(x.scores[i]));
+                r.insert(format!("{name}_kl"), json!(x.kl[i]));
+                if let Some(j) = &x.judge {
+                    r.insert(format!("{name}_judge"), json!(j[i]));
                 }
             }
-        }
-        for (name, v, r) in sides {
-            if let Some(c) = rm_judge_corr(v, &r.scores) {
-                put(&format!("rm_judge_corr_{name}"), c);
+            serde_json::Value::Object(r)
+        })
+        .collect()
+}
+
+/// A metric × policy table, then side-by-side samples.
+fn report_md(c: &Config, summary: &temper_stage::Summary, records: &[serde_json::Value]) -> String {
+    let names = order(c);
+    let mut s = format!(
+        "# Policies on held-out prompts (baseline: {})\n\n| metric |",
+        c.baseline
+    );
+    for n in &names {
+        let _ = write!(s, " {n} |");
+    }
+    s.push_str("\n|---|");
+    s.push_str(&"---|".repeat(names.len()));
+    let mut metrics: Vec<&str> = Vec::new();
+    for k in summary.keys() {
+        if let Some((_, m)) = k.split_once('/') {
+            if !metrics.contains(&m) {
+                metrics.push(m);
             }
         }
     }
-    summary
-}
-
-fn report_md(
-    summary: &serde_json::Map<String, serde_json::Value>,
-    records: &[serde_json::Value],
-    show: usize,
-) -> String {
-    let mut s = String::from("# PPO vs SFT on held-out prompts\n\n| metric | value |\n|---|---|\n");
-    for (k, v) in summary {
-        let _ = writeln!(
-            s,
-            "| {k} | {} |",
-            v.as_f64().map_or(v.to_string(), |x| format!("{x:.4}"))
-        );
+    for m in metrics {
+        let _ = write!(s, "\n| {m} |");
+        for n in &names {
+            let v = summary.get(&format!("{n}/{m}")).and_then(|v| v.as_f64());
+            let _ = write!(s, " {} |", v.map_or("-".into(), |x| format!("{x:.4}")));
+        }
     }
-    s.push_str("\n## Samples\n");
-    for r in records.iter().take(show) {
+    s.push_str("\n\n## Samples\n");
+    for r in records.iter().take(c.show) {
         let _ = write!(
             s,
-            "\n**Prompt** ({}): {}\n\n- **SFT** (score {:.3}): {}\n- **PPO** (score {:.3}, KL {:.3}): {}\n",
+            "\n**Prompt** ({}): {}\n\n",
             r["label"].as_str().unwrap_or("-"),
-            r["prompt"].as_str().unwrap_or(""),
-            r["sft_score"].as_f64().unwrap_or(0.0),
-            r["sft"].as_str().unwrap_or(""),
-            r["ppo_score"].as_f64().unwrap_or(0.0),
-            r["ppo_kl"].as_f64().unwrap_or(0.0),
-            r["ppo"].as_str().unwrap_or(""),
+            r["prompt"].as_str().unwrap_or("")
         );
+        for n in &names {
+            let _ = writeln!(
+                s,
+                "- **{n}** (score {:.3}, KL {:.3}): {}",
+                r[format!("{n}_score")].as_f64().unwrap_or(0.0),
+                r[format!("{n}_kl")].as_f64().unwrap_or(0.0),
+                r[n.as_str()].as_str().unwrap_or("")
+            );
+        }
     }
     s
-}
-
-/// Pearson correlation of (x, y) after centring both within each group: the pooled
-/// within-group correlation, blind to differences between the groups' means.
-fn within_group_pearson(points: &[(&str, f64, f64)]) -> Option<f64> {
-    let mut sums: std::collections::HashMap<&str, (f64, f64, f64)> = Default::default();
-    for &(g, x, y) in points {
-        let e = sums.entry(g).or_default();
-        *e = (e.0 + x, e.1 + y, e.2 + 1.0);
-    }
-    let (xs, ys): (Vec<f64>, Vec<f64>) = points
-        .iter()
-        .map(|&(g, x, y)| {
-            let (sx, sy, n) = sums[g];
-            (x - sx / n, y - sy / n)
-        })
-        .unzip();
-    pearson(&xs, &ys)
-}
-
-/// Pearson correlation of `xs` and `ys`; None with fewer than two points or a constant side.
-fn pearson(xs: &[f64], ys: &[f64]) -> Option<f64> {
-    let n = xs.len() as f64;
-    if xs.len() < 2 || xs.len() != ys.len() {
-        return None;
-    }
-    let (mx, my) = (xs.iter().sum::<f64>() / n, ys.iter().sum::<f64>() / n);
-    let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
-    for (x, y) in xs.iter().zip(ys) {
-        sxy += (x - mx) * (y - my);
-        sxx += (x - mx) * (x - mx);
-        syy += (y - my) * (y - my);
-    }
-    (sxx > 0.0 && syy > 0.0).then(|| sxy / (sxx * syy).sqrt())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{pearson, within_group_pearson};
-
-    #[test]
-    fn pearson_matches_hand_computed_values() {
-        // x = 1, 2, 3; y = 1, 3, 2: sxy = 1, sxx = syy = 2, r = 0.5.
-        let r = pearson(&[1.0, 2.0, 3.0], &[1.0, 3.0, 2.0]).unwrap();
-        assert!((r - 0.5).abs() < 1e-12, "{r}");
-        assert!((pearson(&[1.0, 2.0], &[4.0, 2.0]).unwrap() + 1.0).abs() < 1e-12);
-        assert_eq!(pearson(&[1.0, 1.0], &[1.0, 2.0]), None);
-        assert_eq!(pearson(&[1.0], &[1.0]), None);
-    }
-
-    #[test]
-    fn within_group_pearson_ignores_the_groups_offsets() {
-        // Inside each group y rises with x; the groups' means go the other way, so the plain
-        // correlation is negative while the within-group one is exactly 1.
-        let pts = [
-            ("a", 0.0, 10.0),
-            ("a", 1.0, 11.0),
-            ("b", 10.0, 0.0),
-            ("b", 11.0, 1.0),
-        ];
-        let (xs, ys): (Vec<f64>, Vec<f64>) = pts.iter().map(|p| (p.1, p.2)).unzip();
-        assert!(pearson(&xs, &ys).unwrap() < 0.0);
-        assert!((within_group_pearson(&pts).unwrap() - 1.0).abs() < 1e-12);
-    }
 }

@@ -298,6 +298,8 @@ struct Setup {
     critic: (VarStore, Transformer),
     template: ChatTemplate,
     prompts: Vec<Vec<u32>>,
+    /// Each prompt's reward sign (the reward model's `temper_score_sign`; 1 without one).
+    signs: Vec<f64>,
 }
 
 impl Setup {
@@ -378,6 +380,14 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
         train_on_prompt: false,
     };
     let (prompts, report) = opts.prompts(&c.prompts).map_err(invalid)?;
+    let signs = match &reward.config.score_sign {
+        Some(sign) => prompts
+            .iter()
+            .map(|(_, r)| sign.sign(&r.meta))
+            .collect::<Result<Vec<f64>, _>>()
+            .map_err(|e| cfg.error("prompts", e))?,
+        None => vec![1.0; prompts.len()],
+    };
     tracing::info!(
         "{}: {} prompts ({} longer than {max_prompt} tokens skipped)",
         c.prompts.display(),
@@ -390,6 +400,7 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
         reward,
         critic,
         template,
+        signs,
         prompts: prompts.into_iter().map(|(ids, _)| ids).collect(),
     })
 }
@@ -430,9 +441,12 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     while progress.step < c.iterations {
         let iter = progress.step;
         // 1. A batch of prompts (a seeded pass over the prompt set) and the actor's replies.
-        let batch = prompt_batch(&s.prompts, c, iter);
+        let picked = prompt_batch(s.prompts.len(), c, iter);
+        let batch: Vec<&Vec<u32>> = picked.iter().map(|&i| &s.prompts[i]).collect();
         let seeds = seeds_for(c.seed, "rollout", iter, batch.len());
-        let ro = rollout::rollout(&models, &batch, &sampling(c, &s.template), &seeds)?;
+        let mut ro = rollout::rollout(&models, &batch, &sampling(c, &s.template), &seeds)?;
+        let signs: Vec<f32> = picked.iter().map(|&i| s.signs[i] as f32).collect();
+        ro.scores = &ro.scores * Tensor::from_slice(&signs).to_device(ro.scores.device());
         let train_start = Instant::now();
 
         // 2. Scores from the reward model, then the optional missing-EOS penalty,
@@ -579,17 +593,11 @@ fn extra<T: serde::de::DeserializeOwned>(p: &temper_stage::Progress, key: &str) 
 }
 
 /// The prompts of iteration `iter`: a seeded pass over the prompt set, one batch at a time.
-fn prompt_batch<'a>(prompts: &'a [Vec<u32>], c: &Config, iter: u64) -> Vec<&'a Vec<u32>> {
-    let per_pass = prompts.len().div_ceil(c.batch_size) as u64;
-    let order = shuffled(
-        prompts.len(),
-        seed_for(c.seed, "prompt-pass", iter / per_pass),
-    );
+fn prompt_batch(n: usize, c: &Config, iter: u64) -> Vec<usize> {
+    let per_pass = n.div_ceil(c.batch_size) as u64;
+    let order = shuffled(n, seed_for(c.seed, "prompt-pass", iter / per_pass));
     let start = ((iter % per_pass) as usize) * c.batch_size;
-    order[start..(start + c.batch_size).min(order.len())]
-        .iter()
-        .map(|&i| &prompts[i])
-        .collect()
+    order[start..(start + c.batch_size).min(order.len())].to_vec()
 }
 
 fn sampling(c: &Config, template: &ChatTemplate) -> SamplingConfig {

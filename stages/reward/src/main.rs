@@ -14,10 +14,10 @@ use temper_core::schedule::check_optim;
 use temper_core::{
     load_with_tokenizer, resolve_device, resume_or_start, save_final, save_state, with_autocast,
     AdamW, BatchTensors, DeviceSpec, LoadSpec, Loaded, OptimSettings, Precision, ScorePooling,
-    CHECKPOINT_FILES,
+    ScoreSign, CHECKPOINT_FILES,
 };
 use temper_data::{
-    seed_for, shuffled, ChatTemplate, Epochs, Example, Fields, LoadOptions, Overlong,
+    seed_for, shuffled, ChatTemplate, Epochs, Example, Fields, LoadOptions, Overlong, RenderedPair,
 };
 use temper_stage::cadence::{every_10, every_100};
 use temper_stage::{
@@ -48,6 +48,17 @@ struct Config {
     /// the checkpoint, so PPO and evaluation read the model the same way.
     #[serde(default)]
     pooling: ScorePooling,
+    /// Multiply the score by a sign read from each pair's label, e.g.
+    /// `{field: sentiment, map: {positive: 1, negative: -1}}`: the model then learns what the
+    /// label-independent part of the preference is (here: sentiment), and the label enters
+    /// through the sign. Saved in the checkpoint; PPO and evaluation apply it the same way.
+    #[serde(default)]
+    score_sign_by: Option<ScoreSign>,
+    /// A field of the pairs (e.g. `sentiment`) to report held-out accuracy by, as
+    /// `accuracy/<value>`: a reward model that ignores the instruction shows up as one group
+    /// high and the other below chance.
+    #[serde(default)]
+    group_by: Option<String>,
     steps: u64,
     /// Pairs per micro-batch (each pair is two sequences).
     batch_size: usize,
@@ -75,7 +86,7 @@ fn main() {
     )
 }
 
-type Pair = (Example, Example);
+type Pair = RenderedPair;
 
 /// Range checks and the inputs' presence; nothing is read yet.
 fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError> {
@@ -111,6 +122,7 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
     };
     let mut m = load_with_tokenizer(&c.init, spec, device).map_err(invalid)?;
     m.model.config.score_pooling = c.pooling;
+    m.model.config.score_sign = c.score_sign_by.clone();
     let template = ChatTemplate::new(&m.tokenizer).map_err(invalid)?;
     let max_len = c.max_len.unwrap_or(m.model.config.max_position as usize);
     cfg.ensure(
@@ -147,6 +159,17 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
         Some(p) => opts.pairs(p).map_err(invalid)?.0,
         None => Vec::new(),
     };
+    if let Some(sign) = &c.score_sign_by {
+        for (file, pairs) in [
+            (&c.data, &train),
+            (c.eval_data.as_ref().unwrap_or(&c.data), &eval),
+        ] {
+            for p in pairs {
+                sign.sign(&p.meta)
+                    .map_err(|e| cfg.error("score_sign_by", format!("{}: {e}", file.display())))?;
+            }
+        }
+    }
     Ok(Setup {
         m,
         template,
@@ -239,7 +262,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     let mut summary = log.summary_base(&progress);
     summary.insert("train_pairs".into(), s.train.len().into());
     for (k, v) in last_eval.unwrap_or_default() {
-        summary.insert(k.into(), v.into());
+        summary.insert(k, v.into());
     }
     log.write_summary("ok", summary)?;
     Ok(())
@@ -266,8 +289,8 @@ fn pair_scores(s: &Setup, pairs: &[&Pair], precision: Precision) -> anyhow::Resu
     let model = &s.m.model;
     let rows: Vec<&Example> = pairs
         .iter()
-        .map(|p| &p.0)
-        .chain(pairs.iter().map(|p| &p.1))
+        .map(|p| &p.chosen)
+        .chain(pairs.iter().map(|p| &p.rejected))
         .collect();
     let b = BatchTensors::pad(&rows, s.template.pad, model.device());
     let scores = with_autocast(model.device(), precision, || -> anyhow::Result<Tensor> {
@@ -277,20 +300,33 @@ fn pair_scores(s: &Setup, pairs: &[&Pair], precision: Precision) -> anyhow::Resu
             .to_kind(Kind::Float))
     })??;
     let n = pairs.len() as i64;
+    let (chosen, rejected) = (scores.narrow(0, 0, n), scores.narrow(0, n, n));
+    let (chosen, rejected) = match &model.config.score_sign {
+        Some(sign) => {
+            let signs: Vec<f32> = pairs
+                .iter()
+                .map(|p| sign.sign(&p.meta).map(|x| x as f32))
+                .collect::<Result<_, _>>()?;
+            let signs = Tensor::from_slice(&signs).to_device(model.device());
+            (chosen * &signs, rejected * &signs)
+        }
+        None => (chosen, rejected),
+    };
     Ok(PairScores {
-        chosen: scores.narrow(0, 0, n),
-        rejected: scores.narrow(0, n, n),
+        chosen,
+        rejected,
         tokens: b.tokens,
     })
 }
 
-/// Held-out loss, accuracy, margin and mean rewards, logged; None without eval data.
+/// Held-out loss, accuracy (overall and per `group_by` value), margin and mean rewards,
+/// logged; None without eval data.
 fn evaluate(
     s: &Setup,
     c: &Config,
     log: &mut MetricsLog,
     step: u64,
-) -> anyhow::Result<Option<Vec<(&'static str, f64)>>> {
+) -> anyhow::Result<Option<Vec<(String, f64)>>> {
     if s.eval.is_empty() {
         return Ok(None);
     }
@@ -303,16 +339,68 @@ fn evaluate(
     }
     let (ch, rj) = (Tensor::cat(&chosen, 0), Tensor::cat(&rejected, 0));
     let scalar = |t: Tensor| t.to_kind(Kind::Double).double_value(&[]);
-    let fields = vec![
-        ("loss", scalar(bradley_terry_loss(&ch, &rj, c.margin))),
+    let mut fields = vec![
         (
-            "accuracy",
+            "loss".to_string(),
+            scalar(bradley_terry_loss(&ch, &rj, c.margin)),
+        ),
+        (
+            "accuracy".into(),
             scalar(ch.gt_tensor(&rj).to_kind(Kind::Float).mean(Kind::Float)),
         ),
-        ("margin", scalar((&ch - &rj).mean(Kind::Float))),
-        ("reward_chosen", scalar(ch.mean(Kind::Float))),
-        ("reward_rejected", scalar(rj.mean(Kind::Float))),
+        ("margin".into(), scalar((&ch - &rj).mean(Kind::Float))),
+        ("reward_chosen".into(), scalar(ch.mean(Kind::Float))),
+        ("reward_rejected".into(), scalar(rj.mean(Kind::Float))),
     ];
-    log.log_eval(step, &fields)?;
+    if let Some(field) = &c.group_by {
+        let right = Vec::<bool>::try_from(ch.gt_tensor(&rj))?;
+        for (group, acc) in group_accuracy(&s.eval, field, &right) {
+            fields.push((format!("accuracy/{group}"), acc));
+        }
+    }
+    let refs: Vec<(&str, f64)> = fields.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    log.log_eval(step, &refs)?;
     Ok(Some(fields))
+}
+
+/// Accuracy within each value of `field` (pairs without it are left out), in value order.
+fn group_accuracy(pairs: &[Pair], field: &str, right: &[bool]) -> Vec<(String, f64)> {
+    let mut groups: std::collections::BTreeMap<&str, (f64, f64)> = Default::default();
+    for (p, &ok) in pairs.iter().zip(right) {
+        if let Some(g) = p.label(field) {
+            let e = groups.entry(g).or_default();
+            *e = (e.0 + f64::from(u8::from(ok)), e.1 + 1.0);
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(g, (hits, n))| (g.to_string(), hits / n))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accuracy_per_group_by_hand() {
+        let pair = |g: Option<&str>| RenderedPair {
+            chosen: Example::default(),
+            rejected: Example::default(),
+            meta: g
+                .map(|g| [("sentiment".to_string(), serde_json::json!(g))].into())
+                .unwrap_or_default(),
+        };
+        let pairs = [
+            pair(Some("positive")),
+            pair(Some("negative")),
+            pair(Some("positive")),
+            pair(None),
+        ];
+        let got = group_accuracy(&pairs, "sentiment", &[true, false, false, true]);
+        assert_eq!(
+            got,
+            [("negative".to_string(), 0.0), ("positive".to_string(), 0.5)]
+        );
+    }
 }

@@ -20,6 +20,7 @@ pub enum StageKind {
     Sft,
     Reward,
     Ppo,
+    Dpo,
     Eval,
 }
 
@@ -34,12 +35,13 @@ pub enum PathRole {
 }
 
 impl StageKind {
-    pub const ALL: [StageKind; 6] = [
+    pub const ALL: [StageKind; 7] = [
         StageKind::Tokenizer,
         StageKind::Pretrain,
         StageKind::Sft,
         StageKind::Reward,
         StageKind::Ppo,
+        StageKind::Dpo,
         StageKind::Eval,
     ];
 
@@ -50,6 +52,7 @@ impl StageKind {
             StageKind::Sft => "sft",
             StageKind::Reward => "reward",
             StageKind::Ppo => "ppo",
+            StageKind::Dpo => "dpo",
             StageKind::Eval => "eval",
         }
     }
@@ -87,9 +90,14 @@ impl StageKind {
                 ("reward_model", Input),
                 ("prompts", Input),
             ],
-            StageKind::Eval => &[
+            StageKind::Dpo => &[
                 ("policy", Input),
-                ("baseline", Input),
+                ("reference", Input),
+                ("data", Input),
+                ("eval_data", Input),
+            ],
+            StageKind::Eval => &[
+                ("policies.*", Input),
                 ("reference", Input),
                 ("reward_model", Input),
                 ("prompts", Input),

@@ -85,6 +85,7 @@ fn main() -> anyhow::Result<()> {
         eos_token_id: None,
         pad_token_id: Some(0),
         score_pooling: Default::default(),
+        score_sign: None,
     };
     let vs = tch::nn::VarStore::new(device);
     let model = Transformer::new(

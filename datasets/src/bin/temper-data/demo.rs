@@ -4,10 +4,9 @@
 //! - general.parquet        Brown (tags stripped) and Shakespeare, for pretraining
 //! - domain_train/heldout   movie-review snippets, split by snippet text hash (10 % held out)
 //! - sft_train/eval         "Write a positive/negative review…" → a snippet rated clearly so
-//! - rm_train/eval          pairs whose human ratings differ by ≥ 2 points (for a positive
-//!   instruction the higher-rated is chosen, for negative the lower)
-//! - rm_train_positive      the positive-instruction pairs of rm_train, for the reward model's
-//!   warm-up (see configs/demo.yaml)
+//! - rm_train/eval          pairs whose human ratings differ by ≥ 2 points, each twice: under
+//!   a positive instruction the higher-rated reply is chosen, under a negative one the lower,
+//!   so a reward model that ignores the instruction scores exactly chance
 //! - ppo_prompts            instructions with openings of training snippets
 //! - eval_prompts           instructions with openings of held-out snippets
 //! - vader_lexicon.txt      the independent judge's lexicon (not trained on by anything)
@@ -63,7 +62,6 @@ pub struct DemoCounts {
     pub sft_train: usize,
     pub sft_eval: usize,
     pub rm_train: usize,
-    pub rm_train_positive: usize,
     pub rm_eval: usize,
     pub ppo_prompts: usize,
     pub eval_prompts: usize,
@@ -212,7 +210,11 @@ struct Pair {
 }
 
 /// Up to `per_snippet` pairs anchored on each snippet, partners drawn at random among those
-/// rated at least PAIR_MARGIN apart.
+/// rated at least PAIR_MARGIN apart, each pair twice: under a positive instruction the
+/// higher-rated reply is chosen, under a negative one the lower-rated. The two snippets and
+/// both labels appear together, so "the higher-rated wins" (or any rule blind to the
+/// instruction) is right exactly half the time: only a reward that reads the instruction beats
+/// chance.
 ///
 /// The prompt is the bare instruction. Asking it to begin with the chosen reply's opening (as
 /// SFT and PPO prompts may) would give the answer away: a reward model trained that way picked
@@ -228,16 +230,17 @@ fn pair_rows(snippets: &[Snippet], per_snippet: usize, rng: &mut SplitMix64) -> 
             else {
                 continue;
             };
-            let positive = rng.unit() < 0.5;
             let (hi, lo) = if a.rating > b.rating { (a, b) } else { (b, a) };
-            let (chosen, rejected) = if positive { (hi, lo) } else { (lo, hi) };
-            pairs.push(Pair {
-                prompt: instruction(rng, positive).to_string(),
-                chosen: chosen.text.clone(),
-                rejected: rejected.text.clone(),
-                sentiment: sentiment(positive),
-                margin: hi.rating - lo.rating,
-            });
+            for positive in [true, false] {
+                let (chosen, rejected) = if positive { (hi, lo) } else { (lo, hi) };
+                pairs.push(Pair {
+                    prompt: instruction(rng, positive).to_string(),
+                    chosen: chosen.text.clone(),
+                    rejected: rejected.text.clone(),
+                    sentiment: sentiment(positive),
+                    margin: hi.rating - lo.rating,
+                });
+            }
         }
     }
     pairs
@@ -413,15 +416,6 @@ pub fn prepare_demo(raw: &Path, out: &Path, seed: u64) -> Result<DemoCounts> {
     write_sft(&out.join("sft_train.parquet"), sft_train)?;
     write_sft(&out.join("sft_eval.parquet"), sft_eval)?;
     write_pairs(&out.join("rm_train.parquet"), &rm_train)?;
-    // A preference that flips with the instruction has no main effect to learn first; the
-    // positive half alone does (replies rated higher win), and starting from it the reward
-    // model then learns the flip (configs/demo.yaml: reward_warmup, then reward).
-    let positive: Vec<Pair> = rm_train
-        .into_iter()
-        .filter(|p| p.sentiment == "positive")
-        .collect();
-    counts.rm_train_positive = positive.len();
-    write_pairs(&out.join("rm_train_positive.parquet"), &positive)?;
     write_pairs(&out.join("rm_eval.parquet"), &rm_eval)?;
     write_prompts(&out.join("ppo_prompts.parquet"), ppo)?;
     write_prompts(&out.join("eval_prompts.parquet"), eval)?;

@@ -1,0 +1,687 @@
+//! temper-dpo: preference optimisation without RL. The policy learns from preference pairs
+//! directly — DPO (`sigmoid`, with `label_smoothing` for cDPO), `ipo`, `hinge` (SLiC), the
+//! reference-free `orpo` and `simpo` — or from unpaired desirable/undesirable examples (`kto`).
+//! The reference is the policy's starting checkpoint unless `reference` says otherwise; with
+//! `precompute_reference` its log-probs are computed once, cached in the stage folder, and the
+//! reference is not held during training. Metrics use TRL's names; evaluation adds the KL to
+//! the reference on replies the policy samples.
+
+mod losses;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tch::{Kind, Tensor};
+use temper_core::preference::{PairLogps, PreferenceLoss};
+use temper_core::sample::{generate, SamplingConfig};
+use temper_core::schedule::check_optim;
+use temper_core::scoring::{decode_replies, response_logprobs};
+use temper_core::{
+    load_checkpoint, load_with_tokenizer, resolve_device, resume_or_start, save_final, save_state,
+    with_autocast, AdamW, DeviceSpec, LoadSpec, Loaded, OptimSettings, Precision, Transformer,
+    CHECKPOINT_FILES,
+};
+use temper_data::{
+    seed_for, seeds_for, shuffled, ChatTemplate, Epochs, Example, Fields, LoadOptions, Overlong,
+    RenderedPair,
+};
+use temper_stage::cadence::{every_10, every_100};
+use temper_stage::{
+    check_finite, checked_config, invalid, progress_bar, step_fields, Cadence, ConfigFile, Every,
+    Inputs, MetricsLog, StageArgs, StageError, StageFolder, StageKind, Throughput,
+};
+
+use crate::losses::{pair_logps, LossSettings};
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    /// The checkpoint to train (usually SFT), with its tokenizer.json.
+    policy: PathBuf,
+    /// The frozen reference; defaults to `policy`'s starting checkpoint.
+    #[serde(default)]
+    reference: Option<PathBuf>,
+    /// Preference pairs (prompt, chosen, rejected); for `kto` also unpaired rows (prompt,
+    /// completion, label).
+    data: PathBuf,
+    #[serde(default)]
+    eval_data: Option<PathBuf>,
+    #[serde(default)]
+    fields: Fields,
+    #[serde(default)]
+    max_len: Option<usize>,
+    #[serde(default)]
+    overlong: Overlong,
+    #[serde(default)]
+    loss: PreferenceLoss,
+    /// The strength of the preference against the reference (DPO's β; ORPO's λ).
+    #[serde(default = "default_beta")]
+    beta: f64,
+    /// cDPO's ε (sigmoid only): the share of labels assumed flipped.
+    #[serde(default)]
+    label_smoothing: f64,
+    /// SimPO's target margin γ.
+    #[serde(default = "default_gamma")]
+    gamma: f64,
+    #[serde(default = "default_weight")]
+    desirable_weight: f64,
+    #[serde(default = "default_weight")]
+    undesirable_weight: f64,
+    /// Compute the reference's log-probs once (cached in the stage folder) instead of holding
+    /// the reference model during training.
+    #[serde(default)]
+    precompute_reference: bool,
+    steps: u64,
+    /// Pairs (or, for kto, examples) per micro-batch.
+    batch_size: usize,
+    #[serde(default = "default_optim")]
+    optim: OptimSettings,
+    #[serde(default = "every_100")]
+    eval_every: Every,
+    #[serde(default = "every_100")]
+    save_every: Every,
+    #[serde(default = "every_10")]
+    log_every: Every,
+    /// Held-out prompts the policy answers at each evaluation, to measure its KL to the
+    /// reference (0: none).
+    #[serde(default = "default_kl_samples")]
+    kl_samples: usize,
+    #[serde(default = "default_max_new")]
+    max_new_tokens: i64,
+    #[serde(default)]
+    device: DeviceSpec,
+    #[serde(default)]
+    precision: Precision,
+    #[serde(default)]
+    seed: u64,
+}
+
+fn default_beta() -> f64 {
+    0.1
+}
+fn default_gamma() -> f64 {
+    0.5
+}
+fn default_weight() -> f64 {
+    1.0
+}
+fn default_kl_samples() -> usize {
+    32
+}
+fn default_max_new() -> i64 {
+    32
+}
+fn default_optim() -> OptimSettings {
+    OptimSettings {
+        lr: 5e-6,
+        min_lr: 5e-7,
+        warmup_steps: 10,
+        weight_decay: 0.0,
+        ..OptimSettings::default()
+    }
+}
+
+fn main() {
+    temper_stage::stage_main(
+        "temper-dpo",
+        "Preference optimisation without RL: DPO, cDPO, IPO, hinge, ORPO, SimPO and KTO on preference pairs.",
+        run,
+    )
+}
+
+/// Range checks and the inputs' presence; nothing is read yet.
+fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError> {
+    let c = &cfg.value;
+    check_optim(cfg, "optim", &c.optim)?;
+    cfg.ensure(c.steps >= 1, "steps", "must be at least 1")?;
+    cfg.ensure(c.batch_size >= 1, "batch_size", "must be at least 1")?;
+    cfg.ensure(
+        c.beta.is_finite() && c.beta > 0.0,
+        "beta",
+        format!("must be positive, got {}", c.beta),
+    )?;
+    cfg.ensure(
+        (0.0..0.5).contains(&c.label_smoothing),
+        "label_smoothing",
+        format!("must be in [0, 0.5), got {}", c.label_smoothing),
+    )?;
+    cfg.ensure(
+        c.label_smoothing == 0.0 || c.loss == PreferenceLoss::Sigmoid,
+        "label_smoothing",
+        "applies to `loss: sigmoid` only (conservative DPO)",
+    )?;
+    cfg.ensure(c.gamma.is_finite(), "gamma", "must be a number")?;
+    for (field, w) in [
+        ("desirable_weight", c.desirable_weight),
+        ("undesirable_weight", c.undesirable_weight),
+    ] {
+        cfg.ensure(w.is_finite() && w > 0.0, field, "must be positive")?;
+    }
+    cfg.ensure(
+        c.loss != PreferenceLoss::Kto || c.batch_size >= 2,
+        "batch_size",
+        "kto estimates its KL term from the other examples of the batch: use at least 2",
+    )?;
+    cfg.ensure(
+        !(c.precompute_reference && c.loss == PreferenceLoss::Kto),
+        "precompute_reference",
+        "not available with kto: its KL term pairs each prompt with another example's reply in the batch",
+    )?;
+    cfg.ensure(
+        c.max_new_tokens >= 1,
+        "max_new_tokens",
+        "must be at least 1",
+    )?;
+    inputs.folder(cfg, "policy", &c.policy, &CHECKPOINT_FILES)?;
+    if let Some(r) = &c.reference {
+        inputs.folder(cfg, "reference", r, &CHECKPOINT_FILES[..2])?;
+    }
+    inputs.file(cfg, "data", &c.data)?;
+    if let Some(e) = &c.eval_data {
+        inputs.file(cfg, "eval_data", e)?;
+    }
+    Ok(())
+}
+
+/// Training data: pairs, or unpaired examples for kto.
+enum Data {
+    Pairs(Vec<RenderedPair>),
+    Unpaired(Vec<(Example, bool)>),
+}
+
+impl Data {
+    fn len(&self) -> usize {
+        match self {
+            Data::Pairs(p) => p.len(),
+            Data::Unpaired(u) => u.len(),
+        }
+    }
+}
+
+struct Setup {
+    m: Loaded,
+    /// Held while training unless the reference's log-probs are precomputed.
+    reference: Option<Transformer>,
+    template: ChatTemplate,
+    train: Data,
+    eval: Data,
+    /// Held-out prompts for the KL measurement.
+    kl_prompts: Vec<Vec<i64>>,
+}
+
+fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
+    let c = &cfg.value;
+    let device = resolve_device(c.device).map_err(invalid)?;
+    tch::manual_seed(c.seed as i64);
+    let m = load_with_tokenizer(&c.policy, LoadSpec::CAUSAL_LM, device).map_err(invalid)?;
+    let template = ChatTemplate::new(&m.tokenizer).map_err(invalid)?;
+    let max_len = c.max_len.unwrap_or(m.model.config.max_position as usize);
+    cfg.ensure(
+        max_len as i64 <= m.model.config.max_position,
+        "max_len",
+        format!(
+            "exceeds the model's max_position {}",
+            m.model.config.max_position
+        ),
+    )?;
+    let estimate = m
+        .model
+        .config
+        .training_bytes(2 * c.batch_size as i64, max_len as i64);
+    temper_core::device::check_memory(device, estimate, "training at this batch_size and max_len")
+        .map_err(|msg| cfg.error("batch_size", msg))?;
+    let opts = LoadOptions {
+        tokenizer: &m.tokenizer,
+        template,
+        fields: &c.fields,
+        max_len,
+        overlong: c.overlong,
+        train_on_prompt: false,
+    };
+    let load = |path: &Path| -> Result<Data, StageError> {
+        Ok(match c.loss {
+            PreferenceLoss::Kto => Data::Unpaired(opts.unpaired(path).map_err(invalid)?.0),
+            _ => Data::Pairs(opts.pairs(path).map_err(invalid)?.0),
+        })
+    };
+    let train = load(&c.data)?;
+    let eval = match &c.eval_data {
+        Some(p) => load(p)?,
+        None => Data::Pairs(Vec::new()),
+    };
+    tracing::info!(
+        "{}: {} training examples ({:?} loss)",
+        c.data.display(),
+        train.len(),
+        c.loss
+    );
+    let needs_model = c.loss.needs_reference() && !c.precompute_reference;
+    let reference = needs_model.then(|| load_reference(c, device)).transpose()?;
+    let kl_prompts: Vec<Vec<i64>> = match &eval {
+        Data::Pairs(p) => p.iter().map(|p| prompt_of(&p.chosen)).collect(),
+        Data::Unpaired(u) => u.iter().map(|(e, _)| prompt_of(e)).collect(),
+    };
+    let kl_prompts: Vec<Vec<i64>> = kl_prompts
+        .into_iter()
+        .filter(|p: &Vec<i64>| !p.is_empty())
+        .take(c.kl_samples)
+        .collect();
+    Ok(Setup {
+        m,
+        reference,
+        template,
+        train,
+        eval,
+        kl_prompts,
+    })
+}
+
+fn load_reference(c: &Config, device: tch::Device) -> Result<Transformer, StageError> {
+    let dir = c.reference.as_ref().unwrap_or(&c.policy);
+    let (mut vs, model) = load_checkpoint(dir, LoadSpec::CAUSAL_LM, device).map_err(invalid)?;
+    vs.freeze();
+    Ok(model)
+}
+
+fn prompt_of(e: &Example) -> Vec<i64> {
+    e.ids[..e.prompt_len()].iter().map(|&t| t as i64).collect()
+}
+
+fn run(args: &StageArgs) -> Result<(), StageError> {
+    let Some(cfg) = checked_config::<Config>(args, StageKind::Dpo, check)? else {
+        return Ok(()); // an input is pending: the rest is checked when it exists
+    };
+    let s = prepare(&cfg)?;
+    if args.validate {
+        return cfg.print_resolved();
+    }
+
+    let c = &cfg.value;
+    let (vs, model) = (&s.m.vs, &s.m.model);
+    let folder = StageFolder::claim(&args.out, "dpo")?;
+    cfg.write_resolved(&folder.path)?;
+    let mut log = MetricsLog::open(&folder.path)?;
+    let mut opt = AdamW::new(vs, c.optim.adamw());
+    let mut progress = resume_or_start(&folder.path, &mut log, &[vs], &mut [&mut opt], &cfg.hash)?;
+    let cache = reference_cache(&s, c, &folder.path, &cfg.hash)?;
+    let settings = LossSettings {
+        loss: c.loss,
+        beta: c.beta,
+        label_smoothing: c.label_smoothing,
+        gamma: c.gamma,
+        desirable_weight: c.desirable_weight,
+        undesirable_weight: c.undesirable_weight,
+    };
+    let every = Cadence::new(c.log_every, c.eval_every, c.save_every, c.steps);
+    let n = s.train.len();
+    let mut batches = Epochs::new(|e| {
+        let order = shuffled(n, seed_for(c.seed, "epoch", e));
+        order.chunks(c.batch_size).map(<[usize]>::to_vec).collect()
+    });
+    let bar = progress_bar(c.steps, progress.step);
+    let mut throughput = Throughput::new();
+    let mut last_eval = None;
+    if progress.step == 0 {
+        last_eval = evaluate(&s, c, &settings, cache.as_ref(), &mut log, 0)?;
+    }
+    while progress.step < c.steps {
+        let step = progress.step;
+        let lr = c.optim.lr_at(step, c.steps);
+        let accum = c.optim.grad_accum;
+        let (mut step_loss, mut step_metrics) = (0.0, Vec::new());
+        for micro in 0..accum {
+            let idx = batches.get(step * accum + micro).clone();
+            let b = batch_loss(
+                &s,
+                &settings,
+                c.precision,
+                &idx,
+                cache.as_ref().map(|x| &x.train),
+            )?;
+            let value = b.loss.double_value(&[]);
+            if let Err(e) = check_finite(value, step + 1, step) {
+                save_state(&folder.path, &log, &[vs], &[&opt], &progress)?;
+                return Err(e.into());
+            }
+            (b.loss / accum as f64).backward();
+            step_loss += value / accum as f64;
+            accumulate(&mut step_metrics, &b.metrics, accum);
+            progress.tokens_seen += b.tokens;
+            throughput.add(b.tokens);
+        }
+        let grad_norm = opt.update(c.optim.grad_clip, lr)?;
+        progress.step += 1;
+        let step = progress.step;
+        bar.set_position(step);
+        bar.set_message(format!("loss {step_loss:.4}"));
+        if every.log_due(step) {
+            let mut fields = step_fields(
+                step_loss,
+                lr,
+                grad_norm,
+                progress.tokens_seen,
+                throughput.take(),
+            );
+            fields.extend(step_metrics);
+            log.log_train(step, &fields)?;
+        }
+        if every.eval_due(step) {
+            last_eval = evaluate(&s, c, &settings, cache.as_ref(), &mut log, step)?;
+        }
+        if every.save_due(step) {
+            save_state(&folder.path, &log, &[vs], &[&opt], &progress)?;
+        }
+        every.stop_if_asked(step)?;
+    }
+    bar.finish_and_clear();
+
+    save_final(&folder.path, model, vs, &s.m.tokenizer_path)?;
+    let mut summary = log.summary_base(&progress);
+    for (k, v) in last_eval.unwrap_or_default() {
+        summary.insert(k.to_string(), json!(v));
+    }
+    log.write_summary("ok", summary)?;
+    Ok(())
+}
+
+/// Running mean of a micro-batch's metrics over the step's `accum` micro-batches.
+fn accumulate(into: &mut Vec<(&'static str, f64)>, add: &[(&'static str, f64)], accum: u64) {
+    if into.is_empty() {
+        into.extend(add.iter().map(|(k, _)| (*k, 0.0)));
+    }
+    for ((_, acc), (_, v)) in into.iter_mut().zip(add) {
+        *acc += v / accum as f64;
+    }
+}
+
+/// The loss of the training examples at `idx` (pairs or, for kto, unpaired examples).
+fn batch_loss(
+    s: &Setup,
+    settings: &LossSettings,
+    precision: Precision,
+    idx: &[usize],
+    cached: Option<&CachedLogps>,
+) -> anyhow::Result<losses::BatchLoss> {
+    match &s.train {
+        Data::Pairs(pairs) => pairs_loss(
+            s,
+            settings,
+            precision,
+            &idx.iter().map(|&i| &pairs[i]).collect::<Vec<_>>(),
+            cached.map(|c| c.select(idx)),
+        ),
+        Data::Unpaired(examples) => {
+            let picked: Vec<&(Example, bool)> = idx.iter().map(|&i| &examples[i]).collect();
+            let reference = s.reference.as_ref().expect("kto holds its reference");
+            losses::kto(
+                &s.m.model,
+                reference,
+                &picked,
+                s.template.pad,
+                precision,
+                settings,
+            )
+        }
+    }
+}
+
+/// The loss of `pairs`, with the reference's log-probs from the cache or computed now.
+fn pairs_loss(
+    s: &Setup,
+    settings: &LossSettings,
+    precision: Precision,
+    pairs: &[&RenderedPair],
+    cached: Option<PairLogps>,
+) -> anyhow::Result<losses::BatchLoss> {
+    let (policy, tokens) = pair_logps(&s.m.model, pairs, s.template.pad, precision)?;
+    let reference = match (cached, &s.reference) {
+        (Some(c), _) => Some(c),
+        (None, Some(r)) if settings.loss.needs_reference() => {
+            Some(tch::no_grad(|| pair_logps(r, pairs, s.template.pad, precision))?.0)
+        }
+        _ => None,
+    };
+    let (loss, metrics) = losses::paired(&policy, reference.as_ref(), settings)?;
+    Ok(losses::BatchLoss {
+        loss,
+        metrics,
+        tokens,
+    })
+}
+
+/// Held-out loss and metrics (the same names as training), and the KL to the reference on
+/// replies the policy samples; logged, with the replies in samples.jsonl.
+fn evaluate(
+    s: &Setup,
+    c: &Config,
+    settings: &LossSettings,
+    cache: Option<&ReferenceCache>,
+    log: &mut MetricsLog,
+    step: u64,
+) -> anyhow::Result<Option<Vec<(&'static str, f64)>>> {
+    if s.eval.len() == 0 {
+        return Ok(None);
+    }
+    let mut fields: Vec<(&'static str, f64)> = Vec::new();
+    let mut loss = 0.0;
+    let chunks: Vec<Vec<usize>> = (0..s.eval.len())
+        .collect::<Vec<_>>()
+        .chunks(c.batch_size)
+        .map(<[usize]>::to_vec)
+        .collect();
+    for idx in &chunks {
+        let w = idx.len() as f64 / s.eval.len() as f64;
+        let b = tch::no_grad(|| -> anyhow::Result<_> {
+            match &s.eval {
+                Data::Pairs(pairs) => {
+                    let picked: Vec<&RenderedPair> = idx.iter().map(|&i| &pairs[i]).collect();
+                    pairs_loss(
+                        s,
+                        settings,
+                        c.precision,
+                        &picked,
+                        cache.map(|x| x.eval.select(idx)),
+                    )
+                }
+                Data::Unpaired(ex) => {
+                    let picked: Vec<&(Example, bool)> = idx.iter().map(|&i| &ex[i]).collect();
+                    let r = s.reference.as_ref().expect("kto holds its reference");
+                    losses::kto(
+                        &s.m.model,
+                        r,
+                        &picked,
+                        s.template.pad,
+                        c.precision,
+                        settings,
+                    )
+                }
+            }
+        })?;
+        loss += b.loss.double_value(&[]) * w;
+        if fields.is_empty() {
+            fields.extend(b.metrics.iter().map(|(k, _)| (*k, 0.0)));
+        }
+        for ((_, acc), (_, v)) in fields.iter_mut().zip(&b.metrics) {
+            *acc += v * w;
+        }
+    }
+    fields.insert(0, ("loss", loss));
+    if !s.kl_prompts.is_empty() {
+        let (kl, records) = kl_to_reference(s, c, step)?;
+        fields.push(("kl_to_reference", kl));
+        log.log_samples(&records)?;
+    }
+    log.log_eval(step, &fields)?;
+    Ok(Some(fields))
+}
+
+/// The mean of Σ log π − log π_ref over replies the policy samples to held-out prompts.
+fn kl_to_reference(
+    s: &Setup,
+    c: &Config,
+    step: u64,
+) -> anyhow::Result<(f64, Vec<serde_json::Value>)> {
+    let model = &s.m.model;
+    let held;
+    let reference = match &s.reference {
+        Some(r) => r,
+        None => {
+            held = load_reference(c, model.device()).map_err(|e| e.error)?;
+            &held
+        }
+    };
+    let sampling = SamplingConfig {
+        max_new_tokens: c
+            .max_new_tokens
+            .min(
+                model.config.max_position
+                    - s.kl_prompts.iter().map(Vec::len).max().unwrap_or(0) as i64,
+            )
+            .max(1),
+        temperature: 1.0,
+        top_k: None,
+        top_p: None,
+        eos_token_id: Some(s.template.eos as i64),
+        pad_token_id: s.template.pad as i64,
+    };
+    let seeds = seeds_for(c.seed, "kl-sample", step, s.kl_prompts.len());
+    let g = with_autocast(model.device(), c.precision, || {
+        generate(model, &s.kl_prompts, &sampling, &seeds)
+    })??;
+    let joined = g.joined();
+    let p = g.prompt.size()[1];
+    let mask = g.mask.to_kind(Kind::Float);
+    let kl = tch::no_grad(|| -> anyhow::Result<Tensor> {
+        let lp = |m: &Transformer| -> anyhow::Result<Tensor> {
+            Ok(response_logprobs(m, &joined.seq, &joined.attention, p, &g.tokens, 1.0)?.0)
+        };
+        Ok(((lp(model)? - lp(reference)?) * &mask).sum_dim_intlist(1, false, Kind::Float))
+    })?;
+    let per_reply = Vec::<f64>::try_from(kl.to_kind(Kind::Double))?;
+    let replies = decode_replies(&s.m.tokenizer, &g.tokens, &g.mask, s.template.eos)?;
+    let records = replies
+        .iter()
+        .zip(&per_reply)
+        .zip(&s.kl_prompts)
+        .take(4)
+        .map(|((r, kl), prompt)| {
+            let ids: Vec<u32> = prompt.iter().map(|&t| t as u32).collect();
+            json!({"step": step, "prompt": s.m.tokenizer.decode(&ids).unwrap_or_default(), "response": r.text, "kl": kl})
+        })
+        .collect();
+    Ok((
+        per_reply.iter().sum::<f64>() / per_reply.len().max(1) as f64,
+        records,
+    ))
+}
+
+/// The reference's completion log-probs of every training and held-out pair.
+struct CachedLogps {
+    chosen: Tensor,
+    rejected: Tensor,
+    chosen_len: Tensor,
+    rejected_len: Tensor,
+}
+
+impl CachedLogps {
+    fn select(&self, idx: &[usize]) -> PairLogps {
+        let i = Tensor::from_slice(&idx.iter().map(|&i| i as i64).collect::<Vec<_>>())
+            .to_device(self.chosen.device());
+        PairLogps {
+            chosen: self.chosen.index_select(0, &i),
+            rejected: self.rejected.index_select(0, &i),
+            chosen_len: self.chosen_len.index_select(0, &i),
+            rejected_len: self.rejected_len.index_select(0, &i),
+        }
+    }
+}
+
+struct ReferenceCache {
+    train: CachedLogps,
+    eval: CachedLogps,
+}
+
+/// With `precompute_reference` (and a loss that has a reference): the reference's log-probs
+/// of every pair, read from `<out>/reference_logps.safetensors` when it was written under this
+/// config, else computed once (the reference model is loaded for it and dropped after) and
+/// written atomically.
+fn reference_cache(
+    s: &Setup,
+    c: &Config,
+    out: &Path,
+    config_hash: &str,
+) -> anyhow::Result<Option<ReferenceCache>> {
+    if !c.precompute_reference || !c.loss.needs_reference() {
+        return Ok(None);
+    }
+    let file = out.join("reference_logps.safetensors");
+    let stamp = out.join("reference_logps.json");
+    let device = s.m.model.device();
+    let fresh = std::fs::read_to_string(&stamp)
+        .ok()
+        .is_some_and(|t| t.trim() == config_hash);
+    let mut named = if fresh && file.exists() {
+        Tensor::read_safetensors(&file)?
+            .into_iter()
+            .collect::<std::collections::BTreeMap<_, _>>()
+    } else {
+        let reference = load_reference(c, device).map_err(|e| e.error)?;
+        let mut named = std::collections::BTreeMap::new();
+        for (split, data) in [("train", &s.train), ("eval", &s.eval)] {
+            let Data::Pairs(pairs) = data else { continue };
+            let (mut ch, mut rj, mut cl, mut rl) = (vec![], vec![], vec![], vec![]);
+            for chunk in pairs.chunks(c.batch_size.max(8)) {
+                let refs: Vec<&RenderedPair> = chunk.iter().collect();
+                let (lp, _) =
+                    tch::no_grad(|| pair_logps(&reference, &refs, s.template.pad, c.precision))?;
+                ch.push(lp.chosen);
+                rj.push(lp.rejected);
+                cl.push(lp.chosen_len);
+                rl.push(lp.rejected_len);
+            }
+            let cat = |v: &[Tensor]| {
+                if v.is_empty() {
+                    Tensor::zeros([0], (Kind::Float, device))
+                } else {
+                    Tensor::cat(v, 0)
+                }
+            };
+            named.insert(format!("{split}.chosen"), cat(&ch));
+            named.insert(format!("{split}.rejected"), cat(&rj));
+            named.insert(format!("{split}.chosen_len"), cat(&cl));
+            named.insert(format!("{split}.rejected_len"), cat(&rl));
+        }
+        let tmp = out.join(".reference_logps.safetensors.tmp");
+        let cpu: Vec<(String, Tensor)> = named
+            .iter()
+            .map(|(k, t)| (k.clone(), t.to_device(tch::Device::Cpu)))
+            .collect();
+        Tensor::write_safetensors(&cpu, &tmp)?;
+        std::fs::rename(&tmp, &file)?;
+        temper_stage::atomic::write_atomic(&stamp, config_hash.as_bytes())?;
+        tracing::info!(
+            "reference log-probs of {} training pairs computed and cached",
+            s.train.len()
+        );
+        named
+    };
+    let mut take = |split: &str| -> anyhow::Result<CachedLogps> {
+        let mut get = |k: &str| {
+            named
+                .remove(&format!("{split}.{k}"))
+                .map(|t| t.to_device(device))
+                .ok_or_else(|| anyhow::anyhow!("{}: lacks {split}.{k}", file.display()))
+        };
+        Ok(CachedLogps {
+            chosen: get("chosen")?,
+            rejected: get("rejected")?,
+            chosen_len: get("chosen_len")?,
+            rejected_len: get("rejected_len")?,
+        })
+    };
+    Ok(Some(ReferenceCache {
+        train: take("train")?,
+        eval: take("eval")?,
+    }))
+}
