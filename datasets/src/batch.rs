@@ -93,6 +93,16 @@ pub fn seeds_for(seed: u64, stream: &str, index: u64, n: usize) -> Vec<u64> {
     (0..n as u64).map(|i| seed_for(base, "item", i)).collect()
 }
 
+/// The `index`-th batch of `size` items of 0..n in seeded passes: pass `index / per_pass` is a
+/// fresh permutation, cut into batches (the last one shorter). A function of `index` alone, so a
+/// resumed RL run draws exactly the prompts an uninterrupted one would.
+pub fn pass_batch(n: usize, size: usize, seed: u64, index: u64) -> Vec<usize> {
+    let per_pass = n.div_ceil(size.max(1)) as u64;
+    let order = shuffled(n, seed_for(seed, "prompt-pass", index / per_pass));
+    let start = ((index % per_pass) as usize) * size;
+    order[start..(start + size).min(order.len())].to_vec()
+}
+
 /// The items of a training run in seeded epochs: item k of the run is item k % n of epoch
 /// k / n, each epoch built by `make(epoch)` (which must give n items every time). A function
 /// of k alone, so a resumed run reads exactly what an uninterrupted one would.

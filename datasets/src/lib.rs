@@ -17,7 +17,8 @@ pub mod tokenizer;
 pub mod write;
 
 pub use batch::{
-    length_grouped_batches, pack, pad_right, seed_for, seeds_for, shuffled, Batch, Epochs, Overlong,
+    length_grouped_batches, pack, pad_right, pass_batch, seed_for, seeds_for, shuffled, Batch,
+    Epochs, Overlong,
 };
 pub use chat::{ChatTemplate, Example};
 pub use error::{DataError, Location, Result};

@@ -325,8 +325,14 @@ impl Executor<'_> {
                 .iter()
                 .find(|x| self.settled.get(*x) == Some(&false))
             {
-                println!("- {name}: skipped, parent {failed} did not finish");
-                self.manifest.push(json!({"stage": name, "decision": "blocked", "reason": format!("parent {failed} did not finish")}));
+                let why = if self.gated.contains(failed) {
+                    format!("parent {failed} was gated")
+                } else {
+                    format!("parent {failed} did not finish")
+                };
+                println!("- {name}: skipped, {why}");
+                self.manifest
+                    .push(json!({"stage": name, "decision": "blocked", "reason": why}));
                 self.settled.insert(name, false);
                 progressed = true;
                 continue;

@@ -9,6 +9,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod critic_free;
 pub mod device;
 pub mod error;
 mod ffi;

@@ -7,6 +7,7 @@
 //! the reference on replies the policy samples.
 
 mod losses;
+mod reference;
 
 use std::path::{Path, PathBuf};
 
@@ -33,6 +34,7 @@ use temper_stage::{
 };
 
 use crate::losses::{pair_logps, LossSettings};
+use crate::reference::{reference_cache, CachedLogps, ReferenceCache};
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -277,6 +279,14 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
     })
 }
 
+/// The training batches of epoch `e`: a seeded shuffle cut into `batch_size` pieces.
+fn epoch_batches(n: usize, c: &Config) -> impl Fn(u64) -> Vec<Vec<usize>> + '_ {
+    move |e| {
+        let order = shuffled(n, seed_for(c.seed, "epoch", e));
+        order.chunks(c.batch_size).map(<[usize]>::to_vec).collect()
+    }
+}
+
 fn load_reference(c: &Config, device: tch::Device) -> Result<Transformer, StageError> {
     let dir = c.reference.as_ref().unwrap_or(&c.policy);
     let (mut vs, model) = load_checkpoint(dir, LoadSpec::CAUSAL_LM, device).map_err(invalid)?;
@@ -314,11 +324,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         undesirable_weight: c.undesirable_weight,
     };
     let every = Cadence::new(c.log_every, c.eval_every, c.save_every, c.steps);
-    let n = s.train.len();
-    let mut batches = Epochs::new(|e| {
-        let order = shuffled(n, seed_for(c.seed, "epoch", e));
-        order.chunks(c.batch_size).map(<[usize]>::to_vec).collect()
-    });
+    let mut batches = Epochs::new(epoch_batches(s.train.len(), c));
     let bar = progress_bar(c.steps, progress.step);
     let mut throughput = Throughput::new();
     let mut last_eval = None;
@@ -574,114 +580,4 @@ fn kl_to_reference(
         per_reply.iter().sum::<f64>() / per_reply.len().max(1) as f64,
         records,
     ))
-}
-
-/// The reference's completion log-probs of every training and held-out pair.
-struct CachedLogps {
-    chosen: Tensor,
-    rejected: Tensor,
-    chosen_len: Tensor,
-    rejected_len: Tensor,
-}
-
-impl CachedLogps {
-    fn select(&self, idx: &[usize]) -> PairLogps {
-        let i = Tensor::from_slice(&idx.iter().map(|&i| i as i64).collect::<Vec<_>>())
-            .to_device(self.chosen.device());
-        PairLogps {
-            chosen: self.chosen.index_select(0, &i),
-            rejected: self.rejected.index_select(0, &i),
-            chosen_len: self.chosen_len.index_select(0, &i),
-            rejected_len: self.rejected_len.index_select(0, &i),
-        }
-    }
-}
-
-struct ReferenceCache {
-    train: CachedLogps,
-    eval: CachedLogps,
-}
-
-/// With `precompute_reference` (and a loss that has a reference): the reference's log-probs
-/// of every pair, read from `<out>/reference_logps.safetensors` when it was written under this
-/// config, else computed once (the reference model is loaded for it and dropped after) and
-/// written atomically.
-fn reference_cache(
-    s: &Setup,
-    c: &Config,
-    out: &Path,
-    config_hash: &str,
-) -> anyhow::Result<Option<ReferenceCache>> {
-    if !c.precompute_reference || !c.loss.needs_reference() {
-        return Ok(None);
-    }
-    let file = out.join("reference_logps.safetensors");
-    let stamp = out.join("reference_logps.json");
-    let device = s.m.model.device();
-    let fresh = std::fs::read_to_string(&stamp)
-        .ok()
-        .is_some_and(|t| t.trim() == config_hash);
-    let mut named = if fresh && file.exists() {
-        Tensor::read_safetensors(&file)?
-            .into_iter()
-            .collect::<std::collections::BTreeMap<_, _>>()
-    } else {
-        let reference = load_reference(c, device).map_err(|e| e.error)?;
-        let mut named = std::collections::BTreeMap::new();
-        for (split, data) in [("train", &s.train), ("eval", &s.eval)] {
-            let Data::Pairs(pairs) = data else { continue };
-            let (mut ch, mut rj, mut cl, mut rl) = (vec![], vec![], vec![], vec![]);
-            for chunk in pairs.chunks(c.batch_size.max(8)) {
-                let refs: Vec<&RenderedPair> = chunk.iter().collect();
-                let (lp, _) =
-                    tch::no_grad(|| pair_logps(&reference, &refs, s.template.pad, c.precision))?;
-                ch.push(lp.chosen);
-                rj.push(lp.rejected);
-                cl.push(lp.chosen_len);
-                rl.push(lp.rejected_len);
-            }
-            let cat = |v: &[Tensor]| {
-                if v.is_empty() {
-                    Tensor::zeros([0], (Kind::Float, device))
-                } else {
-                    Tensor::cat(v, 0)
-                }
-            };
-            named.insert(format!("{split}.chosen"), cat(&ch));
-            named.insert(format!("{split}.rejected"), cat(&rj));
-            named.insert(format!("{split}.chosen_len"), cat(&cl));
-            named.insert(format!("{split}.rejected_len"), cat(&rl));
-        }
-        let tmp = out.join(".reference_logps.safetensors.tmp");
-        let cpu: Vec<(String, Tensor)> = named
-            .iter()
-            .map(|(k, t)| (k.clone(), t.to_device(tch::Device::Cpu)))
-            .collect();
-        Tensor::write_safetensors(&cpu, &tmp)?;
-        std::fs::rename(&tmp, &file)?;
-        temper_stage::atomic::write_atomic(&stamp, config_hash.as_bytes())?;
-        tracing::info!(
-            "reference log-probs of {} training pairs computed and cached",
-            s.train.len()
-        );
-        named
-    };
-    let mut take = |split: &str| -> anyhow::Result<CachedLogps> {
-        let mut get = |k: &str| {
-            named
-                .remove(&format!("{split}.{k}"))
-                .map(|t| t.to_device(device))
-                .ok_or_else(|| anyhow::anyhow!("{}: lacks {split}.{k}", file.display()))
-        };
-        Ok(CachedLogps {
-            chosen: get("chosen")?,
-            rejected: get("rejected")?,
-            chosen_len: get("chosen_len")?,
-            rejected_len: get("rejected_len")?,
-        })
-    };
-    Ok(Some(ReferenceCache {
-        train: take("train")?,
-        eval: take("eval")?,
-    }))
 }

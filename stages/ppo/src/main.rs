@@ -24,7 +24,7 @@ use temper_core::{
     save_final, save_state, AdamW, DeviceSpec, LoadSpec, Loaded, OptimSettings, Precision,
     SamplingConfig, Transformer, CHECKPOINT_FILES,
 };
-use temper_data::{seed_for, seeds_for, shuffled, ChatTemplate, Fields, LoadOptions, Overlong};
+use temper_data::{pass_batch, seed_for, seeds_for, ChatTemplate, Fields, LoadOptions, Overlong};
 use temper_stage::cadence::every_10;
 use temper_stage::{
     checked_config, invalid, progress_bar, Cadence, ConfigFile, Every, Inputs, MetricsLog,
@@ -441,7 +441,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     while progress.step < c.iterations {
         let iter = progress.step;
         // 1. A batch of prompts (a seeded pass over the prompt set) and the actor's replies.
-        let picked = prompt_batch(s.prompts.len(), c, iter);
+        let picked = pass_batch(s.prompts.len(), c.batch_size, c.seed, iter);
         let batch: Vec<&Vec<u32>> = picked.iter().map(|&i| &s.prompts[i]).collect();
         let seeds = seeds_for(c.seed, "rollout", iter, batch.len());
         let mut ro = rollout::rollout(&models, &batch, &sampling(c, &s.template), &seeds)?;
@@ -590,14 +590,6 @@ fn extra<T: serde::de::DeserializeOwned>(p: &temper_stage::Progress, key: &str) 
     p.extra
         .get(key)
         .and_then(|v| serde_json::from_value(v.clone()).ok())
-}
-
-/// The prompts of iteration `iter`: a seeded pass over the prompt set, one batch at a time.
-fn prompt_batch(n: usize, c: &Config, iter: u64) -> Vec<usize> {
-    let per_pass = n.div_ceil(c.batch_size) as u64;
-    let order = shuffled(n, seed_for(c.seed, "prompt-pass", iter / per_pass));
-    let start = ((iter % per_pass) as usize) * c.batch_size;
-    order[start..(start + c.batch_size).min(order.len())].to_vec()
 }
 
 fn sampling(c: &Config, template: &ChatTemplate) -> SamplingConfig {
