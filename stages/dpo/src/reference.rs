@@ -133,6 +133,10 @@ fn compute(s: &Setup, c: &Config) -> anyhow::Result<BTreeMap<String, Tensor>> {
         );
         let mut columns: Vec<Tensor> = FIELDS.iter().map(|_| full.copy()).collect();
         for chunk in wanted.chunks(c.batch_size.max(8)) {
+            // Nothing is saved yet, so a stop simply ends here; the next run recomputes.
+            if temper_stage::signals::stop_requested() {
+                return Err(temper_stage::Interrupted { step: 0 }.into());
+            }
             let refs: Vec<&RenderedPair> = chunk.iter().map(|&i| &pairs[i]).collect();
             let (lp, _) =
                 tch::no_grad(|| pair_logps(&reference, &refs, s.template.pad, c.precision))?;
