@@ -647,3 +647,56 @@ fn a_damaged_token_cache_is_rebuilt() {
     let b = std::fs::read(dir.path().join("b/checkpoint/model.safetensors")).unwrap();
     assert!(a == b, "the rebuilt stream trains the same model");
 }
+
+#[test]
+fn bad_peft_blocks_exit_2_with_one_line_and_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(dir.path());
+    let pre = dir.path().join("pretrain");
+    assert_ok(
+        &run_stage(
+            "temper-pretrain",
+            &pretrain_config(dir.path(), &tok, 4, ""),
+            &pre,
+        ),
+        "pretrain",
+    );
+    let sft = format!(
+        "init: {}\ndata: {}\nsteps: 2\nbatch_size: 4\n",
+        pre.join("checkpoint").display(),
+        tiny("sft.jsonl").display()
+    );
+    let cases = [
+        ("peft: {method: lorax, r: 4}", "unknown variant `lorax`"),
+        (
+            "peft: {method: lora, r: 0}",
+            "field `peft.r`: must be a positive rank",
+        ),
+        (
+            "peft: {method: lora, r: 4, target_modules: [q_proj]}",
+            "`q_proj` matches no layer of this gpt2 model; available: c_attn, c_fc, c_proj",
+        ),
+        (
+            "peft: {method: lora, r: 4, rank: 3}",
+            "unknown field `rank`",
+        ),
+        (
+            "peft: {method: freeze, trainable: [\"*.nothing\"]}",
+            "`*.nothing` matches no parameter",
+        ),
+    ];
+    for (block, words) in cases {
+        let cfg = write(&dir.path().join("peft.yaml"), &format!("{sft}{block}\n"));
+        let out = dir.path().join("peft-out");
+        let res = run_stage("temper-sft", &cfg, &out);
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert_eq!(res.status.code(), Some(2), "{block}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{block}: one line: {err}");
+        assert!(
+            err.contains("peft.yaml:5"),
+            "{block}: names the line: {err}"
+        );
+        assert!(err.contains(words), "{block}: {err}");
+        assert!(!out.exists(), "{block}: nothing written");
+    }
+}

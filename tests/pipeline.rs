@@ -417,7 +417,7 @@ fn two_runs_from_scratch_give_bit_identical_results() {
                 serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap())
                     .unwrap();
             let o = s.as_object_mut().unwrap();
-            o.retain(|k, _| !matches!(k.as_str(), "wall_time_s" | "tokens_per_s"));
+            o.retain(|k, _| !matches!(k.as_str(), "wall_time_s" | "tokens_per_s" | "peak_rss_mb"));
             let weights = std::fs::read(out.join("checkpoint/model.safetensors")).ok();
             per_stage.insert(stage, (s, weights));
         }

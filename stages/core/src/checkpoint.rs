@@ -14,18 +14,24 @@ use temper_data::TextTokenizer;
 use crate::config::{Arch, ModelConfig};
 use crate::error::{CoreError, Result};
 use crate::model::{Heads, Transformer};
+use crate::optim::{AdamW, AdamWConfig};
+use crate::peft::{PeftConfig, PeftError, Tuning};
 
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const CONFIG_FILE: &str = "config.json";
 /// What an `init:` (or policy, reward model, baseline) folder must hold.
 pub const CHECKPOINT_FILES: [&str; 3] = [CONFIG_FILE, WEIGHTS_FILE, "tokenizer.json"];
 
-/// A checkpoint loaded with the tokenizer it was saved with.
+/// A checkpoint loaded with the tokenizer it was saved with, and what a stage trains of it.
 pub struct Loaded {
     pub vs: VarStore,
     pub model: Transformer,
     pub tokenizer: TextTokenizer,
     pub tokenizer_path: std::path::PathBuf,
+    /// The folder it was loaded from.
+    pub origin: std::path::PathBuf,
+    /// Full fine-tuning unless [`Loaded::tune`] applied a `peft:` block.
+    pub tuning: Tuning,
 }
 
 /// Loads `dir` as `spec` says, with `dir/tokenizer.json`, checking they fit each other.
@@ -39,7 +45,53 @@ pub fn load_with_tokenizer(dir: &Path, spec: LoadSpec, device: Device) -> Result
         model,
         tokenizer,
         tokenizer_path,
+        origin: dir.to_path_buf(),
+        tuning: Tuning::full(),
     })
+}
+
+impl Loaded {
+    /// Applies a stage's `peft:` block (None: full fine-tuning) and logs what trains.
+    pub fn tune(&mut self, config: Option<&PeftConfig>) -> std::result::Result<(), PeftError> {
+        self.tuning = crate::peft::apply(&mut self.model, &mut self.vs, config)?;
+        let (trainable, total) = self.tuning.counts(&self.vs);
+        tracing::info!(
+            "training {trainable} of {total} parameters ({:.3}%){}",
+            100.0 * trainable as f64 / total.max(1) as f64,
+            match config {
+                Some(c) => format!(
+                    " with peft {}",
+                    serde_json::to_string(c).unwrap_or_default()
+                ),
+                None => String::new(),
+            }
+        );
+        Ok(())
+    }
+
+    /// The variable stores to checkpoint in the state, in a fixed order.
+    pub fn stores(&self) -> Vec<&VarStore> {
+        self.tuning.stores(&self.vs)
+    }
+
+    pub fn optimizer(&self, config: AdamWConfig) -> AdamW {
+        self.tuning.optimizer(&self.vs, config)
+    }
+
+    /// Summary fields: trainable and total parameter counts.
+    pub fn param_fields(&self) -> [(&'static str, i64); 2] {
+        let (trainable, total) = self.tuning.counts(&self.vs);
+        [("params/trainable", trainable), ("params/total", total)]
+    }
+
+    /// The stage's final model in `<out>/checkpoint/`: PEFT files over the loaded folder for
+    /// LoRA, a full checkpoint otherwise.
+    pub fn save_final(&self, out: &Path) -> Result<std::path::PathBuf> {
+        // An adapter folder was merged in memory: there is no base on disk to point at.
+        let base = (!crate::peft::is_adapter(&self.origin)).then_some(self.origin.as_path());
+        self.tuning
+            .save_final(out, &self.model, &self.vs, &self.tokenizer_path, base)
+    }
 }
 
 /// What to do with the scalar head when loading.
@@ -140,14 +192,36 @@ pub fn load_checkpoint(
     spec: LoadSpec,
     device: Device,
 ) -> Result<(VarStore, Transformer)> {
+    if crate::peft::is_adapter(dir) {
+        return crate::peft::files::load_adapter_checkpoint(dir, spec, device);
+    }
     let config = ModelConfig::from_hf_json(&dir.join(CONFIG_FILE))?;
+    load_checkpoint_as(dir, &config, spec, device)
+}
+
+/// The model config of a checkpoint folder, full or adapter, without reading weights.
+pub fn model_config(dir: &Path) -> Result<ModelConfig> {
+    if crate::peft::is_adapter(dir) {
+        crate::peft::files::adapter_model_config(dir)
+    } else {
+        ModelConfig::from_hf_json(&dir.join(CONFIG_FILE))
+    }
+}
+
+/// Builds the model `config` describes and loads `dir/model.safetensors` into it strictly.
+pub(crate) fn load_checkpoint_as(
+    dir: &Path,
+    config: &ModelConfig,
+    spec: LoadSpec,
+    device: Device,
+) -> Result<(VarStore, Transformer)> {
     let vs = VarStore::new(device);
     let heads = Heads {
         lm: spec.lm_head,
         score: spec.score != ScoreHead::Absent,
     };
-    let model = Transformer::new(&vs.root(), &config, heads)?;
-    load_weights(&vs, &config, &dir.join(WEIGHTS_FILE), spec)?;
+    let model = Transformer::new(&vs.root(), config, heads)?;
+    load_weights(&vs, config, &dir.join(WEIGHTS_FILE), spec)?;
     Ok((vs, model))
 }
 

@@ -18,6 +18,15 @@ pub enum Arch {
     Llama,
 }
 
+impl Arch {
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Gpt2 => "gpt2",
+            Arch::Llama => "llama",
+        }
+    }
+}
+
 /// The shape of a model. In stage configs it is written under `model:`; missing optional
 /// fields take the family's usual values (see the accessor methods).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -226,11 +226,6 @@ fn with_common(mut cfg: ModelConfig, c: &Common) -> ModelConfig {
 
 /// Reads and converts a `config.json`; every error names the file and the field.
 pub fn read(path: &Path) -> Result<ModelConfig> {
-    let field = |field: &str, message: String| CoreError::Config {
-        path: path.into(),
-        field: field.into(),
-        message,
-    };
     let text = std::fs::read_to_string(path).map_err(|source| CoreError::Io {
         path: path.into(),
         source,
@@ -239,6 +234,16 @@ pub fn read(path: &Path) -> Result<ModelConfig> {
         path: path.into(),
         source,
     })?;
+    from_value(value, path)
+}
+
+/// A config.json already parsed; `path` names it in errors.
+pub fn from_value(value: Value, path: &Path) -> Result<ModelConfig> {
+    let field = |field: &str, message: String| CoreError::Config {
+        path: path.into(),
+        field: field.into(),
+        message,
+    };
     let model_type = value
         .get("model_type")
         .and_then(Value::as_str)

@@ -20,7 +20,12 @@ pub(crate) fn normal_init(std: f64) -> Init {
 pub(crate) struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
-    conv1d: bool,
+    pub conv1d: bool,
+    /// The Hugging Face module path (`transformer.h.0.attn.c_attn`): PEFT's adapter keys and
+    /// `target_modules` refer to it.
+    pub module: String,
+    /// A LoRA/DoRA adapter on this layer, when `peft:` asked for one.
+    pub lora: Option<crate::peft::Lora>,
 }
 
 impl Linear {
@@ -30,10 +35,38 @@ impl Linear {
             weight: p.var("weight", &dims, normal_init(std)),
             bias: bias.then(|| p.zeros("bias", &[d_out])),
             conv1d,
+            module: p.components().collect::<Vec<_>>().join("."),
+            lora: None,
+        }
+    }
+
+    pub fn d_in(&self) -> i64 {
+        self.weight.size()[usize::from(!self.conv1d)]
+    }
+
+    pub fn d_out(&self) -> i64 {
+        self.weight.size()[usize::from(self.conv1d)]
+    }
+
+    /// The weight in `nn.Linear`'s (out, in) layout, whatever the checkpoint's.
+    pub fn weight_out_in(&self) -> Tensor {
+        if self.conv1d {
+            self.weight.tr()
+        } else {
+            self.weight.shallow_clone()
         }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        let y = self.base_forward(x);
+        match &self.lora {
+            Some(lora) if lora.active() => lora.forward(x, y, self),
+            _ => y,
+        }
+    }
+
+    /// The layer without its adapter.
+    pub fn base_forward(&self, x: &Tensor) -> Tensor {
         if self.conv1d {
             match &self.bias {
                 // One GEMM with the bias folded in (as torch's Linear does), not matmul + add.

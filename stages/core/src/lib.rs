@@ -19,6 +19,7 @@ mod layers;
 pub mod losses;
 pub mod model;
 pub mod optim;
+pub mod peft;
 pub mod preference;
 pub mod rewards;
 pub mod rl;

@@ -15,6 +15,8 @@ use crate::kv_cache::KvCache;
 use crate::layers::{normal_init, Linear, Mlp, Norm, Rope};
 
 /// Query/key/value projections: fused `c_attn` (GPT-2) or separate q/k/v (Llama).
+// One per layer, built once: boxing the larger variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 enum QkvProj {
     Fused(Linear),
     Split { q: Linear, k: Linear, v: Linear },
@@ -207,6 +209,39 @@ impl Transformer {
 
     pub fn device(&self) -> Device {
         self.embed.device()
+    }
+
+    /// Every dense layer of the blocks with its block index (what adapters attach to).
+    pub(crate) fn block_linears(&self) -> Vec<(usize, &Linear)> {
+        let mut out = Vec::new();
+        for (i, b) in self.blocks.iter().enumerate() {
+            match &b.attn.qkv {
+                QkvProj::Fused(l) => out.push((i, l)),
+                QkvProj::Split { q, k, v } => out.extend([(i, q), (i, k), (i, v)]),
+            }
+            out.push((i, &b.attn.out));
+            match &b.mlp {
+                Mlp::Gelu { c_fc, c_proj } => out.extend([(i, c_fc), (i, c_proj)]),
+                Mlp::SwiGlu { gate, up, down } => out.extend([(i, gate), (i, up), (i, down)]),
+            }
+        }
+        out
+    }
+
+    pub(crate) fn block_linears_mut(&mut self) -> Vec<(usize, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            match &mut b.attn.qkv {
+                QkvProj::Fused(l) => out.push((i, l)),
+                QkvProj::Split { q, k, v } => out.extend([(i, q), (i, k), (i, v)]),
+            }
+            out.push((i, &mut b.attn.out));
+            match &mut b.mlp {
+                Mlp::Gelu { c_fc, c_proj } => out.extend([(i, c_fc), (i, c_proj)]),
+                Mlp::SwiGlu { gate, up, down } => out.extend([(i, gate), (i, up), (i, down)]),
+            }
+        }
+        out
     }
 
     /// Final hidden states (B, T, C) for `ids` (B, T).

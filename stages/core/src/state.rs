@@ -1,7 +1,8 @@
 //! The resumable training state in a stage folder (the stage contract in ARCHITECTURE.md):
 //!
 //! ```text
-//! <out>/state/model0.safetensors …      every trained model's variables (PPO: actor, critic)
+//! <out>/state/model0.safetensors …      every trained model's trainable variables (PPO: actor,
+//!                                       critic; PEFT: base, adapters)
 //! <out>/state/optimizer0.safetensors …  each optimizer's moments and step counts
 //! <out>/state/progress.json             step, tokens, elapsed time, config hash, stage extras
 //! ```
@@ -122,6 +123,9 @@ fn load_state(
             .collect();
         tch::no_grad(|| -> Result<()> {
             for (name, mut var) in vs.variables() {
+                if !var.requires_grad() {
+                    continue;
+                }
                 let src = saved
                     .get(&name)
                     .ok_or_else(|| bad(format!("model{i}.safetensors lacks `{name}`")))?;
@@ -143,8 +147,14 @@ fn load_state(
     Ok(Some(progress))
 }
 
+/// The variables training changes: frozen ones (a PEFT base) come back from `init`, so the
+/// state does not copy them at every save.
 fn sorted_vars(vs: &VarStore) -> Vec<(String, Tensor)> {
-    let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+    let vars: BTreeMap<String, Tensor> = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .collect();
     vars.into_iter()
         .map(|(k, t)| (k, t.detach().to_device(tch::Device::Cpu).contiguous()))
         .collect()

@@ -4,6 +4,7 @@
 //! first, rejected rows after.
 
 use tch::{Kind, Tensor};
+use temper_core::peft::Reference;
 use temper_core::preference::{self, PairLogps, PreferenceLoss};
 use temper_core::scoring::completion_logps;
 use temper_core::{BatchTensors, Precision, Transformer};
@@ -105,7 +106,7 @@ pub fn paired(
 /// pairs (each prompt with the next example's reply), computed without gradients.
 pub fn kto(
     policy: &Transformer,
-    reference: &Transformer,
+    reference: &Reference,
     examples: &[&(Example, bool)],
     pad: u32,
     precision: Precision,
@@ -116,8 +117,8 @@ pub fn kto(
     let b = BatchTensors::pad(&rows, pad, device);
     let (lp, _) = completion_logps(policy, &b.ids, &b.attention, &b.loss_mask, precision)?;
     let (mismatched, ref_lp) = tch::no_grad(|| -> anyhow::Result<_> {
-        let (ref_lp, _) =
-            completion_logps(reference, &b.ids, &b.attention, &b.loss_mask, precision)?;
+        let (ref_lp, _) = reference
+            .run(|r| completion_logps(r, &b.ids, &b.attention, &b.loss_mask, precision))?;
         let n = rows.len();
         let swapped: Vec<Example> = (0..n)
             .map(|i| rows[i].with_reply_of(rows[(i + 1) % n]))
@@ -126,8 +127,8 @@ pub fn kto(
         let m = BatchTensors::pad(&swapped_refs, pad, device);
         let (kl_policy, _) =
             completion_logps(policy, &m.ids, &m.attention, &m.loss_mask, precision)?;
-        let (kl_ref, _) =
-            completion_logps(reference, &m.ids, &m.attention, &m.loss_mask, precision)?;
+        let (kl_ref, _) = reference
+            .run(|r| completion_logps(r, &m.ids, &m.attention, &m.loss_mask, precision))?;
         Ok((preference::kto_kl(&kl_policy, &kl_ref), ref_lp))
     })?;
     let desirable =

@@ -14,14 +14,14 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tch::{Kind, Tensor};
+use temper_core::peft::{PeftConfig, Reference};
 use temper_core::preference::{PairLogps, PreferenceLoss};
 use temper_core::sample::{generate, SamplingConfig};
 use temper_core::schedule::check_optim;
 use temper_core::scoring::{decode_replies, response_logprobs};
 use temper_core::{
-    load_checkpoint, load_with_tokenizer, resolve_device, resume_or_start, save_final, save_state,
-    with_autocast, AdamW, DeviceSpec, LoadSpec, Loaded, OptimSettings, Precision, Transformer,
-    CHECKPOINT_FILES,
+    load_checkpoint, load_with_tokenizer, resolve_device, resume_or_start, save_state,
+    with_autocast, DeviceSpec, LoadSpec, Loaded, OptimSettings, Precision, Transformer,
 };
 use temper_data::{
     seed_for, seeds_for, shuffled, ChatTemplate, Epochs, Example, Fields, LoadOptions, Overlong,
@@ -74,6 +74,10 @@ struct Config {
     /// the reference model during training.
     #[serde(default)]
     precompute_reference: bool,
+    /// Parameter-efficient training (lora: the reference is the policy with its adapters
+    /// bypassed, so no second model is held; freeze); default: every parameter trains.
+    #[serde(default)]
+    peft: Option<PeftConfig>,
     steps: u64,
     /// Pairs (or, for kto, examples) per micro-batch.
     batch_size: usize,
@@ -175,9 +179,9 @@ fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError
         "max_new_tokens",
         "must be at least 1",
     )?;
-    inputs.folder(cfg, "policy", &c.policy, &CHECKPOINT_FILES)?;
+    inputs.checkpoint(cfg, "policy", &c.policy, true)?;
     if let Some(r) = &c.reference {
-        inputs.folder(cfg, "reference", r, &CHECKPOINT_FILES[..2])?;
+        inputs.checkpoint(cfg, "reference", r, false)?;
     }
     inputs.file(cfg, "data", &c.data)?;
     if let Some(e) = &c.eval_data {
@@ -203,8 +207,11 @@ impl Data {
 
 struct Setup {
     m: Loaded,
-    /// Held while training unless the reference's log-probs are precomputed.
+    /// Held while training unless the reference's log-probs are precomputed or the policy is
+    /// LoRA (its own reference with the adapters bypassed).
     reference: Option<Transformer>,
+    /// The policy is LoRA and no `reference` was named.
+    bypass_reference: bool,
     template: ChatTemplate,
     train: Data,
     eval: Data,
@@ -216,7 +223,9 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
     let c = &cfg.value;
     let device = resolve_device(c.device).map_err(invalid)?;
     tch::manual_seed(c.seed as i64);
-    let m = load_with_tokenizer(&c.policy, LoadSpec::CAUSAL_LM, device).map_err(invalid)?;
+    let mut m = load_with_tokenizer(&c.policy, LoadSpec::CAUSAL_LM, device).map_err(invalid)?;
+    m.tune(c.peft.as_ref())
+        .map_err(|e| cfg.error(&e.field, e.message))?;
     let template = ChatTemplate::new(&m.tokenizer).map_err(invalid)?;
     let max_len = c.max_len.unwrap_or(m.model.config.max_position as usize);
     cfg.ensure(
@@ -258,7 +267,9 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
         train.len(),
         c.loss
     );
-    let needs_model = c.loss.needs_reference() && !c.precompute_reference;
+    // A LoRA policy is its own reference with the adapters bypassed.
+    let bypass = m.tuning.is_lora() && c.reference.is_none();
+    let needs_model = c.loss.needs_reference() && !c.precompute_reference && !bypass;
     let reference = needs_model.then(|| load_reference(c, device)).transpose()?;
     let kl_prompts: Vec<Vec<i64>> = match &eval {
         Data::Pairs(p) => p.iter().map(|p| prompt_of(&p.chosen)).collect(),
@@ -272,6 +283,7 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
     Ok(Setup {
         m,
         reference,
+        bypass_reference: bypass,
         template,
         train,
         eval,
@@ -284,6 +296,20 @@ fn epoch_batches(n: usize, c: &Config) -> impl Fn(u64) -> Vec<Vec<usize>> + '_ {
     move |e| {
         let order = shuffled(n, seed_for(c.seed, "epoch", e));
         order.chunks(c.batch_size).map(<[usize]>::to_vec).collect()
+    }
+}
+
+impl Setup {
+    /// The frozen reference held in memory: its own model, or the LoRA policy with its
+    /// adapters bypassed; None when neither is held (reference-free loss, or precomputed).
+    fn reference(&self) -> Option<Reference<'_>> {
+        match &self.reference {
+            Some(r) => Some(Reference::Model(r)),
+            None if self.m.tuning.is_lora() && self.bypass_reference => {
+                Some(Reference::Bypassed(&self.m.model, &self.m.tuning))
+            }
+            None => None,
+        }
     }
 }
 
@@ -308,12 +334,13 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     }
 
     let c = &cfg.value;
-    let (vs, model) = (&s.m.vs, &s.m.model);
+    let stores = s.m.stores();
     let folder = StageFolder::claim(&args.out, "dpo")?;
     cfg.write_resolved(&folder.path)?;
     let mut log = MetricsLog::open(&folder.path)?;
-    let mut opt = AdamW::new(vs, c.optim.adamw());
-    let mut progress = resume_or_start(&folder.path, &mut log, &[vs], &mut [&mut opt], &cfg.hash)?;
+    let mut opt = s.m.optimizer(c.optim.adamw());
+    let mut progress =
+        resume_or_start(&folder.path, &mut log, &stores, &mut [&mut opt], &cfg.hash)?;
     let cache = reference_cache(&s, c, &folder.path, &cfg.hash)?;
     let settings = LossSettings {
         loss: c.loss,
@@ -336,6 +363,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         let lr = c.optim.lr_at(step, c.steps);
         let accum = c.optim.grad_accum;
         let (mut step_loss, mut step_metrics) = (0.0, Vec::new());
+        s.m.tuning.set_training(true); // adapter dropout, when there is one
         for micro in 0..accum {
             let idx = batches.get(step * accum + micro).clone();
             let b = batch_loss(
@@ -347,7 +375,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
             )?;
             let value = b.loss.double_value(&[]);
             if let Err(e) = check_finite(value, step + 1, step) {
-                save_state(&folder.path, &log, &[vs], &[&opt], &progress)?;
+                save_state(&folder.path, &log, &stores, &[&opt], &progress)?;
                 return Err(e.into());
             }
             (b.loss / accum as f64).backward();
@@ -376,14 +404,17 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
             last_eval = evaluate(&s, c, &settings, cache.as_ref(), &mut log, step)?;
         }
         if every.save_due(step) {
-            save_state(&folder.path, &log, &[vs], &[&opt], &progress)?;
+            save_state(&folder.path, &log, &stores, &[&opt], &progress)?;
         }
         every.stop_if_asked(step)?;
     }
     bar.finish_and_clear();
 
-    save_final(&folder.path, model, vs, &s.m.tokenizer_path)?;
+    s.m.save_final(&folder.path)?;
     let mut summary = log.summary_base(&progress);
+    for (k, v) in s.m.param_fields() {
+        summary.insert(k.into(), v.into());
+    }
     for (k, v) in last_eval.unwrap_or_default() {
         summary.insert(k.to_string(), json!(v));
     }
@@ -419,10 +450,10 @@ fn batch_loss(
         ),
         Data::Unpaired(examples) => {
             let picked: Vec<&(Example, bool)> = idx.iter().map(|&i| &examples[i]).collect();
-            let reference = s.reference.as_ref().expect("kto holds its reference");
+            let reference = s.reference().expect("kto holds its reference");
             losses::kto(
                 &s.m.model,
-                reference,
+                &reference,
                 &picked,
                 s.template.pad,
                 precision,
@@ -441,10 +472,12 @@ fn pairs_loss(
     cached: Option<PairLogps>,
 ) -> anyhow::Result<losses::BatchLoss> {
     let (policy, tokens) = pair_logps(&s.m.model, pairs, s.template.pad, precision)?;
-    let reference = match (cached, &s.reference) {
+    let reference = match (cached, s.reference()) {
         (Some(c), _) => Some(c),
         (None, Some(r)) if settings.loss.needs_reference() => {
-            Some(tch::no_grad(|| pair_logps(r, pairs, s.template.pad, precision))?.0)
+            let (lp, _) =
+                tch::no_grad(|| r.run(|r| pair_logps(r, pairs, s.template.pad, precision)))?;
+            Some(lp)
         }
         _ => None,
     };
@@ -466,6 +499,7 @@ fn evaluate(
     log: &mut MetricsLog,
     step: u64,
 ) -> anyhow::Result<Option<Vec<(&'static str, f64)>>> {
+    s.m.tuning.set_training(false);
     if s.eval.len() == 0 {
         return Ok(None);
     }
@@ -492,10 +526,10 @@ fn evaluate(
                 }
                 Data::Unpaired(ex) => {
                     let picked: Vec<&(Example, bool)> = idx.iter().map(|&i| &ex[i]).collect();
-                    let r = s.reference.as_ref().expect("kto holds its reference");
+                    let r = s.reference().expect("kto holds its reference");
                     losses::kto(
                         &s.m.model,
-                        r,
+                        &r,
                         &picked,
                         s.template.pad,
                         c.precision,
@@ -530,11 +564,11 @@ fn kl_to_reference(
 ) -> anyhow::Result<(f64, Vec<serde_json::Value>)> {
     let model = &s.m.model;
     let held;
-    let reference = match &s.reference {
+    let reference = match s.reference() {
         Some(r) => r,
         None => {
             held = load_reference(c, model.device()).map_err(|e| e.error)?;
-            &held
+            Reference::Model(&held)
         }
     };
     let sampling = SamplingConfig {
@@ -562,7 +596,8 @@ fn kl_to_reference(
         let lp = |m: &Transformer| -> anyhow::Result<Tensor> {
             Ok(response_logprobs(m, &joined.seq, &joined.attention, p, &g.tokens, 1.0)?.0)
         };
-        Ok(((lp(model)? - lp(reference)?) * &mask).sum_dim_intlist(1, false, Kind::Float))
+        let reference_lp = reference.run(lp)?;
+        Ok(((lp(model)? - reference_lp) * &mask).sum_dim_intlist(1, false, Kind::Float))
     })?;
     let per_reply = Vec::<f64>::try_from(kl.to_kind(Kind::Double))?;
     let replies = decode_replies(&s.m.tokenizer, &g.tokens, &g.mask, s.template.eos)?;

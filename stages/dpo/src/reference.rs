@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use tch::{Kind, Tensor};
+use temper_core::peft::Reference;
 use temper_core::preference::PairLogps;
 use temper_data::{Epochs, RenderedPair};
 use temper_stage::progress_bar;
@@ -112,7 +113,14 @@ pub fn reference_cache(
 
 /// Runs the reference over the visited training pairs and every held-out pair.
 fn compute(s: &Setup, c: &Config) -> anyhow::Result<BTreeMap<String, Tensor>> {
-    let reference = load_reference(c, s.m.model.device()).map_err(|e| e.error)?;
+    let held;
+    let reference = match s.reference() {
+        Some(r) => r,
+        None => {
+            held = load_reference(c, s.m.model.device()).map_err(|e| e.error)?;
+            Reference::Model(&held)
+        }
+    };
     let mut named = BTreeMap::new();
     for (split, data) in [("train", &s.train), ("eval", &s.eval)] {
         let Data::Pairs(pairs) = data else { continue };
@@ -138,8 +146,9 @@ fn compute(s: &Setup, c: &Config) -> anyhow::Result<BTreeMap<String, Tensor>> {
                 return Err(temper_stage::Interrupted { step: 0 }.into());
             }
             let refs: Vec<&RenderedPair> = chunk.iter().map(|&i| &pairs[i]).collect();
-            let (lp, _) =
-                tch::no_grad(|| pair_logps(&reference, &refs, s.template.pad, c.precision))?;
+            let (lp, _) = tch::no_grad(|| {
+                reference.run(|r| pair_logps(r, &refs, s.template.pad, c.precision))
+            })?;
             let at = Tensor::from_slice(&chunk.iter().map(|&i| i as i64).collect::<Vec<_>>())
                 .to_device(full.device());
             let values = [lp.chosen, lp.rejected, lp.chosen_len, lp.rejected_len];

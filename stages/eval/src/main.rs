@@ -22,7 +22,6 @@ use temper_core::sample::{generate, Generation, SamplingConfig};
 use temper_core::scoring::{decode_replies, response_logprobs, reward_scores};
 use temper_core::{
     load_checkpoint, resolve_device, with_autocast, DeviceSpec, LoadSpec, Precision, Transformer,
-    CHECKPOINT_FILES,
 };
 use temper_data::{
     seeds_for, ChatTemplate, Fields, LoadOptions, Overlong, PromptRecord, TextTokenizer,
@@ -148,12 +147,12 @@ fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError
         "must be in (0, 1]",
     )?;
     for (name, dir) in &c.policies {
-        inputs.folder(cfg, &format!("policies.{name}"), dir, &CHECKPOINT_FILES)?;
+        inputs.checkpoint(cfg, &format!("policies.{name}"), dir, true)?;
     }
     if let Some(r) = &c.reference {
-        inputs.folder(cfg, "reference", r, &CHECKPOINT_FILES[..2])?;
+        inputs.checkpoint(cfg, "reference", r, false)?;
     }
-    inputs.folder(cfg, "reward_model", &c.reward_model, &CHECKPOINT_FILES[..2])?;
+    inputs.checkpoint(cfg, "reward_model", &c.reward_model, false)?;
     inputs.file(cfg, "prompts", &c.prompts)?;
     if let Some(l) = &c.lexicon {
         inputs.file(cfg, "lexicon", l)?;
@@ -197,8 +196,7 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
     };
     for dir in c.policies.values() {
         // Config and vocabulary only: the weights are read when the policy's turn comes.
-        let config =
-            temper_core::ModelConfig::from_hf_json(&dir.join("config.json")).map_err(invalid)?;
+        let config = temper_core::checkpoint::model_config(dir).map_err(invalid)?;
         check_vocab(tok.vocab_size(), &config, dir).map_err(invalid)?;
         cfg.ensure(
             c.max_new_tokens < config.max_position,

@@ -17,12 +17,12 @@ use serde_json::json;
 use tch::nn::VarStore;
 use tch::{Kind, Tensor};
 use temper_core::checkpoint::ScoreHead;
+use temper_core::peft::{PeftConfig, Reference, Tuning};
 use temper_core::rl::{self, KlControl, KlEstimator, RewardStats};
 use temper_core::schedule::check_optim;
 use temper_core::{
-    load_checkpoint, load_with_tokenizer, resolve_device, resume_or_start, save_checkpoint,
-    save_final, save_state, AdamW, DeviceSpec, LoadSpec, Loaded, OptimSettings, Precision,
-    SamplingConfig, Transformer, CHECKPOINT_FILES,
+    load_checkpoint, load_with_tokenizer, resolve_device, resume_or_start, save_state, AdamW,
+    DeviceSpec, LoadSpec, Loaded, OptimSettings, Precision, SamplingConfig, Transformer,
 };
 use temper_data::{pass_batch, seed_for, seeds_for, ChatTemplate, Fields, LoadOptions, Overlong};
 use temper_stage::cadence::every_10;
@@ -111,6 +111,13 @@ struct Config {
     critic_init: CriticInit,
     #[serde(default)]
     optimizer: OptimizerMode,
+    /// Parameter-efficient actor (lora: the reference is the actor with its adapters
+    /// bypassed, so no second copy is held; freeze); default: every parameter trains.
+    #[serde(default)]
+    peft: Option<PeftConfig>,
+    /// Parameter-efficient critic (e.g. a LoRA on the reward model); default: full.
+    #[serde(default)]
+    critic_peft: Option<PeftConfig>,
     iterations: u64,
     /// Prompts per iteration (the rollout batch).
     batch_size: usize,
@@ -283,8 +290,8 @@ fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError
         "reward_clip",
         "must be positive",
     )?;
-    inputs.folder(cfg, "policy", &c.policy, &CHECKPOINT_FILES)?;
-    inputs.folder(cfg, "reward_model", &c.reward_model, &CHECKPOINT_FILES)?;
+    inputs.checkpoint(cfg, "policy", &c.policy, true)?;
+    inputs.checkpoint(cfg, "reward_model", &c.reward_model, true)?;
     inputs.file(cfg, "prompts", &c.prompts)?;
     Ok(())
 }
@@ -293,9 +300,10 @@ fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError
 /// only run under no_grad.
 struct Setup {
     actor: Loaded,
-    reference: Transformer,
+    /// The frozen reference, unless the actor is LoRA (then: the actor, adapters bypassed).
+    reference: Option<Transformer>,
     reward: Transformer,
-    critic: (VarStore, Transformer),
+    critic: Critic,
     template: ChatTemplate,
     prompts: Vec<Vec<u32>>,
     /// Each prompt's reward sign (the reward model's `temper_score_sign`; 1 without one).
@@ -306,26 +314,42 @@ impl Setup {
     fn models(&self, precision: Precision) -> Models<'_> {
         Models {
             actor: &self.actor.model,
-            reference: &self.reference,
+            reference: match &self.reference {
+                Some(r) => Reference::Model(r),
+                None => Reference::Bypassed(&self.actor.model, &self.actor.tuning),
+            },
             reward: &self.reward,
-            critic: &self.critic.1,
+            critic: &self.critic.model,
             template: self.template,
             precision,
         }
     }
 }
 
+/// The value model and what of it trains.
+struct Critic {
+    vs: VarStore,
+    model: Transformer,
+    tuning: Tuning,
+}
+
 /// The actor's optimizer and, unless they share it, the critic's.
-fn optimizers(c: &Config, actor: &VarStore, critic: &VarStore) -> (AdamW, Option<AdamW>) {
+fn optimizers(c: &Config, actor: &Loaded, critic: &Critic) -> (AdamW, Option<AdamW>) {
     match c.optimizer {
         OptimizerMode::Separate => (
-            AdamW::new(actor, c.optim.adamw()),
-            Some(AdamW::new(critic, c.critic_optim.adamw())),
+            actor.optimizer(c.optim.adamw()),
+            Some(critic.tuning.optimizer(&critic.vs, c.critic_optim.adamw())),
         ),
-        OptimizerMode::Shared => (
-            AdamW::over(&[("actor.", actor), ("critic.", critic)], c.optim.adamw()),
-            None,
-        ),
+        OptimizerMode::Shared => {
+            fn named<'a>(prefix: &str, stores: Vec<&'a VarStore>) -> Vec<(String, &'a VarStore)> {
+                let names = ["", "adapter."].map(|a| format!("{prefix}{a}"));
+                stores.into_iter().zip(names).map(|(v, n)| (n, v)).collect()
+            }
+            let mut all = named("actor.", actor.stores());
+            all.extend(named("critic.", critic.tuning.stores(&critic.vs)));
+            let refs: Vec<(&str, &VarStore)> = all.iter().map(|(n, v)| (n.as_str(), *v)).collect();
+            (AdamW::over(&refs, c.optim.adamw()), None)
+        }
     }
 }
 
@@ -333,7 +357,10 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
     let c = &cfg.value;
     let device = resolve_device(c.device).map_err(invalid)?;
     tch::manual_seed(c.seed as i64);
-    let actor = load_with_tokenizer(&c.policy, LoadSpec::CAUSAL_LM, device).map_err(invalid)?;
+    let mut actor = load_with_tokenizer(&c.policy, LoadSpec::CAUSAL_LM, device).map_err(invalid)?;
+    actor
+        .tune(c.peft.as_ref())
+        .map_err(|e| cfg.error(&e.field, e.message))?;
     let same_tokenizer = std::fs::read(&actor.tokenizer_path).ok()
         == std::fs::read(c.reward_model.join("tokenizer.json")).ok();
     cfg.ensure(
@@ -342,16 +369,25 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
         "uses a different tokenizer from the policy; PPO needs them to agree token for token",
     )?;
     let template = ChatTemplate::new(&actor.tokenizer).map_err(invalid)?;
-    let (mut ref_vs, reference) =
-        load_checkpoint(&c.policy, LoadSpec::CAUSAL_LM, device).map_err(invalid)?;
-    ref_vs.freeze();
+    let reference = match actor.tuning.is_lora() {
+        true => {
+            tracing::info!("reference: the actor with its adapters bypassed (no second copy)");
+            None
+        }
+        false => {
+            let (mut ref_vs, reference) =
+                load_checkpoint(&c.policy, LoadSpec::CAUSAL_LM, device).map_err(invalid)?;
+            ref_vs.freeze();
+            Some(reference)
+        }
+    };
     let rm_spec = LoadSpec {
         lm_head: false,
         score: ScoreHead::Load,
     };
     let (mut rm_vs, reward) = load_checkpoint(&c.reward_model, rm_spec, device).map_err(invalid)?;
     rm_vs.freeze();
-    let critic = match c.critic_init {
+    let (mut critic_vs, mut critic_model) = match c.critic_init {
         CriticInit::Reward => load_checkpoint(&c.reward_model, rm_spec, device),
         CriticInit::Policy => {
             let spec = LoadSpec {
@@ -362,6 +398,14 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
         }
     }
     .map_err(invalid)?;
+    let critic_tuning =
+        temper_core::peft::apply(&mut critic_model, &mut critic_vs, c.critic_peft.as_ref())
+            .map_err(|e| cfg.error(&e.field.replacen("peft", "critic_peft", 1), e.message))?;
+    let critic = Critic {
+        vs: critic_vs,
+        model: critic_model,
+        tuning: critic_tuning,
+    };
     let max_position = actor.model.config.max_position;
     cfg.ensure(
         c.max_new_tokens < max_position,
@@ -415,22 +459,21 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     }
 
     let c = &cfg.value;
-    let (actor_vs, critic_vs) = (&s.actor.vs, &s.critic.0);
+    let stores: Vec<&VarStore> = s
+        .actor
+        .stores()
+        .into_iter()
+        .chain(s.critic.tuning.stores(&s.critic.vs))
+        .collect();
     let folder = StageFolder::claim(&args.out, "ppo")?;
     cfg.write_resolved(&folder.path)?;
     let mut log = MetricsLog::open(&folder.path)?;
-    let (mut actor_opt, mut critic_opt) = optimizers(c, actor_vs, critic_vs);
+    let (mut actor_opt, mut critic_opt) = optimizers(c, &s.actor, &s.critic);
     let mut progress = {
         let mut opts: Vec<&mut AdamW> = std::iter::once(&mut actor_opt)
             .chain(critic_opt.as_mut())
             .collect();
-        resume_or_start(
-            &folder.path,
-            &mut log,
-            &[actor_vs, critic_vs],
-            &mut opts,
-            &cfg.hash,
-        )?
+        resume_or_start(&folder.path, &mut log, &stores, &mut opts, &cfg.hash)?
     };
     let kl_control = c.kl.control();
     let mut kl_coef = extra(&progress, "kl_coef").unwrap_or(kl_control.initial_coef());
@@ -444,6 +487,8 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         let picked = pass_batch(s.prompts.len(), c.batch_size, c.seed, iter);
         let batch: Vec<&Vec<u32>> = picked.iter().map(|&i| &s.prompts[i]).collect();
         let seeds = seeds_for(c.seed, "rollout", iter, batch.len());
+        s.actor.tuning.set_training(false); // adapter dropout off while sampling and scoring
+        s.critic.tuning.set_training(false);
         let mut ro = rollout::rollout(&models, &batch, &sampling(c, &s.template), &seeds)?;
         let signs: Vec<f32> = picked.iter().map(|&i| s.signs[i] as f32).collect();
         ro.scores = &ro.scores * Tensor::from_slice(&signs).to_device(ro.scores.device());
@@ -465,6 +510,8 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
 
         // 5. PPO epochs over shuffled minibatches.
         let settings = optimize_settings(c, iter);
+        s.actor.tuning.set_training(true);
+        s.critic.tuning.set_training(true);
         let m = rollout::optimize(
             &models,
             &ro,
@@ -513,20 +560,30 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
             let opts: Vec<&AdamW> = std::iter::once(&actor_opt)
                 .chain(critic_opt.as_ref())
                 .collect();
-            save_state(&folder.path, &log, &[actor_vs, critic_vs], &opts, &progress)?;
+            save_state(&folder.path, &log, &stores, &opts, &progress)?;
         }
         every.stop_if_asked(step)?;
     }
     bar.finish_and_clear();
 
-    save_final(
-        &folder.path,
-        &s.actor.model,
-        actor_vs,
+    s.actor.save_final(&folder.path)?;
+    // The critic beside it; a LoRA critic's base is the folder it was loaded from.
+    let critic_base = match c.critic_init {
+        CriticInit::Reward => &c.reward_model,
+        CriticInit::Policy => &c.policy,
+    };
+    s.critic.tuning.save_into(
+        &folder.path.join("critic"),
+        &s.critic.model,
+        &s.critic.vs,
         &s.actor.tokenizer_path,
+        (!temper_core::peft::is_adapter(critic_base)).then_some(critic_base.as_path()),
     )?;
-    save_checkpoint(&s.critic.1, critic_vs, &folder.path.join("critic"))?;
-    log.write_summary("ok", summary(&folder.path, &progress)?)?;
+    let mut summary = summary(&folder.path, &progress)?;
+    for (k, v) in s.actor.param_fields() {
+        summary.insert(k.into(), v.into());
+    }
+    log.write_summary("ok", summary)?;
     Ok(())
 }
 

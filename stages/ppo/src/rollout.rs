@@ -3,6 +3,7 @@
 
 use serde_json::json;
 use tch::{Kind, Tensor};
+use temper_core::peft::Reference;
 use temper_core::rl;
 use temper_core::sample::{generate, SamplingConfig};
 use temper_core::scoring::{
@@ -14,7 +15,7 @@ use temper_stage::check_finite;
 
 pub struct Models<'a> {
     pub actor: &'a Transformer,
-    pub reference: &'a Transformer,
+    pub reference: Reference<'a>,
     pub reward: &'a Transformer,
     pub critic: &'a Transformer,
     pub template: ChatTemplate,
@@ -71,8 +72,9 @@ pub fn rollout(
     tch::no_grad(|| {
         with_autocast(device, m.precision, || -> anyhow::Result<Rollout> {
             let (logprobs, _) = response_logprobs(m.actor, seq, attention, p, &g.tokens, t)?;
-            let (ref_logprobs, _) =
-                response_logprobs(m.reference, seq, attention, p, &g.tokens, t)?;
+            let (ref_logprobs, _) = m
+                .reference
+                .run(|r| response_logprobs(r, seq, attention, p, &g.tokens, t))?;
             let values = response_values(m.critic, seq, attention, p, n)? * &mask;
             let scores = reward_scores(m.reward, &joined)?;
             Ok(Rollout {

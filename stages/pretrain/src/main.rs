@@ -10,10 +10,11 @@ use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
 use temper_core::device::check_memory;
+use temper_core::peft::{PeftConfig, Tuning};
 use temper_core::schedule::check_optim;
 use temper_core::{
-    load_checkpoint, resolve_device, resume_or_start, save_final, save_state, AdamW, DeviceSpec,
-    Heads, LoadSpec, ModelShape, OptimSettings, Precision, Transformer, CHECKPOINT_FILES,
+    load_checkpoint, resolve_device, resume_or_start, save_state, DeviceSpec, Heads, LoadSpec,
+    ModelShape, OptimSettings, Precision, Transformer,
 };
 use temper_data::stream::{build_stream, StreamSettings, TokenStream};
 use temper_data::tokenizer::{EOS, PAD};
@@ -49,6 +50,10 @@ struct Config {
     #[serde(default)]
     fields: Fields,
     /// Optimizer steps.
+    /// Parameter-efficient continued pretraining over `init` (lora, freeze); default: every
+    /// parameter trains.
+    #[serde(default)]
+    peft: Option<PeftConfig>,
     steps: u64,
     /// Sequences per micro-batch.
     batch_size: usize,
@@ -129,6 +134,11 @@ fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError
         "set exactly one of `init` (continue from a checkpoint) and `model` (train from scratch)",
     )?;
     cfg.ensure(!c.data.is_empty(), "data", "list at least one file")?;
+    cfg.ensure(
+        c.peft.is_none() || c.init.is_some(),
+        "peft",
+        "needs `init`: parameter-efficient methods adapt an existing model",
+    )?;
     inputs.file(cfg, "tokenizer", &c.tokenizer)?;
     for f in &c.data {
         inputs.file(cfg, "data", f)?;
@@ -139,7 +149,7 @@ fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError
         }
     }
     if let Some(init) = &c.init {
-        inputs.folder(cfg, "init", init, &CHECKPOINT_FILES[..2])?;
+        inputs.checkpoint(cfg, "init", init, false)?;
     }
     Ok(())
 }
@@ -150,6 +160,7 @@ struct Setup {
     device: Device,
     vs: VarStore,
     model: Transformer,
+    tuning: Tuning,
     stream: TokenStream,
     /// (name, held-out tokens): the corpus's own held-out blocks, then the extra streams.
     evals: Vec<(String, Vec<u32>)>,
@@ -165,7 +176,7 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
     let (eos, pad) = (tok.require(EOS).map_err(invalid)?, tok.id(PAD).unwrap_or(0));
     let device = resolve_device(c.device).map_err(invalid)?;
     tch::manual_seed(c.seed as i64);
-    let (vs, model) = match (&c.init, &c.model) {
+    let (mut vs, mut model) = match (&c.init, &c.model) {
         (Some(init), _) => load_checkpoint(init, LoadSpec::CAUSAL_LM, device).map_err(invalid)?,
         (None, Some(shape)) => {
             let mc = shape
@@ -185,6 +196,8 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
     };
     temper_core::checkpoint::check_vocab(tok.vocab_size(), &model.config, &tokenizer_path)
         .map_err(invalid)?;
+    let tuning = temper_core::peft::apply(&mut model, &mut vs, c.peft.as_ref())
+        .map_err(|e| cfg.error(&e.field, e.message))?;
     cfg.ensure(
         c.block_size as i64 <= model.config.max_position,
         "block_size",
@@ -231,6 +244,7 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
         device,
         vs,
         model,
+        tuning,
         stream,
         evals,
     })
@@ -258,9 +272,10 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     let folder = StageFolder::claim(&args.out, "pretrain")?;
     cfg.write_resolved(&folder.path)?;
     let mut log = MetricsLog::open(&folder.path)?;
-    let mut opt = AdamW::new(&s.vs, c.optim.adamw());
+    let mut opt = s.tuning.optimizer(&s.vs, c.optim.adamw());
+    let stores = s.tuning.stores(&s.vs);
     let mut progress =
-        resume_or_start(&folder.path, &mut log, &[&s.vs], &mut [&mut opt], &cfg.hash)?;
+        resume_or_start(&folder.path, &mut log, &stores, &mut [&mut opt], &cfg.hash)?;
     let every = Cadence::new(c.log_every, c.eval_every, c.save_every, c.steps);
     let (b, t, accum) = (c.batch_size, c.block_size, c.optim.grad_accum);
     let n_blocks = s.stream.train_blocks();
@@ -278,6 +293,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         let step = progress.step;
         let lr = c.optim.lr_at(step, c.steps);
         let mut step_loss = 0.0;
+        s.tuning.set_training(true); // adapter dropout, when there is one
         for micro in 0..accum {
             let first = (step * accum + micro) * b as u64;
             let ids: Vec<i64> = (first..first + b as u64)
@@ -290,7 +306,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
             let loss = s.model.lm_loss(&ids, None, &ids.ones_like(), c.precision)?;
             let value = loss.double_value(&[]);
             if let Err(e) = check_finite(value, step + 1, step) {
-                save_state(&folder.path, &log, &[&s.vs], &[&opt], &progress)?;
+                save_state(&folder.path, &log, &stores, &[&opt], &progress)?;
                 return Err(e.into());
             }
             (loss / accum as f64).backward();
@@ -318,14 +334,23 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
             last_eval = evaluate(&s, c, &mut log, step)?;
         }
         if every.save_due(step) {
-            save_state(&folder.path, &log, &[&s.vs], &[&opt], &progress)?;
+            save_state(&folder.path, &log, &stores, &[&opt], &progress)?;
         }
         every.stop_if_asked(step)?;
     }
     bar.finish_and_clear();
 
-    save_final(&folder.path, &s.model, &s.vs, &s.tokenizer_path)?;
+    // An adapter's base is the `init` folder, unless that was itself an adapter (merged).
+    let base = c
+        .init
+        .as_deref()
+        .filter(|i| !temper_core::peft::is_adapter(i));
+    s.tuning
+        .save_final(&folder.path, &s.model, &s.vs, &s.tokenizer_path, base)?;
     let mut summary = log.summary_base(&progress);
+    let (trainable, total) = s.tuning.counts(&s.vs);
+    summary.insert("params/trainable".into(), trainable.into());
+    summary.insert("params/total".into(), total.into());
     for (name, loss) in &last_eval {
         summary.insert(format!("{}loss", prefix(name)), (*loss).into());
         summary.insert(format!("{}ppl", prefix(name)), loss.exp().into());
@@ -350,6 +375,7 @@ fn evaluate(
     log: &mut MetricsLog,
     step: u64,
 ) -> anyhow::Result<BTreeMap<String, f64>> {
+    s.tuning.set_training(false);
     let mut out = BTreeMap::new();
     for (name, tokens) in &s.evals {
         let n = tokens.len() / c.block_size;

@@ -10,11 +10,11 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 use temper_core::checkpoint::ScoreHead;
 use temper_core::losses::bradley_terry_loss;
+use temper_core::peft::PeftConfig;
 use temper_core::schedule::check_optim;
 use temper_core::{
-    load_with_tokenizer, resolve_device, resume_or_start, save_final, save_state, with_autocast,
-    AdamW, BatchTensors, DeviceSpec, LoadSpec, Loaded, OptimSettings, Precision, ScorePooling,
-    ScoreSign, CHECKPOINT_FILES,
+    load_with_tokenizer, resolve_device, resume_or_start, save_state, with_autocast, BatchTensors,
+    DeviceSpec, LoadSpec, Loaded, OptimSettings, Precision, ScorePooling, ScoreSign,
 };
 use temper_data::{
     seed_for, shuffled, ChatTemplate, Epochs, Example, Fields, LoadOptions, Overlong, RenderedPair,
@@ -59,6 +59,10 @@ struct Config {
     /// high and the other below chance.
     #[serde(default)]
     group_by: Option<String>,
+    /// Parameter-efficient training (lora: the score head trains with the adapter; head: only
+    /// the score head over the frozen backbone; freeze); default: every parameter trains.
+    #[serde(default)]
+    peft: Option<PeftConfig>,
     steps: u64,
     /// Pairs per micro-batch (each pair is two sequences).
     batch_size: usize,
@@ -96,7 +100,7 @@ fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError
     cfg.ensure(c.batch_size >= 1, "batch_size", "must be at least 1")?;
     cfg.ensure(c.max_len != Some(0), "max_len", "must be at least 1")?;
     cfg.ensure(c.margin.is_finite(), "margin", "must be a number")?;
-    inputs.folder(cfg, "init", &c.init, &CHECKPOINT_FILES)?;
+    inputs.checkpoint(cfg, "init", &c.init, true)?;
     inputs.file(cfg, "data", &c.data)?;
     if let Some(e) = &c.eval_data {
         inputs.file(cfg, "eval_data", e)?;
@@ -123,6 +127,8 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
     let mut m = load_with_tokenizer(&c.init, spec, device).map_err(invalid)?;
     m.model.config.score_pooling = c.pooling;
     m.model.config.score_sign = c.score_sign_by.clone();
+    m.tune(c.peft.as_ref())
+        .map_err(|e| cfg.error(&e.field, e.message))?;
     let template = ChatTemplate::new(&m.tokenizer).map_err(invalid)?;
     let max_len = c.max_len.unwrap_or(m.model.config.max_position as usize);
     cfg.ensure(
@@ -188,12 +194,13 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     }
 
     let c = &cfg.value;
-    let vs = &s.m.vs;
+    let stores = s.m.stores();
     let folder = StageFolder::claim(&args.out, "reward")?;
     cfg.write_resolved(&folder.path)?;
     let mut log = MetricsLog::open(&folder.path)?;
-    let mut opt = AdamW::new(vs, c.optim.adamw());
-    let mut progress = resume_or_start(&folder.path, &mut log, &[vs], &mut [&mut opt], &cfg.hash)?;
+    let mut opt = s.m.optimizer(c.optim.adamw());
+    let mut progress =
+        resume_or_start(&folder.path, &mut log, &stores, &mut [&mut opt], &cfg.hash)?;
     let every = Cadence::new(c.log_every, c.eval_every, c.save_every, c.steps);
     // Micro-batch k of the run is batch k % n of epoch k / n: a function of the step alone.
     let n = s.train.len();
@@ -213,6 +220,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         let lr = c.optim.lr_at(step, c.steps);
         let accum = c.optim.grad_accum;
         let (mut step_loss, mut step_acc) = (0.0, 0.0);
+        s.m.tuning.set_training(true); // adapter dropout, when there is one
         for micro in 0..accum {
             let pairs: Vec<&Pair> = batches
                 .get(step * accum + micro)
@@ -223,7 +231,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
             let loss = bradley_terry_loss(&out.chosen, &out.rejected, c.margin);
             let value = loss.double_value(&[]);
             if let Err(e) = check_finite(value, step + 1, step) {
-                save_state(&folder.path, &log, &[vs], &[&opt], &progress)?;
+                save_state(&folder.path, &log, &stores, &[&opt], &progress)?;
                 return Err(e.into());
             }
             (loss / accum as f64).backward();
@@ -252,14 +260,17 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
             last_eval = evaluate(&s, c, &mut log, step)?;
         }
         if every.save_due(step) {
-            save_state(&folder.path, &log, &[vs], &[&opt], &progress)?;
+            save_state(&folder.path, &log, &stores, &[&opt], &progress)?;
         }
         every.stop_if_asked(step)?;
     }
     bar.finish_and_clear();
 
-    save_final(&folder.path, &s.m.model, vs, &s.m.tokenizer_path)?;
+    s.m.save_final(&folder.path)?;
     let mut summary = log.summary_base(&progress);
+    for (k, v) in s.m.param_fields() {
+        summary.insert(k.into(), v.into());
+    }
     summary.insert("train_pairs".into(), s.train.len().into());
     for (k, v) in last_eval.unwrap_or_default() {
         summary.insert(k, v.into());
@@ -327,6 +338,7 @@ fn evaluate(
     log: &mut MetricsLog,
     step: u64,
 ) -> anyhow::Result<Option<Vec<(String, f64)>>> {
+    s.m.tuning.set_training(false);
     if s.eval.is_empty() {
         return Ok(None);
     }

@@ -7,12 +7,13 @@ use std::path::PathBuf;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use temper_core::peft::PeftConfig;
 use temper_core::sample::{generate, SamplingConfig};
 use temper_core::schedule::check_optim;
 use temper_core::scoring::decode_replies;
 use temper_core::{
-    load_with_tokenizer, resolve_device, resume_or_start, save_final, save_state, AdamW,
-    BatchTensors, DeviceSpec, LoadSpec, Loaded, OptimSettings, Precision, CHECKPOINT_FILES,
+    load_with_tokenizer, resolve_device, resume_or_start, save_state, BatchTensors, DeviceSpec,
+    LoadSpec, Loaded, OptimSettings, Precision,
 };
 use temper_data::{
     length_grouped_batches, pack, seed_for, shuffled, ChatTemplate, Epochs, Example, Fields,
@@ -45,6 +46,9 @@ struct Config {
     /// Concatenate examples into rows of max_len tokens (less padding, cross-example attention).
     #[serde(default)]
     packing: bool,
+    /// Parameter-efficient fine-tuning (lora, freeze, head); default: every parameter trains.
+    #[serde(default)]
+    peft: Option<PeftConfig>,
     steps: u64,
     batch_size: usize,
     #[serde(default)]
@@ -105,7 +109,7 @@ fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError
         "temperature",
         "must be ≥ 0 (0 is greedy)",
     )?;
-    inputs.folder(cfg, "init", &c.init, &CHECKPOINT_FILES)?;
+    inputs.checkpoint(cfg, "init", &c.init, true)?;
     inputs.file(cfg, "data", &c.data)?;
     if let Some(e) = &c.eval_data {
         inputs.file(cfg, "eval_data", e)?;
@@ -128,7 +132,9 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
     let c = &cfg.value;
     let device = resolve_device(c.device).map_err(invalid)?;
     tch::manual_seed(c.seed as i64);
-    let m = load_with_tokenizer(&c.init, LoadSpec::CAUSAL_LM, device).map_err(invalid)?;
+    let mut m = load_with_tokenizer(&c.init, LoadSpec::CAUSAL_LM, device).map_err(invalid)?;
+    m.tune(c.peft.as_ref())
+        .map_err(|e| cfg.error(&e.field, e.message))?;
     let template = ChatTemplate::new(&m.tokenizer).map_err(invalid)?;
     let max_len = c.max_len.unwrap_or(m.model.config.max_position as usize);
     cfg.ensure(
@@ -195,12 +201,14 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     }
 
     let c = &cfg.value;
-    let (vs, model, device) = (&s.m.vs, &s.m.model, s.m.model.device());
+    let (model, device) = (&s.m.model, s.m.model.device());
+    let stores = s.m.stores();
     let folder = StageFolder::claim(&args.out, "sft")?;
     cfg.write_resolved(&folder.path)?;
     let mut log = MetricsLog::open(&folder.path)?;
-    let mut opt = AdamW::new(vs, c.optim.adamw());
-    let mut progress = resume_or_start(&folder.path, &mut log, &[vs], &mut [&mut opt], &cfg.hash)?;
+    let mut opt = s.m.optimizer(c.optim.adamw());
+    let mut progress =
+        resume_or_start(&folder.path, &mut log, &stores, &mut [&mut opt], &cfg.hash)?;
     let every = Cadence::new(c.log_every, c.eval_every, c.save_every, c.steps);
     let lengths: Vec<usize> = s.train.iter().map(Example::len).collect();
     // Micro-batch k of the run is batch k % n of epoch k / n: a function of the step alone.
@@ -219,6 +227,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         let lr = c.optim.lr_at(step, c.steps);
         let accum = c.optim.grad_accum;
         let mut step_loss = 0.0;
+        s.m.tuning.set_training(true); // adapter dropout, when there is one
         for micro in 0..accum {
             let rows: Vec<&Example> = batches
                 .get(step * accum + micro)
@@ -229,7 +238,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
             let loss = model.lm_loss(&b.ids, Some(&b.attention), &b.loss_mask, c.precision)?;
             let value = loss.double_value(&[]);
             if let Err(e) = check_finite(value, step + 1, step) {
-                save_state(&folder.path, &log, &[vs], &[&opt], &progress)?;
+                save_state(&folder.path, &log, &stores, &[&opt], &progress)?;
                 return Err(e.into());
             }
             (loss / accum as f64).backward();
@@ -257,14 +266,17 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
             last_eval = evaluate(&s, c, &mut log, step)?;
         }
         if every.save_due(step) {
-            save_state(&folder.path, &log, &[vs], &[&opt], &progress)?;
+            save_state(&folder.path, &log, &stores, &[&opt], &progress)?;
         }
         every.stop_if_asked(step)?;
     }
     bar.finish_and_clear();
 
-    save_final(&folder.path, model, vs, &s.m.tokenizer_path)?;
+    s.m.save_final(&folder.path)?;
     let mut summary = log.summary_base(&progress);
+    for (k, v) in s.m.param_fields() {
+        summary.insert(k.into(), v.into());
+    }
     summary.insert("train_examples".into(), s.train.len().into());
     summary.insert(
         "data".into(),
@@ -283,6 +295,7 @@ fn evaluate(s: &Setup, c: &Config, log: &mut MetricsLog, step: u64) -> anyhow::R
     if s.eval.is_empty() {
         return Ok(None);
     }
+    s.m.tuning.set_training(false);
     let device = s.m.model.device();
     let batches = s.eval.chunks(c.batch_size).map(|chunk| {
         let rows: Vec<&Example> = chunk.iter().collect();

@@ -86,4 +86,23 @@ impl Inputs {
         }
         Ok(Availability::Present)
     }
+
+    /// A model checkpoint: a full one (config.json, model.safetensors) or a PEFT adapter
+    /// (adapter_config.json, adapter_model.safetensors), with tokenizer.json when `tokenizer`.
+    pub fn checkpoint<T>(
+        &mut self,
+        cfg: &ConfigFile<T>,
+        field: &str,
+        path: &Path,
+        tokenizer: bool,
+    ) -> Result<Availability, StageError> {
+        let weights: &[&str] = if path.join("adapter_config.json").exists() {
+            &["adapter_config.json", "adapter_model.safetensors"]
+        } else {
+            &["config.json", "model.safetensors"]
+        };
+        let tok: &[&str] = if tokenizer { &["tokenizer.json"] } else { &[] };
+        let files: Vec<&str> = weights.iter().chain(tok).copied().collect();
+        self.folder(cfg, field, path, &files)
+    }
 }

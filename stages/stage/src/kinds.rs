@@ -21,6 +21,7 @@ pub enum StageKind {
     Reward,
     Ppo,
     Dpo,
+    Merge,
     Eval,
 }
 
@@ -35,13 +36,14 @@ pub enum PathRole {
 }
 
 impl StageKind {
-    pub const ALL: [StageKind; 7] = [
+    pub const ALL: [StageKind; 8] = [
         StageKind::Tokenizer,
         StageKind::Pretrain,
         StageKind::Sft,
         StageKind::Reward,
         StageKind::Ppo,
         StageKind::Dpo,
+        StageKind::Merge,
         StageKind::Eval,
     ];
 
@@ -53,6 +55,7 @@ impl StageKind {
             StageKind::Reward => "reward",
             StageKind::Ppo => "ppo",
             StageKind::Dpo => "dpo",
+            StageKind::Merge => "merge",
             StageKind::Eval => "eval",
         }
     }
@@ -96,6 +99,7 @@ impl StageKind {
                 ("data", Input),
                 ("eval_data", Input),
             ],
+            StageKind::Merge => &[("adapter", Input)],
             StageKind::Eval => &[
                 ("policies.*", Input),
                 ("reference", Input),

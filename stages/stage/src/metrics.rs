@@ -152,6 +152,15 @@ impl MetricsLog {
     pub fn write_summary(&self, status: &str, mut fields: Summary) -> anyhow::Result<()> {
         fields.insert("status".into(), status.into());
         fields.insert("wall_time_s".into(), json_number(self.elapsed()));
+        // What a run costs besides time: the process's peak memory and the checkpoint's size.
+        if let Some(rss) = crate::memory::peak_rss_bytes() {
+            fields.insert("peak_rss_mb".into(), json_number(rss as f64 / 1e6));
+        }
+        let checkpoint = self.out.join("checkpoint");
+        if checkpoint.is_dir() {
+            let mb = crate::memory::dir_bytes(&checkpoint) as f64 / 1e6;
+            fields.insert("checkpoint_mb".into(), json_number(mb));
+        }
         crate::atomic::write_json(&self.out.join("summary.json"), &Value::Object(fields))
     }
 }

@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""Parity goldens for temper's parameter-efficient fine-tuning, made with the `peft` package.
+
+For each case below this wraps a tiny fixture model (tests/fixtures/<base>/, made by
+make_goldens.py) with peft.get_peft_model, sets every adapter tensor to seeded random values
+(PEFT's own init makes B = 0, which would hide a wrong B·A), saves the adapter with
+save_pretrained under tests/fixtures/peft/<case>/, and writes golden.safetensors beside it:
+
+  logits / scores      the PEFT model's output on the golden rows of make_goldens.py
+                       (unpadded, right-padded, left-padded), adapters unmerged
+  merged_logits        the same after merge_and_unload() (what temper's merge computes)
+  grad.<key>           gradient of make_goldens' LM loss for every trainable adapter tensor
+                       (keys as in adapter_model.safetensors)
+  step.<key>           the tensor after one torch.optim.AdamW step (settings in golden.json)
+
+Cases: LoRA on GPT-2 (Conv1D, fan_in_fan_out) and Llama, rsLoRA, DoRA (both families), LoRA
+with trained biases on selected layers, and a LoRA reward model (GPT-2 *ForSequenceClassification
+with the score head in modules_to_save). Rerun with the project venv:
+  .venv/bin/python scripts/make_peft_goldens.py
+"""
+import json
+import os
+import shutil
+import sys
+
+import torch
+from safetensors.torch import save_file
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_goldens import ROOT, inputs, lm_loss  # noqa: E402
+
+ADAMW = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+
+CASES = {
+    "gpt2_lora": ("gpt2", dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"])),
+    "gpt2_rslora": ("gpt2", dict(r=4, lora_alpha=8, target_modules=["c_attn"], use_rslora=True)),
+    "gpt2_dora": ("gpt2", dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], use_dora=True)),
+    "gpt2_bias": ("gpt2", dict(r=2, lora_alpha=4, target_modules=["c_proj"], bias="lora_only",
+                               layers_to_transform=[1])),
+    "llama_lora": ("llama", dict(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "llama_dora": ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "up_proj"],
+                                 use_dora=True)),
+    "gpt2_rm_lora": ("gpt2_rm", dict(r=4, lora_alpha=8, target_modules=["c_attn"],
+                                     task_type="SEQ_CLS")),
+}
+
+
+def randomise(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name or (p.requires_grad and name.endswith("bias")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if "magnitude" in name else 0.0) * p)
+            if "modules_to_save" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def make(case, base, settings, seed):
+    base_dir = os.path.join(ROOT, base)
+    rm = base.endswith("_rm")
+    cls = AutoModelForSequenceClassification if rm else AutoModelForCausalLM
+    model = cls.from_pretrained(base_dir)
+    peft_model = get_peft_model(model, LoraConfig(lora_dropout=0.0, **settings))
+    randomise(peft_model, seed)
+    out = os.path.join(ROOT, "peft", case)
+    shutil.rmtree(out, ignore_errors=True)
+    peft_model.save_pretrained(out)
+    os.remove(os.path.join(out, "README.md"))  # PEFT's model-card template
+    n_saved = len(get_peft_model_state_dict(peft_model))
+    with open(os.path.join(out, "adapter_config.json")) as f:
+        config = json.load(f)
+    config["base_model_name_or_path"] = f"../../{base}"  # relative to this folder, for readers
+    with open(os.path.join(out, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+    ids, mask, pos = inputs(model.config.vocab_size)
+    peft_model.eval()
+    with torch.no_grad():
+        out_main = peft_model(input_ids=ids, attention_mask=mask, position_ids=pos)
+    golden = {"input_ids": ids, "attention_mask": mask}
+    if rm:
+        golden["scores"] = out_main.logits[:, 0].contiguous()
+    else:
+        golden["logits"] = out_main.logits.contiguous()
+        # One AdamW step on the adapter: gradients first, then the updated tensors.
+        peft_model.train()
+        params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+        opt = torch.optim.AdamW(list(params.values()), lr=ADAMW["lr"], betas=ADAMW["betas"],
+                                eps=ADAMW["eps"], weight_decay=ADAMW["weight_decay"])
+        loss = lm_loss(peft_model(input_ids=ids, attention_mask=mask, position_ids=pos).logits, ids, mask)
+        loss.backward()
+        saved_keys = get_peft_model_state_dict(peft_model).keys()
+        to_key = {n: saved_key(n) for n in params}
+        assert set(to_key.values()) <= set(saved_keys), (set(to_key.values()) - set(saved_keys))
+        for n, p in params.items():
+            golden[f"grad.{to_key[n]}"] = p.grad.detach().clone().contiguous()
+        opt.step()
+        for n, p in params.items():
+            golden[f"step.{to_key[n]}"] = p.detach().clone().contiguous()
+        peft_model.eval()
+        # Back to the saved values, then merge.
+        peft_model = get_peft_model(cls.from_pretrained(base_dir), LoraConfig(lora_dropout=0.0, **settings))
+        randomise(peft_model, seed)
+        merged = peft_model.merge_and_unload()
+        with torch.no_grad():
+            golden["merged_logits"] = merged(input_ids=ids, attention_mask=mask,
+                                             position_ids=pos).logits.contiguous()
+    save_file(golden, os.path.join(out, "golden.safetensors"))
+    with open(os.path.join(out, "golden.json"), "w") as f:
+        json.dump({"case": case, "base": base, "seed": seed, "settings": settings,
+                   "adamw": {**ADAMW, "betas": list(ADAMW["betas"])},
+                   "peft": __import__("peft").__version__, "torch": torch.__version__}, f, indent=1)
+    print(f"{case}: {n_saved} adapter tensors")
+
+
+def saved_key(param_name):
+    # base_model.model.<path>.lora_A.default.weight -> base_model.model.<path>.lora_A.weight
+    # (DoRA's magnitude is saved without ".weight")
+    if param_name.endswith("lora_magnitude_vector.default.weight"):
+        return param_name[: -len(".default.weight")]
+    return param_name.replace(".default", "")
+
+
+if __name__ == "__main__":
+    for i, (case, (base, settings)) in enumerate(CASES.items()):
+        make(case, base, settings, 100 + i)

@@ -1,0 +1,529 @@
+//! LoRA checkpoints in Hugging Face PEFT's layout:
+//!
+//! ```text
+//! checkpoint/adapter_config.json        PEFT's LoraConfig (peft_type LORA)
+//! checkpoint/adapter_model.safetensors  base_model.model.<module>.lora_A.weight, lora_B.weight,
+//!                                       lora_magnitude_vector (DoRA), trained biases, score
+//! checkpoint/tokenizer.json
+//! checkpoint/temper_adapter.json        where the base is (relative), the full model config
+//! checkpoint/base/                      the base, only when it exists nowhere else (the stage
+//!                                       started from another adapter, merged in memory)
+//! ```
+//!
+//! `peft.PeftModel.from_pretrained(base, checkpoint)` loads the folder; temper loads it (and
+//! adapters PEFT saved) by building the base, attaching the adapters and merging them.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Component, Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tch::nn::VarStore;
+use tch::{Device, Tensor};
+
+use super::{apply, LoraBias, LoraConfig, LoraInit, PeftConfig, Tuning};
+use crate::checkpoint::{load_checkpoint_as, LoadSpec, ScoreHead, CONFIG_FILE};
+use crate::config::ModelConfig;
+use crate::error::{CoreError, Result};
+use crate::model::Transformer;
+
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+pub const TEMPER_ADAPTER: &str = "temper_adapter.json";
+
+/// Whether `dir` holds an adapter rather than a full checkpoint.
+pub fn is_adapter(dir: &Path) -> bool {
+    dir.join(ADAPTER_CONFIG).exists()
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+enum Targets {
+    List(Vec<String>),
+    Pattern(String),
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+enum Layers {
+    One(usize),
+    List(Vec<usize>),
+}
+
+/// The fields of PEFT's `adapter_config.json` temper reads; the others are listed in
+/// [`PEFT_KEYS_IGNORED`] and anything else is warned about and ignored, as PEFT does.
+#[derive(Clone, Debug, Deserialize)]
+pub struct AdapterConfig {
+    pub peft_type: String,
+    #[serde(default)]
+    pub task_type: Option<String>,
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    r: i64,
+    lora_alpha: f64,
+    #[serde(default)]
+    lora_dropout: f64,
+    target_modules: Targets,
+    #[serde(default)]
+    fan_in_fan_out: bool,
+    #[serde(default = "default_bias")]
+    bias: String,
+    #[serde(default)]
+    use_rslora: bool,
+    #[serde(default)]
+    use_dora: bool,
+    #[serde(default)]
+    layers_to_transform: Option<Layers>,
+    #[serde(default)]
+    modules_to_save: Option<Vec<String>>,
+    #[serde(flatten)]
+    rest: BTreeMap<String, Value>,
+}
+
+fn default_bias() -> String {
+    "none".into()
+}
+
+/// PEFT LoraConfig keys that do not change what a plain LoRA/DoRA adapter computes at the
+/// values PEFT writes by default (checked when not at those values).
+const PEFT_KEYS_IGNORED: &[&str] = &[
+    "auto_mapping",
+    "revision",
+    "inference_mode",
+    "init_lora_weights",
+    "layers_pattern",
+    "rank_pattern",
+    "alpha_pattern",
+    "megatron_config",
+    "megatron_core",
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+    "exclude_modules",
+    "trainable_token_indices",
+    "layer_replication",
+    "lora_bias",
+    "target_parameters",
+    "peft_version",
+    "use_qalora",
+    "qalora_group_size",
+    "velora_config",
+    "alora_invocation_tokens",
+    "monteclora_config",
+    "use_bdlora",
+    "arrow_config",
+    "kasa_config",
+    "ensure_weight_tying",
+];
+
+fn config_err(path: &Path, field: &str, message: impl Into<String>) -> CoreError {
+    CoreError::Config {
+        path: path.into(),
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
+    let path = dir.join(ADAPTER_CONFIG);
+    let text = std::fs::read_to_string(&path).map_err(|source| CoreError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let c: AdapterConfig = serde_json::from_str(&text).map_err(|source| CoreError::Json {
+        path: path.clone(),
+        source,
+    })?;
+    if c.peft_type != "LORA" {
+        return Err(config_err(
+            &path,
+            "peft_type",
+            format!(
+                "`{}` adapters are not loaded by temper; it loads LORA (LoRA, rsLoRA, DoRA)",
+                c.peft_type
+            ),
+        ));
+    }
+    for (k, v) in &c.rest {
+        let unusual = match k.as_str() {
+            "layer_replication" | "rank_pattern" | "alpha_pattern" | "target_parameters" => {
+                !(v.is_null() || v.as_object().is_some_and(|o| o.is_empty()))
+            }
+            "use_qalora" | "lora_bias" => v.as_bool() == Some(true),
+            _ => false,
+        };
+        if unusual {
+            return Err(config_err(
+                &path,
+                k,
+                format!("{v} is not supported by temper's LoRA"),
+            ));
+        }
+        if !PEFT_KEYS_IGNORED.contains(&k.as_str()) {
+            tracing::warn!("{}: unknown key `{k}` ignored", path.display());
+        }
+    }
+    Ok(c)
+}
+
+impl AdapterConfig {
+    fn lora(&self, path: &Path) -> Result<LoraConfig> {
+        let target_modules = match &self.target_modules {
+            Targets::List(v) => v.clone(),
+            Targets::Pattern(p) => {
+                return Err(config_err(
+                    path,
+                    "target_modules",
+                    format!("the regular expression `{p}` is not supported; list the module names"),
+                ))
+            }
+        };
+        let bias = match self.bias.as_str() {
+            "none" => LoraBias::None,
+            "all" => LoraBias::All,
+            "lora_only" => LoraBias::LoraOnly,
+            other => return Err(config_err(path, "bias", format!("unknown value `{other}`"))),
+        };
+        Ok(LoraConfig {
+            r: self.r,
+            alpha: Some(self.lora_alpha),
+            dropout: self.lora_dropout,
+            target_modules: Some(target_modules),
+            layers: self.layers_to_transform.clone().map(|l| match l {
+                Layers::One(i) => vec![i],
+                Layers::List(v) => v,
+            }),
+            bias,
+            rslora: self.use_rslora,
+            dora: self.use_dora,
+            init: LoraInit::Default,
+        })
+    }
+}
+
+/// Attaches the adapter in `dir` to `model` (unmerged) and loads its tensors: LoRA factors into
+/// the adapter store, trained biases and the score head into `vs`. Strict both ways.
+pub fn load_adapter(model: &mut Transformer, vs: &mut VarStore, dir: &Path) -> Result<Tuning> {
+    let cfg_path = dir.join(ADAPTER_CONFIG);
+    let c = read_adapter_config(dir)?;
+    let lora = c.lora(&cfg_path)?;
+    if c.fan_in_fan_out != (model.config.arch == crate::config::Arch::Gpt2) {
+        tracing::warn!(
+            "{}: fan_in_fan_out {} ignored: the layout follows the model family",
+            cfg_path.display(),
+            c.fan_in_fan_out
+        );
+    }
+    let tuning = apply(model, vs, Some(&PeftConfig::Lora(lora)))
+        .map_err(|e| config_err(&cfg_path, &e.field["peft.".len()..], e.message))?;
+    let file = dir.join(ADAPTER_WEIGHTS);
+    let mut saved: HashMap<String, Tensor> = Tensor::read_safetensors(&file)?.into_iter().collect();
+    let adapters = tuning.adapters.as_ref().expect("LoRA has an adapter store");
+    let mismatch = |name: &str, want: &[i64], got: &[i64]| {
+        CoreError::Config {
+        path: file.clone(),
+        field: name.into(),
+        message: format!(
+            "shape {got:?} does not fit the base model's {want:?}: this adapter was trained on a different base"
+        ),
+    }
+    };
+    tch::no_grad(|| -> Result<()> {
+        for (name, mut var) in adapters.variables() {
+            let src = saved
+                .remove(&name)
+                .ok_or_else(|| config_err(&file, &name, "missing from the adapter"))?;
+            if src.size() != var.size() {
+                return Err(mismatch(&name, &var.size(), &src.size()));
+            }
+            var.copy_(&src);
+        }
+        let base = vs.variables();
+        for (name, src) in saved.drain() {
+            let key = name.strip_prefix("base_model.model.").unwrap_or(&name);
+            // PEFT saved the score head under its wrapper's name in older versions, and saves
+            // an adapted layer's bias under `base_layer`.
+            let key = key
+                .replace(".modules_to_save.default", "")
+                .replace(".base_layer.", ".");
+            let Some(mut var) = base.get(&key).map(|t| t.shallow_clone()) else {
+                return Err(config_err(
+                    &file,
+                    &name,
+                    "not a LoRA tensor of this model, nor one of its parameters",
+                ));
+            };
+            if src.size() != var.size() {
+                return Err(mismatch(&name, &var.size(), &src.size()));
+            }
+            var.copy_(&src);
+        }
+        Ok(())
+    })?;
+    Ok(tuning)
+}
+
+/// Folds every adapter into its layer's weight and detaches it: the model computes the same
+/// function with plain weights.
+pub fn merge_adapters(model: &mut Transformer) {
+    tch::no_grad(|| {
+        for (_, linear) in model.block_linears_mut() {
+            if let Some(lora) = linear.lora.take() {
+                let merged = lora.merged_weight(linear);
+                linear.weight.copy_(&merged);
+            }
+        }
+    });
+}
+
+/// Builds the base of the adapter in `dir`, loads the adapter and merges it: a plain model.
+pub fn load_adapter_checkpoint(
+    dir: &Path,
+    spec: LoadSpec,
+    device: Device,
+) -> Result<(VarStore, Transformer)> {
+    let c = read_adapter_config(dir)?;
+    let base = base_dir(dir, &c)?;
+    let config = adapter_model_config(dir)?;
+    // A reward model's head travels with its adapter.
+    let has_score = c.modules_to_save.iter().flatten().any(|m| m == "score");
+    let base_spec = LoadSpec {
+        score: if spec.score == ScoreHead::Load && has_score {
+            ScoreHead::Fresh
+        } else {
+            spec.score
+        },
+        ..spec
+    };
+    let (mut vs, mut model) = load_checkpoint_as(&base, &config, base_spec, device)?;
+    load_adapter(&mut model, &mut vs, dir)?;
+    merge_adapters(&mut model);
+    vs.unfreeze();
+    Ok((vs, model))
+}
+
+/// The model an adapter folder describes: temper's saved config, else its base's config.json.
+pub fn adapter_model_config(dir: &Path) -> Result<ModelConfig> {
+    if dir.join(TEMPER_ADAPTER).exists() {
+        temper_config(dir)
+    } else {
+        let base = base_dir(dir, &read_adapter_config(dir)?)?;
+        ModelConfig::from_hf_json(&base.join(CONFIG_FILE))
+    }
+}
+
+/// The full model config temper saved beside its adapter (score pooling and sign included).
+fn temper_config(dir: &Path) -> Result<ModelConfig> {
+    let path = dir.join(TEMPER_ADAPTER);
+    let text = std::fs::read_to_string(&path).map_err(|source| CoreError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let v: Value = serde_json::from_str(&text).map_err(|source| CoreError::Json {
+        path: path.clone(),
+        source,
+    })?;
+    let config = v
+        .get("config")
+        .ok_or_else(|| config_err(&path, "config", "missing"))?;
+    crate::hf_config::from_value(config.clone(), &path)
+}
+
+/// Where an adapter's base lives: temper's relative pointer, else PEFT's
+/// `base_model_name_or_path` when that is a local folder (absolute, or relative to the
+/// adapter's folder or the working directory).
+fn base_dir(dir: &Path, c: &AdapterConfig) -> Result<PathBuf> {
+    let path = dir.join(TEMPER_ADAPTER);
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        if let Some(base) = serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| v.get("base").and_then(Value::as_str).map(PathBuf::from))
+        {
+            let full = dir.join(base);
+            if full.is_dir() {
+                return Ok(full);
+            }
+        }
+    }
+    match &c.base_model_name_or_path {
+        // A relative path is read from the adapter's folder first, then the working directory.
+        Some(b) if dir.join(b).is_dir() => Ok(dir.join(b)),
+        Some(b) if Path::new(b).is_dir() => Ok(PathBuf::from(b)),
+        Some(b) => Err(config_err(
+            &dir.join(ADAPTER_CONFIG),
+            "base_model_name_or_path",
+            format!("`{b}` is not a local folder; temper does not download models — point it at the base checkpoint's folder"),
+        )),
+        None => Err(config_err(
+            &dir.join(ADAPTER_CONFIG),
+            "base_model_name_or_path",
+            "missing: the adapter does not say which base it applies to",
+        )),
+    }
+}
+
+/// `target` relative to the folder `from` (both made absolute first).
+fn relative_path(target: &Path, from: &Path) -> PathBuf {
+    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let (t, f) = (abs(target), abs(from));
+    let tc: Vec<Component> = t.components().collect();
+    let fc: Vec<Component> = f.components().collect();
+    let common = tc.iter().zip(&fc).take_while(|(a, b)| a == b).count();
+    let mut out = PathBuf::new();
+    for _ in common..fc.len() {
+        out.push("..");
+    }
+    for c in &tc[common..] {
+        out.push(c.as_os_str());
+    }
+    out
+}
+
+impl Tuning {
+    /// Writes the stage's final model to `<out>/checkpoint/`: PEFT files over `base` for LoRA
+    /// (`base` None: the base exists only in memory, so it is written to `checkpoint/base/`),
+    /// a full checkpoint otherwise.
+    pub fn save_final(
+        &self,
+        out: &Path,
+        model: &Transformer,
+        vs: &VarStore,
+        tokenizer: &Path,
+        base: Option<&Path>,
+    ) -> Result<PathBuf> {
+        let dir = out.join("checkpoint");
+        self.save_into(&dir, model, vs, tokenizer, base)?;
+        Ok(dir)
+    }
+
+    /// As [`Tuning::save_final`], into the folder `dir` itself.
+    pub fn save_into(
+        &self,
+        dir: &Path,
+        model: &Transformer,
+        vs: &VarStore,
+        tokenizer: &Path,
+        base: Option<&Path>,
+    ) -> Result<()> {
+        let (Some(adapters), Some(PeftConfig::Lora(c))) = (&self.adapters, &self.config) else {
+            crate::checkpoint::save_checkpoint(model, vs, dir)?;
+            return copy_tokenizer(tokenizer, dir);
+        };
+        let dir = dir.to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(|source| CoreError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let inside = base.is_none();
+        let base = match base {
+            Some(b) => b.to_path_buf(),
+            None => {
+                let b = dir.join("base");
+                crate::checkpoint::save_final(&dir.join("base_tmp"), model, vs, tokenizer)?;
+                replace(&dir.join("base_tmp").join("checkpoint"), &b)?;
+                let _ = std::fs::remove_dir_all(dir.join("base_tmp"));
+                b
+            }
+        };
+        let mut tensors: BTreeMap<String, Tensor> = adapters.variables().into_iter().collect();
+        let adapted: BTreeSet<String> = model
+            .block_linears()
+            .iter()
+            .filter(|(_, l)| l.lora.is_some())
+            .map(|(_, l)| l.module.clone())
+            .collect();
+        for (name, t) in vs.variables() {
+            if t.requires_grad() {
+                // PEFT keeps an adapted layer's own weights under `base_layer`.
+                let key = match name.strip_suffix(".bias") {
+                    Some(module) if adapted.contains(module) => format!("{module}.base_layer.bias"),
+                    _ => name,
+                };
+                tensors.insert(format!("base_model.model.{key}"), t);
+            }
+        }
+        let tensors: Vec<(String, Tensor)> = tensors
+            .into_iter()
+            .map(|(k, t)| (k, t.detach().to_device(Device::Cpu).contiguous()))
+            .collect();
+        let tmp = dir.join(format!(".{ADAPTER_WEIGHTS}.tmp"));
+        Tensor::write_safetensors(&tensors, &tmp)?;
+        replace(&tmp, &dir.join(ADAPTER_WEIGHTS))?;
+        let targeted: BTreeSet<String> = model
+            .block_linears()
+            .iter()
+            .filter(|(_, l)| l.lora.is_some())
+            .filter_map(|(_, l)| l.module.rsplit('.').next().map(String::from))
+            .collect();
+        let seq_cls = model.heads.score && !model.heads.lm;
+        let config = json!({
+            "peft_type": "LORA",
+            "task_type": if seq_cls { "SEQ_CLS" } else { "CAUSAL_LM" },
+            // A base inside the folder is named relative to it, so the folder stays whole when
+            // moved (load it with PeftModel.from_pretrained(<base model>, folder)).
+            "base_model_name_or_path": if inside {
+                PathBuf::from("base")
+            } else {
+                std::path::absolute(&base).unwrap_or(base.clone())
+            },
+            "r": c.r,
+            "lora_alpha": c.alpha(),
+            "lora_dropout": c.dropout,
+            "target_modules": targeted,
+            "fan_in_fan_out": model.config.arch == crate::config::Arch::Gpt2,
+            "bias": match c.bias { LoraBias::None => "none", LoraBias::All => "all", LoraBias::LoraOnly => "lora_only" },
+            "use_rslora": c.rslora,
+            "use_dora": c.dora,
+            "layers_to_transform": c.layers,
+            "modules_to_save": if seq_cls { json!(["score"]) } else { Value::Null },
+            "init_lora_weights": match c.init { LoraInit::Default => json!(true), LoraInit::Gaussian => json!("gaussian") },
+            "inference_mode": true,
+        });
+        write_json(&dir.join(ADAPTER_CONFIG), &config)?;
+        let pointer = json!({
+            "format": 1,
+            "base": relative_path(&base, &dir),
+            "config": model.hf_config_json(),
+        });
+        write_json(&dir.join(TEMPER_ADAPTER), &pointer)?;
+        copy_tokenizer(tokenizer, &dir)
+    }
+}
+
+fn copy_tokenizer(tokenizer: &Path, dir: &Path) -> Result<()> {
+    let bytes = std::fs::read(tokenizer).map_err(|source| CoreError::Io {
+        path: tokenizer.into(),
+        source,
+    })?;
+    write_bytes(&dir.join("tokenizer.json"), &bytes)
+}
+
+fn replace(from: &Path, to: &Path) -> Result<()> {
+    if to.is_dir() {
+        std::fs::remove_dir_all(to).map_err(|source| CoreError::Io {
+            path: to.into(),
+            source,
+        })?;
+    }
+    std::fs::rename(from, to).map_err(|source| CoreError::Io {
+        path: to.into(),
+        source,
+    })
+}
+
+fn write_json(path: &Path, v: &Value) -> Result<()> {
+    write_bytes(
+        path,
+        serde_json::to_string_pretty(v)
+            .expect("JSON serialises")
+            .as_bytes(),
+    )
+}
+
+fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
+    temper_stage::atomic::write_atomic(path, bytes).map_err(|e| CoreError::Io {
+        path: path.into(),
+        source: std::io::Error::other(format!("{e:#}")),
+    })
+}

@@ -1,0 +1,365 @@
+//! Parameter-efficient fine-tuning against the `peft` package, on adapters PEFT itself saved
+//! (tests/fixtures/peft/<case>/, made by scripts/make_peft_goldens.py): logits with the adapters
+//! attached and after merging, gradients of every adapter tensor, and one AdamW step.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+use temper_core::peft::{self, LoraConfig, PeftConfig};
+use temper_core::{lm_target_mask, load_checkpoint, AdamWConfig, LoadSpec, ScoreHead, Transformer};
+
+const CASES: [&str; 6] = [
+    "gpt2_lora",
+    "gpt2_rslora",
+    "gpt2_dora",
+    "gpt2_bias",
+    "llama_lora",
+    "llama_dora",
+];
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+fn golden(case: &str) -> (BTreeMap<String, Tensor>, serde_json::Value) {
+    let dir = fixtures().join("peft").join(case);
+    let g = Tensor::read_safetensors(dir.join("golden.safetensors"))
+        .unwrap()
+        .into_iter()
+        .collect();
+    let json =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    (g, json)
+}
+
+/// The base fixture with the case's PEFT-saved adapter attached (unmerged).
+fn with_adapter(case: &str, spec: LoadSpec) -> (VarStore, Transformer, peft::Tuning) {
+    let (_, json) = golden(case);
+    let base = fixtures().join(json["base"].as_str().unwrap());
+    let (mut vs, mut model) = load_checkpoint(&base, spec, Device::Cpu).unwrap();
+    let tuning = peft::load_adapter(&mut model, &mut vs, &fixtures().join("peft").join(case))
+        .unwrap_or_else(|e| panic!("{case}: {e}"));
+    (vs, model, tuning)
+}
+
+fn max_diff_on(a: &Tensor, b: &Tensor, mask: &Tensor) -> f64 {
+    let diff = (a - b).abs().amax([-1], false);
+    diff.masked_select(&mask.to_kind(Kind::Bool))
+        .max()
+        .double_value(&[])
+}
+
+#[test]
+fn adapted_and_merged_logits_match_peft() {
+    for case in CASES {
+        let (g, _) = golden(case);
+        let (_vs, mut model, _t) = with_adapter(case, LoadSpec::CAUSAL_LM);
+        let mask = &g["attention_mask"];
+        let (_, logits) = tch::no_grad(|| model.forward(&g["input_ids"], Some(mask))).unwrap();
+        let d = max_diff_on(&logits, &g["logits"], mask);
+        eprintln!("{case}: max |logits - peft| = {d:.2e}");
+        assert!(d < 1e-4, "{case}: adapted logits differ by {d}");
+
+        peft::merge_adapters(&mut model);
+        let (_, merged) = tch::no_grad(|| model.forward(&g["input_ids"], Some(mask))).unwrap();
+        let d = max_diff_on(&merged, &g["merged_logits"], mask);
+        eprintln!("{case}: max |merged logits - peft merge_and_unload| = {d:.2e}");
+        assert!(d < 1e-4, "{case}: merged logits differ by {d}");
+    }
+}
+
+/// The adapter tensor (or trained base bias) behind a PEFT key.
+fn tensor_for(key: &str, vs: &VarStore, tuning: &peft::Tuning) -> Tensor {
+    let adapters = tuning.adapters.as_ref().unwrap().variables();
+    if let Some(t) = adapters.get(key) {
+        return t.shallow_clone();
+    }
+    let base = key
+        .strip_prefix("base_model.model.")
+        .unwrap()
+        .replace(".base_layer.", ".");
+    vs.variables()
+        .get(&base)
+        .unwrap_or_else(|| panic!("no tensor for {key}"))
+        .shallow_clone()
+}
+
+#[test]
+fn adapter_gradients_and_one_adamw_step_match_peft() {
+    for case in CASES {
+        let (g, json) = golden(case);
+        let (vs, model, tuning) = with_adapter(case, LoadSpec::CAUSAL_LM);
+        let mask = &g["attention_mask"];
+        let (_, logits) = model.forward(&g["input_ids"], Some(mask)).unwrap();
+        temper_core::causal_lm_loss(&logits, &g["input_ids"], &lm_target_mask(mask)).backward();
+        let grads: Vec<(&String, &Tensor)> =
+            g.iter().filter(|(k, _)| k.starts_with("grad.")).collect();
+        let (trainable, _) = tuning.counts(&vs);
+        let golden_count: i64 = grads.iter().map(|(_, t)| t.numel() as i64).sum();
+        assert_eq!(
+            trainable, golden_count,
+            "{case}: temper trains exactly the tensors PEFT trains"
+        );
+        for (key, want) in &grads {
+            let got = tensor_for(&key["grad.".len()..], &vs, &tuning).grad();
+            let scale = want.abs().max().double_value(&[]).max(1e-6);
+            let d = (&got - *want).abs().max().double_value(&[]) / scale;
+            assert!(
+                d < 1e-4,
+                "{case}: gradient of {key} differs by {d:.2e} (relative)"
+            );
+        }
+        let a = &json["adamw"];
+        let mut opt = tuning.optimizer(
+            &vs,
+            AdamWConfig {
+                beta1: a["betas"][0].as_f64().unwrap(),
+                beta2: a["betas"][1].as_f64().unwrap(),
+                eps: a["eps"].as_f64().unwrap(),
+                weight_decay: a["weight_decay"].as_f64().unwrap(),
+            },
+        );
+        opt.step(a["lr"].as_f64().unwrap()).unwrap();
+        for (key, want) in g.iter().filter(|(k, _)| k.starts_with("step.")) {
+            let got = tensor_for(&key["step.".len()..], &vs, &tuning);
+            let d = (&got - want).abs().max().double_value(&[]);
+            assert!(
+                d < 1e-6,
+                "{case}: {key} after one AdamW step differs by {d:.2e}"
+            );
+        }
+        eprintln!("{case}: {} gradients and one AdamW step match", grads.len());
+    }
+}
+
+#[test]
+fn a_lora_reward_model_scores_as_peft_sequence_classification() {
+    let (g, _) = golden("gpt2_rm_lora");
+    let spec = LoadSpec {
+        lm_head: false,
+        score: ScoreHead::Load,
+    };
+    let (_vs, model, _t) = with_adapter("gpt2_rm_lora", spec);
+    let mask = &g["attention_mask"];
+    let hidden = model
+        .hidden_states(&g["input_ids"], Some(mask), None)
+        .unwrap();
+    let scores = model.last_token_scores(&hidden, mask).unwrap();
+    let d = (&scores - &g["scores"]).abs().max().double_value(&[]);
+    assert!(d < 1e-5, "LoRA reward scores differ by {d}");
+    // Loaded as a checkpoint (base + adapter merged), the scores are the same.
+    let dir = fixtures().join("peft/gpt2_rm_lora");
+    let (_vs, merged) = load_checkpoint(&dir, spec, Device::Cpu).unwrap();
+    let hidden = merged
+        .hidden_states(&g["input_ids"], Some(mask), None)
+        .unwrap();
+    let d = (&merged.last_token_scores(&hidden, mask).unwrap() - &g["scores"])
+        .abs()
+        .max()
+        .double_value(&[]);
+    assert!(d < 1e-5, "merged LoRA reward scores differ by {d}");
+}
+
+#[test]
+fn bad_peft_settings_are_named() {
+    let lora = |f: &dyn Fn(&mut LoraConfig)| {
+        let mut c = LoraConfig {
+            r: 4,
+            alpha: None,
+            dropout: 0.0,
+            target_modules: None,
+            layers: None,
+            bias: Default::default(),
+            rslora: false,
+            dora: false,
+            init: Default::default(),
+        };
+        f(&mut c);
+        PeftConfig::Lora(c)
+    };
+    let cases: Vec<(PeftConfig, &str, &str)> = vec![
+        (lora(&|c| c.r = 0), "peft.r", "positive"),
+        (
+            lora(&|c| c.target_modules = Some(vec!["q_proj".into()])),
+            "peft.target_modules",
+            "available: c_attn, c_fc, c_proj",
+        ),
+        (
+            lora(&|c| c.layers = Some(vec![5])),
+            "peft.layers",
+            "block 5",
+        ),
+    ];
+    for (config, field, words) in cases {
+        let (mut vs, mut model) =
+            load_checkpoint(&fixtures().join("gpt2"), LoadSpec::CAUSAL_LM, Device::Cpu).unwrap();
+        let err = peft::apply(&mut model, &mut vs, Some(&config))
+            .err()
+            .unwrap();
+        assert_eq!(err.field, field);
+        assert!(err.message.contains(words), "{field}: {}", err.message);
+    }
+}
+
+#[test]
+fn an_adapter_for_another_base_names_the_tensor_and_shapes() {
+    // The Llama adapter's q_proj factors do not exist on GPT-2; a GPT-2 adapter on a wider
+    // GPT-2 would name the shapes. Here: the GPT-2 LoRA on the Llama fixture.
+    let (mut vs, mut model) =
+        load_checkpoint(&fixtures().join("llama"), LoadSpec::CAUSAL_LM, Device::Cpu).unwrap();
+    let err = peft::load_adapter(&mut model, &mut vs, &fixtures().join("peft/gpt2_lora"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("target_modules"), "{err}");
+    assert!(err.contains("available:"), "{err}");
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Runs a Python check script of the project venv; panics with its output on failure.
+fn python_check(script: &str, args: &[&Path]) {
+    let python = repo().join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} missing: run scripts/setup.sh",
+        python.display()
+    );
+    let out = std::process::Command::new(&python)
+        .arg(repo().join("scripts").join(script))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{script} failed:\n{text}");
+    eprintln!("{}", text.lines().last().unwrap_or(""));
+}
+
+fn summary(work: &Path, stage: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(work.join("stages").join(stage).join("summary.json"));
+    serde_json::from_str(&text.unwrap()).unwrap()
+}
+
+/// configs/tiny_peft.yaml end to end (LoRA continued pretraining, DoRA SFT over that adapter,
+/// merge, LoRA and head-only reward models, PPO with LoRA actor and critic, DPO with LoRA),
+/// then `peft` itself loads what temper saved and computes the same outputs.
+#[test]
+fn peft_in_every_stage_and_peft_loads_what_temper_saved() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    let out = std::process::Command::new(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/temper"),
+    )
+    .arg("run")
+    .arg(repo().join("configs/tiny_peft.yaml"))
+    .arg("--workdir")
+    .arg(&work)
+    .output()
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "tiny_peft failed:\n{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Parameter-efficient stages train a small part of the model and save adapters.
+    for stage in ["adapt", "sft", "reward", "ppo", "dpo"] {
+        let s = summary(&work, stage);
+        let (t, n) = (
+            s["params/trainable"].as_i64().unwrap(),
+            s["params/total"].as_i64().unwrap(),
+        );
+        assert!(t > 0 && t * 5 < n, "{stage}: {t} of {n} parameters trained");
+        let ckpt = work.join("stages").join(stage).join("checkpoint");
+        assert!(
+            ckpt.join("adapter_model.safetensors").exists(),
+            "{stage}: no adapter"
+        );
+        assert!(
+            !ckpt.join("model.safetensors").exists(),
+            "{stage}: a full copy was saved"
+        );
+    }
+    // The head-only reward model trains the score head alone.
+    let head = summary(&work, "reward_head");
+    assert_eq!(head["params/trainable"].as_i64(), Some(64));
+    // The LoRA actor is its own reference: no second model is loaded.
+    let ppo_log = std::fs::read_to_string(work.join("logs/ppo.log")).unwrap();
+    assert!(
+        ppo_log.contains("reference: the actor with its adapters bypassed"),
+        "{ppo_log}"
+    );
+
+    // PEFT loads the DoRA SFT adapter (over the base written beside it, since its own start
+    // was an adapter) and the LoRA reward model (over the merged checkpoint), and computes
+    // what temper computes.
+    let g = golden("gpt2_lora").0;
+    let vocab = 300;
+    let ids = g["input_ids"].remainder(vocab);
+    let mask = &g["attention_mask"];
+    let ids = &ids * mask;
+    for (stage, seq_cls) in [("sft", false), ("reward", true), ("ppo", false)] {
+        let ckpt = work.join("stages").join(stage).join("checkpoint");
+        let spec = if seq_cls {
+            LoadSpec {
+                lm_head: false,
+                score: ScoreHead::Load,
+            }
+        } else {
+            LoadSpec::CAUSAL_LM
+        };
+        let (_vs, model) = load_checkpoint(&ckpt, spec, Device::Cpu).unwrap();
+        let file = dir.path().join(format!("{stage}_logits.safetensors"));
+        let mut tensors = vec![
+            ("input_ids", ids.shallow_clone()),
+            ("attention_mask", mask.shallow_clone()),
+        ];
+        if seq_cls {
+            // Unpadded rows with no pad or EOS id in them: transformers finds the last token
+            // by the pad id, temper by the mask.
+            let full = Tensor::ones_like(mask);
+            let plain = g["input_ids"].remainder(vocab - 2) + 2;
+            let hidden = tch::no_grad(|| model.hidden_states(&plain, Some(&full), None)).unwrap();
+            let scores = model.last_token_scores(&hidden, &full).unwrap();
+            tensors = vec![
+                ("input_ids", plain),
+                ("attention_mask", full),
+                ("scores", scores),
+            ];
+        } else {
+            let (_, logits) = tch::no_grad(|| model.forward(&ids, Some(mask))).unwrap();
+            tensors.push(("logits", logits));
+        }
+        Tensor::write_safetensors(&tensors, &file).unwrap();
+        python_check("check_peft_load.py", &[&ckpt, &file]);
+    }
+
+    // The merged checkpoint is a plain Hugging Face model that transformers loads.
+    let merged = work.join("stages/merged/checkpoint");
+    let copy = dir.path().join("merged_copy");
+    std::fs::create_dir_all(&copy).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(merged.join(f), copy.join(f)).unwrap();
+    }
+    let (_vs, model) = load_checkpoint(&merged, LoadSpec::CAUSAL_LM, Device::Cpu).unwrap();
+    let (_, logits) = tch::no_grad(|| model.forward(&ids, Some(mask))).unwrap();
+    Tensor::write_safetensors(
+        &[
+            ("input_ids", ids.shallow_clone()),
+            ("attention_mask", mask.shallow_clone()),
+            ("logits", logits),
+        ],
+        copy.join("temper_logits.safetensors"),
+    )
+    .unwrap();
+    python_check("check_hf_load.py", &[&copy]);
+}
