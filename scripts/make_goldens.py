@@ -23,6 +23,9 @@ Beside them:
                                 code (ORPO and SimPO call TRL's own loss methods; DPO, IPO, hinge and KTO
                                 are TRL's loss branches restated, since TRL computes them inside its
                                 training step), and a DPO loss on the tiny GPT-2's real forward
+  tests/fixtures/grpo/          GRPO's advantages (every scale_rewards, RLOO's baseline) and clipped loss
+                                with its gradient (every loss_type, token and sequence ratios,
+                                clip-higher, k3 KL), as TRL's GRPOTrainer computes them
   tests/fixtures/vader/         real movie-review snippets and tweets with the compound score of the
                                 vaderSentiment package itself, and the part of its lexicon they use
 
@@ -326,6 +329,73 @@ def make_vader():
     print(f"vader: {len(texts)} texts, {len(lexicon)} lexicon entries")
 
 
+def make_grpo():
+    """GRPO's advantages and clipped loss on fixed log-probs, as TRL 1.16's GRPOTrainer computes
+    them (`_generate_and_score_completions` for the advantages with TRL's own `nanstd`;
+    `_compute_loss` for the loss, restated from its source since it runs inside the training
+    step): every scale_rewards, every loss_type of the clipped family, token and sequence
+    importance ratios, clip-higher and the k3 KL term."""
+    from trl.trainer.utils import nanstd
+    g = torch.Generator().manual_seed(11)
+    G, P, N = 4, 3, 6
+    B = G * P
+    rewards = torch.tensor([1.0, 0.0, 0.5, 1.0, 0.0, 0.0, 1.0, 0.25, 0.7, 0.7, 0.7, 0.7])
+    lengths = torch.tensor([6, 4, 5, 1, 6, 3, 2, 6, 5, 4, 6, 3])
+    mask = (torch.arange(N)[None] < lengths[:, None]).float()
+    logp = torch.randn(B, N, generator=g) * 0.5 - 2.0
+    old = logp + torch.randn(B, N, generator=g) * 0.15
+    ref = logp + torch.randn(B, N, generator=g) * 0.2
+    out = {"rewards": rewards, "mask": mask, "logp": logp, "old_logp": old, "ref_logp": ref}
+    mean_grouped = rewards.view(-1, G).mean(dim=1).repeat_interleave(G, dim=0)
+    for scale in ["group", "batch", "none"]:
+        advantages = rewards - mean_grouped
+        if scale == "group":
+            std = nanstd(rewards.view(-1, G), dim=1).repeat_interleave(G, dim=0)
+        elif scale == "batch":
+            std = nanstd(rewards).expand_as(rewards)
+        if scale != "none":
+            advantages = advantages / (std + 1e-4)
+        out[f"advantages.{scale}"] = advantages
+    settings = dict(epsilon_low=0.2, epsilon_high=0.28, beta=0.04, max_completion_length=N)
+    advantages = out["advantages.group"][:, None]
+    for level in ["token", "sequence"]:
+        for loss_type in ["grpo", "bnpo", "dr_grpo", "dapo"]:
+            lp = logp.clone().requires_grad_(True)
+            log_ratio = lp - old
+            if level == "token":
+                w = log_ratio
+            else:
+                w = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+            coef_1 = torch.exp(w)
+            per_token_kl = torch.exp(ref - lp) - (ref - lp) - 1
+            coef_2 = torch.clamp(coef_1, 1 - settings["epsilon_low"], 1 + settings["epsilon_high"])
+            per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
+            per_token_loss = per_token_loss + settings["beta"] * per_token_kl
+            if loss_type == "grpo":
+                loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+            elif loss_type == "bnpo":
+                loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+            elif loss_type == "dr_grpo":
+                loss = (per_token_loss * mask).sum() / (per_token_loss.size(0) * N)
+            else:  # dapo: num_items_in_batch, the generation batch's completion tokens
+                loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+            loss.backward()
+            out[f"{level}.{loss_type}.loss"] = loss.detach()
+            out[f"{level}.{loss_type}.grad"] = lp.grad.detach().clone()
+    # RLOO's leave-one-out baseline (TRL's RLOOTrainer: (G r - sum) / (G - 1)).
+    grouped = rewards.view(-1, G)
+    out["advantages.rloo"] = ((grouped * G - grouped.sum(1, keepdim=True)) / (G - 1)).view(-1)
+    d = os.path.join(ROOT, "grpo")
+    os.makedirs(d, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(d, "golden.safetensors"))
+    with open(os.path.join(d, "golden.json"), "w") as f:
+        json.dump({"num_generations": G, **settings, "trl": __import__("trl").__version__,
+                   "reference": "trl/trainer/grpo_trainer.py: _generate_and_score_completions "
+                                "(advantages) and _compute_loss (loss), restated; nanstd imported"},
+                  f, indent=1)
+    print(f"grpo: {len([k for k in out if k.endswith('.loss')])} losses")
+
+
 if __name__ == "__main__":
     make("gpt2", 1234)
     make("llama", 4321)
@@ -333,5 +403,6 @@ if __name__ == "__main__":
     make_reward_model("llama", 98)
     make_sampling()
     make_preference()
+    make_grpo()
     make_vader()
     sys.exit(0)

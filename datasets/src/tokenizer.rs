@@ -8,6 +8,9 @@ use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::models::TrainerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::processors::byte_level::ByteLevel as ByteLevelProcessor;
 use tokenizers::{AddedToken, Tokenizer};
 
@@ -94,8 +97,15 @@ impl TextTokenizer {
 /// The smallest vocabulary a BPE can have: the special tokens and the 256 byte symbols.
 pub const MIN_VOCAB: usize = SPECIAL_TOKENS.len() + 256;
 
-/// Trains a byte-level BPE of `vocab_size` entries (special tokens included) on `docs`.
-pub fn train_bpe<I, S>(docs: I, vocab_size: usize, min_frequency: u64) -> Result<Tokenizer>
+/// Trains a byte-level BPE of `vocab_size` entries (special tokens included) on `docs`. With
+/// `split_digits` every digit is its own pre-token (as Llama's and Qwen's tokenizers do), so
+/// numbers are spelled digit by digit and arithmetic sees each place value.
+pub fn train_bpe<I, S>(
+    docs: I,
+    vocab_size: usize,
+    min_frequency: u64,
+    split_digits: bool,
+) -> Result<Tokenizer>
 where
     I: Iterator<Item = S> + Send,
     S: AsRef<str> + Send,
@@ -121,7 +131,15 @@ where
         .build();
     let mut trainer = TrainerWrapper::BpeTrainer(trainer);
     let mut tokenizer = Tokenizer::new(BPE::default());
-    tokenizer.with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)));
+    let byte_level = ByteLevel::default().add_prefix_space(false);
+    if split_digits {
+        tokenizer.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(Sequence::new(vec![
+            PreTokenizerWrapper::Digits(Digits::new(true)),
+            PreTokenizerWrapper::ByteLevel(byte_level),
+        ]))));
+    } else {
+        tokenizer.with_pre_tokenizer(Some(byte_level));
+    }
     tokenizer.with_post_processor(Some(ByteLevelProcessor::default().trim_offsets(false)));
     tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
     tokenizer

@@ -37,6 +37,27 @@ fn merge(a: &Assignment, b: &Assignment) -> Assignment {
 fn render(v: &Value) -> String {
     let s = match v {
         Value::String(s) => s.clone(),
+        Value::Null => "none".into(),
+        // A mapping (a `peft:` block, say) reads as its `method` (or first value), then each
+        // other key with its value, or alone when it is `true`: `lora+r16+dora`.
+        Value::Mapping(m) => {
+            let mut parts = Vec::new();
+            if let Some(method) = m.get("method") {
+                parts.push(render(method));
+            }
+            for (k, v) in m {
+                let k = render(k);
+                if k == "method" {
+                    continue;
+                }
+                match v {
+                    Value::Bool(true) => parts.push(k),
+                    Value::Bool(false) => {}
+                    other => parts.push(format!("{k}{}", render(other))),
+                }
+            }
+            parts.join("+")
+        }
         other => serde_yaml::to_string(other)
             .unwrap_or_default()
             .trim()
@@ -225,6 +246,22 @@ mod tests {
                 .collect(),
             gates: Vec::new(),
         }
+    }
+
+    #[test]
+    fn mapping_values_get_readable_branch_names() {
+        let v = |y: &str| serde_yaml::from_str::<Value>(y).unwrap();
+        assert_eq!(
+            render(&v("{method: lora, r: 16, dora: true}")),
+            "lora+r16+dora"
+        );
+        assert_eq!(
+            render(&v("{method: freeze, top_layers: 1}")),
+            "freeze+top_layers1"
+        );
+        assert_eq!(render(&v("{method: head}")), "head");
+        assert_eq!(render(&v("null")), "none");
+        assert_eq!(render(&v("{r: 4, rslora: false}")), "r4");
     }
 
     #[test]

@@ -29,7 +29,7 @@ pub fn tokenizer(dir: &Path) -> TextTokenizer {
         .take(50)
         .map(|s| s.to_string())
         .collect();
-    let tok = train_bpe(docs.iter(), 400, 2).unwrap();
+    let tok = train_bpe(docs.iter(), 400, 2, false).unwrap();
     let path = dir.join("tokenizer.json");
     save_tokenizer(&tok, &path).unwrap();
     TextTokenizer::load(&path).unwrap()

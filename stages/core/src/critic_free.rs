@@ -136,10 +136,13 @@ pub fn clipped_loss(
     let clipped = ratio.clamp(1.0 - s.epsilon, 1.0 + s.epsilon_high);
     let unclipped_term = &ratio * &adv;
     let clipped_term = &clipped * &adv;
-    let mut per_token = -unclipped_term.minimum(&clipped_term);
-    if let (Some(r), true) = (ref_logp, s.beta != 0.0) {
-        per_token += k3(logp, r) * s.beta;
-    }
+    // (B, N), or (B, 1) for sequence ratios; the KL term is per token either way, so it is
+    // added by broadcasting rather than in place.
+    let surrogate = -unclipped_term.minimum(&clipped_term);
+    let per_token = match (ref_logp, s.beta != 0.0) {
+        (Some(r), true) => surrogate + k3(logp, r) * s.beta,
+        _ => surrogate,
+    };
     let masked = &per_token * mask;
     let loss = match s.aggregation {
         Aggregation::Grpo => (masked.sum_dim_intlist(-1, false, Kind::Float)

@@ -7,6 +7,7 @@
 //! report.md (a table and side-by-side samples), samples.jsonl, metrics.jsonl, summary.json.
 //! It trains nothing, so it writes no checkpoint/.
 
+mod exact;
 mod measures;
 
 use std::collections::BTreeMap;
@@ -35,7 +36,7 @@ use crate::measures::{policy_metrics, Replies};
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Config {
+pub struct Config {
     /// The policies to compare, by name: checkpoint folders, e.g. {sft: …, ppo: …, dpo: …}.
     policies: BTreeMap<String, PathBuf>,
     /// The policy the others are compared with (win-rates): one of `policies`' names.
@@ -43,7 +44,13 @@ struct Config {
     /// KL is measured against this checkpoint; defaults to the baseline's.
     #[serde(default)]
     reference: Option<PathBuf>,
-    reward_model: PathBuf,
+    /// Scores replies (score, win-rate); without one, no reward metrics.
+    #[serde(default)]
+    reward_model: Option<PathBuf>,
+    /// Exact-match accuracy against a prompt field (verifiable tasks): greedy accuracy,
+    /// pass@k and the mean accuracy of k samples at `temperature`.
+    #[serde(default)]
+    exact_match: Option<exact::ExactMatchEval>,
     /// Held-out prompts (.jsonl or .parquet).
     prompts: PathBuf,
     #[serde(default)]
@@ -152,7 +159,17 @@ fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError
     if let Some(r) = &c.reference {
         inputs.checkpoint(cfg, "reference", r, false)?;
     }
-    inputs.checkpoint(cfg, "reward_model", &c.reward_model, false)?;
+    if let Some(r) = &c.reward_model {
+        inputs.checkpoint(cfg, "reward_model", r, false)?;
+    }
+    if let Some(e) = &c.exact_match {
+        cfg.ensure(e.k >= 1, "exact_match.k", "must be at least 1")?;
+        cfg.ensure(
+            e.k == 1 || c.temperature > 0.0,
+            "temperature",
+            "must be positive for pass@k with k > 1 (greedy replies are all the same)",
+        )?;
+    }
     inputs.file(cfg, "prompts", &c.prompts)?;
     if let Some(l) = &c.lexicon {
         inputs.file(cfg, "lexicon", l)?;
@@ -162,11 +179,12 @@ fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError
 
 /// The shared pieces: tokenizer, reference, reward model, judge and prompts. Policies are
 /// loaded one at a time, so memory holds one policy besides these.
-struct Setup {
+pub struct Setup {
     tok: TextTokenizer,
     template: ChatTemplate,
     reference: Transformer,
-    reward: Transformer,
+    reward: Option<Transformer>,
+    exact: Option<exact::ExactScorer>,
     judge: Option<SentimentJudge>,
     prompts: Vec<(Vec<u32>, PromptRecord)>,
     labels: Vec<Option<String>>,
@@ -216,7 +234,11 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
         lm_head: false,
         score: ScoreHead::Load,
     };
-    let reward = load(&c.reward_model, rm_spec)?;
+    let reward = c
+        .reward_model
+        .as_ref()
+        .map(|r| load(r, rm_spec))
+        .transpose()?;
     let judge = c
         .lexicon
         .as_ref()
@@ -233,7 +255,13 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
     };
     let (mut prompts, _) = opts.prompts(&c.prompts).map_err(invalid)?;
     prompts.truncate(c.max_prompts);
-    let signs = match &reward.config.score_sign {
+    let exact = c
+        .exact_match
+        .as_ref()
+        .map(|e| exact::ExactScorer::new(e, &prompts))
+        .transpose()
+        .map_err(|e| cfg.error("exact_match", e))?;
+    let signs = match reward.as_ref().and_then(|r| r.config.score_sign.as_ref()) {
         Some(sign) => prompts
             .iter()
             .map(|(_, r)| sign.sign(&r.meta))
@@ -255,6 +283,7 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
         template,
         reference,
         reward,
+        exact,
         judge,
         prompts,
         labels,
@@ -278,10 +307,15 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
 
     let device = s.reference.device();
     let mut replies = BTreeMap::new();
+    let mut exact_metrics = BTreeMap::new();
     for (name, dir) in &c.policies {
         let (_vs, model) = load_checkpoint(dir, LoadSpec::CAUSAL_LM, device).map_err(invalid)?;
         tracing::info!("{name}: answering {} prompts", s.prompts.len());
         replies.insert(name.clone(), answer(&s, &model, c)?);
+        if let Some(e) = &s.exact {
+            tracing::info!("{name}: exact match, greedy and pass@{}", e.k);
+            exact_metrics.insert(name.clone(), e.measure(&s, &model, c)?);
+        }
     }
     let base = &replies[&c.baseline];
     let mut summary = temper_stage::Summary::new();
@@ -291,6 +325,9 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         let baseline = (name != &c.baseline).then_some(base);
         for (k, v) in policy_metrics(name, r, baseline, &s.labels) {
             summary.insert(k, json!(v));
+        }
+        for (k, v) in exact_metrics.get(name).into_iter().flatten() {
+            summary.insert(format!("{name}/{k}"), json!(v));
         }
     }
     let fields: Vec<(&str, f64)> = summary
@@ -385,7 +422,10 @@ fn score(
             model.device(),
             c.precision,
             || -> anyhow::Result<(Tensor, Tensor)> {
-                let scores = reward_scores(&s.reward, &joined)?;
+                let scores = match &s.reward {
+                    Some(rm) => reward_scores(rm, &joined)?,
+                    None => Tensor::zeros([0], (Kind::Float, joined.seq.device())),
+                };
                 let lp = |m: &Transformer| -> anyhow::Result<Tensor> {
                     Ok(response_logprobs(
                         m,
@@ -426,7 +466,7 @@ fn sample_records(
             for name in order(c) {
                 let x = &replies[name];
                 r.insert(name.clone(), x.text[i].clone().into());
-                r.insert(format!("{name}_score"), json!(x.scores[i]));
+                r.insert(format!("{name}_score"), json!(x.scores.get(i)));
                 r.insert(format!("{name}_kl"), json!(x.kl[i]));
                 if let Some(j) = &x.judge {
                     r.insert(format!("{name}_judge"), json!(j[i]));

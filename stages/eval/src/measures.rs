@@ -137,16 +137,19 @@ pub fn policy_metrics(
     labels: &[Option<String>],
 ) -> Vec<(String, f64)> {
     let n = r.text.len().max(1) as f64;
+    let scored = !r.scores.is_empty();
     let mut out = vec![
-        ("score", mean(&r.scores)),
         ("kl", mean(&r.kl)),
         ("len", r.tokens.iter().sum::<usize>() as f64 / n),
         ("eos_rate", r.eos.iter().filter(|&&e| e).count() as f64 / n),
         ("distinct_1", distinct_n(&r.text, 1)),
         ("distinct_2", distinct_n(&r.text, 2)),
     ];
-    if let Some(b) = baseline {
-        out.push(("win_rate", win_rate(&r.scores, &b.scores)));
+    if scored {
+        out.push(("score", mean(&r.scores)));
+        if let Some(b) = baseline {
+            out.push(("win_rate", win_rate(&r.scores, &b.scores)));
+        }
     }
     if let Some(j) = &r.judge {
         out.extend(agreement(j, labels, None).map(|a| ("judge_agreement", a)));
@@ -156,7 +159,9 @@ pub fn policy_metrics(
         ] {
             out.extend(agreement(j, labels, Some(label)).map(|a| (key, a)));
         }
-        out.extend(rm_judge_corr(j, &r.scores, labels).map(|c| ("rm_judge_corr", c)));
+        if scored {
+            out.extend(rm_judge_corr(j, &r.scores, labels).map(|c| ("rm_judge_corr", c)));
+        }
     }
     out.into_iter()
         .map(|(k, v)| (format!("{name}/{k}"), v))

@@ -21,6 +21,7 @@ pub enum StageKind {
     Reward,
     Ppo,
     Dpo,
+    Grpo,
     Merge,
     Eval,
 }
@@ -36,13 +37,14 @@ pub enum PathRole {
 }
 
 impl StageKind {
-    pub const ALL: [StageKind; 8] = [
+    pub const ALL: [StageKind; 9] = [
         StageKind::Tokenizer,
         StageKind::Pretrain,
         StageKind::Sft,
         StageKind::Reward,
         StageKind::Ppo,
         StageKind::Dpo,
+        StageKind::Grpo,
         StageKind::Merge,
         StageKind::Eval,
     ];
@@ -55,6 +57,7 @@ impl StageKind {
             StageKind::Reward => "reward",
             StageKind::Ppo => "ppo",
             StageKind::Dpo => "dpo",
+            StageKind::Grpo => "grpo",
             StageKind::Merge => "merge",
             StageKind::Eval => "eval",
         }
@@ -98,6 +101,12 @@ impl StageKind {
                 ("reference", Input),
                 ("data", Input),
                 ("eval_data", Input),
+            ],
+            StageKind::Grpo => &[
+                ("policy", Input),
+                ("reference", Input),
+                ("prompts", Input),
+                ("rewards.path", Input),
             ],
             StageKind::Merge => &[("adapter", Input)],
             StageKind::Eval => &[

@@ -24,6 +24,9 @@ struct Config {
     text_split: TextSplit,
     #[serde(default)]
     fields: Fields,
+    /// Every digit its own token (numbers spelled digit by digit), for arithmetic.
+    #[serde(default)]
+    split_digits: bool,
     /// Pipeline-wide defaults the orchestrator passes to every stage; unused here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     device: Option<String>,
@@ -88,7 +91,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         return Err(cfg.error("corpus", "the files hold no text"));
     }
     cfg.write_resolved(&folder.path)?;
-    let tokenizer = train_bpe(docs.iter(), c.vocab_size, c.min_frequency)?;
+    let tokenizer = train_bpe(docs.iter(), c.vocab_size, c.min_frequency, c.split_digits)?;
     let path = folder.path.join("tokenizer.json");
     save_tokenizer(&tokenizer, &path)?;
     let summary = summarize(&path, &docs)?;

@@ -4,8 +4,10 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+mod arith;
 mod demo;
 
+use arith::prepare_arith;
 use demo::prepare_demo;
 use temper_data::inspect::{inspect, DatasetKind};
 use temper_data::TextTokenizer;
@@ -33,6 +35,20 @@ enum Command {
         out: PathBuf,
         #[arg(long, default_value_t = 1234)]
         seed: u64,
+    },
+    /// Generate the arithmetic demo's data (configs/arith.yaml): every `a+b` and `a-b` with
+    /// operands up to --max-operand, split by a seeded hash into held-out, pretraining/SFT
+    /// and RL sets, as parquet (corpus, SFT, RL prompts and evaluation prompts with answers).
+    PrepareArith {
+        #[arg(long, default_value = "data/arith")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1234)]
+        seed: u64,
+        #[arg(long, default_value_t = 49)]
+        max_operand: i64,
+        /// SFT examples (the rest of the pretraining set is only seen as text).
+        #[arg(long, default_value_t = 2000)]
+        sft_rows: usize,
     },
     /// Show what a stage will train on: counts, token statistics and one example with its
     /// loss mask («trained» tokens marked).
@@ -74,6 +90,20 @@ fn run() -> anyhow::Result<()> {
                     .join("raw"),
             };
             let counts = prepare_demo(&raw, &out, seed)?;
+            println!("wrote {}:", out.display());
+            println!("{}", serde_json::to_string_pretty(&counts)?);
+        }
+        Command::PrepareArith {
+            out,
+            seed,
+            max_operand,
+            sft_rows,
+        } => {
+            anyhow::ensure!(
+                (1..=9999).contains(&max_operand),
+                "--max-operand must be in 1..=9999"
+            );
+            let counts = prepare_arith(&out, seed, max_operand, sft_rows)?;
             println!("wrote {}:", out.display());
             println!("{}", serde_json::to_string_pretty(&counts)?);
         }

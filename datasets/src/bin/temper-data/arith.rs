@@ -1,0 +1,197 @@
+//! `temper-data prepare-arith`: the arithmetic demo's data, generated (nothing downloaded).
+//!
+//! Every problem `a+b` and `a-b` (a ≥ b, so answers are non-negative) with operands up to
+//! `max_operand` is assigned by a seeded hash of its text to one of three disjoint sets:
+//! 10 % held out (evaluation), 45 % for pretraining and SFT, 45 % for RL prompts. Files:
+//!
+//! - corpus.parquet        `text`: documents of 16 equations (`12+34=46`), one per line, from
+//!                         every problem that is not held out (RL prompts included: RL
+//!                         sharpens what the model has seen; held-out problems measure it)
+//! - sft_train/_eval       `messages`: "What is 12+34?" → "46"; `answer`
+//! - rl_prompts.parquet    `prompt`, `answer`: problems the policy never saw solved
+//! - eval_prompts.parquet  `prompt`, `answer`: the held-out problems
+
+use std::path::Path;
+
+use anyhow::Result;
+use serde::Serialize;
+use temper_data::write::{write_parquet, Column};
+use temper_data::{seed_for, shuffled, Message, Role};
+
+#[derive(Debug, Default, Serialize)]
+pub struct ArithCounts {
+    pub problems: usize,
+    pub corpus_documents: usize,
+    pub sft_train: usize,
+    pub sft_eval: usize,
+    pub rl_prompts: usize,
+    pub eval_prompts: usize,
+}
+
+struct Problem {
+    text: String,
+    answer: i64,
+}
+
+fn problems(max: i64) -> Vec<Problem> {
+    let mut out = Vec::new();
+    for a in 0..=max {
+        for b in 0..=max {
+            out.push(Problem {
+                text: format!("{a}+{b}"),
+                answer: a + b,
+            });
+            if a >= b {
+                out.push(Problem {
+                    text: format!("{a}-{b}"),
+                    answer: a - b,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Which set a problem belongs to: 0 held out, 1 pretraining/SFT, 2 RL.
+fn set_of(seed: u64, text: &str) -> u8 {
+    let h = blake3::hash(format!("{seed}:{text}").as_bytes());
+    match u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes")) % 100 {
+        0..10 => 0,
+        10..55 => 1,
+        _ => 2,
+    }
+}
+
+fn question(p: &Problem) -> String {
+    format!("What is {}?", p.text)
+}
+
+fn write_sft(path: &Path, rows: &[&Problem]) -> Result<()> {
+    let messages = rows
+        .iter()
+        .map(|p| {
+            vec![
+                Message {
+                    role: Role::User,
+                    content: question(p),
+                },
+                Message {
+                    role: Role::Assistant,
+                    content: p.answer.to_string(),
+                },
+            ]
+        })
+        .collect();
+    write_parquet(
+        path,
+        &[
+            ("messages", Column::Messages(messages)),
+            (
+                "answer",
+                Column::Str(rows.iter().map(|p| p.answer.to_string()).collect()),
+            ),
+        ],
+    )?;
+    Ok(())
+}
+
+fn write_prompts(path: &Path, rows: &[&Problem]) -> Result<()> {
+    write_parquet(
+        path,
+        &[
+            (
+                "prompt",
+                Column::Str(rows.iter().map(|p| question(p)).collect()),
+            ),
+            (
+                "answer",
+                Column::Str(rows.iter().map(|p| p.answer.to_string()).collect()),
+            ),
+        ],
+    )?;
+    Ok(())
+}
+
+/// Writes the arithmetic demo's files under `out`.
+pub fn prepare_arith(
+    out: &Path,
+    seed: u64,
+    max_operand: i64,
+    sft_rows: usize,
+) -> Result<ArithCounts> {
+    std::fs::create_dir_all(out)?;
+    let all = problems(max_operand);
+    let mut sets: [Vec<&Problem>; 3] = Default::default();
+    for p in &all {
+        sets[set_of(seed, &p.text) as usize].push(p);
+    }
+    let order = |set: &[&Problem], stream: &str| -> Vec<usize> {
+        shuffled(set.len(), seed_for(seed, stream, 0))
+    };
+    let [heldout, train, rl] = &sets;
+    let seen: Vec<&Problem> = train.iter().chain(rl.iter()).copied().collect();
+    let train_order: Vec<&Problem> = order(&seen, "corpus").iter().map(|&i| seen[i]).collect();
+    let docs: Vec<String> = train_order
+        .chunks(16)
+        .map(|c| {
+            c.iter()
+                .map(|p| format!("{}={}", p.text, p.answer))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .collect();
+    write_parquet(
+        &out.join("corpus.parquet"),
+        &[("text", Column::Str(docs.clone()))],
+    )?;
+    let sft: Vec<&Problem> = order(train, "sft")
+        .iter()
+        .take(sft_rows)
+        .map(|&i| train[i])
+        .collect();
+    write_sft(&out.join("sft_train.parquet"), &sft)?;
+    let heldout_order: Vec<&Problem> = order(heldout, "heldout")
+        .iter()
+        .map(|&i| heldout[i])
+        .collect();
+    let sft_eval: Vec<&Problem> = heldout_order.iter().take(300).copied().collect();
+    write_sft(&out.join("sft_eval.parquet"), &sft_eval)?;
+    let rl_order: Vec<&Problem> = order(rl, "rl").iter().map(|&i| rl[i]).collect();
+    write_prompts(&out.join("rl_prompts.parquet"), &rl_order)?;
+    write_prompts(&out.join("eval_prompts.parquet"), &heldout_order)?;
+    Ok(ArithCounts {
+        problems: all.len(),
+        corpus_documents: docs.len(),
+        sft_train: sft.len(),
+        sft_eval: sft_eval.len(),
+        rl_prompts: rl_order.len(),
+        eval_prompts: heldout_order.len(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sets_are_disjoint_and_answers_right() {
+        let all = problems(20);
+        // 21 × 21 sums and 21 · 22 / 2 differences.
+        assert_eq!(all.len(), 441 + 231);
+        assert!(all.iter().all(|p| p.answer >= 0));
+        let sets: Vec<u8> = all.iter().map(|p| set_of(7, &p.text)).collect();
+        let held = sets.iter().filter(|&&s| s == 0).count();
+        assert!(held > 30 && held < 110, "about 10 % held out: {held}");
+        // Deterministic in the seed, different across seeds.
+        assert_eq!(
+            sets,
+            all.iter().map(|p| set_of(7, &p.text)).collect::<Vec<_>>()
+        );
+        assert_ne!(
+            sets,
+            all.iter().map(|p| set_of(8, &p.text)).collect::<Vec<_>>()
+        );
+        let p = all.iter().find(|p| p.text == "17-9").unwrap();
+        assert_eq!(p.answer, 8);
+    }
+}

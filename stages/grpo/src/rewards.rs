@@ -1,0 +1,186 @@
+//! The stage's `rewards:` list, loaded once and applied to every rollout: program rewards
+//! read the decoded reply and the prompt's fields, reward models read the tokens (with their
+//! own pooling and sign). The reward of a reply is the weighted sum; each function's mean is
+//! logged as `reward/<name>`.
+
+use tch::{Kind, Tensor};
+use temper_core::checkpoint::ScoreHead;
+use temper_core::rewards::{RewardSpec, Scored as Input, TextReward};
+use temper_core::scoring::{decode_prompts, decode_replies, reward_scores};
+use temper_core::{load_checkpoint, LoadSpec, Loaded, Transformer};
+use temper_data::{PromptRecord, TextTokenizer};
+use temper_stage::{invalid, ConfigFile, StageError};
+
+use crate::config::Config;
+use crate::update::Rollout;
+
+enum Scorer {
+    Text(TextReward),
+    Model(Box<Transformer>),
+}
+
+struct Entry {
+    name: String,
+    weight: f64,
+    scorer: Scorer,
+}
+
+pub struct RewardSet {
+    entries: Vec<Entry>,
+}
+
+/// One rollout's rewards: the weighted total (B,) and each function's values.
+pub struct Scored {
+    pub total: Tensor,
+    pub per_name: Vec<(String, Vec<f64>)>,
+    pub replies: Vec<String>,
+}
+
+impl Scored {
+    pub fn mean(&self) -> f64 {
+        self.total.mean(Kind::Float).double_value(&[])
+    }
+}
+
+impl RewardSet {
+    pub fn load(
+        cfg: &ConfigFile<Config>,
+        policy: &Loaded,
+        device: tch::Device,
+    ) -> Result<Self, StageError> {
+        let mut entries: Vec<Entry> = Vec::new();
+        for (i, spec) in cfg.value.rewards.iter().enumerate() {
+            let field = format!("rewards.{i}");
+            let scorer = match TextReward::new(spec)
+                .map_err(|e| cfg.error(&field, e.to_string()))?
+            {
+                Some(t) => Scorer::Text(t),
+                None => {
+                    let RewardSpec::Model { path, .. } = spec else {
+                        unreachable!("only model rewards have no text scorer")
+                    };
+                    let same = std::fs::read(&policy.tokenizer_path).ok()
+                        == std::fs::read(path.join("tokenizer.json")).ok();
+                    cfg.ensure(
+                        same,
+                        &format!("{field}.path"),
+                        "uses a different tokenizer from the policy; they must agree token for token",
+                    )?;
+                    let spec = LoadSpec {
+                        lm_head: false,
+                        score: ScoreHead::Load,
+                    };
+                    let (mut vs, model) = load_checkpoint(path, spec, device).map_err(invalid)?;
+                    vs.freeze();
+                    Scorer::Model(Box::new(model))
+                }
+            };
+            let name = spec.name();
+            cfg.ensure(
+                !entries.iter().any(|e| e.name == name),
+                &field,
+                format!("a second reward named `{name}`: give one a `name`"),
+            )?;
+            entries.push(Entry {
+                name,
+                weight: spec.weight(),
+                scorer,
+            });
+        }
+        Ok(Self { entries })
+    }
+
+    /// Every prompt has what every reward reads (an `answer` field, a sentiment label).
+    pub fn check_prompts(
+        &self,
+        cfg: &ConfigFile<Config>,
+        prompts: &[(Vec<u32>, PromptRecord)],
+    ) -> Result<(), StageError> {
+        for (row, (_, record)) in prompts.iter().enumerate() {
+            for e in &self.entries {
+                let problem = match &e.scorer {
+                    Scorer::Text(t) => t.check_fields(&record.meta).err(),
+                    Scorer::Model(m) => m
+                        .config
+                        .score_sign
+                        .as_ref()
+                        .and_then(|s| s.sign(&record.meta).err().map(|e| e.to_string())),
+                };
+                if let Some(p) = problem {
+                    return Err(cfg.error(
+                        "prompts",
+                        format!(
+                            "{} row {}: reward `{}`: {p}",
+                            cfg.value.prompts.display(),
+                            row + 1,
+                            e.name
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn score(
+        &mut self,
+        records: &[&PromptRecord],
+        ro: &Rollout,
+        tok: &TextTokenizer,
+        eos: u32,
+    ) -> anyhow::Result<Scored> {
+        let replies = decode_replies(tok, &ro.tokens, &ro.mask, eos)?;
+        let prompts = decode_prompts(tok, &ro.prompt, &ro.prompt_mask)?;
+        let lengths = Vec::<f64>::try_from(
+            ro.mask
+                .sum_dim_intlist(1, false, Kind::Float)
+                .to_kind(Kind::Double),
+        )?;
+        let b = replies.len();
+        let mut total = vec![0.0; b];
+        let mut per_name = Vec::new();
+        for e in &mut self.entries {
+            let values: Vec<f64> = match &mut e.scorer {
+                Scorer::Text(t) => (0..b)
+                    .map(|i| {
+                        t.score(&Input {
+                            prompt: &prompts[i],
+                            reply: &replies[i].text,
+                            reply_tokens: lengths[i] as usize,
+                            fields: &records[i].meta,
+                        })
+                    })
+                    .collect::<Result<_, _>>()?,
+                Scorer::Model(m) => {
+                    let scores = tch::no_grad(|| reward_scores(m, &ro.joined))?;
+                    let mut v = Vec::<f64>::try_from(scores.to_kind(Kind::Double))?;
+                    if let Some(sign) = &m.config.score_sign {
+                        for (x, r) in v.iter_mut().zip(records) {
+                            *x *= sign.sign(&r.meta)?;
+                        }
+                    }
+                    v
+                }
+            };
+            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                anyhow::bail!(
+                    "reward `{}` gave {} for reply {i} ({:?}); a reward must be a finite number",
+                    e.name,
+                    values[i],
+                    replies[i].text
+                );
+            }
+            for (t, v) in total.iter_mut().zip(&values) {
+                *t += e.weight * v;
+            }
+            per_name.push((e.name.clone(), values));
+        }
+        Ok(Scored {
+            total: Tensor::from_slice(&total)
+                .to_kind(Kind::Float)
+                .to_device(ro.mask.device()),
+            per_name,
+            replies: replies.into_iter().map(|r| r.text).collect(),
+        })
+    }
+}
