@@ -75,6 +75,20 @@ fn ppo_raises_the_reward_with_bounded_kl_and_resumes_exactly() {
         deterministic_metrics(&whole),
         deterministic_metrics(&killed)
     );
+    // TensorBoard's own reader finds every logged number in both runs' event files, and the
+    // resumed run's holds none of the iterations it lost.
+    let python = repo().join(".venv/bin/python");
+    let out = std::process::Command::new(&python)
+        .arg(repo().join("scripts/check_tensorboard.py"))
+        .args([&whole, &killed])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let eval_cfg = write(
         &dir.path().join("eval.yaml"),

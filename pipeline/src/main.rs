@@ -118,6 +118,9 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Print the `tensorboard` command that shows every stage's metrics (each stage a run;
+    /// stages write `tb/` event files beside metrics.jsonl).
+    Tensorboard { file: PathBuf },
     /// Print the stage graph.
     Dag {
         file: PathBuf,
@@ -232,6 +235,10 @@ fn run() -> anyhow::Result<i32> {
         Cmd::Report { file, out } => {
             let path = html::write_report(&load(file)?, out.as_deref())?;
             println!("report: {}", path.display());
+            Ok(0)
+        }
+        Cmd::Tensorboard { file } => {
+            report::tensorboard(&load(file)?);
             Ok(0)
         }
         Cmd::Dag { file, format } => {

@@ -271,6 +271,22 @@ pub fn metrics(
     Ok(())
 }
 
+/// `tensorboard --logdir_spec name:path,…` over the stages that have written event files.
+pub fn tensorboard(p: &Pipeline) {
+    let runs: Vec<String> = p
+        .stages
+        .iter()
+        .map(|s| (s.name.clone(), p.stage_out(&s.name).join("tb")))
+        .filter(|(_, dir)| dir.is_dir())
+        .map(|(name, dir)| format!("{}:{}", name.replace([':', ','], "_"), dir.display()))
+        .collect();
+    if runs.is_empty() {
+        eprintln!("no stage has written TensorBoard files yet; run the pipeline first");
+        return;
+    }
+    println!("tensorboard --logdir_spec {}", runs.join(","));
+}
+
 pub fn dag(p: &Pipeline, format: crate::DagFormat) {
     match format {
         crate::DagFormat::Dot => {

@@ -20,6 +20,7 @@ pub mod memory;
 pub mod metrics;
 pub mod progress;
 pub mod signals;
+pub mod tensorboard;
 pub mod yaml_lines;
 
 pub use cadence::{Cadence, Every, Throughput};

@@ -35,6 +35,8 @@ pub struct MetricsLog {
     pub out: PathBuf,
     metrics: File,
     samples: Option<File>,
+    /// TensorBoard scalars, rebuilt from metrics.jsonl at this process's first row.
+    tensorboard: Option<crate::tensorboard::EventFile>,
     started: Instant,
     elapsed_before: f64,
 }
@@ -59,6 +61,7 @@ impl MetricsLog {
             out: out.into(),
             metrics: append(&out.join("metrics.jsonl"))?,
             samples: None,
+            tensorboard: None,
             started: Instant::now(),
             elapsed_before: 0.0,
         })
@@ -75,6 +78,7 @@ impl MetricsLog {
         trim_jsonl(&self.out.join("samples.jsonl"), progress.step)?;
         self.metrics = append(&self.out.join("metrics.jsonl"))?;
         self.samples = None;
+        self.tensorboard = None;
         self.elapsed_before = progress.elapsed_s;
         self.started = Instant::now();
         Ok(())
@@ -90,6 +94,7 @@ impl MetricsLog {
         }
         self.metrics = append(&self.out.join("metrics.jsonl"))?;
         self.samples = None;
+        self.tensorboard = None;
         Ok(())
     }
 
@@ -105,9 +110,19 @@ impl MetricsLog {
         for (k, v) in fields {
             obj.insert((*k).into(), json_number(*v));
         }
-        writeln!(self.metrics, "{}", Value::Object(obj))
+        let row = Value::Object(obj);
+        writeln!(self.metrics, "{row}")
             .and_then(|_| self.metrics.flush())
-            .context("writing metrics.jsonl")
+            .context("writing metrics.jsonl")?;
+        match self.tensorboard.as_mut() {
+            Some(tb) => tb.row(&row),
+            None => {
+                // The replay includes the row just written.
+                let tb = crate::tensorboard::EventFile::rebuild(&self.out, self.elapsed())?;
+                self.tensorboard = Some(tb);
+                Ok(())
+            }
+        }
     }
 
     /// Logs an evaluation row and says it in one log line.

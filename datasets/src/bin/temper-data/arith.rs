@@ -5,8 +5,8 @@
 //! 10 % held out (evaluation), 45 % for pretraining and SFT, 45 % for RL prompts. Files:
 //!
 //! - corpus.parquet        `text`: documents of 16 equations (`12+34=46`), one per line, from
-//!                         every problem that is not held out (RL prompts included: RL
-//!                         sharpens what the model has seen; held-out problems measure it)
+//!   every problem that is not held out (RL prompts included: RL sharpens what the model has
+//!   seen; held-out problems measure it)
 //! - sft_train/_eval       `messages`: "What is 12+34?" → "46"; `answer`
 //! - rl_prompts.parquet    `prompt`, `answer`: problems the policy never saw solved
 //! - eval_prompts.parquet  `prompt`, `answer`: the held-out problems
