@@ -79,6 +79,17 @@ fn runs_caches_and_reruns_exactly_what_changed() {
         "{}",
         stdout(&changed)
     );
+    // `temper diff`: what changed since the previous result of each stage, and what it did.
+    let d = temper(w, &["diff", &tiny_yaml(), "--json"]);
+    assert_ok(&d, "diff");
+    let d: serde_json::Value = serde_json::from_str(&stdout(&d)).unwrap();
+    assert_eq!(
+        d["sft"]["params"]["optim.lr"],
+        serde_json::json!([0.002, 0.0015])
+    );
+    assert!(d["sft"]["metrics"]["loss"]["delta"].is_number(), "{d}");
+    assert!(d.get("pretrain").is_none(), "pretrain did not change: {d}");
+    assert!(d["reward"]["params"].as_object().unwrap().is_empty(), "{d}");
 
     // Back to the file's parameters; then --stage reward reruns only the reward model.
     assert_ok(&temper(w, &["run", &tiny_yaml()]), "restore");

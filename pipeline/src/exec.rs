@@ -548,10 +548,16 @@ fn reap(
             );
         }
     }
+    // Parameters and final numbers too, so `temper diff` can compare with this run later.
+    let summary = ok
+        .then(|| std::fs::read_to_string(p.stage_out(name).join("summary.json")).ok())
+        .flatten()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
     manifest.push(json!({
         "stage": name, "key": resolved.key, "decision": "ran", "exit_code": status.code(),
         "duration_s": secs, "binary": resolved.binary, "binary_hash": resolved.binary_hash,
-        "inputs": resolved.inputs, "parents": resolved.parents,
+        "inputs": resolved.inputs, "parents": resolved.parents, "params": resolved.params,
+        "summary": summary,
     }));
     Ok(ok)
 }

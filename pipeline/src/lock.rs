@@ -53,7 +53,8 @@ pub struct RunRecord {
 
 impl RunRecord {
     /// Hash of what children consume: the outputs less the run's own reports (metrics,
-    /// samples, summary, resolved config), which differ between any two runs by their timings.
+    /// samples, summary, resolved config, TensorBoard events), which differ between any two
+    /// runs by their timings.
     pub fn outputs_hash(&self) -> String {
         let consumed: BTreeMap<&String, &String> = self
             .outputs
@@ -62,7 +63,7 @@ impl RunRecord {
                 !matches!(
                     k.as_str(),
                     "metrics.jsonl" | "samples.jsonl" | "summary.json" | "config.yaml"
-                )
+                ) && !k.starts_with("tb/")
             })
             .collect();
         blake3::hash(
@@ -179,8 +180,12 @@ mod tests {
         a.outputs
             .insert("checkpoint/model.safetensors".into(), "x".into());
         a.outputs.insert("metrics.jsonl".into(), "m1".into());
+        a.outputs
+            .insert("tb/events.out.tfevents.1.host".into(), "t1".into());
         let mut b = a.clone();
         b.outputs.insert("metrics.jsonl".into(), "m2".into());
+        b.outputs
+            .insert("tb/events.out.tfevents.2.host".into(), "t2".into());
         assert_eq!(a.outputs_hash(), b.outputs_hash());
         b.outputs
             .insert("checkpoint/model.safetensors".into(), "y".into());

@@ -2,6 +2,7 @@
 //! declared as a DAG in one YAML file, skipping stages whose inputs did not change.
 
 mod compare;
+mod diff;
 mod exec;
 mod folders;
 mod gate;
@@ -117,6 +118,18 @@ enum Cmd {
         /// Where to write the HTML file.
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// What changed between two runs and what it did: per stage, the parameters that differ,
+    /// the inputs whose content differs and the final metrics with their deltas. Compared with
+    /// each stage's previous different result in manifests/, or with --against (a manifest
+    /// file or another workdir of the same pipeline).
+    Diff {
+        file: PathBuf,
+        #[arg(long)]
+        against: Option<PathBuf>,
+        /// One JSON object: stage → {params, inputs, metrics}.
+        #[arg(long)]
+        json: bool,
     },
     /// Print the `tensorboard` command that shows every stage's metrics (each stage a run;
     /// stages write `tb/` event files beside metrics.jsonl).
@@ -235,6 +248,14 @@ fn run() -> anyhow::Result<i32> {
         Cmd::Report { file, out } => {
             let path = html::write_report(&load(file)?, out.as_deref())?;
             println!("report: {}", path.display());
+            Ok(0)
+        }
+        Cmd::Diff {
+            file,
+            against,
+            json,
+        } => {
+            diff::diff(&load(file)?, against.as_deref(), *json)?;
             Ok(0)
         }
         Cmd::Tensorboard { file } => {
