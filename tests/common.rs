@@ -184,3 +184,17 @@ pub fn sft_and_reward(dir: &Path) -> (PathBuf, PathBuf) {
     assert_ok(&run_stage("temper-reward", &rm_cfg, &rm), "reward");
     (sft.join("checkpoint"), rm.join("checkpoint"))
 }
+
+/// configs/tiny.yaml edited by `edit`, written into `dir` with its work folder there.
+pub fn tiny_variant(dir: &Path, edit: impl Fn(String) -> String) -> PathBuf {
+    let text = std::fs::read_to_string(repo().join("configs/tiny.yaml"))
+        .unwrap()
+        .replace(
+            "../tests/fixtures",
+            &repo().join("tests/fixtures").to_string_lossy(),
+        )
+        .replace("workdir: ../runs/tiny", "workdir: work");
+    let file = dir.join("tiny.yaml");
+    std::fs::write(&file, edit(text)).unwrap();
+    file
+}

@@ -275,19 +275,6 @@ fn invalid_pipelines_fail_before_anything_runs_naming_the_problem() {
 
 /// configs/tiny.yaml rewritten by `edit`, in a folder of its own that refers back to the
 /// fixtures, with its workdir there too.
-fn tiny_variant(dir: &Path, edit: impl Fn(String) -> String) -> std::path::PathBuf {
-    let text = std::fs::read_to_string(repo().join("configs/tiny.yaml"))
-        .unwrap()
-        .replace(
-            "../tests/fixtures",
-            &repo().join("tests/fixtures").to_string_lossy(),
-        )
-        .replace("workdir: ../runs/tiny", "workdir: work");
-    let file = dir.join("tiny.yaml");
-    std::fs::write(&file, edit(text)).unwrap();
-    file
-}
-
 #[test]
 fn a_seed_sweep_runs_as_branches_and_compares_as_mean_and_std() {
     let dir = tempfile::tempdir().unwrap();

@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value as Json;
 
+use crate::graph_svg::Node;
 use crate::plot::{escape, line_chart, Series};
-use crate::report::{metric_rows, status_rows, STATUS_HEADER};
+use crate::report::{metric_rows, read_metrics, status_rows, STATUS_HEADER};
 use crate::schema::Pipeline;
 
 const SPLITS: [(&str, &str); 2] = [("train", "#1f77b4"), ("eval", "#d62728")];
@@ -16,7 +17,8 @@ const SPLITS: [(&str, &str); 2] = [("train", "#1f77b4"), ("eval", "#d62728")];
 const STYLE: &str = "body{font-family:sans-serif;margin:24px;color:#222}\
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:3px 8px;\
 text-align:left;font-size:13px}.charts{display:flex;flex-wrap:wrap;gap:8px}\
-.charts svg{border:1px solid #eee}h2{margin-top:28px}";
+.charts svg{border:1px solid #eee}h2{margin-top:28px}.warning{color:#a50}\
+details{margin:8px 0}summary{cursor:pointer}td.text{max-width:520px;white-space:pre-wrap}";
 
 /// Metric names in order of first appearance, without the bookkeeping fields.
 fn metric_names(rows: &[Json]) -> Vec<String> {
@@ -47,32 +49,73 @@ fn table(out: &mut String, header: &[&str], rows: &[Vec<String>]) {
     out.push_str("</table>");
 }
 
+/// The points of metric `n` in the rows of one split; a logged null (a NaN or inf, which
+/// JSON cannot hold) becomes NaN, so the chart breaks the line there.
+fn points(rows: &[Json], split: &str, n: &str) -> Vec<(f64, f64)> {
+    rows.iter()
+        .filter(|r| r["split"] == *split)
+        .filter_map(|r| {
+            let v = r.get(n)?;
+            Some((r["step"].as_f64()?, v.as_f64().unwrap_or(f64::NAN)))
+        })
+        .collect()
+}
+
+/// "loss at step 40, 50; kl at step 40": where a metric was logged as non-finite.
+fn non_finite(rows: &[Json], names: &[String]) -> Vec<String> {
+    names
+        .iter()
+        .filter_map(|n| {
+            let steps: Vec<String> = rows
+                .iter()
+                .filter(|r| r.get(n).is_some_and(Json::is_null))
+                .map(|r| r["step"].to_string())
+                .collect();
+            (!steps.is_empty()).then(|| format!("{n} at step {}", steps.join(", ")))
+        })
+        .collect()
+}
+
 /// A stage's section: a chart per metric, or a table when the stage logged a single row
-/// (an evaluation), where a chart would be one dot.
+/// (an evaluation), where a chart would be one dot; then its samples.
 fn stage_section(out: &mut String, p: &Pipeline, name: &str, kind: &str, report_dir: &Path) {
-    let rows = metric_rows(p, name);
+    let file = read_metrics(p, name);
+    let rows = &file.rows;
     let _ = write!(
         out,
-        "<h2>{} <small>({})</small></h2>",
+        "<h2 id=\"stage-{0}\">{0} <small>({1})</small></h2>",
         escape(name),
         escape(kind)
     );
+    if let Some(w) = file.warning() {
+        let _ = write!(out, "<p class=\"warning\">{}</p>", escape(&w));
+    }
     let eval_report = p.stage_out(name).join("report.md");
     if eval_report.exists() {
         let link = relative(&eval_report, report_dir);
         let _ = write!(
             out,
-            "<p>Samples and details: <a href=\"{0}\">{0}</a></p>",
+            "<p>Details: <a href=\"{0}\">{0}</a></p>",
             escape(&link)
         );
     }
     if rows.is_empty() {
         out.push_str("<p>No metrics yet.</p>");
+        crate::samples::section(out, &p.stage_out(name));
         return;
     }
-    let names = metric_names(&rows);
+    let names = metric_names(rows);
+    let bad = non_finite(rows, &names);
+    if !bad.is_empty() {
+        let _ = write!(
+            out,
+            "<p class=\"warning\">Not finite (drawn as gaps): {}</p>",
+            escape(&bad.join("; "))
+        );
+    }
     if rows.len() == 1 {
         single_row_table(out, &rows[0], &names);
+        crate::samples::section(out, &p.stage_out(name));
         return;
     }
     out.push_str("<div class=\"charts\">");
@@ -98,11 +141,7 @@ fn stage_section(out: &mut String, p: &Pipeline, name: &str, kind: &str, report_
             .map(|(split, color)| Series {
                 label: split.to_string(),
                 color,
-                points: rows
-                    .iter()
-                    .filter(|r| r["split"] == *split)
-                    .filter_map(|r| Some((r["step"].as_f64()?, r[n].as_f64()?)))
-                    .collect(),
+                points: points(rows, split, n),
             })
             .filter(|s| !s.points.is_empty())
             .collect();
@@ -111,6 +150,7 @@ fn stage_section(out: &mut String, p: &Pipeline, name: &str, kind: &str, report_
         }
     }
     out.push_str("</div>");
+    crate::samples::section(out, &p.stage_out(name));
 }
 
 /// Every swept stage's branches side by side (as `temper compare`): mean ± std and values.
@@ -145,6 +185,48 @@ fn sweeps_section(out: &mut String, p: &Pipeline) {
             .collect();
         let header: Vec<&str> = header.iter().map(String::as_str).collect();
         table(out, &header, &rows);
+        sweep_curves(out, p, &g.branches);
+    }
+}
+
+/// The branches' curves over steps, one chart per metric: each branch thin, the mean thick
+/// in a ± std band. Evaluation rows where the branches have several, else training rows.
+fn sweep_curves(out: &mut String, p: &Pipeline, branches: &[(String, String)]) {
+    let rows: Vec<Vec<Json>> = branches.iter().map(|(_, s)| metric_rows(p, s)).collect();
+    let count = |split: &str| {
+        rows.iter()
+            .flatten()
+            .filter(|r| r["split"] == *split)
+            .count()
+    };
+    let (split, color) = if count("eval") > branches.len() {
+        SPLITS[1]
+    } else {
+        SPLITS[0]
+    };
+    let in_split: Vec<Json> = rows
+        .iter()
+        .flatten()
+        .filter(|r| r["split"] == *split)
+        .cloned()
+        .collect();
+    let charts: Vec<String> = metric_names(&in_split)
+        .iter()
+        .filter_map(|n| {
+            let series: Vec<Series> = branches
+                .iter()
+                .zip(&rows)
+                .map(|((label, _), r)| Series {
+                    label: label.clone(),
+                    color,
+                    points: points(r, split, n),
+                })
+                .collect();
+            crate::plot::band_chart(&format!("{n} ({split})"), color, &series)
+        })
+        .collect();
+    if !charts.is_empty() {
+        let _ = write!(out, "<div class=\"charts\">{}</div>", charts.concat());
     }
 }
 
@@ -215,19 +297,23 @@ pub fn write_report(p: &Pipeline, out: Option<&Path>) -> anyhow::Result<PathBuf>
         escape(&p.file.display().to_string()),
         escape(&p.workdir.display().to_string())
     );
-    table(&mut html, &STATUS_HEADER, &status_rows(p)?);
-    html.push_str("<h2>Graph</h2><table><tr><th>stage</th><th>needs</th></tr>");
-    for st in p.topo_order() {
-        let parents: Vec<&str> = st.parents.iter().map(String::as_str).collect();
-        let _ = write!(
-            html,
-            "<tr><td>{}</td><td>{}</td></tr>",
-            escape(&st.name),
-            escape(&parents.join(", "))
-        );
-    }
+    let status = status_rows(p)?;
+    table(&mut html, &STATUS_HEADER, &status);
+    let nodes: Vec<Node> = p
+        .topo_order()
+        .iter()
+        .zip(&status)
+        .map(|(st, row)| Node {
+            name: st.name.clone(),
+            kind: st.uses.name().to_string(),
+            parents: st.parents.iter().cloned().collect(),
+            state: row[2].clone(),
+        })
+        .collect();
+    html.push_str("<h2>Graph</h2>");
+    html.push_str(&crate::graph_svg::draw(&nodes));
     html.push_str(
-        "</table><p>Curves: <span style=\"color:#1f77b4\">train</span>, \
+        "<p>Curves: <span style=\"color:#1f77b4\">train</span>, \
                    <span style=\"color:#d62728\">eval</span>; x is the stage's step \
                    (PPO: iteration).</p>",
     );

@@ -6,6 +6,7 @@ mod diff;
 mod exec;
 mod folders;
 mod gate;
+mod graph_svg;
 mod hash;
 mod html;
 mod lock;
@@ -14,6 +15,7 @@ mod plan;
 mod plot;
 mod report;
 mod resolve;
+mod samples;
 mod schema;
 mod validate;
 

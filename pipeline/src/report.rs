@@ -184,16 +184,50 @@ pub fn status(p: &Pipeline) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The rows of a stage's metrics.jsonl (unreadable lines skipped); empty when it has none.
-pub fn metric_rows(p: &Pipeline, stage: &str) -> Vec<Json> {
-    let path = p.stage_out(stage).join("metrics.jsonl");
-    std::fs::read_to_string(path)
-        .map(|text| {
-            text.lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect()
+/// A stage's metrics.jsonl as read: the rows, and the numbers (from 1) of lines that were
+/// not JSON objects — typically a last line cut off by a kill — which are skipped.
+pub struct MetricsFile {
+    pub path: std::path::PathBuf,
+    pub rows: Vec<Json>,
+    pub unreadable: Vec<usize>,
+}
+
+impl MetricsFile {
+    /// One line naming the file and the skipped lines, or None when every line was read.
+    pub fn warning(&self) -> Option<String> {
+        let lines: Vec<String> = self.unreadable.iter().map(usize::to_string).collect();
+        (!lines.is_empty()).then(|| {
+            format!(
+                "{}: skipped unreadable line {} (cut off by a kill? the stage rewrites it when it resumes)",
+                self.path.display(),
+                lines.join(", ")
+            )
         })
-        .unwrap_or_default()
+    }
+}
+
+/// The stage's metrics file; no rows when it has none.
+pub fn read_metrics(p: &Pipeline, stage: &str) -> MetricsFile {
+    let path = p.stage_out(stage).join("metrics.jsonl");
+    let mut file = MetricsFile {
+        rows: Vec::new(),
+        unreadable: Vec::new(),
+        path,
+    };
+    let text = std::fs::read_to_string(&file.path).unwrap_or_default();
+    for (i, line) in text.lines().enumerate() {
+        match serde_json::from_str::<Json>(line) {
+            Ok(row) if row.is_object() => file.rows.push(row),
+            _ if line.trim().is_empty() => {}
+            _ => file.unreadable.push(i + 1),
+        }
+    }
+    file
+}
+
+/// The readable rows of a stage's metrics.jsonl.
+pub fn metric_rows(p: &Pipeline, stage: &str) -> Vec<Json> {
+    read_metrics(p, stage).rows
 }
 
 pub fn metrics(
@@ -215,7 +249,12 @@ pub fn metrics(
         None => p.topo_order().iter().map(|s| s.name.clone()).collect(),
     };
     for name in names {
-        let mut rows: Vec<Json> = metric_rows(p, &name)
+        let file = read_metrics(p, &name);
+        if let Some(w) = file.warning() {
+            eprintln!("warning: {w}");
+        }
+        let mut rows: Vec<Json> = file
+            .rows
             .into_iter()
             .filter(|r| split.admits(r["split"].as_str().unwrap_or("")))
             .collect();
