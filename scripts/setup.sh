@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what temper needs to build and run: a Python venv with torch 2.11.0 (whose bundled
 # libtorch tch 0.24 links against) plus the reference packages the goldens and load checks use
-# (transformers, peft, trl, bitsandbytes, vaderSentiment, tensorboard); the Rust code needs none
-# of them.
+# (transformers, peft, trl, bitsandbytes, vaderSentiment, tensorboard) and Debian's chromium for
+# the report's browser test; the Rust code needs none of them.
 # The venv lives in a cache keyed by the torch version, outside the clone, so a fresh clone
 # (CI) reuses it; `.libtorch` in the repo is a symlink to the wheel's torch/ folder, which
 # `.cargo/config.toml` points LIBTORCH and the binaries' rpath at. Idempotent: a second run
@@ -32,3 +32,16 @@ torch_dir=$("$venv/bin/python" -c 'import torch, os; print(os.path.dirname(torch
 ln -sfn "$torch_dir" "$repo/.libtorch"
 ln -sfn "$venv" "$repo/.venv"
 echo "setup: libtorch at $torch_dir" >&2
+
+# Headless Chromium for the test that opens `temper report` in a real browser (tests/report.rs);
+# Debian's package, ~20 s once. Not fatal: without it that test says it skipped its browser half.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo -n"
+  echo "setup: installing chromium (for the report's browser test)" >&2
+  if ! { $sudo apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 ||
+    { $sudo apt-get update -q >/dev/null 2>&1 &&
+      $sudo apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; }; }; then
+    echo "setup: could not install chromium; the report's browser check will be skipped" >&2
+  fi
+fi
