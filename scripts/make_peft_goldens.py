@@ -15,7 +15,14 @@ save_pretrained under tests/fixtures/peft/<case>/, and writes golden.safetensors
 
 Cases: LoRA on GPT-2 (Conv1D, fan_in_fan_out) and Llama, rsLoRA, DoRA (both families), LoRA
 with trained biases on selected layers, and a LoRA reward model (GPT-2 *ForSequenceClassification
-with the score head in modules_to_save). Rerun with the project venv:
+with the score head in modules_to_save).
+
+QLoRA (make_qlora): bitsandbytes' NF4 on its CPU path. tests/fixtures/peft/nf4/golden.safetensors
+holds a seeded weight with a partial last block and more than 256 blocks, its 4-bit codes, block
+maxima (plain, and double-quantised: 8-bit codes, second-level scales, offset), the NF4 code and
+the dynamic map; tests/fixtures/peft/llama_qlora/ a LoRA adapter over a tiny Llama (its base/,
+every dense dimension a multiple of the block) loaded in 4-bit (BitsAndBytesConfig nf4 + double quantisation, fp32 compute) and that model's logits.
+Rerun with the project venv:
   .venv/bin/python scripts/make_peft_goldens.py
 """
 import json
@@ -123,6 +130,102 @@ def saved_key(param_name):
     return param_name.replace(".default", "")
 
 
+def make_nf4():
+    import bitsandbytes.functional as F
+
+    g = torch.Generator().manual_seed(7)
+    weight = torch.randn(96, 200, generator=g)  # 19,200 = 300 blocks of 64; 256 + 44 maxima
+    golden = {"weight": weight}
+    for double in (False, True):
+        packed, st = F.quantize_4bit(weight, blocksize=64, quant_type="nf4",
+                                     compress_statistics=double)
+        p = "double" if double else "plain"
+        golden[f"{p}.packed"] = packed.reshape(-1).contiguous()
+        golden[f"{p}.dequantized"] = F.dequantize_4bit(packed, st).contiguous()
+        if double:
+            golden[f"{p}.absmax_codes"] = st.absmax.contiguous()
+            golden[f"{p}.absmax2"] = st.state2.absmax.contiguous()
+            golden[f"{p}.offset"] = st.offset.reshape(1).float().contiguous()
+            golden["dynamic_map"] = st.state2.code.contiguous()
+        else:
+            golden[f"{p}.absmax"] = st.absmax.contiguous()
+        golden["nf4_code"] = st.code.contiguous()
+    out = os.path.join(ROOT, "peft", "nf4")
+    os.makedirs(out, exist_ok=True)
+    save_file(golden, os.path.join(out, "golden.safetensors"))
+    with open(os.path.join(out, "golden.json"), "w") as f:
+        json.dump({"case": "nf4", "blocksize": 64, "blocksize2": 256,
+                   "bitsandbytes": __import__("bitsandbytes").__version__,
+                   "torch": torch.__version__}, f, indent=1)
+    print("nf4: codes and maxima of a", list(weight.shape), "weight")
+
+
+def make_qlora(seed=200):
+    from transformers import BitsAndBytesConfig
+
+    settings = dict(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"])
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                               bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
+    # The Llama fixture is narrower than a block (hidden 32), which bitsandbytes' CPU kernels
+    # refuse; this base has every dense dimension a multiple of 64.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = os.path.join(ROOT, "peft", "llama_qlora")
+    shutil.rmtree(out, ignore_errors=True)
+    torch.manual_seed(seed)
+    base = LlamaForCausalLM(LlamaConfig(
+        vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        rms_norm_eps=1e-6, tie_word_embeddings=False, pad_token_id=0))
+    base.save_pretrained(os.path.join(out, "base"))
+    import bitsandbytes.functional as F
+
+    four_bit = AutoModelForCausalLM.from_pretrained(os.path.join(out, "base"),
+                                                    quantization_config=quant, device_map="cpu",
+                                                    dtype=torch.float32)
+    # bitsandbytes' CPU kernel for a 4-bit matmul repacks the weight and computes at lower
+    # precision (its output differs from x·Wᵀ of its own dequantised W by ~1e-3 here), so the
+    # golden runs PEFT's LoRA over bitsandbytes' dequantised weights with an exact matmul:
+    # what QLoRA computes (dequantise, then matmul in the compute precision).
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(out, "base"), dtype=torch.float32)
+    dense = dict(model.named_modules())
+    n_quantised = 0
+    with torch.no_grad():
+        for name, module in four_bit.named_modules():
+            if hasattr(module, "weight") and hasattr(module.weight, "quant_state"):
+                w = F.dequantize_4bit(module.weight.data, module.weight.quant_state)
+                dense[name].weight.copy_(w)
+                n_quantised += 1
+    assert n_quantised == 2 * 7, n_quantised
+    peft_model = get_peft_model(model, LoraConfig(lora_dropout=0.0, **settings))
+    randomise(peft_model, seed)
+    peft_model.save_pretrained(out)
+    os.remove(os.path.join(out, "README.md"))
+    with open(os.path.join(out, "adapter_config.json")) as f:
+        config = json.load(f)
+    config["base_model_name_or_path"] = "base"
+    config["target_modules"] = sorted(config["target_modules"])
+    with open(os.path.join(out, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    ids, mask, pos = inputs(model.config.vocab_size)
+    peft_model.eval()
+    with torch.no_grad():
+        logits = peft_model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    save_file({"input_ids": ids, "attention_mask": mask, "logits": logits.float().contiguous()},
+              os.path.join(out, "golden.safetensors"))
+    with open(os.path.join(out, "golden.json"), "w") as f:
+        json.dump({"case": "llama_qlora", "base": "peft/llama_qlora/base", "seed": seed, "settings": settings,
+                   "quantization": "bitsandbytes nf4 with double quantisation (every dense layer "
+                                   "of the blocks), dequantised; fp32 matmuls",
+                   "peft": __import__("peft").__version__,
+                   "bitsandbytes": __import__("bitsandbytes").__version__,
+                   "torch": torch.__version__}, f, indent=1)
+    print("llama_qlora: adapter over the 4-bit base and its logits")
+
+
 if __name__ == "__main__":
     for i, (case, (base, settings)) in enumerate(CASES.items()):
         make(case, base, settings, 100 + i)
+    make_nf4()
+    make_qlora()

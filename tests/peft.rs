@@ -175,6 +175,7 @@ fn bad_peft_settings_are_named() {
             rslora: false,
             dora: false,
             init: Default::default(),
+            double_quant: None,
         };
         f(&mut c);
         PeftConfig::Lora(c)
@@ -289,6 +290,14 @@ fn peft_in_every_stage_and_peft_loads_what_temper_saved() {
             "{stage}: a full copy was saved"
         );
     }
+    // The QLoRA actor holds its base's dense layers in NF4 (under 1/6 of fp32 with the
+    // maxima and the partial blocks of this narrow model).
+    let ppo = summary(&work, "ppo");
+    let (dense, nf4) = (
+        ppo["quant/base_bytes_dense"].as_i64().unwrap(),
+        ppo["quant/base_bytes_nf4"].as_i64().unwrap(),
+    );
+    assert!(nf4 * 6 < dense, "QLoRA base: {nf4} bytes vs {dense} dense");
     // The head-only reward model trains the score head alone.
     let head = summary(&work, "reward_head");
     assert_eq!(head["params/trainable"].as_i64(), Some(64));

@@ -78,10 +78,9 @@ impl Loaded {
         self.tuning.optimizer(&self.vs, config)
     }
 
-    /// Summary fields: trainable and total parameter counts.
-    pub fn param_fields(&self) -> [(&'static str, i64); 2] {
-        let (trainable, total) = self.tuning.counts(&self.vs);
-        [("params/trainable", trainable), ("params/total", total)]
+    /// Summary fields: trainable and total parameter counts (and QLoRA's memory saving).
+    pub fn param_fields(&self) -> Vec<(&'static str, i64)> {
+        self.tuning.summary_fields(&self.vs)
     }
 
     /// The stage's final model in `<out>/checkpoint/`: PEFT files over the loaded folder for

@@ -26,6 +26,8 @@ pub(crate) struct Linear {
     pub module: String,
     /// A LoRA/DoRA adapter on this layer, when `peft:` asked for one.
     pub lora: Option<crate::peft::Lora>,
+    /// QLoRA: the frozen weight in NF4, dequantised on the fly; `weight` is then empty.
+    pub quant: Option<crate::peft::Nf4Weight>,
 }
 
 impl Linear {
@@ -37,19 +39,51 @@ impl Linear {
             conv1d,
             module: p.components().collect::<Vec<_>>().join("."),
             lora: None,
+            quant: None,
         }
     }
 
     pub fn d_in(&self) -> i64 {
-        self.weight.size()[usize::from(!self.conv1d)]
+        match &self.quant {
+            Some(q) => q.shape[1],
+            None => self.weight.size()[usize::from(!self.conv1d)],
+        }
     }
 
     pub fn d_out(&self) -> i64 {
-        self.weight.size()[usize::from(self.conv1d)]
+        match &self.quant {
+            Some(q) => q.shape[0],
+            None => self.weight.size()[usize::from(self.conv1d)],
+        }
+    }
+
+    /// Replaces the frozen weight by its NF4 form and frees the dense one. Returns the bytes
+    /// (dense, quantised).
+    pub fn quantize(&mut self, double_quant: bool) -> (i64, i64) {
+        let dense = self.weight.numel() as i64 * self.weight.kind().elt_size_in_bytes() as i64;
+        let q = crate::peft::Nf4Weight::quantize(&self.weight_out_in(), double_quant);
+        let bytes = q.bytes();
+        // The variable store holds the same tensor: emptying it here frees the memory there.
+        let empty = Tensor::empty([0], (self.weight.kind(), self.weight.device()));
+        tch::no_grad(|| self.weight.shallow_clone().set_data(&empty));
+        self.quant = Some(q);
+        (dense, bytes)
+    }
+
+    /// The dense weight in the layer's own layout (dequantised when the layer is in NF4).
+    pub fn dense_weight(&self) -> Tensor {
+        match &self.quant {
+            Some(q) if self.conv1d => q.dequantize().tr().contiguous(),
+            Some(q) => q.dequantize(),
+            None => self.weight.shallow_clone(),
+        }
     }
 
     /// The weight in `nn.Linear`'s (out, in) layout, whatever the checkpoint's.
     pub fn weight_out_in(&self) -> Tensor {
+        if let Some(q) = &self.quant {
+            return q.dequantize().to_kind(self.weight.kind());
+        }
         if self.conv1d {
             self.weight.tr()
         } else {
@@ -67,6 +101,9 @@ impl Linear {
 
     /// The layer without its adapter.
     pub fn base_forward(&self, x: &Tensor) -> Tensor {
+        if self.quant.is_some() {
+            return x.linear(&self.weight_out_in(), self.bias.as_ref());
+        }
         if self.conv1d {
             match &self.bias {
                 // One GEMM with the bias folded in (as torch's Linear does), not matmul + add.

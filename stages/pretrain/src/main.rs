@@ -348,9 +348,9 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     s.tuning
         .save_final(&folder.path, &s.model, &s.vs, &s.tokenizer_path, base)?;
     let mut summary = log.summary_base(&progress);
-    let (trainable, total) = s.tuning.counts(&s.vs);
-    summary.insert("params/trainable".into(), trainable.into());
-    summary.insert("params/total".into(), total.into());
+    for (k, v) in s.tuning.summary_fields(&s.vs) {
+        summary.insert(k.into(), v.into());
+    }
     for (name, loss) in &last_eval {
         summary.insert(format!("{}loss", prefix(name)), (*loss).into());
         summary.insert(format!("{}ppl", prefix(name)), loss.exp().into());

@@ -198,6 +198,7 @@ impl AdapterConfig {
             rslora: self.use_rslora,
             dora: self.use_dora,
             init: LoraInit::Default,
+            double_quant: None,
         })
     }
 }
@@ -406,7 +407,10 @@ impl Tuning {
         tokenizer: &Path,
         base: Option<&Path>,
     ) -> Result<()> {
-        let (Some(adapters), Some(PeftConfig::Lora(c))) = (&self.adapters, &self.config) else {
+        let (Some(adapters), Some(c)) = (
+            &self.adapters,
+            self.config.as_ref().and_then(PeftConfig::lora),
+        ) else {
             crate::checkpoint::save_checkpoint(model, vs, dir)?;
             return copy_tokenizer(tokenizer, dir);
         };
@@ -420,7 +424,9 @@ impl Tuning {
             Some(b) => b.to_path_buf(),
             None => {
                 let b = dir.join("base");
-                crate::checkpoint::save_final(&dir.join("base_tmp"), model, vs, tokenizer)?;
+                super::with_dense_weights(model, || {
+                    crate::checkpoint::save_final(&dir.join("base_tmp"), model, vs, tokenizer)
+                })?;
                 replace(&dir.join("base_tmp").join("checkpoint"), &b)?;
                 let _ = std::fs::remove_dir_all(dir.join("base_tmp"));
                 b

@@ -2,6 +2,8 @@
 //!
 //! - `lora` (with `rslora`, `dora`): adapters on the named dense layers, saved in Hugging Face
 //!   PEFT's format (`adapter_config.json`, `adapter_model.safetensors`) so `peft` loads them;
+//! - `qlora`: the same adapters over a base whose dense layers are held in 4-bit NormalFloat
+//!   with double-quantised block maxima ([`nf4`]), dequantised in the forward pass;
 //! - `freeze`: train only the parameters matching `trainable` patterns and/or the top
 //!   `top_layers` blocks; `head`: train only the scalar head over a frozen backbone. Both
 //!   change base weights, so they save full checkpoints.
@@ -11,6 +13,7 @@
 
 pub(crate) mod files;
 mod lora;
+mod nf4;
 
 use std::sync::Arc;
 
@@ -19,6 +22,7 @@ use tch::nn::VarStore;
 
 pub use files::{is_adapter, load_adapter, merge_adapters, read_adapter_config, AdapterConfig};
 pub use lora::{Lora, Switch};
+pub use nf4::{dynamic_map, Absmax, Nf4Weight, NF4_LEVELS};
 
 use crate::model::Transformer;
 use crate::optim::{AdamW, AdamWConfig};
@@ -29,6 +33,8 @@ use crate::optim::{AdamW, AdamWConfig};
 #[serde(tag = "method", rename_all = "snake_case", try_from = "PeftSpec")]
 pub enum PeftConfig {
     Lora(LoraConfig),
+    /// LoRA over an NF4-quantised frozen base.
+    Qlora(LoraConfig),
     Freeze(FreezeConfig),
     /// Feature-based training: the backbone frozen, only the scalar head (reward model,
     /// critic) or an untied LM head trained.
@@ -82,6 +88,19 @@ pub struct LoraConfig {
     pub dora: bool,
     #[serde(default)]
     pub init: LoraInit,
+    /// QLoRA only: quantise the NF4 block maxima to 8 bits too (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub double_quant: Option<bool>,
+}
+
+impl PeftConfig {
+    /// The adapter settings of `lora` and `qlora`.
+    pub fn lora(&self) -> Option<&LoraConfig> {
+        match self {
+            PeftConfig::Lora(c) | PeftConfig::Qlora(c) => Some(c),
+            _ => None,
+        }
+    }
 }
 
 impl LoraConfig {
@@ -114,6 +133,7 @@ pub struct FreezeConfig {
 #[serde(rename_all = "snake_case")]
 enum Method {
     Lora,
+    Qlora,
     Freeze,
     Head,
 }
@@ -132,6 +152,7 @@ struct PeftSpec {
     rslora: Option<bool>,
     dora: Option<bool>,
     init: Option<LoraInit>,
+    double_quant: Option<bool>,
     trainable: Option<Vec<String>>,
     top_layers: Option<usize>,
 }
@@ -150,6 +171,7 @@ impl TryFrom<PeftSpec> for PeftConfig {
             ("rslora", s.rslora.is_some()),
             ("dora", s.dora.is_some()),
             ("init", s.init.is_some()),
+            ("double_quant", s.double_quant.is_some()),
         ];
         let freeze_keys = [
             ("trainable", s.trainable.is_some()),
@@ -161,12 +183,20 @@ impl TryFrom<PeftSpec> for PeftConfig {
                 .map(|(k, _)| format!("`{k}` belongs to method {owner}, not {method}"))
         };
         match s.method {
-            Method::Lora => {
-                if let Some(e) = misplaced(&freeze_keys, "freeze", "lora") {
+            Method::Lora | Method::Qlora => {
+                let method = if s.method == Method::Lora {
+                    "lora"
+                } else {
+                    "qlora"
+                };
+                if let Some(e) = misplaced(&freeze_keys, "freeze", method) {
                     return Err(e);
                 }
-                Ok(PeftConfig::Lora(LoraConfig {
-                    r: s.r.ok_or("method lora needs a rank `r`")?,
+                if s.method == Method::Lora && s.double_quant.is_some() {
+                    return Err("`double_quant` belongs to method qlora, not lora".into());
+                }
+                let c = LoraConfig {
+                    r: s.r.ok_or(format!("method {method} needs a rank `r`"))?,
                     alpha: s.alpha,
                     dropout: s.dropout.unwrap_or(0.0),
                     target_modules: s.target_modules,
@@ -175,7 +205,13 @@ impl TryFrom<PeftSpec> for PeftConfig {
                     rslora: s.rslora.unwrap_or(false),
                     dora: s.dora.unwrap_or(false),
                     init: s.init.unwrap_or_default(),
-                }))
+                    double_quant: s.double_quant,
+                };
+                Ok(if s.method == Method::Lora {
+                    PeftConfig::Lora(c)
+                } else {
+                    PeftConfig::Qlora(c)
+                })
             }
             Method::Freeze => {
                 if let Some(e) = misplaced(&lora_keys, "lora", "freeze") {
@@ -218,6 +254,17 @@ pub struct Tuning {
     /// LoRA parameters, named with PEFT's keys (`base_model.model.<module>.lora_A.weight`).
     pub adapters: Option<VarStore>,
     pub switch: Option<Arc<Switch>>,
+    /// QLoRA: what quantising the base saved.
+    pub quantized: Option<Quantized>,
+}
+
+/// The base's dense layers before and after NF4 quantisation.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Quantized {
+    /// Parameters held in NF4 (their dense tensors are emptied in the variable store).
+    pub params: i64,
+    pub dense_bytes: i64,
+    pub nf4_bytes: i64,
 }
 
 impl Tuning {
@@ -227,6 +274,7 @@ impl Tuning {
             config: None,
             adapters: None,
             switch: None,
+            quantized: None,
         }
     }
 
@@ -249,9 +297,9 @@ impl Tuning {
         }
     }
 
-    /// (trainable, total) parameter counts.
+    /// (trainable, total) parameter counts; quantised weights count as parameters.
     pub fn counts(&self, base: &VarStore) -> (i64, i64) {
-        let (mut trainable, mut total) = (0, 0);
+        let (mut trainable, mut total) = (0, self.quantized.map_or(0, |q| q.params));
         for vs in self.stores(base) {
             for (_, t) in vs.variables() {
                 let n = t.numel() as i64;
@@ -262,6 +310,18 @@ impl Tuning {
             }
         }
         (trainable, total)
+    }
+
+    /// Summary fields: trainable and total parameters and, with QLoRA, the base's dense
+    /// layers in bytes before and after quantisation.
+    pub fn summary_fields(&self, base: &VarStore) -> Vec<(&'static str, i64)> {
+        let (trainable, total) = self.counts(base);
+        let mut fields = vec![("params/trainable", trainable), ("params/total", total)];
+        if let Some(q) = self.quantized {
+            fields.push(("quant/base_bytes_dense", q.dense_bytes));
+            fields.push(("quant/base_bytes_nf4", q.nf4_bytes));
+        }
+        fields
     }
 
     /// Dropout on while training; off for rollouts, scoring and evaluation.
@@ -358,10 +418,14 @@ pub fn apply(
         config: Some(config.clone()),
         adapters: None,
         switch: None,
+        quantized: None,
     };
     match config {
-        PeftConfig::Lora(c) => {
+        PeftConfig::Lora(c) | PeftConfig::Qlora(c) => {
             let (adapters, switch) = attach_lora(model, vs.device(), c)?;
+            if let PeftConfig::Qlora(c) = config {
+                tuning.quantized = Some(quantize_base(model, c.double_quant.unwrap_or(true)));
+            }
             tuning.adapters = Some(adapters);
             tuning.switch = Some(switch);
             // A reward model's or critic's head is new: it trains with the adapter and is
@@ -435,6 +499,54 @@ pub fn apply(
         }
     }
     Ok(tuning)
+}
+
+/// Every dense layer of the blocks to NF4 (as bitsandbytes' 4-bit loading does; embeddings,
+/// norms and heads stay dense).
+fn quantize_base(model: &mut Transformer, double_quant: bool) -> Quantized {
+    let mut q = Quantized::default();
+    for (_, linear) in model.block_linears_mut() {
+        q.params += linear.d_in() * linear.d_out();
+        let (dense, nf4) = linear.quantize(double_quant);
+        q.dense_bytes += dense;
+        q.nf4_bytes += nf4;
+    }
+    tracing::info!(
+        "QLoRA: {} base parameters in NF4{}: {:.2} MB → {:.2} MB",
+        q.params,
+        if double_quant {
+            " (double-quantised maxima)"
+        } else {
+            ""
+        },
+        q.dense_bytes as f64 / 1e6,
+        q.nf4_bytes as f64 / 1e6
+    );
+    q
+}
+
+/// Runs `f` with the quantised layers' dense weights back in the variable store (dequantised),
+/// e.g. to write the base a QLoRA adapter was trained over; empties them again after.
+pub fn with_dense_weights<T>(model: &Transformer, f: impl FnOnce() -> T) -> T {
+    let quantized: Vec<_> = model
+        .block_linears()
+        .into_iter()
+        .filter(|(_, l)| l.quant.is_some())
+        .map(|(_, l)| (l.weight.shallow_clone(), l.dense_weight()))
+        .collect();
+    tch::no_grad(|| {
+        for (w, dense) in &quantized {
+            w.shallow_clone().set_data(dense);
+        }
+    });
+    let out = f();
+    tch::no_grad(|| {
+        for (w, _) in &quantized {
+            w.shallow_clone()
+                .set_data(&tch::Tensor::empty([0], (w.kind(), w.device())));
+        }
+    });
+    out
 }
 
 fn unfreeze(vs: &VarStore, pick: impl Fn(&str) -> bool) {
@@ -547,4 +659,37 @@ fn attach_lora(
         });
     }
     Ok((adapters, switch))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<PeftConfig, String> {
+        serde_yaml::from_str(yaml).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn qlora_parses_as_lora_with_double_quantisation_by_default() {
+        let c = parse("{method: qlora, r: 8}").unwrap();
+        let PeftConfig::Qlora(l) = &c else {
+            panic!("{c:?}")
+        };
+        assert_eq!((l.r, l.double_quant), (8, None));
+        assert_eq!(c.lora().map(|l| l.scale()), Some(2.0));
+        // Written and read back unchanged (temper_adapter.json keeps the full config).
+        let off = parse("{method: qlora, r: 4, double_quant: false}").unwrap();
+        let text = serde_yaml::to_string(&off).unwrap();
+        assert_eq!(parse(&text).unwrap(), off, "{text}");
+    }
+
+    #[test]
+    fn keys_of_another_method_are_named() {
+        let e = parse("{method: lora, r: 4, double_quant: true}").unwrap_err();
+        assert!(e.contains("`double_quant` belongs to method qlora"), "{e}");
+        let e = parse("{method: qlora}").unwrap_err();
+        assert!(e.contains("method qlora needs a rank"), "{e}");
+        let e = parse("{method: qlora, r: 4, top_layers: 1}").unwrap_err();
+        assert!(e.contains("belongs to method freeze"), "{e}");
+    }
 }
