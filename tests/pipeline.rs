@@ -90,6 +90,32 @@ fn runs_caches_and_reruns_exactly_what_changed() {
     assert!(d["sft"]["metrics"]["loss"]["delta"].is_number(), "{d}");
     assert!(d.get("pretrain").is_none(), "pretrain did not change: {d}");
     assert!(d["reward"]["params"].as_object().unwrap().is_empty(), "{d}");
+    // A manifest of another pipeline is refused, naming both.
+    let manifest = std::fs::read_dir(w.join("manifests"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .next()
+        .unwrap();
+    let mut other: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    other["pipeline"] = "other".into();
+    let other_file = dir.path().join("other.json");
+    std::fs::write(&other_file, other.to_string()).unwrap();
+    let refused = temper(
+        w,
+        &[
+            "diff",
+            &tiny_yaml(),
+            "--against",
+            other_file.to_str().unwrap(),
+        ],
+    );
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("pipeline `other`, not `tiny`"),
+        "{err}"
+    );
 
     // Back to the file's parameters; then --stage reward reruns only the reward model.
     assert_ok(&temper(w, &["run", &tiny_yaml()]), "restore");
@@ -130,7 +156,7 @@ fn runs_caches_and_reruns_exactly_what_changed() {
     assert_ok(&report, "report");
     let html = std::fs::read_to_string(w.join("report.html")).unwrap();
     for needle in [
-        "<h2>pretrain",
+        "<h2 id=\"stage-pretrain\">pretrain",
         ">loss</text>",        // a pretraining curve
         ">accuracy</text>",    // the reward model's held-out accuracy
         ">reward/mean</text>", // PPO's reward per iteration
