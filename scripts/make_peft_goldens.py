@@ -22,6 +22,9 @@ holds a seeded weight with a partial last block and more than 256 blocks, its 4-
 maxima (plain, and double-quantised: 8-bit codes, second-level scales, offset), the NF4 code and
 the dynamic map; tests/fixtures/peft/llama_qlora/ a LoRA adapter over a tiny Llama (its base/,
 every dense dimension a multiple of the block) loaded in 4-bit (BitsAndBytesConfig nf4 + double quantisation, fp32 compute) and that model's logits.
+Prompt tuning (make_prompt): PEFT's PromptTuningConfig on the GPT-2 and Llama fixtures with
+random virtual tokens; logits of the real positions and the gradient of the prompt embeddings.
+
 Rerun with the project venv:
   .venv/bin/python scripts/make_peft_goldens.py
 """
@@ -224,8 +227,48 @@ def make_qlora(seed=200):
     print("llama_qlora: adapter over the 4-bit base and its logits")
 
 
+def make_prompt(case, base, n_virtual, seed):
+    """Prompt tuning: PEFT's PromptTuningConfig on a fixture, random virtual tokens. PEFT drops
+    position ids (positions then count padding); temper counts real tokens, as everywhere, so
+    only the rows without left padding (0: unpadded, 1: right-padded) are compared and used
+    for the gradient."""
+    from peft import PromptTuningConfig
+
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(ROOT, base))
+    peft_model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM",
+                                                          num_virtual_tokens=n_virtual))
+    g = torch.Generator().manual_seed(seed)
+    emb = peft_model.prompt_encoder["default"].embedding.weight
+    with torch.no_grad():
+        emb.copy_(torch.randn(emb.shape, generator=g) * 0.1)
+    out = os.path.join(ROOT, "peft", case)
+    shutil.rmtree(out, ignore_errors=True)
+    peft_model.save_pretrained(out)
+    os.remove(os.path.join(out, "README.md"))
+    with open(os.path.join(out, "adapter_config.json")) as f:
+        config = json.load(f)
+    config["base_model_name_or_path"] = f"../../{base}"
+    with open(os.path.join(out, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    ids, mask, _ = inputs(model.config.vocab_size)
+    ids, mask = ids[:2].contiguous(), mask[:2].contiguous()
+    logits = peft_model(input_ids=ids, attention_mask=mask).logits[:, n_virtual:]
+    lm_loss(logits, ids, mask).backward()
+    save_file({"input_ids": ids, "attention_mask": mask,
+               "logits": logits.detach().contiguous(),
+               "grad.prompt_embeddings": emb.grad.detach().clone().contiguous()},
+              os.path.join(out, "golden.safetensors"))
+    with open(os.path.join(out, "golden.json"), "w") as f:
+        json.dump({"case": case, "base": base, "seed": seed, "num_virtual_tokens": n_virtual,
+                   "peft": __import__("peft").__version__, "torch": torch.__version__}, f,
+                  indent=1)
+    print(f"{case}: {n_virtual} virtual tokens")
+
+
 if __name__ == "__main__":
     for i, (case, (base, settings)) in enumerate(CASES.items()):
         make(case, base, settings, 100 + i)
     make_nf4()
     make_qlora()
+    make_prompt("gpt2_prompt", "gpt2", 4, 300)
+    make_prompt("llama_prompt", "llama", 3, 301)

@@ -309,14 +309,19 @@ fn peft_in_every_stage_and_peft_loads_what_temper_saved() {
     );
 
     // PEFT loads the DoRA SFT adapter (over the base written beside it, since its own start
-    // was an adapter) and the LoRA reward model (over the merged checkpoint), and computes
-    // what temper computes.
+    // was an adapter), the LoRA reward model (over the merged checkpoint), the QLoRA actor and
+    // the prompt-tuned DPO policy, and computes what temper computes.
     let g = golden("gpt2_lora").0;
     let vocab = 300;
     let ids = g["input_ids"].remainder(vocab);
     let mask = &g["attention_mask"];
     let ids = &ids * mask;
-    for (stage, seq_cls) in [("sft", false), ("reward", true), ("ppo", false)] {
+    for (stage, seq_cls) in [
+        ("sft", false),
+        ("reward", true),
+        ("ppo", false),
+        ("dpo", false),
+    ] {
         let ckpt = work.join("stages").join(stage).join("checkpoint");
         let spec = if seq_cls {
             LoadSpec {

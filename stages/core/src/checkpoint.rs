@@ -54,6 +54,7 @@ impl Loaded {
     /// Applies a stage's `peft:` block (None: full fine-tuning) and logs what trains.
     pub fn tune(&mut self, config: Option<&PeftConfig>) -> std::result::Result<(), PeftError> {
         self.tuning = crate::peft::apply(&mut self.model, &mut self.vs, config)?;
+        crate::peft::init_prompt_text(&self.model, config, |t| self.tokenizer.encode(t))?;
         let (trainable, total) = self.tuning.counts(&self.vs);
         tracing::info!(
             "training {trainable} of {total} parameters ({:.3}%){}",

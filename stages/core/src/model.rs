@@ -143,6 +143,8 @@ pub struct Transformer {
     norm_f: Norm,
     lm_head: Option<Tensor>, // (V, C); None when tied to `embed`
     score: Option<Linear>,
+    /// Prompt tuning: learned embeddings placed before every input (when `peft:` asks).
+    pub(crate) prompt: Option<crate::peft::VirtualPrompt>,
 }
 
 impl Transformer {
@@ -204,11 +206,28 @@ impl Transformer {
             norm_f: Norm::new(trunk.sub(norm_f_name), cfg),
             lm_head,
             score,
+            prompt: None,
         })
     }
 
     pub fn device(&self) -> Device {
         self.embed.device()
+    }
+
+    /// The token embedding matrix (V, C).
+    pub(crate) fn embedding_matrix(&self) -> &Tensor {
+        &self.embed
+    }
+
+    /// Positions left for tokens: `max_position` less the virtual tokens of prompt tuning.
+    pub fn token_room(&self) -> i64 {
+        self.config.max_position - self.prompt.as_ref().map_or(0, |p| p.embeddings.size()[0])
+    }
+
+    /// Positions a fresh sequence gains in front of its tokens: the virtual tokens of an
+    /// active prompt-tuning adapter, else 0. KV caches need this much more room.
+    pub fn virtual_tokens(&self) -> i64 {
+        self.prompt.as_ref().map_or(0, |p| p.active_len())
     }
 
     /// Every dense layer of the blocks with its block index (what adapters attach to).
@@ -270,6 +289,22 @@ impl Transformer {
             }
         }
         let past = cache.as_ref().map_or(0, |c| c.len());
+        // Prompt tuning: the virtual tokens go in front of a fresh sequence (a cache that
+        // already holds the sequence holds them too), attended to like real tokens; their
+        // positions are stripped from the output.
+        let n_virtual = if past == 0 { self.virtual_tokens() } else { 0 };
+        let extended_mask = match (mask, n_virtual) {
+            (Some(m), n) if n > 0 => Some(Tensor::cat(
+                &[
+                    Tensor::ones([b, n], (m.kind(), m.device())),
+                    m.shallow_clone(),
+                ],
+                1,
+            )),
+            _ => None,
+        };
+        let mask = extended_mask.as_ref().or(mask);
+        let t = t + n_virtual;
         if let Some(c) = cache.as_ref() {
             c.check_room(t)?;
         }
@@ -286,6 +321,14 @@ impl Transformer {
             attn_mask,
         } = layout(b, t, ids.device(), mask, cache.as_deref_mut());
         let mut x = Tensor::embedding(&self.embed, ids, -1, false, false); // (B, T, C)
+        if let (Some(p), true) = (&self.prompt, n_virtual > 0) {
+            let virtual_tokens = p
+                .embeddings
+                .to_kind(x.kind())
+                .unsqueeze(0)
+                .expand([b, n_virtual, self.config.d_model], false);
+            x = Tensor::cat(&[virtual_tokens, x], 1);
+        }
         if let Some(wpe) = &self.positions {
             x += match &real {
                 Some(_) => Tensor::embedding(wpe, &pos, -1, false, false),
@@ -313,7 +356,12 @@ impl Transformer {
                 None => c.seen += t,
             }
         }
-        Ok(self.norm_f.forward(&x))
+        let x = self.norm_f.forward(&x);
+        Ok(if n_virtual > 0 {
+            x.narrow(1, n_virtual, t - n_virtual)
+        } else {
+            x
+        })
     }
 
     /// Vocabulary logits (B, T, V) from hidden states (B, T, C).

@@ -187,7 +187,7 @@ pub fn generate(
     let mut cache = KvCache::new(
         &model.config,
         b,
-        width + cfg.max_new_tokens,
+        width + cfg.max_new_tokens + model.virtual_tokens(),
         Kind::Float,
         device,
     );

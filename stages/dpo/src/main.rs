@@ -227,13 +227,13 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
     m.tune(c.peft.as_ref())
         .map_err(|e| cfg.error(&e.field, e.message))?;
     let template = ChatTemplate::new(&m.tokenizer).map_err(invalid)?;
-    let max_len = c.max_len.unwrap_or(m.model.config.max_position as usize);
+    let max_len = c.max_len.unwrap_or(m.model.token_room() as usize);
     cfg.ensure(
-        max_len as i64 <= m.model.config.max_position,
+        max_len as i64 <= m.model.token_room(),
         "max_len",
         format!(
-            "exceeds the model's max_position {}",
-            m.model.config.max_position
+            "exceeds the {} positions the model has for tokens",
+            m.model.token_room()
         ),
     )?;
     let estimate = m
@@ -574,10 +574,7 @@ fn kl_to_reference(
     let sampling = SamplingConfig {
         max_new_tokens: c
             .max_new_tokens
-            .min(
-                model.config.max_position
-                    - s.kl_prompts.iter().map(Vec::len).max().unwrap_or(0) as i64,
-            )
+            .min(model.token_room() - s.kl_prompts.iter().map(Vec::len).max().unwrap_or(0) as i64)
             .max(1),
         temperature: 1.0,
         top_k: None,

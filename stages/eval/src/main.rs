@@ -212,19 +212,22 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
         check_vocab(tok.vocab_size(), &model.config, dir).map_err(invalid)?;
         Ok(model)
     };
+    // Positions every policy has for prompt + reply (prompt tuning's virtual tokens take some).
+    let mut room = i64::MAX;
     for dir in c.policies.values() {
         // Config and vocabulary only: the weights are read when the policy's turn comes.
         let config = temper_core::checkpoint::model_config(dir).map_err(invalid)?;
         check_vocab(tok.vocab_size(), &config, dir).map_err(invalid)?;
+        let positions = config.max_position - temper_core::peft::virtual_tokens_of(dir);
         cfg.ensure(
-            c.max_new_tokens < config.max_position,
+            c.max_new_tokens < positions,
             "max_new_tokens",
             format!(
-                "must leave room for a prompt in {}'s {} positions",
+                "must leave room for a prompt in {}'s {positions} positions",
                 dir.display(),
-                config.max_position
             ),
         )?;
+        room = room.min(positions);
     }
     let reference = load(
         c.reference.as_ref().unwrap_or(base_dir),
@@ -249,7 +252,7 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
         tokenizer: &tok,
         template,
         fields: &c.fields,
-        max_len: (reference.config.max_position - c.max_new_tokens) as usize,
+        max_len: (reference.config.max_position.min(room) - c.max_new_tokens) as usize,
         overlong: Overlong::Skip,
         train_on_prompt: false,
     };

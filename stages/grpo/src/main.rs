@@ -80,7 +80,7 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
         }
         false => None,
     };
-    let max_position = policy.model.config.max_position;
+    let max_position = policy.model.token_room();
     cfg.ensure(
         c.max_new_tokens < max_position,
         "max_new_tokens",

@@ -406,7 +406,7 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
         model: critic_model,
         tuning: critic_tuning,
     };
-    let max_position = actor.model.config.max_position;
+    let max_position = actor.model.token_room();
     cfg.ensure(
         c.max_new_tokens < max_position,
         "max_new_tokens",

@@ -197,13 +197,17 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
     temper_core::checkpoint::check_vocab(tok.vocab_size(), &model.config, &tokenizer_path)
         .map_err(invalid)?;
     let tuning = temper_core::peft::apply(&mut model, &mut vs, c.peft.as_ref())
+        .and_then(|t| {
+            temper_core::peft::init_prompt_text(&model, c.peft.as_ref(), |s| tok.encode(s))?;
+            Ok(t)
+        })
         .map_err(|e| cfg.error(&e.field, e.message))?;
     cfg.ensure(
-        c.block_size as i64 <= model.config.max_position,
+        c.block_size as i64 <= model.token_room(),
         "block_size",
         format!(
-            "exceeds the model's max_position {}",
-            model.config.max_position
+            "exceeds the {} positions the model has for tokens",
+            model.token_room()
         ),
     )?;
     let estimate = model

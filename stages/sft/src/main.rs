@@ -136,13 +136,13 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
     m.tune(c.peft.as_ref())
         .map_err(|e| cfg.error(&e.field, e.message))?;
     let template = ChatTemplate::new(&m.tokenizer).map_err(invalid)?;
-    let max_len = c.max_len.unwrap_or(m.model.config.max_position as usize);
+    let max_len = c.max_len.unwrap_or(m.model.token_room() as usize);
     cfg.ensure(
-        max_len as i64 <= m.model.config.max_position,
+        max_len as i64 <= m.model.token_room(),
         "max_len",
         format!(
-            "exceeds the model's max_position {}",
-            m.model.config.max_position
+            "exceeds the {} positions the model has for tokens",
+            m.model.token_room()
         ),
     )?;
     let estimate = m

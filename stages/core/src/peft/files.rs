@@ -117,7 +117,7 @@ const PEFT_KEYS_IGNORED: &[&str] = &[
     "ensure_weight_tying",
 ];
 
-fn config_err(path: &Path, field: &str, message: impl Into<String>) -> CoreError {
+pub(crate) fn config_err(path: &Path, field: &str, message: impl Into<String>) -> CoreError {
     CoreError::Config {
         path: path.into(),
         field: field.into(),
@@ -206,6 +206,9 @@ impl AdapterConfig {
 /// Attaches the adapter in `dir` to `model` (unmerged) and loads its tensors: LoRA factors into
 /// the adapter store, trained biases and the score head into `vs`. Strict both ways.
 pub fn load_adapter(model: &mut Transformer, vs: &mut VarStore, dir: &Path) -> Result<Tuning> {
+    if super::prompt::is_prompt_adapter(dir) {
+        return super::prompt::load(model, dir);
+    }
     let cfg_path = dir.join(ADAPTER_CONFIG);
     let c = read_adapter_config(dir)?;
     let lora = c.lora(&cfg_path)?;
@@ -284,8 +287,11 @@ pub fn load_adapter_checkpoint(
     spec: LoadSpec,
     device: Device,
 ) -> Result<(VarStore, Transformer)> {
+    if super::prompt::is_prompt_adapter(dir) {
+        return super::prompt::load_checkpoint(dir, spec, device);
+    }
     let c = read_adapter_config(dir)?;
-    let base = base_dir(dir, &c)?;
+    let base = base_dir(dir, c.base_model_name_or_path.as_deref())?;
     let config = adapter_model_config(dir)?;
     // A reward model's head travels with its adapter.
     let has_score = c.modules_to_save.iter().flatten().any(|m| m == "score");
@@ -308,8 +314,14 @@ pub fn load_adapter_checkpoint(
 pub fn adapter_model_config(dir: &Path) -> Result<ModelConfig> {
     if dir.join(TEMPER_ADAPTER).exists() {
         temper_config(dir)
+    } else if super::prompt::is_prompt_adapter(dir) {
+        let base = base_dir(dir, super::prompt::named_base(dir)?.as_deref())?;
+        ModelConfig::from_hf_json(&base.join(CONFIG_FILE))
     } else {
-        let base = base_dir(dir, &read_adapter_config(dir)?)?;
+        let base = base_dir(
+            dir,
+            read_adapter_config(dir)?.base_model_name_or_path.as_deref(),
+        )?;
         ModelConfig::from_hf_json(&base.join(CONFIG_FILE))
     }
 }
@@ -334,7 +346,7 @@ fn temper_config(dir: &Path) -> Result<ModelConfig> {
 /// Where an adapter's base lives: temper's relative pointer, else PEFT's
 /// `base_model_name_or_path` when that is a local folder (absolute, or relative to the
 /// adapter's folder or the working directory).
-fn base_dir(dir: &Path, c: &AdapterConfig) -> Result<PathBuf> {
+pub(crate) fn base_dir(dir: &Path, named: Option<&str>) -> Result<PathBuf> {
     let path = dir.join(TEMPER_ADAPTER);
     if let Ok(text) = std::fs::read_to_string(&path) {
         if let Some(base) = serde_json::from_str::<Value>(&text)
@@ -347,7 +359,7 @@ fn base_dir(dir: &Path, c: &AdapterConfig) -> Result<PathBuf> {
             }
         }
     }
-    match &c.base_model_name_or_path {
+    match named {
         // A relative path is read from the adapter's folder first, then the working directory.
         Some(b) if dir.join(b).is_dir() => Ok(dir.join(b)),
         Some(b) if Path::new(b).is_dir() => Ok(PathBuf::from(b)),
@@ -365,7 +377,7 @@ fn base_dir(dir: &Path, c: &AdapterConfig) -> Result<PathBuf> {
 }
 
 /// `target` relative to the folder `from` (both made absolute first).
-fn relative_path(target: &Path, from: &Path) -> PathBuf {
+pub(crate) fn relative_path(target: &Path, from: &Path) -> PathBuf {
     let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
     let (t, f) = (abs(target), abs(from));
     let tc: Vec<Component> = t.components().collect();
@@ -407,6 +419,10 @@ impl Tuning {
         tokenizer: &Path,
         base: Option<&Path>,
     ) -> Result<()> {
+        if let (Some(adapters), Some(PeftConfig::Prompt(c))) = (&self.adapters, &self.config) {
+            let (base, inside) = base_for(dir, model, vs, tokenizer, base)?;
+            return super::prompt::save(dir, c, adapters, model, &base, inside, tokenizer);
+        }
         let (Some(adapters), Some(c)) = (
             &self.adapters,
             self.config.as_ref().and_then(PeftConfig::lora),
@@ -415,23 +431,7 @@ impl Tuning {
             return copy_tokenizer(tokenizer, dir);
         };
         let dir = dir.to_path_buf();
-        std::fs::create_dir_all(&dir).map_err(|source| CoreError::Io {
-            path: dir.clone(),
-            source,
-        })?;
-        let inside = base.is_none();
-        let base = match base {
-            Some(b) => b.to_path_buf(),
-            None => {
-                let b = dir.join("base");
-                super::with_dense_weights(model, || {
-                    crate::checkpoint::save_final(&dir.join("base_tmp"), model, vs, tokenizer)
-                })?;
-                replace(&dir.join("base_tmp").join("checkpoint"), &b)?;
-                let _ = std::fs::remove_dir_all(dir.join("base_tmp"));
-                b
-            }
-        };
+        let (base, inside) = base_for(&dir, model, vs, tokenizer, base)?;
         let mut tensors: BTreeMap<String, Tensor> = adapters.variables().into_iter().collect();
         let adapted: BTreeSet<String> = model
             .block_linears()
@@ -497,7 +497,33 @@ impl Tuning {
     }
 }
 
-fn copy_tokenizer(tokenizer: &Path, dir: &Path) -> Result<()> {
+/// Creates the adapter folder `dir` and returns its base: `base`, or — when the base exists
+/// only in memory (the stage started from an adapter, merged) — the model written to
+/// `dir/base/` (dense, for a QLoRA model). The flag says which.
+pub(crate) fn base_for(
+    dir: &Path,
+    model: &Transformer,
+    vs: &VarStore,
+    tokenizer: &Path,
+    base: Option<&Path>,
+) -> Result<(PathBuf, bool)> {
+    std::fs::create_dir_all(dir).map_err(|source| CoreError::Io {
+        path: dir.into(),
+        source,
+    })?;
+    if let Some(b) = base {
+        return Ok((b.to_path_buf(), false));
+    }
+    let b = dir.join("base");
+    super::with_dense_weights(model, || {
+        crate::checkpoint::save_final(&dir.join("base_tmp"), model, vs, tokenizer)
+    })?;
+    replace(&dir.join("base_tmp").join("checkpoint"), &b)?;
+    let _ = std::fs::remove_dir_all(dir.join("base_tmp"));
+    Ok((b, true))
+}
+
+pub(crate) fn copy_tokenizer(tokenizer: &Path, dir: &Path) -> Result<()> {
     let bytes = std::fs::read(tokenizer).map_err(|source| CoreError::Io {
         path: tokenizer.into(),
         source,
@@ -505,7 +531,7 @@ fn copy_tokenizer(tokenizer: &Path, dir: &Path) -> Result<()> {
     write_bytes(&dir.join("tokenizer.json"), &bytes)
 }
 
-fn replace(from: &Path, to: &Path) -> Result<()> {
+pub(crate) fn replace(from: &Path, to: &Path) -> Result<()> {
     if to.is_dir() {
         std::fs::remove_dir_all(to).map_err(|source| CoreError::Io {
             path: to.into(),
@@ -518,7 +544,7 @@ fn replace(from: &Path, to: &Path) -> Result<()> {
     })
 }
 
-fn write_json(path: &Path, v: &Value) -> Result<()> {
+pub(crate) fn write_json(path: &Path, v: &Value) -> Result<()> {
     write_bytes(
         path,
         serde_json::to_string_pretty(v)

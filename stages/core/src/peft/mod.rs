@@ -4,6 +4,7 @@
 //!   PEFT's format (`adapter_config.json`, `adapter_model.safetensors`) so `peft` loads them;
 //! - `qlora`: the same adapters over a base whose dense layers are held in 4-bit NormalFloat
 //!   with double-quantised block maxima ([`nf4`]), dequantised in the forward pass;
+//! - `prompt`: prompt tuning, learned virtual tokens before every input ([`prompt`]);
 //! - `freeze`: train only the parameters matching `trainable` patterns and/or the top
 //!   `top_layers` blocks; `head`: train only the scalar head over a frozen backbone. Both
 //!   change base weights, so they save full checkpoints.
@@ -14,6 +15,7 @@
 pub(crate) mod files;
 mod lora;
 mod nf4;
+mod prompt;
 
 use std::sync::Arc;
 
@@ -23,6 +25,10 @@ use tch::nn::VarStore;
 pub use files::{is_adapter, load_adapter, merge_adapters, read_adapter_config, AdapterConfig};
 pub use lora::{Lora, Switch};
 pub use nf4::{dynamic_map, Absmax, Nf4Weight, NF4_LEVELS};
+pub use prompt::{
+    init_from_text, init_prompt_text, is_prompt_adapter, virtual_tokens_of, PromptConfig,
+    VirtualPrompt,
+};
 
 use crate::model::Transformer;
 use crate::optim::{AdamW, AdamWConfig};
@@ -35,6 +41,8 @@ pub enum PeftConfig {
     Lora(LoraConfig),
     /// LoRA over an NF4-quantised frozen base.
     Qlora(LoraConfig),
+    /// Prompt tuning: learned virtual tokens before every input.
+    Prompt(PromptConfig),
     Freeze(FreezeConfig),
     /// Feature-based training: the backbone frozen, only the scalar head (reward model,
     /// critic) or an untied LM head trained.
@@ -134,6 +142,7 @@ pub struct FreezeConfig {
 enum Method {
     Lora,
     Qlora,
+    Prompt,
     Freeze,
     Head,
 }
@@ -155,6 +164,8 @@ struct PeftSpec {
     double_quant: Option<bool>,
     trainable: Option<Vec<String>>,
     top_layers: Option<usize>,
+    num_virtual_tokens: Option<i64>,
+    init_text: Option<String>,
 }
 
 impl TryFrom<PeftSpec> for PeftConfig {
@@ -177,6 +188,10 @@ impl TryFrom<PeftSpec> for PeftConfig {
             ("trainable", s.trainable.is_some()),
             ("top_layers", s.top_layers.is_some()),
         ];
+        let prompt_keys = [
+            ("num_virtual_tokens", s.num_virtual_tokens.is_some()),
+            ("init_text", s.init_text.is_some()),
+        ];
         let misplaced = |keys: &[(&str, bool)], owner: &str, method: &str| {
             keys.iter()
                 .find(|(_, set)| *set)
@@ -189,7 +204,9 @@ impl TryFrom<PeftSpec> for PeftConfig {
                 } else {
                     "qlora"
                 };
-                if let Some(e) = misplaced(&freeze_keys, "freeze", method) {
+                if let Some(e) = misplaced(&freeze_keys, "freeze", method)
+                    .or_else(|| misplaced(&prompt_keys, "prompt", method))
+                {
                     return Err(e);
                 }
                 if s.method == Method::Lora && s.double_quant.is_some() {
@@ -213,8 +230,23 @@ impl TryFrom<PeftSpec> for PeftConfig {
                     PeftConfig::Qlora(c)
                 })
             }
+            Method::Prompt => {
+                if let Some(e) = misplaced(&lora_keys, "lora", "prompt")
+                    .or_else(|| misplaced(&freeze_keys, "freeze", "prompt"))
+                {
+                    return Err(e);
+                }
+                Ok(PeftConfig::Prompt(PromptConfig {
+                    num_virtual_tokens: s
+                        .num_virtual_tokens
+                        .ok_or("method prompt needs `num_virtual_tokens`")?,
+                    init_text: s.init_text,
+                }))
+            }
             Method::Freeze => {
-                if let Some(e) = misplaced(&lora_keys, "lora", "freeze") {
+                if let Some(e) = misplaced(&lora_keys, "lora", "freeze")
+                    .or_else(|| misplaced(&prompt_keys, "prompt", "freeze"))
+                {
                     return Err(e);
                 }
                 Ok(PeftConfig::Freeze(FreezeConfig {
@@ -223,8 +255,12 @@ impl TryFrom<PeftSpec> for PeftConfig {
                 }))
             }
             Method::Head => {
-                let all: Vec<(&str, bool)> =
-                    lora_keys.iter().chain(&freeze_keys).copied().collect();
+                let all: Vec<(&str, bool)> = lora_keys
+                    .iter()
+                    .chain(&freeze_keys)
+                    .chain(&prompt_keys)
+                    .copied()
+                    .collect();
                 match all.iter().find(|(_, set)| *set) {
                     Some((k, _)) => Err(format!("method head takes no settings (got `{k}`)")),
                     None => Ok(PeftConfig::Head),
@@ -410,6 +446,14 @@ pub fn apply(
     vs: &mut VarStore,
     config: Option<&PeftConfig>,
 ) -> Result<Tuning, PeftError> {
+    if model.prompt.is_some() {
+        // Loaded from a prompt adapter: virtual tokens cannot be folded into weights, so
+        // whatever this stage saved would silently lose them.
+        return Err(PeftError {
+            field: "init".into(),
+            message: "is a prompt-tuning adapter, which cannot be merged into a model to train on; use it for evaluation or as a reference, or train from its base".into(),
+        });
+    }
     let Some(config) = config else {
         return Ok(Tuning::full());
     };
@@ -444,6 +488,11 @@ pub fn apply(
                     unfreeze(vs, |n| adapted.iter().any(|a| a == n))
                 }
             }
+        }
+        PeftConfig::Prompt(c) => {
+            let (adapters, switch) = prompt::attach(model, vs.device(), c)?;
+            tuning.adapters = Some(adapters);
+            tuning.switch = Some(switch);
         }
         PeftConfig::Freeze(c) => {
             if c.trainable.is_empty() && c.top_layers.is_none() {
@@ -691,5 +740,12 @@ mod tests {
         assert!(e.contains("method qlora needs a rank"), "{e}");
         let e = parse("{method: qlora, r: 4, top_layers: 1}").unwrap_err();
         assert!(e.contains("belongs to method freeze"), "{e}");
+        let e = parse("{method: prompt, num_virtual_tokens: 8, r: 4}").unwrap_err();
+        assert!(e.contains("`r` belongs to method lora, not prompt"), "{e}");
+        let e = parse("{method: lora, r: 4, init_text: hi}").unwrap_err();
+        assert!(e.contains("`init_text` belongs to method prompt"), "{e}");
+        let p = parse("{method: prompt, num_virtual_tokens: 8, init_text: hi}").unwrap();
+        let text = serde_yaml::to_string(&p).unwrap();
+        assert_eq!(parse(&text).unwrap(), p, "{text}");
     }
 }

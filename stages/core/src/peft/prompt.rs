@@ -1,0 +1,297 @@
+//! Prompt tuning (Lester et al., 2021): `num_virtual_tokens` learned embeddings placed before
+//! every input sequence, the model frozen. As in PEFT, the virtual tokens take the first
+//! positions and every real token attends to them; the model strips their outputs, so logits
+//! still line up with the input ids. In generation they enter once, with the prompt, and stay
+//! in the KV cache. Saved in PEFT's `PROMPT_TUNING` format (`prompt_embeddings`, (n, C)).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+use super::files::{
+    base_dir, config_err, copy_tokenizer, relative_path, write_json, ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS, TEMPER_ADAPTER,
+};
+use super::{bad, PeftConfig, PeftError, Switch, Tuning};
+use crate::checkpoint::{load_checkpoint_as, LoadSpec};
+use crate::error::{CoreError, Result};
+use crate::model::Transformer;
+
+/// Virtual tokens beyond this many are almost certainly a typo (PEFT's examples use 8–32).
+const MAX_VIRTUAL_TOKENS: i64 = 1024;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromptConfig {
+    pub num_virtual_tokens: i64,
+    /// Start from the embeddings of this text's tokens (repeated to fill); default: the
+    /// embeddings of tokens drawn at random from the vocabulary (PEFT's `SAMPLE_VOCAB`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_text: Option<String>,
+}
+
+/// The learned embeddings, (n, C), and the switch that bypasses them for the reference.
+pub struct VirtualPrompt {
+    pub embeddings: Tensor,
+    pub switch: Arc<Switch>,
+}
+
+impl VirtualPrompt {
+    pub fn active_len(&self) -> i64 {
+        if self.switch.enabled() {
+            self.embeddings.size()[0]
+        } else {
+            0
+        }
+    }
+}
+
+/// Creates the prompt in a new store (key `prompt_embeddings`, as PEFT saves it), initialised
+/// from random vocabulary rows; [`init_from_text`] replaces them when asked.
+pub(crate) fn attach(
+    model: &mut Transformer,
+    device: Device,
+    c: &PromptConfig,
+) -> std::result::Result<(VarStore, Arc<Switch>), PeftError> {
+    if !(1..=MAX_VIRTUAL_TOKENS).contains(&c.num_virtual_tokens) {
+        return Err(bad(
+            "num_virtual_tokens",
+            format!("must be in 1..={MAX_VIRTUAL_TOKENS}"),
+        ));
+    }
+    if model.heads.score {
+        return Err(bad(
+            "method",
+            "prompt tuning trains no scalar head; for a reward model or critic use lora or head",
+        ));
+    }
+    let n = c.num_virtual_tokens;
+    if n + 1 > model.config.max_position {
+        return Err(bad(
+            "num_virtual_tokens",
+            format!(
+                "{n} virtual tokens leave no room in the model's {} positions",
+                model.config.max_position
+            ),
+        ));
+    }
+    let store = VarStore::new(device);
+    let embed = model.embedding_matrix();
+    let rows = Tensor::randint(embed.size()[0], [n], (Kind::Int64, device));
+    let init = tch::no_grad(|| embed.index_select(0, &rows).to_kind(Kind::Float));
+    let embeddings = store.root().var_copy("prompt_embeddings", &init);
+    let switch = Switch::new();
+    model.prompt = Some(VirtualPrompt {
+        embeddings,
+        switch: switch.clone(),
+    });
+    Ok((store, switch))
+}
+
+/// Applies `init_text` of a prompt-tuning config, tokenized by `encode`; nothing otherwise.
+pub fn init_prompt_text<E: std::fmt::Display>(
+    model: &Transformer,
+    config: Option<&PeftConfig>,
+    encode: impl Fn(&str) -> std::result::Result<Vec<u32>, E>,
+) -> std::result::Result<(), PeftError> {
+    let Some(PeftConfig::Prompt(PromptConfig {
+        init_text: Some(text),
+        ..
+    })) = config
+    else {
+        return Ok(());
+    };
+    let ids = encode(text).map_err(|e| bad("init_text", e.to_string()))?;
+    let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
+    init_from_text(model, &ids)
+}
+
+/// Sets the virtual tokens to the embeddings of `ids` (the init text's tokens), repeated to
+/// fill them and cut to their number.
+pub fn init_from_text(model: &Transformer, ids: &[i64]) -> std::result::Result<(), PeftError> {
+    let Some(p) = &model.prompt else {
+        return Ok(());
+    };
+    if ids.is_empty() {
+        return Err(bad("init_text", "the text has no tokens"));
+    }
+    let n = p.embeddings.size()[0] as usize;
+    let picked: Vec<i64> = ids.iter().copied().cycle().take(n).collect();
+    let rows = Tensor::from_slice(&picked).to_device(p.embeddings.device());
+    tch::no_grad(|| {
+        let values = model.embedding_matrix().index_select(0, &rows);
+        p.embeddings.shallow_clone().copy_(&values);
+    });
+    Ok(())
+}
+
+/// The virtual tokens a checkpoint folder puts before every input: a prompt adapter's number,
+/// else 0.
+pub fn virtual_tokens_of(dir: &Path) -> i64 {
+    if !is_prompt_adapter(dir) {
+        return 0;
+    }
+    read_config(dir)
+        .ok()
+        .and_then(|v| v["num_virtual_tokens"].as_i64())
+        .unwrap_or(0)
+}
+
+pub fn is_prompt_adapter(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join(ADAPTER_CONFIG))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .is_some_and(|v| v["peft_type"] == "PROMPT_TUNING")
+}
+
+fn read_config(dir: &Path) -> Result<Value> {
+    let path = dir.join(ADAPTER_CONFIG);
+    let text = std::fs::read_to_string(&path).map_err(|source| CoreError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|source| CoreError::Json { path, source })
+}
+
+/// PEFT's `base_model_name_or_path` of a prompt adapter.
+pub(crate) fn named_base(dir: &Path) -> Result<Option<String>> {
+    Ok(read_config(dir)?["base_model_name_or_path"]
+        .as_str()
+        .map(String::from))
+}
+
+/// Writes `adapter_config.json`, `adapter_model.safetensors`, `temper_adapter.json` and the
+/// tokenizer into `dir`, over `base`.
+pub(crate) fn save(
+    dir: &Path,
+    c: &PromptConfig,
+    adapters: &VarStore,
+    model: &Transformer,
+    base: &Path,
+    inside: bool,
+    tokenizer: &Path,
+) -> Result<()> {
+    let embeddings = adapters
+        .variables()
+        .remove("prompt_embeddings")
+        .expect("prompt tuning has its embeddings");
+    let tmp = dir.join(format!(".{ADAPTER_WEIGHTS}.tmp"));
+    Tensor::write_safetensors(
+        &[(
+            "prompt_embeddings",
+            embeddings.detach().to_device(Device::Cpu).contiguous(),
+        )],
+        &tmp,
+    )?;
+    std::fs::rename(&tmp, dir.join(ADAPTER_WEIGHTS)).map_err(|source| CoreError::Io {
+        path: dir.join(ADAPTER_WEIGHTS),
+        source,
+    })?;
+    let cfg = &model.config;
+    let config = json!({
+        "peft_type": "PROMPT_TUNING",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": if inside {
+            std::path::PathBuf::from("base")
+        } else {
+            std::path::absolute(base).unwrap_or(base.to_path_buf())
+        },
+        "num_virtual_tokens": c.num_virtual_tokens,
+        "token_dim": cfg.d_model,
+        "num_transformer_submodules": 1,
+        "num_attention_heads": cfg.n_head,
+        "num_layers": cfg.n_layer,
+        // The init only matters before training; "TEXT" would make PEFT load a tokenizer by
+        // name when it rebuilds the module, so the trained prompt is declared RANDOM.
+        "prompt_tuning_init": "RANDOM",
+        "prompt_tuning_init_text": null,
+        "tokenizer_name_or_path": null,
+        "inference_mode": true,
+    });
+    write_json(&dir.join(ADAPTER_CONFIG), &config)?;
+    let pointer = json!({
+        "format": 1,
+        "base": relative_path(base, dir),
+        "config": model.hf_config_json(),
+        "peft": PeftConfig::Prompt(c.clone()),
+    });
+    write_json(&dir.join(TEMPER_ADAPTER), &pointer)?;
+    copy_tokenizer(tokenizer, dir)
+}
+
+/// Attaches the prompt saved in `dir` (by temper or PEFT) to `model`; trainable.
+pub(crate) fn load(model: &mut Transformer, dir: &Path) -> Result<Tuning> {
+    let cfg_path = dir.join(ADAPTER_CONFIG);
+    let v = read_config(dir)?;
+    let n = v["num_virtual_tokens"]
+        .as_i64()
+        .ok_or_else(|| config_err(&cfg_path, "num_virtual_tokens", "missing or not a number"))?;
+    if v["num_transformer_submodules"].as_i64().unwrap_or(1) != 1 {
+        return Err(config_err(
+            &cfg_path,
+            "num_transformer_submodules",
+            "only decoder-only models (1) are supported",
+        ));
+    }
+    let file = dir.join(ADAPTER_WEIGHTS);
+    let saved = Tensor::read_safetensors(&file)?
+        .into_iter()
+        .find(|(k, _)| k == "prompt_embeddings")
+        .map(|(_, t)| t)
+        .ok_or_else(|| config_err(&file, "prompt_embeddings", "missing"))?;
+    let want = [n, model.config.d_model];
+    if saved.size() != want {
+        return Err(config_err(
+            &file,
+            "prompt_embeddings",
+            format!(
+                "shape {:?} does not fit the base model's {want:?}: this prompt was trained on a different base",
+                saved.size()
+            ),
+        ));
+    }
+    let c = PromptConfig {
+        num_virtual_tokens: n,
+        init_text: None,
+    };
+    let device = model.device();
+    let (store, switch) =
+        attach(model, device, &c).map_err(|e| config_err(&cfg_path, &e.field, e.message))?;
+    tch::no_grad(|| {
+        store.variables()["prompt_embeddings"]
+            .shallow_clone()
+            .copy_(&saved.to_kind(Kind::Float))
+    });
+    Ok(Tuning {
+        config: Some(PeftConfig::Prompt(c)),
+        adapters: Some(store),
+        switch: Some(switch),
+        quantized: None,
+    })
+}
+
+/// A prompt adapter folder as a model: its base with the prompt attached (prompts cannot be
+/// merged into weights). A training stage refuses such an `init` ([`super::apply`]): what it
+/// saved would lose the prompt.
+pub(crate) fn load_checkpoint(
+    dir: &Path,
+    spec: LoadSpec,
+    device: Device,
+) -> Result<(VarStore, Transformer)> {
+    let base = base_dir(dir, named_base(dir)?.as_deref())?;
+    let config = super::files::adapter_model_config(dir)?;
+    let (mut vs, mut model) = load_checkpoint_as(&base, &config, spec, device)?;
+    let tuning = load(&mut model, dir)?;
+    // Frozen: it belongs to the checkpoint, not to whatever trains next.
+    if let Some(store) = &tuning.adapters {
+        for (_, t) in store.variables() {
+            let _ = t.set_requires_grad(false);
+        }
+    }
+    vs.unfreeze();
+    Ok((vs, model))
+}
