@@ -2,7 +2,7 @@
 """Loads an adapter temper saved with the `peft` package and checks it computes what temper did.
 
 Usage: check_peft_load.py ADAPTER_DIR LOGITS_FILE
-ADAPTER_DIR holds temper's adapter_config.json (LoRA, DoRA or prompt tuning), adapter_model.safetensors and temper_adapter.json
+ADAPTER_DIR holds temper's adapter_config.json (LoRA, DoRA, prompt or prefix tuning), adapter_model.safetensors and temper_adapter.json
 (whose `base` names the base checkpoint folder, relative to ADAPTER_DIR). LOGITS_FILE holds
 input_ids, attention_mask and what temper computed with the adapter: `logits` for a causal LM,
 `scores` (one per row, at the last real token) for a sequence-classification adapter.
@@ -25,7 +25,9 @@ def main(adapter_dir, logits_file):
     with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
         config = json.load(f)
     seq_cls = config["task_type"] == "SEQ_CLS"
-    n_virtual = config.get("num_virtual_tokens") if config["peft_type"] == "PROMPT_TUNING" else 0
+    virtual = config["peft_type"] in ("PROMPT_TUNING", "PREFIX_TUNING")
+    # Prompt tuning's virtual tokens come back as outputs (prefix tuning's do not).
+    n_out = config["num_virtual_tokens"] if config["peft_type"] == "PROMPT_TUNING" else 0
     cls = AutoModelForSequenceClassification if seq_cls else AutoModelForCausalLM
     base = cls.from_pretrained(base_dir, **({"num_labels": 1} if seq_cls else {}))
     model = PeftModel.from_pretrained(base, adapter_dir).eval()
@@ -33,18 +35,18 @@ def main(adapter_dir, logits_file):
     ids, mask = ref["input_ids"], ref["attention_mask"]
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     with torch.no_grad():
-        if n_virtual:
-            # PEFT's prompt tuning ignores position ids (positions then count padding, where
-            # temper counts real tokens): compare the rows without left padding, and the
-            # outputs after the virtual tokens.
-            out = model(input_ids=ids, attention_mask=mask).logits[:, n_virtual:]
+        if virtual:
+            # PEFT's prompt and prefix tuning ignore position ids (positions then count
+            # padding, where temper counts real tokens): compare the rows without left padding
+            # (and, for prompt tuning, the outputs after the virtual tokens).
+            out = model(input_ids=ids, attention_mask=mask).logits[:, n_out:]
         else:
             out = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
     if seq_cls:
         diff = (out[:, 0] - ref["scores"]).abs().max().item()
     else:
         real = mask.bool()
-        if n_virtual:
+        if virtual:
             real &= mask[:, :1].bool()
         diff = (out[real] - ref["logits"][real]).abs().max().item()
     kind = "scores" if seq_cls else "logits"

@@ -24,6 +24,8 @@ the dynamic map; tests/fixtures/peft/llama_qlora/ a LoRA adapter over a tiny Lla
 every dense dimension a multiple of the block) loaded in 4-bit (BitsAndBytesConfig nf4 + double quantisation, fp32 compute) and that model's logits.
 Prompt tuning (make_prompt): PEFT's PromptTuningConfig on the GPT-2 and Llama fixtures with
 random virtual tokens; logits of the real positions and the gradient of the prompt embeddings.
+Prefix tuning (make_prefix): PrefixTuningConfig (P-tuning v2 layout: the prefix learned
+directly; on Llama, grouped-query attention sizes it by the key/value heads); the same checks.
 
 Rerun with the project venv:
   .venv/bin/python scripts/make_peft_goldens.py
@@ -265,6 +267,42 @@ def make_prompt(case, base, n_virtual, seed):
     print(f"{case}: {n_virtual} virtual tokens")
 
 
+def make_prefix(case, base, n_virtual, seed):
+    """Prefix tuning (P-tuning v2 layout): PEFT's PrefixTuningConfig without projection, random
+    prefix keys/values; rows without left padding, as for prompt tuning."""
+    from peft import PrefixTuningConfig
+
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(ROOT, base))
+    peft_model = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                          num_virtual_tokens=n_virtual))
+    g = torch.Generator().manual_seed(seed)
+    emb = peft_model.prompt_encoder["default"].embedding.weight
+    with torch.no_grad():
+        emb.copy_(torch.randn(emb.shape, generator=g) * 0.5)
+    out = os.path.join(ROOT, "peft", case)
+    shutil.rmtree(out, ignore_errors=True)
+    peft_model.save_pretrained(out)
+    os.remove(os.path.join(out, "README.md"))
+    with open(os.path.join(out, "adapter_config.json")) as f:
+        config = json.load(f)
+    config["base_model_name_or_path"] = f"../../{base}"
+    with open(os.path.join(out, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    ids, mask, _ = inputs(model.config.vocab_size)
+    ids, mask = ids[:2].contiguous(), mask[:2].contiguous()
+    logits = peft_model(input_ids=ids, attention_mask=mask).logits
+    lm_loss(logits, ids, mask).backward()
+    save_file({"input_ids": ids, "attention_mask": mask,
+               "logits": logits.detach().contiguous(),
+               "grad.prompt_embeddings": emb.grad.detach().clone().contiguous()},
+              os.path.join(out, "golden.safetensors"))
+    with open(os.path.join(out, "golden.json"), "w") as f:
+        json.dump({"case": case, "base": base, "seed": seed, "num_virtual_tokens": n_virtual,
+                   "peft": __import__("peft").__version__, "torch": torch.__version__}, f,
+                  indent=1)
+    print(f"{case}: {n_virtual} virtual keys/values per layer")
+
+
 if __name__ == "__main__":
     for i, (case, (base, settings)) in enumerate(CASES.items()):
         make(case, base, settings, 100 + i)
@@ -272,3 +310,5 @@ if __name__ == "__main__":
     make_qlora()
     make_prompt("gpt2_prompt", "gpt2", 4, 300)
     make_prompt("llama_prompt", "llama", 3, 301)
+    make_prefix("gpt2_prefix", "gpt2", 4, 400)
+    make_prefix("llama_prefix", "llama", 3, 401)

@@ -1,7 +1,7 @@
-//! Prompt tuning against the `peft` package (goldens by scripts/make_peft_goldens.py): a prompt
-//! PEFT saved gives the same logits and the same gradient for the virtual tokens, on GPT-2 and
-//! Llama; generation with the KV cache agrees with full forwards over the virtual tokens; the
-//! prompt bypassed is the base model.
+//! Prompt and prefix tuning against the `peft` package (goldens by
+//! scripts/make_peft_goldens.py): a prompt or prefix PEFT saved gives the same logits and the
+//! same gradient for the virtual tokens, on GPT-2 and Llama (grouped-query attention);
+//! generation with the KV cache agrees with full forwards; bypassed, the model is the base.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -47,7 +47,12 @@ fn lm_loss(logits: &Tensor, ids: &Tensor, mask: &Tensor) -> Tensor {
 
 #[test]
 fn a_peft_prompt_gives_peft_logits_and_gradients() {
-    for (case, base) in [("gpt2_prompt", "gpt2"), ("llama_prompt", "llama")] {
+    for (case, base) in [
+        ("gpt2_prompt", "gpt2"),
+        ("llama_prompt", "llama"),
+        ("gpt2_prefix", "gpt2"),
+        ("llama_prefix", "llama"),
+    ] {
         let g = golden(case);
         let (mut vs, mut model) =
             load_checkpoint(&fixtures().join(base), LoadSpec::CAUSAL_LM, Device::Cpu).unwrap();
@@ -83,9 +88,19 @@ fn a_peft_prompt_gives_peft_logits_and_gradients() {
 
 #[test]
 fn generation_with_virtual_tokens_matches_full_forwards() {
+    for (case, base) in [
+        ("llama_prompt", "llama"),
+        ("gpt2_prefix", "gpt2"),
+        ("llama_prefix", "llama"),
+    ] {
+        greedy_matches_full_forwards(case, base);
+    }
+}
+
+fn greedy_matches_full_forwards(case: &str, base: &str) {
     let (mut vs, mut model) =
-        load_checkpoint(&fixtures().join("llama"), LoadSpec::CAUSAL_LM, Device::Cpu).unwrap();
-    peft::load_adapter(&mut model, &mut vs, &fixtures().join("peft/llama_prompt")).unwrap();
+        load_checkpoint(&fixtures().join(base), LoadSpec::CAUSAL_LM, Device::Cpu).unwrap();
+    peft::load_adapter(&mut model, &mut vs, &fixtures().join("peft").join(case)).unwrap();
     // Ragged prompts (left-padded inside generate), greedy.
     let prompts = vec![vec![5i64, 9, 13, 2, 7], vec![11, 3]];
     let out = generate(&model, &prompts, &SamplingConfig::greedy(6), &[1, 2]).unwrap();
@@ -101,7 +116,7 @@ fn generation_with_virtual_tokens_matches_full_forwards() {
                 .argmax(-1, false)
                 .int64_value(&[]);
             let cached = out.tokens.int64_value(&[row as i64, step]);
-            assert_eq!(cached, next, "row {row} step {step}");
+            assert_eq!(cached, next, "{case}: row {row} step {step}");
             seq.push(next);
         }
     }

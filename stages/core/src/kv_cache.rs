@@ -62,6 +62,18 @@ impl KvCache {
         Ok(())
     }
 
+    /// Fills an empty cache with per-layer keys and values (B, n_kv, n, hd) that every later
+    /// token attends to (prefix tuning): n real positions, n tokens seen.
+    pub(crate) fn prefill(&mut self, layers: &[(Tensor, Tensor)]) {
+        let n = layers.first().map_or(0, |(k, _)| k.size()[2]);
+        for (i, (k, v)) in layers.iter().enumerate() {
+            let _ = self.append(i, k, v);
+        }
+        let _ = self.key_mask.narrow(1, self.len, n).fill_(1);
+        self.seen += n;
+        self.len += n;
+    }
+
     /// Writes one layer's new keys/values (B, n_kv, T, hd) after the filled part and returns
     /// views of everything filled so far, (B, n_kv, len + T, hd).
     pub(crate) fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> (Tensor, Tensor) {

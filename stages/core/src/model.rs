@@ -145,6 +145,8 @@ pub struct Transformer {
     score: Option<Linear>,
     /// Prompt tuning: learned embeddings placed before every input (when `peft:` asks).
     pub(crate) prompt: Option<crate::peft::VirtualPrompt>,
+    /// Prefix tuning: learned keys and values before every sequence, in every layer.
+    pub(crate) prefix: Option<crate::peft::Prefix>,
 }
 
 impl Transformer {
@@ -207,6 +209,7 @@ impl Transformer {
             lm_head,
             score,
             prompt: None,
+            prefix: None,
         })
     }
 
@@ -219,15 +222,19 @@ impl Transformer {
         &self.embed
     }
 
-    /// Positions left for tokens: `max_position` less the virtual tokens of prompt tuning.
+    /// Positions left for tokens: `max_position` less the virtual tokens of prompt or prefix
+    /// tuning.
     pub fn token_room(&self) -> i64 {
-        self.config.max_position - self.prompt.as_ref().map_or(0, |p| p.embeddings.size()[0])
+        self.config.max_position
+            - self.prompt.as_ref().map_or(0, |p| p.embeddings.size()[0])
+            - self.prefix.as_ref().map_or(0, |p| p.num_virtual_tokens())
     }
 
     /// Positions a fresh sequence gains in front of its tokens: the virtual tokens of an
     /// active prompt-tuning adapter, else 0. KV caches need this much more room.
     pub fn virtual_tokens(&self) -> i64 {
         self.prompt.as_ref().map_or(0, |p| p.active_len())
+            + self.prefix.as_ref().map_or(0, |p| p.active_len())
     }
 
     /// Every dense layer of the blocks with its block index (what adapters attach to).
@@ -271,7 +278,7 @@ impl Transformer {
         &self,
         ids: &Tensor,
         mask: Option<&Tensor>,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (b, t) = ids.size2().map_err(|_| {
             CoreError::Shape(format!(
@@ -286,6 +293,23 @@ impl Transformer {
                     m.size(),
                     ids.size()
                 )));
+            }
+        }
+        // Prefix tuning: a fresh sequence starts after the prefix's keys and values, as after
+        // that many cached tokens; without a cache (training, scoring) a cache of its own holds
+        // them (gradients flow through the copies into it).
+        let mut own_cache;
+        let mut cache = cache;
+        if let Some(p) = self.prefix.as_ref().filter(|p| p.active_len() > 0) {
+            if cache.as_ref().is_none_or(|c| c.is_empty()) {
+                if cache.is_none() {
+                    let n = p.num_virtual_tokens();
+                    own_cache = KvCache::new(&self.config, b, n + t, Kind::Float, ids.device());
+                    cache = Some(&mut own_cache);
+                }
+                let c = cache.as_deref_mut().expect("a cache exists by now");
+                c.check_room(p.num_virtual_tokens())?;
+                c.prefill(&p.keys_values(&self.config, b));
             }
         }
         let past = cache.as_ref().map_or(0, |c| c.len());

@@ -319,7 +319,7 @@ fn sample_replies(s: &Setup, c: &Config, step: u64) -> anyhow::Result<Vec<serde_
         .iter()
         .map(|(p, _)| p.iter().map(|&t| t as i64).collect())
         .collect();
-    let room = model.config.max_position - ids.iter().map(Vec::len).max().unwrap_or(0) as i64;
+    let room = model.token_room() - ids.iter().map(Vec::len).max().unwrap_or(0) as i64;
     let sampling = SamplingConfig {
         max_new_tokens: c.max_new_tokens.min(room).max(1),
         temperature: c.temperature,

@@ -5,6 +5,7 @@
 //! - `qlora`: the same adapters over a base whose dense layers are held in 4-bit NormalFloat
 //!   with double-quantised block maxima ([`nf4`]), dequantised in the forward pass;
 //! - `prompt`: prompt tuning, learned virtual tokens before every input ([`prompt`]);
+//! - `prefix`: prefix tuning / P-tuning v2, learned keys and values in every layer ([`prefix`]);
 //! - `freeze`: train only the parameters matching `trainable` patterns and/or the top
 //!   `top_layers` blocks; `head`: train only the scalar head over a frozen backbone. Both
 //!   change base weights, so they save full checkpoints.
@@ -15,6 +16,7 @@
 pub(crate) mod files;
 mod lora;
 mod nf4;
+mod prefix;
 mod prompt;
 
 use std::sync::Arc;
@@ -25,6 +27,7 @@ use tch::nn::VarStore;
 pub use files::{is_adapter, load_adapter, merge_adapters, read_adapter_config, AdapterConfig};
 pub use lora::{Lora, Switch};
 pub use nf4::{dynamic_map, Absmax, Nf4Weight, NF4_LEVELS};
+pub use prefix::{kv_width, Prefix, PrefixConfig};
 pub use prompt::{
     init_from_text, init_prompt_text, is_prompt_adapter, virtual_tokens_of, PromptConfig,
     VirtualPrompt,
@@ -43,6 +46,8 @@ pub enum PeftConfig {
     Qlora(LoraConfig),
     /// Prompt tuning: learned virtual tokens before every input.
     Prompt(PromptConfig),
+    /// Prefix tuning / P-tuning v2: learned keys and values in every layer.
+    Prefix(PrefixConfig),
     Freeze(FreezeConfig),
     /// Feature-based training: the backbone frozen, only the scalar head (reward model,
     /// critic) or an untied LM head trained.
@@ -143,6 +148,7 @@ enum Method {
     Lora,
     Qlora,
     Prompt,
+    Prefix,
     Freeze,
     Head,
 }
@@ -166,6 +172,8 @@ struct PeftSpec {
     top_layers: Option<usize>,
     num_virtual_tokens: Option<i64>,
     init_text: Option<String>,
+    projection: Option<bool>,
+    encoder_hidden_size: Option<i64>,
 }
 
 impl TryFrom<PeftSpec> for PeftConfig {
@@ -192,6 +200,10 @@ impl TryFrom<PeftSpec> for PeftConfig {
             ("num_virtual_tokens", s.num_virtual_tokens.is_some()),
             ("init_text", s.init_text.is_some()),
         ];
+        let prefix_keys = [
+            ("projection", s.projection.is_some()),
+            ("encoder_hidden_size", s.encoder_hidden_size.is_some()),
+        ];
         let misplaced = |keys: &[(&str, bool)], owner: &str, method: &str| {
             keys.iter()
                 .find(|(_, set)| *set)
@@ -206,6 +218,7 @@ impl TryFrom<PeftSpec> for PeftConfig {
                 };
                 if let Some(e) = misplaced(&freeze_keys, "freeze", method)
                     .or_else(|| misplaced(&prompt_keys, "prompt", method))
+                    .or_else(|| misplaced(&prefix_keys, "prefix", method))
                 {
                     return Err(e);
                 }
@@ -233,6 +246,7 @@ impl TryFrom<PeftSpec> for PeftConfig {
             Method::Prompt => {
                 if let Some(e) = misplaced(&lora_keys, "lora", "prompt")
                     .or_else(|| misplaced(&freeze_keys, "freeze", "prompt"))
+                    .or_else(|| misplaced(&prefix_keys, "prefix", "prompt"))
                 {
                     return Err(e);
                 }
@@ -243,9 +257,25 @@ impl TryFrom<PeftSpec> for PeftConfig {
                     init_text: s.init_text,
                 }))
             }
+            Method::Prefix => {
+                if let Some(e) = misplaced(&lora_keys, "lora", "prefix")
+                    .or_else(|| misplaced(&freeze_keys, "freeze", "prefix"))
+                    .or_else(|| misplaced(&prompt_keys[1..], "prompt", "prefix"))
+                {
+                    return Err(e);
+                }
+                Ok(PeftConfig::Prefix(PrefixConfig {
+                    num_virtual_tokens: s
+                        .num_virtual_tokens
+                        .ok_or("method prefix needs `num_virtual_tokens`")?,
+                    projection: s.projection.unwrap_or(false),
+                    encoder_hidden_size: s.encoder_hidden_size,
+                }))
+            }
             Method::Freeze => {
                 if let Some(e) = misplaced(&lora_keys, "lora", "freeze")
                     .or_else(|| misplaced(&prompt_keys, "prompt", "freeze"))
+                    .or_else(|| misplaced(&prefix_keys, "prefix", "freeze"))
                 {
                     return Err(e);
                 }
@@ -259,6 +289,7 @@ impl TryFrom<PeftSpec> for PeftConfig {
                     .iter()
                     .chain(&freeze_keys)
                     .chain(&prompt_keys)
+                    .chain(&prefix_keys)
                     .copied()
                     .collect();
                 match all.iter().find(|(_, set)| *set) {
@@ -446,12 +477,12 @@ pub fn apply(
     vs: &mut VarStore,
     config: Option<&PeftConfig>,
 ) -> Result<Tuning, PeftError> {
-    if model.prompt.is_some() {
+    if model.prompt.is_some() || model.prefix.is_some() {
         // Loaded from a prompt adapter: virtual tokens cannot be folded into weights, so
         // whatever this stage saved would silently lose them.
         return Err(PeftError {
             field: "init".into(),
-            message: "is a prompt-tuning adapter, which cannot be merged into a model to train on; use it for evaluation or as a reference, or train from its base".into(),
+            message: "is a prompt- or prefix-tuning adapter, which cannot be merged into a model to train on; use it for evaluation or as a reference, or train from its base".into(),
         });
     }
     let Some(config) = config else {
@@ -491,6 +522,17 @@ pub fn apply(
         }
         PeftConfig::Prompt(c) => {
             let (adapters, switch) = prompt::attach(model, vs.device(), c)?;
+            tuning.adapters = Some(adapters);
+            tuning.switch = Some(switch);
+        }
+        PeftConfig::Prefix(c) => {
+            if model.heads.score {
+                return Err(bad(
+                    "method",
+                    "prefix tuning trains no scalar head; for a reward model or critic use lora or head",
+                ));
+            }
+            let (adapters, switch) = prefix::attach(model, vs.device(), c)?;
             tuning.adapters = Some(adapters);
             tuning.switch = Some(switch);
         }
@@ -744,6 +786,12 @@ mod tests {
         assert!(e.contains("`r` belongs to method lora, not prompt"), "{e}");
         let e = parse("{method: lora, r: 4, init_text: hi}").unwrap_err();
         assert!(e.contains("`init_text` belongs to method prompt"), "{e}");
+        let e = parse("{method: prefix, num_virtual_tokens: 8, init_text: hi}").unwrap_err();
+        assert!(e.contains("`init_text` belongs to method prompt"), "{e}");
+        let e = parse("{method: prompt, num_virtual_tokens: 8, projection: true}").unwrap_err();
+        assert!(e.contains("`projection` belongs to method prefix"), "{e}");
+        let p = parse("{method: prefix, num_virtual_tokens: 8, projection: true}").unwrap();
+        assert_eq!(parse(&serde_yaml::to_string(&p).unwrap()).unwrap(), p);
         let p = parse("{method: prompt, num_virtual_tokens: 8, init_text: hi}").unwrap();
         let text = serde_yaml::to_string(&p).unwrap();
         assert_eq!(parse(&text).unwrap(), p, "{text}");

@@ -16,7 +16,7 @@ use super::files::{
     base_dir, config_err, copy_tokenizer, relative_path, write_json, ADAPTER_CONFIG,
     ADAPTER_WEIGHTS, TEMPER_ADAPTER,
 };
-use super::{bad, PeftConfig, PeftError, Switch, Tuning};
+use super::{bad, PeftConfig, PeftError, PrefixConfig, Switch, Tuning};
 use crate::checkpoint::{load_checkpoint_as, LoadSpec};
 use crate::error::{CoreError, Result};
 use crate::model::Transformer;
@@ -141,11 +141,12 @@ pub fn virtual_tokens_of(dir: &Path) -> i64 {
         .unwrap_or(0)
 }
 
+/// Whether `dir` is a prompt- or prefix-tuning adapter (virtual tokens, nothing to merge).
 pub fn is_prompt_adapter(dir: &Path) -> bool {
     std::fs::read_to_string(dir.join(ADAPTER_CONFIG))
         .ok()
         .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-        .is_some_and(|v| v["peft_type"] == "PROMPT_TUNING")
+        .is_some_and(|v| v["peft_type"] == "PROMPT_TUNING" || v["peft_type"] == "PREFIX_TUNING")
 }
 
 fn read_config(dir: &Path) -> Result<Value> {
@@ -164,21 +165,19 @@ pub(crate) fn named_base(dir: &Path) -> Result<Option<String>> {
         .map(String::from))
 }
 
-/// Writes `adapter_config.json`, `adapter_model.safetensors`, `temper_adapter.json` and the
-/// tokenizer into `dir`, over `base`.
-pub(crate) fn save(
+/// Writes `adapter_config.json`, `adapter_model.safetensors` (one tensor,
+/// `prompt_embeddings`), `temper_adapter.json` and the tokenizer into `dir`, over `base`.
+#[allow(clippy::too_many_arguments)]
+fn write_adapter(
     dir: &Path,
-    c: &PromptConfig,
-    adapters: &VarStore,
+    embeddings: &Tensor,
+    mut config: Value,
+    peft: &PeftConfig,
     model: &Transformer,
     base: &Path,
     inside: bool,
     tokenizer: &Path,
 ) -> Result<()> {
-    let embeddings = adapters
-        .variables()
-        .remove("prompt_embeddings")
-        .expect("prompt tuning has its embeddings");
     let tmp = dir.join(format!(".{ADAPTER_WEIGHTS}.tmp"));
     Tensor::write_safetensors(
         &[(
@@ -192,38 +191,99 @@ pub(crate) fn save(
         source,
     })?;
     let cfg = &model.config;
-    let config = json!({
-        "peft_type": "PROMPT_TUNING",
+    let common = json!({
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": if inside {
             std::path::PathBuf::from("base")
         } else {
             std::path::absolute(base).unwrap_or(base.to_path_buf())
         },
-        "num_virtual_tokens": c.num_virtual_tokens,
-        "token_dim": cfg.d_model,
         "num_transformer_submodules": 1,
-        "num_attention_heads": cfg.n_head,
         "num_layers": cfg.n_layer,
-        // The init only matters before training; "TEXT" would make PEFT load a tokenizer by
-        // name when it rebuilds the module, so the trained prompt is declared RANDOM.
-        "prompt_tuning_init": "RANDOM",
-        "prompt_tuning_init_text": null,
-        "tokenizer_name_or_path": null,
         "inference_mode": true,
     });
+    for (k, v) in common.as_object().expect("an object") {
+        config[k] = v.clone();
+    }
     write_json(&dir.join(ADAPTER_CONFIG), &config)?;
     let pointer = json!({
         "format": 1,
         "base": relative_path(base, dir),
         "config": model.hf_config_json(),
-        "peft": PeftConfig::Prompt(c.clone()),
+        "peft": peft,
     });
     write_json(&dir.join(TEMPER_ADAPTER), &pointer)?;
     copy_tokenizer(tokenizer, dir)
 }
 
-/// Attaches the prompt saved in `dir` (by temper or PEFT) to `model`; trainable.
+/// Saves prompt tuning in PEFT's `PROMPT_TUNING` format.
+pub(crate) fn save(
+    dir: &Path,
+    c: &PromptConfig,
+    adapters: &VarStore,
+    model: &Transformer,
+    base: &Path,
+    inside: bool,
+    tokenizer: &Path,
+) -> Result<()> {
+    let embeddings = adapters
+        .variables()
+        .remove("prompt_embeddings")
+        .expect("prompt tuning has its embeddings");
+    let config = json!({
+        "peft_type": "PROMPT_TUNING",
+        "num_virtual_tokens": c.num_virtual_tokens,
+        "token_dim": model.config.d_model,
+        "num_attention_heads": model.config.n_head,
+        // The init only matters before training; "TEXT" would make PEFT load a tokenizer by
+        // name when it rebuilds the module, so the trained prompt is declared RANDOM.
+        "prompt_tuning_init": "RANDOM",
+        "prompt_tuning_init_text": null,
+        "tokenizer_name_or_path": null,
+    });
+    let peft = PeftConfig::Prompt(c.clone());
+    write_adapter(
+        dir,
+        &embeddings,
+        config,
+        &peft,
+        model,
+        base,
+        inside,
+        tokenizer,
+    )
+}
+
+/// Saves prefix tuning in PEFT's `PREFIX_TUNING` format: the prefix itself (an MLP's output
+/// when it was reparameterised), so `prefix_projection` is false.
+pub(crate) fn save_prefix(
+    dir: &Path,
+    c: &PrefixConfig,
+    model: &Transformer,
+    base: &Path,
+    inside: bool,
+    tokenizer: &Path,
+) -> Result<()> {
+    let prefix = model
+        .prefix
+        .as_ref()
+        .expect("prefix tuning attached its prefix");
+    let flat = tch::no_grad(|| prefix.flat());
+    let width = super::kv_width(&model.config);
+    let config = json!({
+        "peft_type": "PREFIX_TUNING",
+        "num_virtual_tokens": c.num_virtual_tokens,
+        // For grouped-query attention PEFT sizes the prefix by the key/value heads.
+        "token_dim": width,
+        "num_attention_heads": model.config.n_kv_head(),
+        "encoder_hidden_size": c.encoder_hidden_size.unwrap_or(width),
+        "prefix_projection": false,
+    });
+    let peft = PeftConfig::Prefix(c.clone());
+    write_adapter(dir, &flat, config, &peft, model, base, inside, tokenizer)
+}
+
+/// Attaches the prompt or prefix saved in `dir` (by temper or PEFT) to `model`; trainable.
 pub(crate) fn load(model: &mut Transformer, dir: &Path) -> Result<Tuning> {
     let cfg_path = dir.join(ADAPTER_CONFIG);
     let v = read_config(dir)?;
@@ -243,6 +303,27 @@ pub(crate) fn load(model: &mut Transformer, dir: &Path) -> Result<Tuning> {
         .find(|(k, _)| k == "prompt_embeddings")
         .map(|(_, t)| t)
         .ok_or_else(|| config_err(&file, "prompt_embeddings", "missing"))?;
+    if v["peft_type"] == "PREFIX_TUNING" {
+        if v["prefix_projection"].as_bool().unwrap_or(false) {
+            return Err(config_err(
+                &cfg_path,
+                "prefix_projection",
+                "true: this file holds the MLP's input, not the prefix; save it with inference_mode (PEFT does) or prefix_projection false",
+            ));
+        }
+        let (store, switch) = super::prefix::attach_saved(model, &saved)
+            .map_err(|m| config_err(&file, "prompt_embeddings", m))?;
+        return Ok(Tuning {
+            config: Some(PeftConfig::Prefix(PrefixConfig {
+                num_virtual_tokens: n,
+                projection: false,
+                encoder_hidden_size: None,
+            })),
+            adapters: Some(store),
+            switch: Some(switch),
+            quantized: None,
+        });
+    }
     let want = [n, model.config.d_model];
     if saved.size() != want {
         return Err(config_err(
@@ -274,8 +355,8 @@ pub(crate) fn load(model: &mut Transformer, dir: &Path) -> Result<Tuning> {
     })
 }
 
-/// A prompt adapter folder as a model: its base with the prompt attached (prompts cannot be
-/// merged into weights). A training stage refuses such an `init` ([`super::apply`]): what it
+/// A prompt or prefix adapter folder as a model: its base with the virtual tokens attached
+/// (they cannot be merged into weights). A training stage refuses such an `init` ([`super::apply`]): what it
 /// saved would lose the prompt.
 pub(crate) fn load_checkpoint(
     dir: &Path,
