@@ -2,7 +2,7 @@
 """Loads an adapter temper saved with the `peft` package and checks it computes what temper did.
 
 Usage: check_peft_load.py ADAPTER_DIR LOGITS_FILE
-ADAPTER_DIR holds temper's adapter_config.json (LoRA, DoRA, prompt or prefix tuning), adapter_model.safetensors and temper_adapter.json
+ADAPTER_DIR holds temper's adapter_config.json (LoRA, DoRA, prompt, P- or prefix tuning), adapter_model.safetensors and temper_adapter.json
 (whose `base` names the base checkpoint folder, relative to ADAPTER_DIR). LOGITS_FILE holds
 input_ids, attention_mask and what temper computed with the adapter: `logits` for a causal LM,
 `scores` (one per row, at the last real token) for a sequence-classification adapter.
@@ -25,9 +25,9 @@ def main(adapter_dir, logits_file):
     with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
         config = json.load(f)
     seq_cls = config["task_type"] == "SEQ_CLS"
-    virtual = config["peft_type"] in ("PROMPT_TUNING", "PREFIX_TUNING")
-    # Prompt tuning's virtual tokens come back as outputs (prefix tuning's do not).
-    n_out = config["num_virtual_tokens"] if config["peft_type"] == "PROMPT_TUNING" else 0
+    virtual = config["peft_type"] in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
+    # Prompt and P-tuning's virtual tokens come back as outputs (prefix tuning's do not).
+    n_out = config["num_virtual_tokens"] if config["peft_type"] in ("PROMPT_TUNING", "P_TUNING") else 0
     cls = AutoModelForSequenceClassification if seq_cls else AutoModelForCausalLM
     base = cls.from_pretrained(base_dir, **({"num_labels": 1} if seq_cls else {}))
     model = PeftModel.from_pretrained(base, adapter_dir).eval()

@@ -24,6 +24,7 @@ the dynamic map; tests/fixtures/peft/llama_qlora/ a LoRA adapter over a tiny Lla
 every dense dimension a multiple of the block) loaded in 4-bit (BitsAndBytesConfig nf4 + double quantisation, fp32 compute) and that model's logits.
 Prompt tuning (make_prompt): PEFT's PromptTuningConfig on the GPT-2 and Llama fixtures with
 random virtual tokens; logits of the real positions and the gradient of the prompt embeddings.
+P-tuning (make_ptuning): PromptEncoderConfig with an MLP (GPT-2) and an LSTM (Llama) encoder.
 Prefix tuning (make_prefix): PrefixTuningConfig (P-tuning v2 layout: the prefix learned
 directly; on Llama, grouped-query attention sizes it by the key/value heads); the same checks.
 
@@ -303,6 +304,44 @@ def make_prefix(case, base, n_virtual, seed):
     print(f"{case}: {n_virtual} virtual keys/values per layer")
 
 
+def make_ptuning(case, base, n_virtual, encoder, seed):
+    """P-tuning: PEFT's PromptEncoderConfig (MLP or LSTM encoder, hidden 16). The saved adapter
+    holds the encoder's output; golden.safetensors also holds the encoder's own tensors
+    (`encoder.<name>`) and the gradient of its input embeddings, so temper's encoder is checked,
+    not only the saved output."""
+    from peft import PromptEncoderConfig
+
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(ROOT, base))
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, PromptEncoderConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=n_virtual, encoder_hidden_size=16,
+        encoder_reparameterization_type=encoder))
+    out = os.path.join(ROOT, "peft", case)
+    shutil.rmtree(out, ignore_errors=True)
+    peft_model.save_pretrained(out)
+    os.remove(os.path.join(out, "README.md"))
+    with open(os.path.join(out, "adapter_config.json")) as f:
+        config = json.load(f)
+    config["base_model_name_or_path"] = f"../../{base}"
+    with open(os.path.join(out, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    ids, mask, _ = inputs(model.config.vocab_size)
+    ids, mask = ids[:2].contiguous(), mask[:2].contiguous()
+    logits = peft_model(input_ids=ids, attention_mask=mask).logits[:, n_virtual:]
+    lm_loss(logits, ids, mask).backward()
+    enc = peft_model.prompt_encoder["default"]
+    golden = {"input_ids": ids, "attention_mask": mask, "logits": logits.detach().contiguous(),
+              "grad.embedding": enc.embedding.weight.grad.detach().clone().contiguous()}
+    for name, t in enc.state_dict().items():
+        golden[f"encoder.{name}"] = t.detach().clone().contiguous()
+    save_file(golden, os.path.join(out, "golden.safetensors"))
+    with open(os.path.join(out, "golden.json"), "w") as f:
+        json.dump({"case": case, "base": base, "seed": seed, "num_virtual_tokens": n_virtual,
+                   "encoder": encoder, "peft": __import__("peft").__version__,
+                   "torch": torch.__version__}, f, indent=1)
+    print(f"{case}: {n_virtual} virtual tokens from an {encoder} encoder")
+
+
 if __name__ == "__main__":
     for i, (case, (base, settings)) in enumerate(CASES.items()):
         make(case, base, settings, 100 + i)
@@ -312,3 +351,5 @@ if __name__ == "__main__":
     make_prompt("llama_prompt", "llama", 3, 301)
     make_prefix("gpt2_prefix", "gpt2", 4, 400)
     make_prefix("llama_prefix", "llama", 3, 401)
+    make_ptuning("gpt2_ptuning", "gpt2", 4, "MLP", 500)
+    make_ptuning("llama_ptuning_lstm", "llama", 3, "LSTM", 501)

@@ -273,7 +273,15 @@ fn peft_in_every_stage_and_peft_loads_what_temper_saved() {
     );
 
     // Parameter-efficient stages train a small part of the model and save adapters.
-    for stage in ["adapt", "sft", "sft_prefix", "reward", "ppo", "dpo"] {
+    for stage in [
+        "adapt",
+        "sft",
+        "sft_prefix",
+        "sft_ptuning",
+        "reward",
+        "ppo",
+        "dpo",
+    ] {
         let s = summary(&work, stage);
         let (t, n) = (
             s["params/trainable"].as_i64().unwrap(),
@@ -310,7 +318,8 @@ fn peft_in_every_stage_and_peft_loads_what_temper_saved() {
 
     // PEFT loads the DoRA SFT adapter (over the base written beside it, since its own start
     // was an adapter), the LoRA reward model (over the merged checkpoint), the QLoRA actor and
-    // the prompt-tuned DPO policy and the prefix-tuned SFT, and computes what temper computes.
+    // the prompt-tuned DPO policy and the prefix- and P-tuned SFTs, and computes what temper
+    // computes.
     let g = golden("gpt2_lora").0;
     let vocab = 300;
     let ids = g["input_ids"].remainder(vocab);
@@ -322,6 +331,7 @@ fn peft_in_every_stage_and_peft_loads_what_temper_saved() {
         ("ppo", false),
         ("dpo", false),
         ("sft_prefix", false),
+        ("sft_ptuning", false),
     ] {
         let ckpt = work.join("stages").join(stage).join("checkpoint");
         let spec = if seq_cls {

@@ -152,3 +152,55 @@ fn a_prompt_adapter_loads_as_a_model_but_is_refused_as_an_init_to_train() {
     let err = peft::apply(&mut model, &mut vs, Some(&four)).err().unwrap();
     assert!(err.message.contains("no scalar head"), "{}", err.message);
 }
+
+#[test]
+fn p_tuning_encoders_and_their_saved_output_give_peft_logits() {
+    for (case, base, encoder) in [
+        ("gpt2_ptuning", "gpt2", peft::EncoderKind::Mlp),
+        ("llama_ptuning_lstm", "llama", peft::EncoderKind::Lstm),
+    ] {
+        let g = golden(case);
+        let (ids, mask) = (&g["input_ids"], &g["attention_mask"]);
+        let spec = LoadSpec::CAUSAL_LM;
+        // The adapter PEFT saved (the encoder's output) used as a prompt.
+        let (mut vs, mut model) =
+            load_checkpoint(&fixtures().join(base), spec, Device::Cpu).unwrap();
+        peft::load_adapter(&mut model, &mut vs, &fixtures().join("peft").join(case)).unwrap();
+        let (_, logits) = tch::no_grad(|| model.forward(ids, Some(mask))).unwrap();
+        let d = max_diff_on(&logits, &g["logits"], mask);
+        eprintln!("{case}: saved output, max |logits - peft| = {d:.2e}");
+        assert!(d < 1e-4, "{case}: {d}");
+
+        // temper's own encoder with PEFT's weights: the same virtual tokens and gradient.
+        let (mut vs, mut model) =
+            load_checkpoint(&fixtures().join(base), spec, Device::Cpu).unwrap();
+        let config = peft::PeftConfig::Ptuning(peft::PtuningConfig {
+            num_virtual_tokens: g["encoder.embedding.weight"].size()[0],
+            encoder,
+            encoder_hidden_size: Some(16),
+        });
+        let tuning = peft::apply(&mut model, &mut vs, Some(&config)).unwrap();
+        let vars = tuning.adapters.as_ref().unwrap().variables();
+        let from_peft: Vec<(&String, &Tensor)> = g
+            .iter()
+            .filter(|(k, _)| k.starts_with("encoder."))
+            .collect();
+        assert_eq!(vars.len(), from_peft.len(), "{case}: {:?}", vars.keys());
+        tch::no_grad(|| {
+            for (k, t) in from_peft {
+                let name = k.replacen("encoder.", "prompt_encoder.", 1);
+                vars[&name].shallow_clone().copy_(t);
+            }
+        });
+        let (_, logits) = model.forward(ids, Some(mask)).unwrap();
+        let d = max_diff_on(&logits, &g["logits"], mask);
+        eprintln!("{case}: {encoder:?} encoder, max |logits - peft| = {d:.2e}");
+        assert!(d < 1e-4, "{case}: {d}");
+        lm_loss(&logits, ids, mask).backward();
+        let grad = vars["prompt_encoder.embedding.weight"].grad();
+        let want = &g["grad.embedding"];
+        let rel = (grad - want).abs().max().double_value(&[]) / want.abs().max().double_value(&[]);
+        eprintln!("{case}: gradient of the encoder's input, relative difference {rel:.2e}");
+        assert!(rel < 1e-4, "{case}: {rel}");
+    }
+}

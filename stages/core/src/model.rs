@@ -226,7 +226,7 @@ impl Transformer {
     /// tuning.
     pub fn token_room(&self) -> i64 {
         self.config.max_position
-            - self.prompt.as_ref().map_or(0, |p| p.embeddings.size()[0])
+            - self.prompt.as_ref().map_or(0, |p| p.num_virtual_tokens())
             - self.prefix.as_ref().map_or(0, |p| p.num_virtual_tokens())
     }
 
@@ -347,7 +347,7 @@ impl Transformer {
         let mut x = Tensor::embedding(&self.embed, ids, -1, false, false); // (B, T, C)
         if let (Some(p), true) = (&self.prompt, n_virtual > 0) {
             let virtual_tokens = p
-                .embeddings
+                .virtual_embeddings()
                 .to_kind(x.kind())
                 .unsqueeze(0)
                 .expand([b, n_virtual, self.config.d_model], false);

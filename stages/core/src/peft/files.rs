@@ -423,6 +423,10 @@ impl Tuning {
             let (base, inside) = base_for(dir, model, vs, tokenizer, base)?;
             return super::prompt::save(dir, c, adapters, model, &base, inside, tokenizer);
         }
+        if let Some(PeftConfig::Ptuning(c)) = &self.config {
+            let (base, inside) = base_for(dir, model, vs, tokenizer, base)?;
+            return super::prompt::save_ptuning(dir, c, model, &base, inside, tokenizer);
+        }
         if let Some(PeftConfig::Prefix(c)) = &self.config {
             let (base, inside) = base_for(dir, model, vs, tokenizer, base)?;
             return super::prompt::save_prefix(dir, c, model, &base, inside, tokenizer);

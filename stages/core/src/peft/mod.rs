@@ -5,6 +5,7 @@
 //! - `qlora`: the same adapters over a base whose dense layers are held in 4-bit NormalFloat
 //!   with double-quantised block maxima ([`nf4`]), dequantised in the forward pass;
 //! - `prompt`: prompt tuning, learned virtual tokens before every input ([`prompt`]);
+//! - `ptuning`: P-tuning, the virtual tokens produced by a prompt encoder ([`ptuning`]);
 //! - `prefix`: prefix tuning / P-tuning v2, learned keys and values in every layer ([`prefix`]);
 //! - `freeze`: train only the parameters matching `trainable` patterns and/or the top
 //!   `top_layers` blocks; `head`: train only the scalar head over a frozen backbone. Both
@@ -18,6 +19,7 @@ mod lora;
 mod nf4;
 mod prefix;
 mod prompt;
+mod ptuning;
 
 use std::sync::Arc;
 
@@ -32,6 +34,7 @@ pub use prompt::{
     init_from_text, init_prompt_text, is_prompt_adapter, virtual_tokens_of, PromptConfig,
     VirtualPrompt,
 };
+pub use ptuning::{EncoderKind, PtuningConfig};
 
 use crate::model::Transformer;
 use crate::optim::{AdamW, AdamWConfig};
@@ -48,6 +51,8 @@ pub enum PeftConfig {
     Prompt(PromptConfig),
     /// Prefix tuning / P-tuning v2: learned keys and values in every layer.
     Prefix(PrefixConfig),
+    /// P-tuning: virtual tokens produced by a prompt encoder (MLP or LSTM) while training.
+    Ptuning(PtuningConfig),
     Freeze(FreezeConfig),
     /// Feature-based training: the backbone frozen, only the scalar head (reward model,
     /// critic) or an untied LM head trained.
@@ -149,6 +154,7 @@ enum Method {
     Qlora,
     Prompt,
     Prefix,
+    Ptuning,
     Freeze,
     Head,
 }
@@ -174,6 +180,7 @@ struct PeftSpec {
     init_text: Option<String>,
     projection: Option<bool>,
     encoder_hidden_size: Option<i64>,
+    encoder: Option<EncoderKind>,
 }
 
 impl TryFrom<PeftSpec> for PeftConfig {
@@ -204,6 +211,7 @@ impl TryFrom<PeftSpec> for PeftConfig {
             ("projection", s.projection.is_some()),
             ("encoder_hidden_size", s.encoder_hidden_size.is_some()),
         ];
+        let ptuning_keys = [("encoder", s.encoder.is_some())];
         let misplaced = |keys: &[(&str, bool)], owner: &str, method: &str| {
             keys.iter()
                 .find(|(_, set)| *set)
@@ -219,6 +227,7 @@ impl TryFrom<PeftSpec> for PeftConfig {
                 if let Some(e) = misplaced(&freeze_keys, "freeze", method)
                     .or_else(|| misplaced(&prompt_keys, "prompt", method))
                     .or_else(|| misplaced(&prefix_keys, "prefix", method))
+                    .or_else(|| misplaced(&ptuning_keys, "ptuning", method))
                 {
                     return Err(e);
                 }
@@ -247,6 +256,7 @@ impl TryFrom<PeftSpec> for PeftConfig {
                 if let Some(e) = misplaced(&lora_keys, "lora", "prompt")
                     .or_else(|| misplaced(&freeze_keys, "freeze", "prompt"))
                     .or_else(|| misplaced(&prefix_keys, "prefix", "prompt"))
+                    .or_else(|| misplaced(&ptuning_keys, "ptuning", "prompt"))
                 {
                     return Err(e);
                 }
@@ -261,6 +271,7 @@ impl TryFrom<PeftSpec> for PeftConfig {
                 if let Some(e) = misplaced(&lora_keys, "lora", "prefix")
                     .or_else(|| misplaced(&freeze_keys, "freeze", "prefix"))
                     .or_else(|| misplaced(&prompt_keys[1..], "prompt", "prefix"))
+                    .or_else(|| misplaced(&ptuning_keys, "ptuning", "prefix"))
                 {
                     return Err(e);
                 }
@@ -272,10 +283,27 @@ impl TryFrom<PeftSpec> for PeftConfig {
                     encoder_hidden_size: s.encoder_hidden_size,
                 }))
             }
+            Method::Ptuning => {
+                if let Some(e) = misplaced(&lora_keys, "lora", "ptuning")
+                    .or_else(|| misplaced(&freeze_keys, "freeze", "ptuning"))
+                    .or_else(|| misplaced(&prompt_keys[1..], "prompt", "ptuning"))
+                    .or_else(|| misplaced(&prefix_keys[..1], "prefix", "ptuning"))
+                {
+                    return Err(e);
+                }
+                Ok(PeftConfig::Ptuning(PtuningConfig {
+                    num_virtual_tokens: s
+                        .num_virtual_tokens
+                        .ok_or("method ptuning needs `num_virtual_tokens`")?,
+                    encoder: s.encoder.unwrap_or_default(),
+                    encoder_hidden_size: s.encoder_hidden_size,
+                }))
+            }
             Method::Freeze => {
                 if let Some(e) = misplaced(&lora_keys, "lora", "freeze")
                     .or_else(|| misplaced(&prompt_keys, "prompt", "freeze"))
                     .or_else(|| misplaced(&prefix_keys, "prefix", "freeze"))
+                    .or_else(|| misplaced(&ptuning_keys, "ptuning", "freeze"))
                 {
                     return Err(e);
                 }
@@ -290,6 +318,7 @@ impl TryFrom<PeftSpec> for PeftConfig {
                     .chain(&freeze_keys)
                     .chain(&prompt_keys)
                     .chain(&prefix_keys)
+                    .chain(&ptuning_keys)
                     .copied()
                     .collect();
                 match all.iter().find(|(_, set)| *set) {
@@ -522,6 +551,11 @@ pub fn apply(
         }
         PeftConfig::Prompt(c) => {
             let (adapters, switch) = prompt::attach(model, vs.device(), c)?;
+            tuning.adapters = Some(adapters);
+            tuning.switch = Some(switch);
+        }
+        PeftConfig::Ptuning(c) => {
+            let (adapters, switch) = prompt::attach_ptuning(model, vs.device(), c)?;
             tuning.adapters = Some(adapters);
             tuning.switch = Some(switch);
         }
@@ -788,6 +822,10 @@ mod tests {
         assert!(e.contains("`init_text` belongs to method prompt"), "{e}");
         let e = parse("{method: prefix, num_virtual_tokens: 8, init_text: hi}").unwrap_err();
         assert!(e.contains("`init_text` belongs to method prompt"), "{e}");
+        let e = parse("{method: lora, r: 2, encoder: lstm}").unwrap_err();
+        assert!(e.contains("`encoder` belongs to method ptuning"), "{e}");
+        let p = parse("{method: ptuning, num_virtual_tokens: 4, encoder: lstm}").unwrap();
+        assert_eq!(parse(&serde_yaml::to_string(&p).unwrap()).unwrap(), p);
         let e = parse("{method: prompt, num_virtual_tokens: 8, projection: true}").unwrap_err();
         assert!(e.contains("`projection` belongs to method prefix"), "{e}");
         let p = parse("{method: prefix, num_virtual_tokens: 8, projection: true}").unwrap();

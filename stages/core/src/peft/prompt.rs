@@ -16,6 +16,7 @@ use super::files::{
     base_dir, config_err, copy_tokenizer, relative_path, write_json, ADAPTER_CONFIG,
     ADAPTER_WEIGHTS, TEMPER_ADAPTER,
 };
+use super::ptuning::{Encoder, PtuningConfig};
 use super::{bad, PeftConfig, PeftError, PrefixConfig, Switch, Tuning};
 use crate::checkpoint::{load_checkpoint_as, LoadSpec};
 use crate::error::{CoreError, Result};
@@ -34,18 +35,32 @@ pub struct PromptConfig {
     pub init_text: Option<String>,
 }
 
-/// The learned embeddings, (n, C), and the switch that bypasses them for the reference.
+/// The learned embeddings, (n, C) — with P-tuning the prompt encoder's input, whose output
+/// are the virtual tokens — and the switch that bypasses them for the reference.
 pub struct VirtualPrompt {
     pub embeddings: Tensor,
+    pub encoder: Option<Encoder>,
     pub switch: Arc<Switch>,
 }
 
 impl VirtualPrompt {
+    pub fn num_virtual_tokens(&self) -> i64 {
+        self.embeddings.size()[0]
+    }
+
     pub fn active_len(&self) -> i64 {
         if self.switch.enabled() {
-            self.embeddings.size()[0]
+            self.num_virtual_tokens()
         } else {
             0
+        }
+    }
+
+    /// The virtual tokens, (n, C).
+    pub fn virtual_embeddings(&self) -> Tensor {
+        match &self.encoder {
+            Some(e) => e.forward(&self.embeddings),
+            None => self.embeddings.shallow_clone(),
         }
     }
 }
@@ -87,6 +102,36 @@ pub(crate) fn attach(
     let switch = Switch::new();
     model.prompt = Some(VirtualPrompt {
         embeddings,
+        encoder: None,
+        switch: switch.clone(),
+    });
+    Ok((store, switch))
+}
+
+/// P-tuning: the encoder's input embeddings (N(0, 1), as PEFT's) and the encoder, in a new
+/// store under PEFT's `prompt_encoder.*` names.
+pub(crate) fn attach_ptuning(
+    model: &mut Transformer,
+    device: Device,
+    c: &PtuningConfig,
+) -> std::result::Result<(VarStore, Arc<Switch>), PeftError> {
+    let plain = PromptConfig {
+        num_virtual_tokens: c.num_virtual_tokens,
+        init_text: None,
+    };
+    // The same checks as prompt tuning; the plain embeddings are then replaced.
+    let (_, _) = attach(model, device, &plain)?;
+    let store = VarStore::new(device);
+    let p = store.root().sub("prompt_encoder");
+    let d = model.config.d_model;
+    let embeddings = p
+        .sub("embedding")
+        .randn("weight", &[c.num_virtual_tokens, d], 0.0, 1.0);
+    let encoder = Encoder::new(&p, d, c)?;
+    let switch = Switch::new();
+    model.prompt = Some(VirtualPrompt {
+        embeddings,
+        encoder: Some(encoder),
         switch: switch.clone(),
     });
     Ok((store, switch))
@@ -146,7 +191,10 @@ pub fn is_prompt_adapter(dir: &Path) -> bool {
     std::fs::read_to_string(dir.join(ADAPTER_CONFIG))
         .ok()
         .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-        .is_some_and(|v| v["peft_type"] == "PROMPT_TUNING" || v["peft_type"] == "PREFIX_TUNING")
+        .is_some_and(|v| {
+            ["PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"]
+                .contains(&v["peft_type"].as_str().unwrap_or(""))
+        })
 }
 
 fn read_config(dir: &Path) -> Result<Value> {
@@ -252,6 +300,33 @@ pub(crate) fn save(
         inside,
         tokenizer,
     )
+}
+
+/// Saves P-tuning in PEFT's `P_TUNING` format: the encoder's output, which PEFT reads in
+/// inference mode.
+pub(crate) fn save_ptuning(
+    dir: &Path,
+    c: &PtuningConfig,
+    model: &Transformer,
+    base: &Path,
+    inside: bool,
+    tokenizer: &Path,
+) -> Result<()> {
+    let prompt = model.prompt.as_ref().expect("P-tuning attached its prompt");
+    let out = tch::no_grad(|| prompt.virtual_embeddings());
+    let d = model.config.d_model;
+    let config = json!({
+        "peft_type": "P_TUNING",
+        "num_virtual_tokens": c.num_virtual_tokens,
+        "token_dim": d,
+        "num_attention_heads": model.config.n_head,
+        "encoder_reparameterization_type": c.encoder.peft_name(),
+        "encoder_hidden_size": c.encoder_hidden_size.unwrap_or(d),
+        "encoder_num_layers": 2,
+        "encoder_dropout": 0.0,
+    });
+    let peft = PeftConfig::Ptuning(c.clone());
+    write_adapter(dir, &out, config, &peft, model, base, inside, tokenizer)
 }
 
 /// Saves prefix tuning in PEFT's `PREFIX_TUNING` format: the prefix itself (an MLP's output
