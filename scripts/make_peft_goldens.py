@@ -25,7 +25,8 @@ every dense dimension a multiple of the block) loaded in 4-bit (BitsAndBytesConf
 Prompt tuning (make_prompt): PEFT's PromptTuningConfig on the GPT-2 and Llama fixtures with
 random virtual tokens; logits of the real positions and the gradient of the prompt embeddings.
 P-tuning (make_ptuning): PromptEncoderConfig with an MLP (GPT-2) and an LSTM (Llama) encoder.
-Prefix tuning (make_prefix): PrefixTuningConfig (P-tuning v2 layout: the prefix learned
+Bottleneck adapters (make_bottleneck; PEFT has none): temper's own files, applied to the
+transformers model by forward hooks. Prefix tuning (make_prefix): PrefixTuningConfig (P-tuning v2 layout: the prefix learned
 directly; on Llama, grouped-query attention sizes it by the key/value heads); the same checks.
 
 Rerun with the project venv:
@@ -342,6 +343,61 @@ def make_ptuning(case, base, n_virtual, encoder, seed):
     print(f"{case}: {n_virtual} virtual tokens from an {encoder} encoder")
 
 
+def make_bottleneck(case, base, reduction, drop_layers, activation, seed):
+    """Bottleneck adapters (no PEFT type exists): written here in temper's documented format and
+    applied to the transformers model with forward hooks on each block's attention and MLP,
+    y + up(act(down(y))), so the golden comes from PyTorch/transformers, not from temper."""
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(ROOT, base)).eval()
+    d = model.config.hidden_size
+    k = max(d // reduction, 1)
+    blocks = model.transformer.h if base.startswith("gpt2") else model.model.layers
+    prefix = "transformer.h" if base.startswith("gpt2") else "model.layers"
+    act = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu}[activation]
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+
+    def adapter(name):
+        t = {f"{name}.down.weight": torch.randn(k, d, generator=g) * 0.2,
+             f"{name}.down.bias": torch.randn(k, generator=g) * 0.1,
+             f"{name}.up.weight": torch.randn(d, k, generator=g) * 0.2,
+             f"{name}.up.bias": torch.randn(d, generator=g) * 0.1}
+        tensors.update(t)
+
+        def apply(y):
+            h = act(y @ t[f"{name}.down.weight"].T + t[f"{name}.down.bias"])
+            return y + h @ t[f"{name}.up.weight"].T + t[f"{name}.up.bias"]
+        return apply
+
+    for i, block in enumerate(blocks):
+        if i < drop_layers:
+            continue
+        attn_mod = block.attn if base.startswith("gpt2") else block.self_attn
+        after_attn = adapter(f"base_model.model.{prefix}.{i}.attn_adapter")
+        after_mlp = adapter(f"base_model.model.{prefix}.{i}.mlp_adapter")
+        attn_mod.register_forward_hook(lambda m, a, out, f=after_attn: (f(out[0]),) + tuple(out[1:]))
+        block.mlp.register_forward_hook(lambda m, a, out, f=after_mlp: f(out))
+    out = os.path.join(ROOT, "peft", case)
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    save_file({n: t.contiguous() for n, t in tensors.items()},
+              os.path.join(out, "adapter_model.safetensors"))
+    with open(os.path.join(out, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "TEMPER_BOTTLENECK", "task_type": "CAUSAL_LM",
+                   "base_model_name_or_path": f"../../{base}", "reduction": reduction,
+                   "bottleneck_size": k, "activation": activation, "drop_layers": drop_layers,
+                   "placement": ["attn", "mlp"]}, f, indent=2)
+    ids, mask, pos = inputs(model.config.vocab_size)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    save_file({"input_ids": ids, "attention_mask": mask, "logits": logits.contiguous()},
+              os.path.join(out, "golden.safetensors"))
+    with open(os.path.join(out, "golden.json"), "w") as f:
+        json.dump({"case": case, "base": base, "seed": seed, "reduction": reduction,
+                   "drop_layers": drop_layers, "activation": activation,
+                   "torch": torch.__version__}, f, indent=1)
+    print(f"{case}: bottleneck {k}, adapters from block {drop_layers}")
+
+
 if __name__ == "__main__":
     for i, (case, (base, settings)) in enumerate(CASES.items()):
         make(case, base, settings, 100 + i)
@@ -353,3 +409,5 @@ if __name__ == "__main__":
     make_prefix("llama_prefix", "llama", 3, 401)
     make_ptuning("gpt2_ptuning", "gpt2", 4, "MLP", 500)
     make_ptuning("llama_ptuning_lstm", "llama", 3, "LSTM", 501)
+    make_bottleneck("gpt2_adapter", "gpt2", 4, 0, "relu", 600)
+    make_bottleneck("llama_adapter_drop", "llama", 8, 1, "silu", 601)

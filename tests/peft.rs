@@ -278,6 +278,7 @@ fn peft_in_every_stage_and_peft_loads_what_temper_saved() {
         "sft",
         "sft_prefix",
         "sft_ptuning",
+        "sft_adapter",
         "reward",
         "ppo",
         "dpo",

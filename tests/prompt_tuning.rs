@@ -204,3 +204,51 @@ fn p_tuning_encoders_and_their_saved_output_give_peft_logits() {
         assert!(rel < 1e-4, "{case}: {rel}");
     }
 }
+
+#[test]
+fn bottleneck_adapters_match_transformers_with_hooks_and_start_as_the_identity() {
+    for (case, base, blocks_with_adapters) in [
+        ("gpt2_adapter", "gpt2", 2),
+        ("llama_adapter_drop", "llama", 1),
+    ] {
+        let g = golden(case);
+        let (ids, mask) = (&g["input_ids"], &g["attention_mask"]);
+        let spec = LoadSpec::CAUSAL_LM;
+        let (mut vs, mut model) =
+            load_checkpoint(&fixtures().join(base), spec, Device::Cpu).unwrap();
+        let (_, plain) = tch::no_grad(|| model.forward(ids, Some(mask))).unwrap();
+        let tuning =
+            peft::load_adapter(&mut model, &mut vs, &fixtures().join("peft").join(case)).unwrap();
+        // Two adapters per block with adapters, four tensors each.
+        let n = tuning.adapters.as_ref().unwrap().variables().len();
+        assert_eq!(n, blocks_with_adapters * 2 * 4, "{case}");
+        let (_, logits) = tch::no_grad(|| model.forward(ids, Some(mask))).unwrap();
+        let d = max_diff_on(&logits, &g["logits"], mask);
+        let moved = max_diff_on(&plain, &g["logits"], mask);
+        eprintln!("{case}: max |logits - transformers with hooks| = {d:.2e} (adapters move them by {moved:.2})");
+        assert!(d < 1e-4 && moved > 1e-2, "{case}: {d} / {moved}");
+        let bypassed =
+            tuning.without_adapters(|| tch::no_grad(|| model.forward(ids, Some(mask))).unwrap().1);
+        assert_eq!(
+            max_diff_on(&bypassed, &plain, mask),
+            0.0,
+            "{case}: bypassed"
+        );
+
+        // Fresh adapters start as the identity (up = 0).
+        let (mut vs, mut model) =
+            load_checkpoint(&fixtures().join(base), spec, Device::Cpu).unwrap();
+        let fresh = peft::PeftConfig::Adapter(peft::BottleneckConfig {
+            reduction: 4,
+            activation: Default::default(),
+            drop_layers: 0,
+        });
+        peft::apply(&mut model, &mut vs, Some(&fresh)).unwrap();
+        let (_, start) = tch::no_grad(|| model.forward(ids, Some(mask))).unwrap();
+        assert_eq!(
+            max_diff_on(&start, &plain, mask),
+            0.0,
+            "{case}: identity at start"
+        );
+    }
+}

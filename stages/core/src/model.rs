@@ -147,6 +147,8 @@ pub struct Transformer {
     pub(crate) prompt: Option<crate::peft::VirtualPrompt>,
     /// Prefix tuning: learned keys and values before every sequence, in every layer.
     pub(crate) prefix: Option<crate::peft::Prefix>,
+    /// Bottleneck adapters after each block's attention and MLP.
+    pub(crate) bottleneck: Option<crate::peft::Bottleneck>,
 }
 
 impl Transformer {
@@ -210,6 +212,7 @@ impl Transformer {
             score,
             prompt: None,
             prefix: None,
+            bottleneck: None,
         })
     }
 
@@ -367,11 +370,19 @@ impl Transformer {
             cache,
         };
         for (i, block) in self.blocks.iter().enumerate() {
-            x = &x
-                + block
-                    .attn
-                    .forward(&block.norm_attn.forward(&x), &mut ctx, i);
-            x = &x + block.mlp.forward(&block.norm_mlp.forward(&x));
+            let adapters = self.bottleneck.as_ref().and_then(|a| a.at(i));
+            let mut a = block
+                .attn
+                .forward(&block.norm_attn.forward(&x), &mut ctx, i);
+            if let Some((after_attn, _)) = adapters {
+                a = after_attn.forward(&a);
+            }
+            x = &x + a;
+            let mut m = block.mlp.forward(&block.norm_mlp.forward(&x));
+            if let Some((_, after_mlp)) = adapters {
+                m = after_mlp.forward(&m);
+            }
+            x = &x + m;
         }
         if let Some(c) = ctx.cache {
             c.len += t;

@@ -206,6 +206,9 @@ impl AdapterConfig {
 /// Attaches the adapter in `dir` to `model` (unmerged) and loads its tensors: LoRA factors into
 /// the adapter store, trained biases and the score head into `vs`. Strict both ways.
 pub fn load_adapter(model: &mut Transformer, vs: &mut VarStore, dir: &Path) -> Result<Tuning> {
+    if super::bottleneck::is_bottleneck_adapter(dir) {
+        return super::bottleneck::load(model, dir);
+    }
     if super::prompt::is_prompt_adapter(dir) {
         return super::prompt::load(model, dir);
     }
@@ -287,7 +290,7 @@ pub fn load_adapter_checkpoint(
     spec: LoadSpec,
     device: Device,
 ) -> Result<(VarStore, Transformer)> {
-    if super::prompt::is_prompt_adapter(dir) {
+    if super::prompt::is_unmergeable_adapter(dir) {
         return super::prompt::load_checkpoint(dir, spec, device);
     }
     let c = read_adapter_config(dir)?;
@@ -422,6 +425,10 @@ impl Tuning {
         if let (Some(adapters), Some(PeftConfig::Prompt(c))) = (&self.adapters, &self.config) {
             let (base, inside) = base_for(dir, model, vs, tokenizer, base)?;
             return super::prompt::save(dir, c, adapters, model, &base, inside, tokenizer);
+        }
+        if let (Some(adapters), Some(PeftConfig::Adapter(c))) = (&self.adapters, &self.config) {
+            let (base, inside) = base_for(dir, model, vs, tokenizer, base)?;
+            return super::bottleneck::save(dir, c, adapters, model, &base, inside, tokenizer);
         }
         if let Some(PeftConfig::Ptuning(c)) = &self.config {
             let (base, inside) = base_for(dir, model, vs, tokenizer, base)?;

@@ -7,6 +7,7 @@
 //! - `prompt`: prompt tuning, learned virtual tokens before every input ([`prompt`]);
 //! - `ptuning`: P-tuning, the virtual tokens produced by a prompt encoder ([`ptuning`]);
 //! - `prefix`: prefix tuning / P-tuning v2, learned keys and values in every layer ([`prefix`]);
+//! - `adapter`: bottleneck adapters after attention and MLP, with AdapterDrop ([`bottleneck`]);
 //! - `freeze`: train only the parameters matching `trainable` patterns and/or the top
 //!   `top_layers` blocks; `head`: train only the scalar head over a frozen backbone. Both
 //!   change base weights, so they save full checkpoints.
@@ -14,6 +15,7 @@
 //! [`apply`] freezes the base and attaches what the method asks for; the stage then optimises
 //! [`Tuning::stores`] and saves through [`Tuning::save_final`].
 
+mod bottleneck;
 pub(crate) mod files;
 mod lora;
 mod nf4;
@@ -26,6 +28,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 
+pub use bottleneck::{Activation, Adapter, Bottleneck, BottleneckConfig};
 pub use files::{is_adapter, load_adapter, merge_adapters, read_adapter_config, AdapterConfig};
 pub use lora::{Lora, Switch};
 pub use nf4::{dynamic_map, Absmax, Nf4Weight, NF4_LEVELS};
@@ -53,6 +56,8 @@ pub enum PeftConfig {
     Prefix(PrefixConfig),
     /// P-tuning: virtual tokens produced by a prompt encoder (MLP or LSTM) while training.
     Ptuning(PtuningConfig),
+    /// Bottleneck adapters after attention and MLP (Houlsby), with AdapterDrop.
+    Adapter(BottleneckConfig),
     Freeze(FreezeConfig),
     /// Feature-based training: the backbone frozen, only the scalar head (reward model,
     /// critic) or an untied LM head trained.
@@ -155,6 +160,7 @@ enum Method {
     Prompt,
     Prefix,
     Ptuning,
+    Adapter,
     Freeze,
     Head,
 }
@@ -181,6 +187,9 @@ struct PeftSpec {
     projection: Option<bool>,
     encoder_hidden_size: Option<i64>,
     encoder: Option<EncoderKind>,
+    reduction: Option<i64>,
+    activation: Option<Activation>,
+    drop_layers: Option<usize>,
 }
 
 impl TryFrom<PeftSpec> for PeftConfig {
@@ -212,6 +221,17 @@ impl TryFrom<PeftSpec> for PeftConfig {
             ("encoder_hidden_size", s.encoder_hidden_size.is_some()),
         ];
         let ptuning_keys = [("encoder", s.encoder.is_some())];
+        let adapter_keys = [
+            ("reduction", s.reduction.is_some()),
+            ("activation", s.activation.is_some()),
+            ("drop_layers", s.drop_layers.is_some()),
+        ];
+        // Keys of one method given to another: the first one named.
+        if s.method != Method::Adapter {
+            if let Some((k, _)) = adapter_keys.iter().find(|(_, set)| *set) {
+                return Err(format!("`{k}` belongs to method adapter"));
+            }
+        }
         let misplaced = |keys: &[(&str, bool)], owner: &str, method: &str| {
             keys.iter()
                 .find(|(_, set)| *set)
@@ -297,6 +317,21 @@ impl TryFrom<PeftSpec> for PeftConfig {
                         .ok_or("method ptuning needs `num_virtual_tokens`")?,
                     encoder: s.encoder.unwrap_or_default(),
                     encoder_hidden_size: s.encoder_hidden_size,
+                }))
+            }
+            Method::Adapter => {
+                if let Some(e) = misplaced(&lora_keys, "lora", "adapter")
+                    .or_else(|| misplaced(&freeze_keys, "freeze", "adapter"))
+                    .or_else(|| misplaced(&prompt_keys, "prompt", "adapter"))
+                    .or_else(|| misplaced(&prefix_keys, "prefix", "adapter"))
+                    .or_else(|| misplaced(&ptuning_keys, "ptuning", "adapter"))
+                {
+                    return Err(e);
+                }
+                Ok(PeftConfig::Adapter(BottleneckConfig {
+                    reduction: s.reduction.unwrap_or(16),
+                    activation: s.activation.unwrap_or_default(),
+                    drop_layers: s.drop_layers.unwrap_or(0),
                 }))
             }
             Method::Freeze => {
@@ -506,12 +541,12 @@ pub fn apply(
     vs: &mut VarStore,
     config: Option<&PeftConfig>,
 ) -> Result<Tuning, PeftError> {
-    if model.prompt.is_some() || model.prefix.is_some() {
+    if model.prompt.is_some() || model.prefix.is_some() || model.bottleneck.is_some() {
         // Loaded from a prompt adapter: virtual tokens cannot be folded into weights, so
         // whatever this stage saved would silently lose them.
         return Err(PeftError {
             field: "init".into(),
-            message: "is a prompt- or prefix-tuning adapter, which cannot be merged into a model to train on; use it for evaluation or as a reference, or train from its base".into(),
+            message: "is a prompt-, prefix-tuning or bottleneck adapter, which cannot be merged into a model to train on; use it for evaluation or as a reference, or train from its base".into(),
         });
     }
     let Some(config) = config else {
@@ -551,6 +586,11 @@ pub fn apply(
         }
         PeftConfig::Prompt(c) => {
             let (adapters, switch) = prompt::attach(model, vs.device(), c)?;
+            tuning.adapters = Some(adapters);
+            tuning.switch = Some(switch);
+        }
+        PeftConfig::Adapter(c) => {
+            let (adapters, switch) = bottleneck::attach(model, vs.device(), c)?;
             tuning.adapters = Some(adapters);
             tuning.switch = Some(switch);
         }
@@ -822,6 +862,12 @@ mod tests {
         assert!(e.contains("`init_text` belongs to method prompt"), "{e}");
         let e = parse("{method: prefix, num_virtual_tokens: 8, init_text: hi}").unwrap_err();
         assert!(e.contains("`init_text` belongs to method prompt"), "{e}");
+        let e = parse("{method: lora, r: 2, drop_layers: 1}").unwrap_err();
+        assert!(e.contains("`drop_layers` belongs to method adapter"), "{e}");
+        let e = parse("{method: adapter, r: 2}").unwrap_err();
+        assert!(e.contains("`r` belongs to method lora, not adapter"), "{e}");
+        let p = parse("{method: adapter, reduction: 8, activation: gelu, drop_layers: 2}").unwrap();
+        assert_eq!(parse(&serde_yaml::to_string(&p).unwrap()).unwrap(), p);
         let e = parse("{method: lora, r: 2, encoder: lstm}").unwrap_err();
         assert!(e.contains("`encoder` belongs to method ptuning"), "{e}");
         let p = parse("{method: ptuning, num_virtual_tokens: 4, encoder: lstm}").unwrap();

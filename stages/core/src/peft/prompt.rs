@@ -186,7 +186,13 @@ pub fn virtual_tokens_of(dir: &Path) -> i64 {
         .unwrap_or(0)
 }
 
-/// Whether `dir` is a prompt- or prefix-tuning adapter (virtual tokens, nothing to merge).
+/// Whether `dir` holds an adapter that cannot be merged into weights: prompt, P- or prefix
+/// tuning, or bottleneck adapters.
+pub fn is_unmergeable_adapter(dir: &Path) -> bool {
+    is_prompt_adapter(dir) || super::bottleneck::is_bottleneck_adapter(dir)
+}
+
+/// Whether `dir` is a prompt-, P- or prefix-tuning adapter (virtual tokens).
 pub fn is_prompt_adapter(dir: &Path) -> bool {
     std::fs::read_to_string(dir.join(ADAPTER_CONFIG))
         .ok()
@@ -430,7 +436,7 @@ pub(crate) fn load(model: &mut Transformer, dir: &Path) -> Result<Tuning> {
     })
 }
 
-/// A prompt or prefix adapter folder as a model: its base with the virtual tokens attached
+/// A prompt, prefix or bottleneck adapter folder as a model: its base with them attached
 /// (they cannot be merged into weights). A training stage refuses such an `init` ([`super::apply`]): what it
 /// saved would lose the prompt.
 pub(crate) fn load_checkpoint(
@@ -441,7 +447,11 @@ pub(crate) fn load_checkpoint(
     let base = base_dir(dir, named_base(dir)?.as_deref())?;
     let config = super::files::adapter_model_config(dir)?;
     let (mut vs, mut model) = load_checkpoint_as(&base, &config, spec, device)?;
-    let tuning = load(&mut model, dir)?;
+    let tuning = if super::bottleneck::is_bottleneck_adapter(dir) {
+        super::bottleneck::load(&mut model, dir)?
+    } else {
+        load(&mut model, dir)?
+    };
     // Frozen: it belongs to the checkpoint, not to whatever trains next.
     if let Some(store) = &tuning.adapters {
         for (_, t) in store.variables() {
