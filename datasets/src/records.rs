@@ -41,6 +41,8 @@ impl Message {
 pub struct Fields {
     pub text: String,
     pub messages: String,
+    /// ShareGPT's turn list: `[{from: human|gpt|system, value}]`.
+    pub conversations: String,
     pub instruction: String,
     pub input: String,
     pub output: String,
@@ -58,6 +60,7 @@ impl Default for Fields {
         Self {
             text: "text".into(),
             messages: "messages".into(),
+            conversations: "conversations".into(),
             instruction: "instruction".into(),
             input: "input".into(),
             output: "output".into(),
@@ -140,7 +143,7 @@ impl RecordParser<'_> {
         self.string(row, &self.fields.text)
     }
 
-    /// A message list: `[{role, content}, ...]`.
+    /// A message list: `[{role, content}, ...]`, or ShareGPT's `[{from, value}, ...]`.
     fn messages(&self, row: &Row, field: &str) -> Result<Vec<Message>> {
         let Some(value) = self.get(row, field) else {
             return Err(self.err(row, field, "missing"));
@@ -157,29 +160,36 @@ impl RecordParser<'_> {
             .enumerate()
             .map(|(i, m)| {
                 let at = format!("{field}[{i}]");
-                let role = match m.get("role").and_then(Value::as_str) {
+                // ShareGPT names the keys `from` and `value`.
+                let (role_key, content_key) = if m.get("role").is_none() && m.get("from").is_some()
+                {
+                    ("from", "value")
+                } else {
+                    ("role", "content")
+                };
+                let role = match m.get(role_key).and_then(Value::as_str) {
                     Some("system") => Role::System,
                     Some("user") | Some("human") => Role::User,
                     Some("assistant") | Some("gpt") => Role::Assistant,
                     Some(other) => {
                         return Err(self.err(
                             row,
-                            &format!("{at}.role"),
-                            format!("unknown role `{other}` (system, user or assistant)"),
+                            &format!("{at}.{role_key}"),
+                            format!("unknown role `{other}` (system, user/human or assistant/gpt)"),
                         ))
                     }
-                    None => return Err(self.err(row, &format!("{at}.role"), "missing")),
+                    None => return Err(self.err(row, &format!("{at}.{role_key}"), "missing")),
                 };
-                let content = match m.get("content") {
+                let content = match m.get(content_key) {
                     Some(Value::String(s)) => s.clone(),
                     Some(other) => {
                         return Err(self.err(
                             row,
-                            &format!("{at}.content"),
+                            &format!("{at}.{content_key}"),
                             format!("expected a string, got {}", kind(other)),
                         ))
                     }
-                    None => return Err(self.err(row, &format!("{at}.content"), "missing")),
+                    None => return Err(self.err(row, &format!("{at}.{content_key}"), "missing")),
                 };
                 Ok(Message { role, content })
             })
@@ -200,6 +210,8 @@ impl RecordParser<'_> {
         let f = self.fields;
         let messages = if self.get(row, &f.messages).is_some() {
             self.messages(row, &f.messages)?
+        } else if self.get(row, &f.conversations).is_some() {
+            self.messages(row, &f.conversations)?
         } else if self.get(row, &f.instruction).is_some() {
             let mut user = self.string(row, &f.instruction)?;
             if let Some(input) = self.opt_string(row, &f.input)?.filter(|s| !s.is_empty()) {
@@ -217,8 +229,8 @@ impl RecordParser<'_> {
                 row,
                 &f.messages,
                 format!(
-                    "missing: an SFT example needs `{}` or `{}`/`{}`",
-                    f.messages, f.instruction, f.output
+                    "missing: an SFT example needs `{}`, `{}` (ShareGPT) or `{}`/`{}`",
+                    f.messages, f.conversations, f.instruction, f.output
                 ),
             ));
         };
@@ -233,14 +245,40 @@ impl RecordParser<'_> {
     }
 
     /// A preference pair; `chosen`/`rejected` are strings (one assistant turn) or message lists.
+    /// Without `prompt` (TRL's implicit-prompt form) they are whole conversations, and their
+    /// shared opening turns are the prompt.
     pub fn pair(&self, row: &Row) -> Result<PreferencePair> {
         let f = self.fields;
-        let pair = PreferencePair {
-            prompt: self.turns(row, &f.prompt, Role::User)?,
+        let mut pair = PreferencePair {
+            prompt: Vec::new(),
             chosen: self.turns(row, &f.chosen, Role::Assistant)?,
             rejected: self.turns(row, &f.rejected, Role::Assistant)?,
             meta: self.other_fields(row, &[&f.prompt, &f.chosen, &f.rejected]),
         };
+        if self.get(row, &f.prompt).is_some() {
+            pair.prompt = self.turns(row, &f.prompt, Role::User)?;
+        } else {
+            let shared = pair
+                .chosen
+                .iter()
+                .zip(&pair.rejected)
+                .take_while(|(a, b)| a == b)
+                .count();
+            // The replies differ at least in their last turn.
+            let shared = shared.min(pair.chosen.len().min(pair.rejected.len()).saturating_sub(1));
+            if shared == 0 {
+                return Err(self.err(
+                    row,
+                    &f.prompt,
+                    format!(
+                        "missing, and `{}` and `{}` share no opening turns to serve as the prompt",
+                        f.chosen, f.rejected
+                    ),
+                ));
+            }
+            pair.prompt = pair.chosen.drain(..shared).collect();
+            pair.rejected.drain(..shared);
+        }
         for (field, turns) in [(&f.chosen, &pair.chosen), (&f.rejected, &pair.rejected)] {
             if turns.last().map(|m| m.role) != Some(Role::Assistant) {
                 return Err(self.err(row, field, "must end with an assistant turn"));

@@ -87,6 +87,14 @@ fn record_kinds_parse_alpaca_messages_pairs_and_prompts() {
             "\n",
             r#"{"prompt": [{"role": "user", "content": "p"}], "chosen": [{"role": "assistant", "content": "c"}], "rejected": [{"role": "assistant", "content": "r"}], "sentiment": "positive"}"#,
             "\n",
+            r#"{"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}"#,
+            "\n",
+            r#"{"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "good"}], "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "bad"}]}"#,
+            "\n",
+            r#"{"chosen": [{"role": "assistant", "content": "x"}], "rejected": [{"role": "assistant", "content": "y"}]}"#,
+            "\n",
+            r#"{"conversations": [{"from": "tool", "value": "s"}]}"#,
+            "\n",
         ),
     );
     let fields = Fields::default();
@@ -118,6 +126,30 @@ fn record_kinds_parse_alpaca_messages_pairs_and_prompts() {
     let prompt = p.prompt(&rows[3]).unwrap();
     assert_eq!(prompt.messages, vec![Message::new(Role::User, "p")]);
     assert_eq!(prompt.meta["sentiment"], "positive");
+    // ShareGPT conversations.
+    assert_eq!(
+        p.sft(&rows[4]).unwrap(),
+        vec![
+            Message::new(Role::System, "s"),
+            Message::new(Role::User, "q"),
+            Message::new(Role::Assistant, "a"),
+        ]
+    );
+    // TRL's implicit prompt: the shared opening turns.
+    let implicit = p.pair(&rows[5]).unwrap();
+    assert_eq!(implicit.prompt, vec![Message::new(Role::User, "q")]);
+    assert_eq!(implicit.chosen, vec![Message::new(Role::Assistant, "good")]);
+    assert_eq!(
+        implicit.rejected,
+        vec![Message::new(Role::Assistant, "bad")]
+    );
+    let e = p.pair(&rows[6]).unwrap_err().to_string();
+    assert!(e.contains("share no opening turns"), "{e}");
+    let e = p.sft(&rows[7]).unwrap_err().to_string();
+    assert!(
+        e.contains("conversations[0].from") && e.contains("unknown role `tool`"),
+        "{e}"
+    );
 
     // Custom field names.
     let g = write(
