@@ -36,12 +36,13 @@ The tests read these files without Python.
 """
 import json
 import os
+import shutil
 import sys
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from transformers import (GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, LlamaConfig,
+from transformers import (AutoModelForCausalLM, GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM, LlamaForSequenceClassification)
 from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
                                                     TopPLogitsWarper)
@@ -396,6 +397,26 @@ def make_grpo():
     print(f"grpo: {len([k for k in out if k.endswith('.loss')])} losses")
 
 
+def make_sharded():
+    """The Llama fixture as the Hub ships big models: bf16 tensors in shards listed by
+    model.safetensors.index.json (transformers' own save_pretrained), with the logits of the
+    bf16 weights computed in fp32, which temper must reproduce after loading."""
+    src = os.path.join(ROOT, "llama")
+    out = os.path.join(ROOT, "llama_sharded_bf16")
+    shutil.rmtree(out, ignore_errors=True)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    model.save_pretrained(out, max_shard_size="40KB")
+    assert os.path.exists(os.path.join(out, "model.safetensors.index.json"))
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids, mask, pos = inputs(model.config.vocab_size)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    save_file({"input_ids": ids, "attention_mask": mask, "logits": logits.contiguous()},
+              os.path.join(out, "golden.safetensors"))
+    shards = sorted(f for f in os.listdir(out) if f.startswith("model-"))
+    print(f"llama_sharded_bf16: {len(shards)} bf16 shards")
+
+
 if __name__ == "__main__":
     make("gpt2", 1234)
     make("llama", 4321)
@@ -405,4 +426,5 @@ if __name__ == "__main__":
     make_preference()
     make_grpo()
     make_vader()
+    make_sharded()
     sys.exit(0)

@@ -681,3 +681,34 @@ fn dpo_on_a_real_forward_matches_the_reference_computation() {
     eprintln!("DPO on a real forward: |loss − reference| = {d:.1e}");
     assert!(d < 1e-5, "DPO loss differs by {d}");
 }
+
+#[test]
+fn a_sharded_bf16_checkpoint_loads_with_transformers_logits() {
+    // transformers' save_pretrained in bf16 with a 40 KB shard limit: two shards and an index.
+    let dir = fixture("llama_sharded_bf16");
+    let g = golden("llama_sharded_bf16");
+    let (_vs, model) = load_checkpoint(&dir, LoadSpec::CAUSAL_LM, Device::Cpu).unwrap();
+    let mask = &g["attention_mask"];
+    let (_, logits) = tch::no_grad(|| model.forward(&g["input_ids"], Some(mask))).unwrap();
+    let d = max_diff_on(&logits, &g["logits"], mask);
+    eprintln!("sharded bf16 Llama: max |logits - transformers| = {d:.2e}");
+    assert!(d < 1e-4, "{d}");
+
+    // A shard the index lists but the folder lacks is named.
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+        let name = entry.file_name();
+        if name != "model-00002-of-00002.safetensors" {
+            std::fs::copy(entry.path(), tmp.path().join(name)).unwrap();
+        }
+    }
+    let err = load_checkpoint(tmp.path(), LoadSpec::CAUSAL_LM, Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("model.safetensors.index.json")
+            && err.contains("shard `model-00002-of-00002.safetensors` is listed"),
+        "{err}"
+    );
+}

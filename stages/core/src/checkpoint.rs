@@ -18,6 +18,8 @@ use crate::optim::{AdamW, AdamWConfig};
 use crate::peft::{PeftConfig, PeftError, Tuning};
 
 pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// Sharded checkpoints (as the Hub has big models): the index naming each tensor's shard.
+pub const WEIGHTS_INDEX: &str = "model.safetensors.index.json";
 pub const CONFIG_FILE: &str = "config.json";
 /// What an `init:` (or policy, reward model, baseline) folder must hold.
 pub const CHECKPOINT_FILES: [&str; 3] = [CONFIG_FILE, WEIGHTS_FILE, "tokenizer.json"];
@@ -221,8 +223,57 @@ pub(crate) fn load_checkpoint_as(
         score: spec.score != ScoreHead::Absent,
     };
     let model = Transformer::new(&vs.root(), config, heads)?;
-    load_weights(&vs, config, &dir.join(WEIGHTS_FILE), spec)?;
+    let single = dir.join(WEIGHTS_FILE);
+    if !single.exists() && dir.join(WEIGHTS_INDEX).exists() {
+        let tensors = read_shards(dir)?;
+        load_tensors(&vs, config, tensors, &dir.join(WEIGHTS_INDEX), spec)?;
+    } else {
+        load_weights(&vs, config, &single, spec)?;
+    }
     Ok((vs, model))
+}
+
+/// Every tensor of a sharded checkpoint, shard by shard; a shard the index lists but the folder
+/// lacks, or a tensor missing from its shard, is named.
+fn read_shards(dir: &Path) -> Result<HashMap<String, Tensor>> {
+    let index_path = dir.join(WEIGHTS_INDEX);
+    let text = std::fs::read_to_string(&index_path).map_err(io_err(&index_path))?;
+    let index: serde_json::Value =
+        serde_json::from_str(&text).map_err(|source| CoreError::Json {
+            path: index_path.clone(),
+            source,
+        })?;
+    let bad = |field: &str, message: String| CoreError::Config {
+        path: index_path.clone(),
+        field: field.into(),
+        message,
+    };
+    let map = index["weight_map"]
+        .as_object()
+        .ok_or_else(|| bad("weight_map", "missing or not a mapping".into()))?;
+    let mut shards: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
+    shards.sort();
+    shards.dedup();
+    let mut tensors = HashMap::new();
+    for shard in shards {
+        let file = dir.join(shard);
+        if !file.exists() {
+            return Err(bad(
+                "weight_map",
+                format!(
+                    "shard `{shard}` is listed but not in the folder; the checkpoint is incomplete"
+                ),
+            ));
+        }
+        tensors.extend(Tensor::read_safetensors(&file)?);
+    }
+    if let Some((name, shard)) = map.iter().find(|(k, _)| !tensors.contains_key(*k)) {
+        return Err(bad(
+            "weight_map",
+            format!("`{name}` is listed in {shard} but that shard does not hold it"),
+        ));
+    }
+    Ok(tensors)
 }
 
 /// Copies the tensors of a safetensors file into the variables of `vs`, strictly.
@@ -241,8 +292,19 @@ pub fn load_weights(
             ),
         });
     }
-    let mut tensors: HashMap<String, Tensor> =
-        Tensor::read_safetensors(file)?.into_iter().collect();
+    let tensors: HashMap<String, Tensor> = Tensor::read_safetensors(file)?.into_iter().collect();
+    load_tensors(vs, config, tensors, file, spec)
+}
+
+/// Copies `tensors` (read from `file`) into the variables of `vs`, strictly; any dtype (bf16,
+/// fp16) is converted to the variable's.
+fn load_tensors(
+    vs: &VarStore,
+    config: &ModelConfig,
+    mut tensors: HashMap<String, Tensor>,
+    file: &Path,
+    spec: LoadSpec,
+) -> Result<()> {
     // GPT-2 checkpoints saved from the bare GPT2Model (the hub's `gpt2`) lack the prefix.
     if config.arch == Arch::Gpt2 && !tensors.keys().any(|k| k.starts_with("transformer.")) {
         tensors = tensors

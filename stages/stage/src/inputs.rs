@@ -87,7 +87,7 @@ impl Inputs {
         Ok(Availability::Present)
     }
 
-    /// A model checkpoint: a full one (config.json, model.safetensors) or a PEFT adapter
+    /// A model checkpoint: a full one (config.json, model.safetensors or a sharded index) or a PEFT adapter
     /// (adapter_config.json, adapter_model.safetensors), with tokenizer.json when `tokenizer`.
     pub fn checkpoint<T>(
         &mut self,
@@ -98,6 +98,11 @@ impl Inputs {
     ) -> Result<Availability, StageError> {
         let weights: &[&str] = if path.join("adapter_config.json").exists() {
             &["adapter_config.json", "adapter_model.safetensors"]
+        } else if !path.join("model.safetensors").exists()
+            && path.join("model.safetensors.index.json").exists()
+        {
+            // Sharded: the loader checks the shards the index lists.
+            &["config.json", "model.safetensors.index.json"]
         } else {
             &["config.json", "model.safetensors"]
         };
