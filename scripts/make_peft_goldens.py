@@ -231,20 +231,20 @@ def make_qlora(seed=200):
     print("llama_qlora: adapter over the 4-bit base and its logits")
 
 
-def make_prompt(case, base, n_virtual, seed):
-    """Prompt tuning: PEFT's PromptTuningConfig on a fixture, random virtual tokens. PEFT drops
-    position ids (positions then count padding); temper counts real tokens, as everywhere, so
-    only the rows without left padding (0: unpadded, 1: right-padded) are compared and used
-    for the gradient."""
-    from peft import PromptTuningConfig
-
+def virtual_token_case(case, base, peft_config, seed, randomise_scale=None, extra=None):
+    """A prompt-learning adapter (prompt, P- or prefix tuning) on a fixture: saved with
+    save_pretrained, the logits of the rows without left padding (PEFT drops position ids for
+    these methods, so positions count padding there; temper counts real tokens, as everywhere)
+    after the virtual positions, and the gradient of the trained input embeddings."""
     model = AutoModelForCausalLM.from_pretrained(os.path.join(ROOT, base))
-    peft_model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM",
-                                                          num_virtual_tokens=n_virtual))
-    g = torch.Generator().manual_seed(seed)
-    emb = peft_model.prompt_encoder["default"].embedding.weight
-    with torch.no_grad():
-        emb.copy_(torch.randn(emb.shape, generator=g) * 0.1)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, peft_config)
+    encoder = peft_model.prompt_encoder["default"]
+    emb = encoder.embedding.weight
+    if randomise_scale is not None:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            emb.copy_(torch.randn(emb.shape, generator=g) * randomise_scale)
     out = os.path.join(ROOT, "peft", case)
     shutil.rmtree(out, ignore_errors=True)
     peft_model.save_pretrained(out)
@@ -256,91 +256,49 @@ def make_prompt(case, base, n_virtual, seed):
         json.dump(config, f, indent=2)
     ids, mask, _ = inputs(model.config.vocab_size)
     ids, mask = ids[:2].contiguous(), mask[:2].contiguous()
-    logits = peft_model(input_ids=ids, attention_mask=mask).logits[:, n_virtual:]
+    n_out = 0 if config["peft_type"] == "PREFIX_TUNING" else config["num_virtual_tokens"]
+    logits = peft_model(input_ids=ids, attention_mask=mask).logits[:, n_out:]
     lm_loss(logits, ids, mask).backward()
-    save_file({"input_ids": ids, "attention_mask": mask,
-               "logits": logits.detach().contiguous(),
-               "grad.prompt_embeddings": emb.grad.detach().clone().contiguous()},
-              os.path.join(out, "golden.safetensors"))
+    golden = {"input_ids": ids, "attention_mask": mask, "logits": logits.detach().contiguous(),
+              "grad.prompt_embeddings": emb.grad.detach().clone().contiguous()}
+    golden.update((extra or (lambda e: {}))(encoder))
+    save_file(golden, os.path.join(out, "golden.safetensors"))
     with open(os.path.join(out, "golden.json"), "w") as f:
-        json.dump({"case": case, "base": base, "seed": seed, "num_virtual_tokens": n_virtual,
+        json.dump({"case": case, "base": base, "seed": seed, "peft_type": config["peft_type"],
+                   "num_virtual_tokens": config["num_virtual_tokens"],
                    "peft": __import__("peft").__version__, "torch": torch.__version__}, f,
                   indent=1)
-    print(f"{case}: {n_virtual} virtual tokens")
+    print(f"{case}: {config['peft_type']} with {config['num_virtual_tokens']} virtual tokens")
+
+
+def make_prompt(case, base, n_virtual, seed):
+    from peft import PromptTuningConfig
+
+    virtual_token_case(case, base, PromptTuningConfig(task_type="CAUSAL_LM",
+                                                      num_virtual_tokens=n_virtual),
+                       seed, randomise_scale=0.1)
 
 
 def make_prefix(case, base, n_virtual, seed):
-    """Prefix tuning (P-tuning v2 layout): PEFT's PrefixTuningConfig without projection, random
-    prefix keys/values; rows without left padding, as for prompt tuning."""
+    """P-tuning v2 layout: the prefix learned directly; on Llama, grouped-query attention sizes
+    it by the key/value heads."""
     from peft import PrefixTuningConfig
 
-    model = AutoModelForCausalLM.from_pretrained(os.path.join(ROOT, base))
-    peft_model = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM",
-                                                          num_virtual_tokens=n_virtual))
-    g = torch.Generator().manual_seed(seed)
-    emb = peft_model.prompt_encoder["default"].embedding.weight
-    with torch.no_grad():
-        emb.copy_(torch.randn(emb.shape, generator=g) * 0.5)
-    out = os.path.join(ROOT, "peft", case)
-    shutil.rmtree(out, ignore_errors=True)
-    peft_model.save_pretrained(out)
-    os.remove(os.path.join(out, "README.md"))
-    with open(os.path.join(out, "adapter_config.json")) as f:
-        config = json.load(f)
-    config["base_model_name_or_path"] = f"../../{base}"
-    with open(os.path.join(out, "adapter_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    ids, mask, _ = inputs(model.config.vocab_size)
-    ids, mask = ids[:2].contiguous(), mask[:2].contiguous()
-    logits = peft_model(input_ids=ids, attention_mask=mask).logits
-    lm_loss(logits, ids, mask).backward()
-    save_file({"input_ids": ids, "attention_mask": mask,
-               "logits": logits.detach().contiguous(),
-               "grad.prompt_embeddings": emb.grad.detach().clone().contiguous()},
-              os.path.join(out, "golden.safetensors"))
-    with open(os.path.join(out, "golden.json"), "w") as f:
-        json.dump({"case": case, "base": base, "seed": seed, "num_virtual_tokens": n_virtual,
-                   "peft": __import__("peft").__version__, "torch": torch.__version__}, f,
-                  indent=1)
-    print(f"{case}: {n_virtual} virtual keys/values per layer")
+    virtual_token_case(case, base, PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                      num_virtual_tokens=n_virtual),
+                       seed, randomise_scale=0.5)
 
 
 def make_ptuning(case, base, n_virtual, encoder, seed):
-    """P-tuning: PEFT's PromptEncoderConfig (MLP or LSTM encoder, hidden 16). The saved adapter
-    holds the encoder's output; golden.safetensors also holds the encoder's own tensors
-    (`encoder.<name>`) and the gradient of its input embeddings, so temper's encoder is checked,
-    not only the saved output."""
+    """The saved adapter holds the encoder's output; golden.safetensors also holds the
+    encoder's own tensors (`encoder.<name>`), so temper's encoder is checked too."""
     from peft import PromptEncoderConfig
 
-    model = AutoModelForCausalLM.from_pretrained(os.path.join(ROOT, base))
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(model, PromptEncoderConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=n_virtual, encoder_hidden_size=16,
-        encoder_reparameterization_type=encoder))
-    out = os.path.join(ROOT, "peft", case)
-    shutil.rmtree(out, ignore_errors=True)
-    peft_model.save_pretrained(out)
-    os.remove(os.path.join(out, "README.md"))
-    with open(os.path.join(out, "adapter_config.json")) as f:
-        config = json.load(f)
-    config["base_model_name_or_path"] = f"../../{base}"
-    with open(os.path.join(out, "adapter_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    ids, mask, _ = inputs(model.config.vocab_size)
-    ids, mask = ids[:2].contiguous(), mask[:2].contiguous()
-    logits = peft_model(input_ids=ids, attention_mask=mask).logits[:, n_virtual:]
-    lm_loss(logits, ids, mask).backward()
-    enc = peft_model.prompt_encoder["default"]
-    golden = {"input_ids": ids, "attention_mask": mask, "logits": logits.detach().contiguous(),
-              "grad.embedding": enc.embedding.weight.grad.detach().clone().contiguous()}
-    for name, t in enc.state_dict().items():
-        golden[f"encoder.{name}"] = t.detach().clone().contiguous()
-    save_file(golden, os.path.join(out, "golden.safetensors"))
-    with open(os.path.join(out, "golden.json"), "w") as f:
-        json.dump({"case": case, "base": base, "seed": seed, "num_virtual_tokens": n_virtual,
-                   "encoder": encoder, "peft": __import__("peft").__version__,
-                   "torch": torch.__version__}, f, indent=1)
-    print(f"{case}: {n_virtual} virtual tokens from an {encoder} encoder")
+    config = PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=n_virtual,
+                                 encoder_hidden_size=16, encoder_reparameterization_type=encoder)
+    virtual_token_case(case, base, config, seed, extra=lambda enc: {
+        f"encoder.{name}": t.detach().clone().contiguous()
+        for name, t in enc.state_dict().items()})
 
 
 def make_bottleneck(case, base, reduction, drop_layers, activation, seed):

@@ -198,3 +198,24 @@ pub fn tiny_variant(dir: &Path, edit: impl Fn(String) -> String) -> PathBuf {
     std::fs::write(&file, edit(text)).unwrap();
     file
 }
+
+/// tests/fixtures/peft/<case>/golden.safetensors, by name.
+pub fn peft_golden(case: &str) -> std::collections::BTreeMap<String, tch::Tensor> {
+    tch::Tensor::read_safetensors(
+        repo()
+            .join("tests/fixtures/peft")
+            .join(case)
+            .join("golden.safetensors"),
+    )
+    .unwrap()
+    .into_iter()
+    .collect()
+}
+
+/// The largest difference over the last axis at the positions `mask` marks real.
+pub fn max_diff_on(a: &tch::Tensor, b: &tch::Tensor, mask: &tch::Tensor) -> f64 {
+    let diff = (a - b).abs().amax([-1], false);
+    diff.masked_select(&mask.to_kind(tch::Kind::Bool))
+        .max()
+        .double_value(&[])
+}

@@ -3,35 +3,13 @@
 //! same gradient for the virtual tokens, on GPT-2 and Llama (grouped-query attention);
 //! generation with the KV cache agrees with full forwards; bypassed, the model is the base.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{max_diff_on, peft_golden, repo};
 
 use tch::{Device, Kind, Tensor};
 use temper_core::peft;
 use temper_core::{generate, load_checkpoint, LoadSpec, SamplingConfig};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
-}
-
-fn golden(case: &str) -> BTreeMap<String, Tensor> {
-    Tensor::read_safetensors(
-        fixtures()
-            .join("peft")
-            .join(case)
-            .join("golden.safetensors"),
-    )
-    .unwrap()
-    .into_iter()
-    .collect()
-}
-
-fn max_diff_on(a: &Tensor, b: &Tensor, mask: &Tensor) -> f64 {
-    let diff = (a - b).abs().amax([-1], false);
-    diff.masked_select(&mask.to_kind(Kind::Bool))
-        .max()
-        .double_value(&[])
-}
 
 /// Next-token loss over real targets, as make_goldens' `lm_loss`.
 fn lm_loss(logits: &Tensor, ids: &Tensor, mask: &Tensor) -> Tensor {
@@ -53,11 +31,19 @@ fn a_peft_prompt_gives_peft_logits_and_gradients() {
         ("gpt2_prefix", "gpt2"),
         ("llama_prefix", "llama"),
     ] {
-        let g = golden(case);
-        let (mut vs, mut model) =
-            load_checkpoint(&fixtures().join(base), LoadSpec::CAUSAL_LM, Device::Cpu).unwrap();
-        let tuning = peft::load_adapter(&mut model, &mut vs, &fixtures().join("peft").join(case))
-            .unwrap_or_else(|e| panic!("{case}: {e}"));
+        let g = peft_golden(case);
+        let (mut vs, mut model) = load_checkpoint(
+            &repo().join("tests/fixtures").join(base),
+            LoadSpec::CAUSAL_LM,
+            Device::Cpu,
+        )
+        .unwrap();
+        let tuning = peft::load_adapter(
+            &mut model,
+            &mut vs,
+            &repo().join("tests/fixtures").join("peft").join(case),
+        )
+        .unwrap_or_else(|e| panic!("{case}: {e}"));
         let (ids, mask) = (&g["input_ids"], &g["attention_mask"]);
         let (_, logits) = model.forward(ids, Some(mask)).unwrap();
         let d = max_diff_on(&logits, &g["logits"], mask);
@@ -73,9 +59,13 @@ fn a_peft_prompt_gives_peft_logits_and_gradients() {
         assert!(rel < 1e-4, "{case}: gradient differs by {rel}");
 
         // Bypassed, the prompt is gone: the base model's logits.
-        let (_, plain) = load_checkpoint(&fixtures().join(base), LoadSpec::CAUSAL_LM, Device::Cpu)
-            .map(|(_, m)| tch::no_grad(|| m.forward(ids, Some(mask)).unwrap()))
-            .unwrap();
+        let (_, plain) = load_checkpoint(
+            &repo().join("tests/fixtures").join(base),
+            LoadSpec::CAUSAL_LM,
+            Device::Cpu,
+        )
+        .map(|(_, m)| tch::no_grad(|| m.forward(ids, Some(mask)).unwrap()))
+        .unwrap();
         let bypassed =
             tuning.without_adapters(|| tch::no_grad(|| model.forward(ids, Some(mask)).unwrap().1));
         assert_eq!(
@@ -98,9 +88,18 @@ fn generation_with_virtual_tokens_matches_full_forwards() {
 }
 
 fn greedy_matches_full_forwards(case: &str, base: &str) {
-    let (mut vs, mut model) =
-        load_checkpoint(&fixtures().join(base), LoadSpec::CAUSAL_LM, Device::Cpu).unwrap();
-    peft::load_adapter(&mut model, &mut vs, &fixtures().join("peft").join(case)).unwrap();
+    let (mut vs, mut model) = load_checkpoint(
+        &repo().join("tests/fixtures").join(base),
+        LoadSpec::CAUSAL_LM,
+        Device::Cpu,
+    )
+    .unwrap();
+    peft::load_adapter(
+        &mut model,
+        &mut vs,
+        &repo().join("tests/fixtures").join("peft").join(case),
+    )
+    .unwrap();
     // Ragged prompts (left-padded inside generate), greedy.
     let prompts = vec![vec![5i64, 9, 13, 2, 7], vec![11, 3]];
     let out = generate(&model, &prompts, &SamplingConfig::greedy(6), &[1, 2]).unwrap();
@@ -124,7 +123,7 @@ fn greedy_matches_full_forwards(case: &str, base: &str) {
 
 #[test]
 fn a_prompt_adapter_loads_as_a_model_but_is_refused_as_an_init_to_train() {
-    let dir = fixtures().join("peft/gpt2_prompt");
+    let dir = repo().join("tests/fixtures").join("peft/gpt2_prompt");
     let (mut vs, mut model) = load_checkpoint(&dir, LoadSpec::CAUSAL_LM, Device::Cpu).unwrap();
     assert_eq!(model.virtual_tokens(), 4);
     assert_eq!(model.token_room(), model.config.max_position - 4);
@@ -132,8 +131,12 @@ fn a_prompt_adapter_loads_as_a_model_but_is_refused_as_an_init_to_train() {
     assert_eq!(err.field, "init");
     assert!(err.message.contains("cannot be merged"), "{}", err.message);
     // Settings are checked: no virtual tokens, and prompt tuning on a reward model.
-    let (mut vs, mut model) =
-        load_checkpoint(&fixtures().join("gpt2"), LoadSpec::CAUSAL_LM, Device::Cpu).unwrap();
+    let (mut vs, mut model) = load_checkpoint(
+        &repo().join("tests/fixtures").join("gpt2"),
+        LoadSpec::CAUSAL_LM,
+        Device::Cpu,
+    )
+    .unwrap();
     let zero = peft::PeftConfig::Prompt(peft::PromptConfig {
         num_virtual_tokens: 0,
         init_text: None,
@@ -144,13 +147,18 @@ fn a_prompt_adapter_loads_as_a_model_but_is_refused_as_an_init_to_train() {
         lm_head: false,
         score: temper_core::ScoreHead::Fresh,
     };
-    let (mut vs, mut model) = load_checkpoint(&fixtures().join("gpt2"), rm, Device::Cpu).unwrap();
+    let (mut vs, mut model) =
+        load_checkpoint(&repo().join("tests/fixtures").join("gpt2"), rm, Device::Cpu).unwrap();
     let four = peft::PeftConfig::Prompt(peft::PromptConfig {
         num_virtual_tokens: 4,
         init_text: None,
     });
     let err = peft::apply(&mut model, &mut vs, Some(&four)).err().unwrap();
-    assert!(err.message.contains("no scalar head"), "{}", err.message);
+    assert!(
+        err.message.contains("do not train or save a scalar head"),
+        "{}",
+        err.message
+    );
 }
 
 #[test]
@@ -159,13 +167,18 @@ fn p_tuning_encoders_and_their_saved_output_give_peft_logits() {
         ("gpt2_ptuning", "gpt2", peft::EncoderKind::Mlp),
         ("llama_ptuning_lstm", "llama", peft::EncoderKind::Lstm),
     ] {
-        let g = golden(case);
+        let g = peft_golden(case);
         let (ids, mask) = (&g["input_ids"], &g["attention_mask"]);
         let spec = LoadSpec::CAUSAL_LM;
         // The adapter PEFT saved (the encoder's output) used as a prompt.
         let (mut vs, mut model) =
-            load_checkpoint(&fixtures().join(base), spec, Device::Cpu).unwrap();
-        peft::load_adapter(&mut model, &mut vs, &fixtures().join("peft").join(case)).unwrap();
+            load_checkpoint(&repo().join("tests/fixtures").join(base), spec, Device::Cpu).unwrap();
+        peft::load_adapter(
+            &mut model,
+            &mut vs,
+            &repo().join("tests/fixtures").join("peft").join(case),
+        )
+        .unwrap();
         let (_, logits) = tch::no_grad(|| model.forward(ids, Some(mask))).unwrap();
         let d = max_diff_on(&logits, &g["logits"], mask);
         eprintln!("{case}: saved output, max |logits - peft| = {d:.2e}");
@@ -173,7 +186,7 @@ fn p_tuning_encoders_and_their_saved_output_give_peft_logits() {
 
         // temper's own encoder with PEFT's weights: the same virtual tokens and gradient.
         let (mut vs, mut model) =
-            load_checkpoint(&fixtures().join(base), spec, Device::Cpu).unwrap();
+            load_checkpoint(&repo().join("tests/fixtures").join(base), spec, Device::Cpu).unwrap();
         let config = peft::PeftConfig::Ptuning(peft::PtuningConfig {
             num_virtual_tokens: g["encoder.embedding.weight"].size()[0],
             encoder,
@@ -198,7 +211,7 @@ fn p_tuning_encoders_and_their_saved_output_give_peft_logits() {
         assert!(d < 1e-4, "{case}: {d}");
         lm_loss(&logits, ids, mask).backward();
         let grad = vars["prompt_encoder.embedding.weight"].grad();
-        let want = &g["grad.embedding"];
+        let want = &g["grad.prompt_embeddings"];
         let rel = (grad - want).abs().max().double_value(&[]) / want.abs().max().double_value(&[]);
         eprintln!("{case}: gradient of the encoder's input, relative difference {rel:.2e}");
         assert!(rel < 1e-4, "{case}: {rel}");
@@ -211,14 +224,18 @@ fn bottleneck_adapters_match_transformers_with_hooks_and_start_as_the_identity()
         ("gpt2_adapter", "gpt2", 2),
         ("llama_adapter_drop", "llama", 1),
     ] {
-        let g = golden(case);
+        let g = peft_golden(case);
         let (ids, mask) = (&g["input_ids"], &g["attention_mask"]);
         let spec = LoadSpec::CAUSAL_LM;
         let (mut vs, mut model) =
-            load_checkpoint(&fixtures().join(base), spec, Device::Cpu).unwrap();
+            load_checkpoint(&repo().join("tests/fixtures").join(base), spec, Device::Cpu).unwrap();
         let (_, plain) = tch::no_grad(|| model.forward(ids, Some(mask))).unwrap();
-        let tuning =
-            peft::load_adapter(&mut model, &mut vs, &fixtures().join("peft").join(case)).unwrap();
+        let tuning = peft::load_adapter(
+            &mut model,
+            &mut vs,
+            &repo().join("tests/fixtures").join("peft").join(case),
+        )
+        .unwrap();
         // Two adapters per block with adapters, four tensors each.
         let n = tuning.adapters.as_ref().unwrap().variables().len();
         assert_eq!(n, blocks_with_adapters * 2 * 4, "{case}");
@@ -237,7 +254,7 @@ fn bottleneck_adapters_match_transformers_with_hooks_and_start_as_the_identity()
 
         // Fresh adapters start as the identity (up = 0).
         let (mut vs, mut model) =
-            load_checkpoint(&fixtures().join(base), spec, Device::Cpu).unwrap();
+            load_checkpoint(&repo().join("tests/fixtures").join(base), spec, Device::Cpu).unwrap();
         let fresh = peft::PeftConfig::Adapter(peft::BottleneckConfig {
             reduction: 4,
             activation: Default::default(),

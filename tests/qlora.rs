@@ -3,28 +3,15 @@
 //! with a partial last block, and the logits of a LoRA adapter over a base that bitsandbytes
 //! loaded in 4-bit.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+
+use common::{peft_golden, repo};
 
 use tch::{Device, Kind, Tensor};
 use temper_core::peft::{self, dynamic_map, Absmax, LoraConfig, Nf4Weight, PeftConfig, NF4_LEVELS};
 use temper_core::{load_checkpoint, LoadSpec};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
-}
-
-fn golden(case: &str) -> BTreeMap<String, Tensor> {
-    Tensor::read_safetensors(
-        fixtures()
-            .join("peft")
-            .join(case)
-            .join("golden.safetensors"),
-    )
-    .unwrap()
-    .into_iter()
-    .collect()
-}
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
@@ -42,7 +29,7 @@ fn mismatches(a: &Tensor, b: &Tensor) -> i64 {
 
 #[test]
 fn nf4_codes_and_double_quantised_maxima_match_bitsandbytes() {
-    let g = golden("nf4");
+    let g = peft_golden("nf4");
     let levels = Tensor::from_slice(&NF4_LEVELS);
     assert_eq!(max_diff(&levels, &g["nf4_code"]), 0.0, "the NF4 levels");
     let map = Tensor::from_slice(&dynamic_map());
@@ -92,8 +79,8 @@ fn nf4_codes_and_double_quantised_maxima_match_bitsandbytes() {
 
 #[test]
 fn a_qlora_adapter_over_the_bitsandbytes_base_gives_peft_logits() {
-    let g = golden("llama_qlora");
-    let dir = fixtures().join("peft/llama_qlora");
+    let g = peft_golden("llama_qlora");
+    let dir = repo().join("tests/fixtures").join("peft/llama_qlora");
     let (mut vs, mut model) =
         load_checkpoint(&dir.join("base"), LoadSpec::CAUSAL_LM, Device::Cpu).unwrap();
     let config = PeftConfig::Qlora(LoraConfig {

@@ -116,12 +116,6 @@ pub(crate) fn attach(
             format!("must leave at least one of the model's {n_layer} blocks with adapters"),
         ));
     }
-    if model.heads.score {
-        return Err(bad(
-            "method",
-            "bottleneck adapters are not saved with a scalar head yet; for a reward model or critic use lora or head",
-        ));
-    }
     let store = VarStore::new(device);
     let root = store.root().sub("base_model").sub("model");
     let k = width(d, c.reduction);

@@ -16,6 +16,7 @@
 //! [`Tuning::stores`] and saves through [`Tuning::save_final`].
 
 mod bottleneck;
+mod config;
 pub(crate) mod files;
 mod lora;
 mod nf4;
@@ -25,10 +26,11 @@ mod ptuning;
 
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 
 pub use bottleneck::{Activation, Adapter, Bottleneck, BottleneckConfig};
+pub(crate) use config::bad;
+pub use config::{FreezeConfig, LoraBias, LoraConfig, LoraInit, PeftConfig, PeftError};
 pub use files::{is_adapter, load_adapter, merge_adapters, read_adapter_config, AdapterConfig};
 pub use lora::{Lora, Switch};
 pub use nf4::{dynamic_map, Absmax, Nf4Weight, NF4_LEVELS};
@@ -41,343 +43,6 @@ pub use ptuning::{EncoderKind, PtuningConfig};
 
 use crate::model::Transformer;
 use crate::optim::{AdamW, AdamWConfig};
-
-/// Parsed through [`PeftSpec`], a flat mapping, so an unknown or misplaced key is reported at
-/// its line (serde loses positions inside internally tagged enums).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "method", rename_all = "snake_case", try_from = "PeftSpec")]
-pub enum PeftConfig {
-    Lora(LoraConfig),
-    /// LoRA over an NF4-quantised frozen base.
-    Qlora(LoraConfig),
-    /// Prompt tuning: learned virtual tokens before every input.
-    Prompt(PromptConfig),
-    /// Prefix tuning / P-tuning v2: learned keys and values in every layer.
-    Prefix(PrefixConfig),
-    /// P-tuning: virtual tokens produced by a prompt encoder (MLP or LSTM) while training.
-    Ptuning(PtuningConfig),
-    /// Bottleneck adapters after attention and MLP (Houlsby), with AdapterDrop.
-    Adapter(BottleneckConfig),
-    Freeze(FreezeConfig),
-    /// Feature-based training: the backbone frozen, only the scalar head (reward model,
-    /// critic) or an untied LM head trained.
-    Head,
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LoraBias {
-    /// No bias trained (PEFT's default).
-    #[default]
-    None,
-    /// Every bias of the model trained and saved with the adapter.
-    All,
-    /// The biases of the adapted layers.
-    LoraOnly,
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LoraInit {
-    /// A ~ Kaiming-uniform (bound 1/√in), B = 0: the adapter starts as the identity.
-    #[default]
-    Default,
-    /// A ~ N(0, 1/r), B = 0.
-    Gaussian,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LoraConfig {
-    /// The rank.
-    pub r: i64,
-    /// Scale numerator: updates are scaled by alpha/r (alpha/√r with rslora). Default 2r.
-    #[serde(default)]
-    pub alpha: Option<f64>,
-    #[serde(default)]
-    pub dropout: f64,
-    /// Hugging Face module names (`c_attn`, `q_proj`…), matched as PEFT does: the module's
-    /// name or the end of its path. Default: every dense layer of the blocks.
-    #[serde(default)]
-    pub target_modules: Option<Vec<String>>,
-    /// Only these blocks (0-based); default all.
-    #[serde(default)]
-    pub layers: Option<Vec<usize>>,
-    #[serde(default)]
-    pub bias: LoraBias,
-    #[serde(default)]
-    pub rslora: bool,
-    #[serde(default)]
-    pub dora: bool,
-    #[serde(default)]
-    pub init: LoraInit,
-    /// QLoRA only: quantise the NF4 block maxima to 8 bits too (default true).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub double_quant: Option<bool>,
-}
-
-impl PeftConfig {
-    /// The adapter settings of `lora` and `qlora`.
-    pub fn lora(&self) -> Option<&LoraConfig> {
-        match self {
-            PeftConfig::Lora(c) | PeftConfig::Qlora(c) => Some(c),
-            _ => None,
-        }
-    }
-}
-
-impl LoraConfig {
-    pub fn alpha(&self) -> f64 {
-        self.alpha.unwrap_or(2.0 * self.r as f64)
-    }
-
-    pub fn scale(&self) -> f64 {
-        if self.rslora {
-            self.alpha() / (self.r as f64).sqrt()
-        } else {
-            self.alpha() / self.r as f64
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FreezeConfig {
-    /// Parameter-name patterns to train (`*` matches any run of characters), e.g.
-    /// `["*.ln_*", "transformer.h.3.*"]`.
-    #[serde(default)]
-    pub trainable: Vec<String>,
-    /// Train the top k blocks (and the final norm).
-    #[serde(default)]
-    pub top_layers: Option<usize>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-enum Method {
-    Lora,
-    Qlora,
-    Prompt,
-    Prefix,
-    Ptuning,
-    Adapter,
-    Freeze,
-    Head,
-}
-
-/// The `peft:` block as written: every method's keys, checked against the method.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PeftSpec {
-    method: Method,
-    r: Option<i64>,
-    alpha: Option<f64>,
-    dropout: Option<f64>,
-    target_modules: Option<Vec<String>>,
-    layers: Option<Vec<usize>>,
-    bias: Option<LoraBias>,
-    rslora: Option<bool>,
-    dora: Option<bool>,
-    init: Option<LoraInit>,
-    double_quant: Option<bool>,
-    trainable: Option<Vec<String>>,
-    top_layers: Option<usize>,
-    num_virtual_tokens: Option<i64>,
-    init_text: Option<String>,
-    projection: Option<bool>,
-    encoder_hidden_size: Option<i64>,
-    encoder: Option<EncoderKind>,
-    reduction: Option<i64>,
-    activation: Option<Activation>,
-    drop_layers: Option<usize>,
-}
-
-impl TryFrom<PeftSpec> for PeftConfig {
-    type Error = String;
-
-    fn try_from(s: PeftSpec) -> Result<Self, String> {
-        let lora_keys = [
-            ("r", s.r.is_some()),
-            ("alpha", s.alpha.is_some()),
-            ("dropout", s.dropout.is_some()),
-            ("target_modules", s.target_modules.is_some()),
-            ("layers", s.layers.is_some()),
-            ("bias", s.bias.is_some()),
-            ("rslora", s.rslora.is_some()),
-            ("dora", s.dora.is_some()),
-            ("init", s.init.is_some()),
-            ("double_quant", s.double_quant.is_some()),
-        ];
-        let freeze_keys = [
-            ("trainable", s.trainable.is_some()),
-            ("top_layers", s.top_layers.is_some()),
-        ];
-        let prompt_keys = [
-            ("num_virtual_tokens", s.num_virtual_tokens.is_some()),
-            ("init_text", s.init_text.is_some()),
-        ];
-        let prefix_keys = [
-            ("projection", s.projection.is_some()),
-            ("encoder_hidden_size", s.encoder_hidden_size.is_some()),
-        ];
-        let ptuning_keys = [("encoder", s.encoder.is_some())];
-        let adapter_keys = [
-            ("reduction", s.reduction.is_some()),
-            ("activation", s.activation.is_some()),
-            ("drop_layers", s.drop_layers.is_some()),
-        ];
-        // Keys of one method given to another: the first one named.
-        if s.method != Method::Adapter {
-            if let Some((k, _)) = adapter_keys.iter().find(|(_, set)| *set) {
-                return Err(format!("`{k}` belongs to method adapter"));
-            }
-        }
-        let misplaced = |keys: &[(&str, bool)], owner: &str, method: &str| {
-            keys.iter()
-                .find(|(_, set)| *set)
-                .map(|(k, _)| format!("`{k}` belongs to method {owner}, not {method}"))
-        };
-        match s.method {
-            Method::Lora | Method::Qlora => {
-                let method = if s.method == Method::Lora {
-                    "lora"
-                } else {
-                    "qlora"
-                };
-                if let Some(e) = misplaced(&freeze_keys, "freeze", method)
-                    .or_else(|| misplaced(&prompt_keys, "prompt", method))
-                    .or_else(|| misplaced(&prefix_keys, "prefix", method))
-                    .or_else(|| misplaced(&ptuning_keys, "ptuning", method))
-                {
-                    return Err(e);
-                }
-                if s.method == Method::Lora && s.double_quant.is_some() {
-                    return Err("`double_quant` belongs to method qlora, not lora".into());
-                }
-                let c = LoraConfig {
-                    r: s.r.ok_or(format!("method {method} needs a rank `r`"))?,
-                    alpha: s.alpha,
-                    dropout: s.dropout.unwrap_or(0.0),
-                    target_modules: s.target_modules,
-                    layers: s.layers,
-                    bias: s.bias.unwrap_or_default(),
-                    rslora: s.rslora.unwrap_or(false),
-                    dora: s.dora.unwrap_or(false),
-                    init: s.init.unwrap_or_default(),
-                    double_quant: s.double_quant,
-                };
-                Ok(if s.method == Method::Lora {
-                    PeftConfig::Lora(c)
-                } else {
-                    PeftConfig::Qlora(c)
-                })
-            }
-            Method::Prompt => {
-                if let Some(e) = misplaced(&lora_keys, "lora", "prompt")
-                    .or_else(|| misplaced(&freeze_keys, "freeze", "prompt"))
-                    .or_else(|| misplaced(&prefix_keys, "prefix", "prompt"))
-                    .or_else(|| misplaced(&ptuning_keys, "ptuning", "prompt"))
-                {
-                    return Err(e);
-                }
-                Ok(PeftConfig::Prompt(PromptConfig {
-                    num_virtual_tokens: s
-                        .num_virtual_tokens
-                        .ok_or("method prompt needs `num_virtual_tokens`")?,
-                    init_text: s.init_text,
-                }))
-            }
-            Method::Prefix => {
-                if let Some(e) = misplaced(&lora_keys, "lora", "prefix")
-                    .or_else(|| misplaced(&freeze_keys, "freeze", "prefix"))
-                    .or_else(|| misplaced(&prompt_keys[1..], "prompt", "prefix"))
-                    .or_else(|| misplaced(&ptuning_keys, "ptuning", "prefix"))
-                {
-                    return Err(e);
-                }
-                Ok(PeftConfig::Prefix(PrefixConfig {
-                    num_virtual_tokens: s
-                        .num_virtual_tokens
-                        .ok_or("method prefix needs `num_virtual_tokens`")?,
-                    projection: s.projection.unwrap_or(false),
-                    encoder_hidden_size: s.encoder_hidden_size,
-                }))
-            }
-            Method::Ptuning => {
-                if let Some(e) = misplaced(&lora_keys, "lora", "ptuning")
-                    .or_else(|| misplaced(&freeze_keys, "freeze", "ptuning"))
-                    .or_else(|| misplaced(&prompt_keys[1..], "prompt", "ptuning"))
-                    .or_else(|| misplaced(&prefix_keys[..1], "prefix", "ptuning"))
-                {
-                    return Err(e);
-                }
-                Ok(PeftConfig::Ptuning(PtuningConfig {
-                    num_virtual_tokens: s
-                        .num_virtual_tokens
-                        .ok_or("method ptuning needs `num_virtual_tokens`")?,
-                    encoder: s.encoder.unwrap_or_default(),
-                    encoder_hidden_size: s.encoder_hidden_size,
-                }))
-            }
-            Method::Adapter => {
-                if let Some(e) = misplaced(&lora_keys, "lora", "adapter")
-                    .or_else(|| misplaced(&freeze_keys, "freeze", "adapter"))
-                    .or_else(|| misplaced(&prompt_keys, "prompt", "adapter"))
-                    .or_else(|| misplaced(&prefix_keys, "prefix", "adapter"))
-                    .or_else(|| misplaced(&ptuning_keys, "ptuning", "adapter"))
-                {
-                    return Err(e);
-                }
-                Ok(PeftConfig::Adapter(BottleneckConfig {
-                    reduction: s.reduction.unwrap_or(16),
-                    activation: s.activation.unwrap_or_default(),
-                    drop_layers: s.drop_layers.unwrap_or(0),
-                }))
-            }
-            Method::Freeze => {
-                if let Some(e) = misplaced(&lora_keys, "lora", "freeze")
-                    .or_else(|| misplaced(&prompt_keys, "prompt", "freeze"))
-                    .or_else(|| misplaced(&prefix_keys, "prefix", "freeze"))
-                    .or_else(|| misplaced(&ptuning_keys, "ptuning", "freeze"))
-                {
-                    return Err(e);
-                }
-                Ok(PeftConfig::Freeze(FreezeConfig {
-                    trainable: s.trainable.unwrap_or_default(),
-                    top_layers: s.top_layers,
-                }))
-            }
-            Method::Head => {
-                let all: Vec<(&str, bool)> = lora_keys
-                    .iter()
-                    .chain(&freeze_keys)
-                    .chain(&prompt_keys)
-                    .chain(&prefix_keys)
-                    .chain(&ptuning_keys)
-                    .copied()
-                    .collect();
-                match all.iter().find(|(_, set)| *set) {
-                    Some((k, _)) => Err(format!("method head takes no settings (got `{k}`)")),
-                    None => Ok(PeftConfig::Head),
-                }
-            }
-        }
-    }
-}
-
-/// A `peft:` problem, named by its key under `peft`.
-#[derive(Debug)]
-pub struct PeftError {
-    pub field: String,
-    pub message: String,
-}
-
-fn bad(field: &str, message: impl Into<String>) -> PeftError {
-    PeftError {
-        field: format!("peft.{field}"),
-        message: message.into(),
-    }
-}
 
 /// What a stage trains: the base model's unfrozen parameters, plus adapters in their own store.
 pub struct Tuning {
@@ -552,6 +217,19 @@ pub fn apply(
     let Some(config) = config else {
         return Ok(Tuning::full());
     };
+    let unmergeable = matches!(
+        config,
+        PeftConfig::Prompt(_)
+            | PeftConfig::Ptuning(_)
+            | PeftConfig::Prefix(_)
+            | PeftConfig::Adapter(_)
+    );
+    if unmergeable && model.heads.score {
+        return Err(bad(
+            "method",
+            "prompt, P-, prefix tuning and bottleneck adapters do not train or save a scalar head; for a reward model or critic use lora or head",
+        ));
+    }
     vs.freeze();
     let mut tuning = Tuning {
         config: Some(config.clone()),
@@ -600,12 +278,6 @@ pub fn apply(
             tuning.switch = Some(switch);
         }
         PeftConfig::Prefix(c) => {
-            if model.heads.score {
-                return Err(bad(
-                    "method",
-                    "prefix tuning trains no scalar head; for a reward model or critic use lora or head",
-                ));
-            }
             let (adapters, switch) = prefix::attach(model, vs.device(), c)?;
             tuning.adapters = Some(adapters);
             tuning.switch = Some(switch);
@@ -824,60 +496,4 @@ fn attach_lora(
         });
     }
     Ok((adapters, switch))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(yaml: &str) -> Result<PeftConfig, String> {
-        serde_yaml::from_str(yaml).map_err(|e| e.to_string())
-    }
-
-    #[test]
-    fn qlora_parses_as_lora_with_double_quantisation_by_default() {
-        let c = parse("{method: qlora, r: 8}").unwrap();
-        let PeftConfig::Qlora(l) = &c else {
-            panic!("{c:?}")
-        };
-        assert_eq!((l.r, l.double_quant), (8, None));
-        assert_eq!(c.lora().map(|l| l.scale()), Some(2.0));
-        // Written and read back unchanged (temper_adapter.json keeps the full config).
-        let off = parse("{method: qlora, r: 4, double_quant: false}").unwrap();
-        let text = serde_yaml::to_string(&off).unwrap();
-        assert_eq!(parse(&text).unwrap(), off, "{text}");
-    }
-
-    #[test]
-    fn keys_of_another_method_are_named() {
-        let e = parse("{method: lora, r: 4, double_quant: true}").unwrap_err();
-        assert!(e.contains("`double_quant` belongs to method qlora"), "{e}");
-        let e = parse("{method: qlora}").unwrap_err();
-        assert!(e.contains("method qlora needs a rank"), "{e}");
-        let e = parse("{method: qlora, r: 4, top_layers: 1}").unwrap_err();
-        assert!(e.contains("belongs to method freeze"), "{e}");
-        let e = parse("{method: prompt, num_virtual_tokens: 8, r: 4}").unwrap_err();
-        assert!(e.contains("`r` belongs to method lora, not prompt"), "{e}");
-        let e = parse("{method: lora, r: 4, init_text: hi}").unwrap_err();
-        assert!(e.contains("`init_text` belongs to method prompt"), "{e}");
-        let e = parse("{method: prefix, num_virtual_tokens: 8, init_text: hi}").unwrap_err();
-        assert!(e.contains("`init_text` belongs to method prompt"), "{e}");
-        let e = parse("{method: lora, r: 2, drop_layers: 1}").unwrap_err();
-        assert!(e.contains("`drop_layers` belongs to method adapter"), "{e}");
-        let e = parse("{method: adapter, r: 2}").unwrap_err();
-        assert!(e.contains("`r` belongs to method lora, not adapter"), "{e}");
-        let p = parse("{method: adapter, reduction: 8, activation: gelu, drop_layers: 2}").unwrap();
-        assert_eq!(parse(&serde_yaml::to_string(&p).unwrap()).unwrap(), p);
-        let e = parse("{method: lora, r: 2, encoder: lstm}").unwrap_err();
-        assert!(e.contains("`encoder` belongs to method ptuning"), "{e}");
-        let p = parse("{method: ptuning, num_virtual_tokens: 4, encoder: lstm}").unwrap();
-        assert_eq!(parse(&serde_yaml::to_string(&p).unwrap()).unwrap(), p);
-        let e = parse("{method: prompt, num_virtual_tokens: 8, projection: true}").unwrap_err();
-        assert!(e.contains("`projection` belongs to method prefix"), "{e}");
-        let p = parse("{method: prefix, num_virtual_tokens: 8, projection: true}").unwrap();
-        assert_eq!(parse(&serde_yaml::to_string(&p).unwrap()).unwrap(), p);
-        let p = parse("{method: prompt, num_virtual_tokens: 8, init_text: hi}").unwrap();
-        let text = serde_yaml::to_string(&p).unwrap();
-        assert_eq!(parse(&text).unwrap(), p, "{text}");
-    }
 }

@@ -97,18 +97,7 @@ pub(crate) fn attach(
     c: &PrefixConfig,
 ) -> Result<(VarStore, Arc<Switch>), PeftError> {
     let n = c.num_virtual_tokens;
-    if !(1..=1024).contains(&n) {
-        return Err(bad("num_virtual_tokens", "must be in 1..=1024"));
-    }
-    if n + 1 > model.config.max_position {
-        return Err(bad(
-            "num_virtual_tokens",
-            format!(
-                "{n} virtual tokens leave no room in the model's {} positions",
-                model.config.max_position
-            ),
-        ));
-    }
+    super::prompt::check_virtual_tokens(model, n)?;
     if c.encoder_hidden_size.is_some() && !c.projection {
         return Err(bad(
             "encoder_hidden_size",

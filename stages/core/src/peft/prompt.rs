@@ -25,6 +25,29 @@ use crate::model::Transformer;
 /// Virtual tokens beyond this many are almost certainly a typo (PEFT's examples use 8–32).
 const MAX_VIRTUAL_TOKENS: i64 = 1024;
 
+/// A number of virtual tokens (prompt, P- or prefix tuning) the model has room for.
+pub(crate) fn check_virtual_tokens(
+    model: &Transformer,
+    n: i64,
+) -> std::result::Result<(), PeftError> {
+    if !(1..=MAX_VIRTUAL_TOKENS).contains(&n) {
+        return Err(bad(
+            "num_virtual_tokens",
+            format!("must be in 1..={MAX_VIRTUAL_TOKENS}"),
+        ));
+    }
+    if n + 1 > model.config.max_position {
+        return Err(bad(
+            "num_virtual_tokens",
+            format!(
+                "{n} virtual tokens leave no room in the model's {} positions",
+                model.config.max_position
+            ),
+        ));
+    }
+    Ok(())
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PromptConfig {
@@ -72,28 +95,8 @@ pub(crate) fn attach(
     device: Device,
     c: &PromptConfig,
 ) -> std::result::Result<(VarStore, Arc<Switch>), PeftError> {
-    if !(1..=MAX_VIRTUAL_TOKENS).contains(&c.num_virtual_tokens) {
-        return Err(bad(
-            "num_virtual_tokens",
-            format!("must be in 1..={MAX_VIRTUAL_TOKENS}"),
-        ));
-    }
-    if model.heads.score {
-        return Err(bad(
-            "method",
-            "prompt tuning trains no scalar head; for a reward model or critic use lora or head",
-        ));
-    }
+    check_virtual_tokens(model, c.num_virtual_tokens)?;
     let n = c.num_virtual_tokens;
-    if n + 1 > model.config.max_position {
-        return Err(bad(
-            "num_virtual_tokens",
-            format!(
-                "{n} virtual tokens leave no room in the model's {} positions",
-                model.config.max_position
-            ),
-        ));
-    }
     let store = VarStore::new(device);
     let embed = model.embedding_matrix();
     let rows = Tensor::randint(embed.size()[0], [n], (Kind::Int64, device));

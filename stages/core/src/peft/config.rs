@@ -1,0 +1,350 @@
+//! The `peft:` block as written: one method and its keys, parsed through a flat mapping so an
+//! unknown or misplaced key is reported at its line (serde loses positions inside internally
+//! tagged enums), with each key checked against the methods that take it.
+
+use serde::{Deserialize, Serialize};
+
+use super::{Activation, BottleneckConfig, EncoderKind, PrefixConfig, PromptConfig, PtuningConfig};
+
+/// Parsed through [`PeftSpec`], a flat mapping, so an unknown or misplaced key is reported at
+/// its line (serde loses positions inside internally tagged enums).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "snake_case", try_from = "PeftSpec")]
+pub enum PeftConfig {
+    Lora(LoraConfig),
+    /// LoRA over an NF4-quantised frozen base.
+    Qlora(LoraConfig),
+    /// Prompt tuning: learned virtual tokens before every input.
+    Prompt(PromptConfig),
+    /// Prefix tuning / P-tuning v2: learned keys and values in every layer.
+    Prefix(PrefixConfig),
+    /// P-tuning: virtual tokens produced by a prompt encoder (MLP or LSTM) while training.
+    Ptuning(PtuningConfig),
+    /// Bottleneck adapters after attention and MLP (Houlsby), with AdapterDrop.
+    Adapter(BottleneckConfig),
+    Freeze(FreezeConfig),
+    /// Feature-based training: the backbone frozen, only the scalar head (reward model,
+    /// critic) or an untied LM head trained.
+    Head,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoraBias {
+    /// No bias trained (PEFT's default).
+    #[default]
+    None,
+    /// Every bias of the model trained and saved with the adapter.
+    All,
+    /// The biases of the adapted layers.
+    LoraOnly,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoraInit {
+    /// A ~ Kaiming-uniform (bound 1/√in), B = 0: the adapter starts as the identity.
+    #[default]
+    Default,
+    /// A ~ N(0, 1/r), B = 0.
+    Gaussian,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraConfig {
+    /// The rank.
+    pub r: i64,
+    /// Scale numerator: updates are scaled by alpha/r (alpha/√r with rslora). Default 2r.
+    #[serde(default)]
+    pub alpha: Option<f64>,
+    #[serde(default)]
+    pub dropout: f64,
+    /// Hugging Face module names (`c_attn`, `q_proj`…), matched as PEFT does: the module's
+    /// name or the end of its path. Default: every dense layer of the blocks.
+    #[serde(default)]
+    pub target_modules: Option<Vec<String>>,
+    /// Only these blocks (0-based); default all.
+    #[serde(default)]
+    pub layers: Option<Vec<usize>>,
+    #[serde(default)]
+    pub bias: LoraBias,
+    #[serde(default)]
+    pub rslora: bool,
+    #[serde(default)]
+    pub dora: bool,
+    #[serde(default)]
+    pub init: LoraInit,
+    /// QLoRA only: quantise the NF4 block maxima to 8 bits too (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub double_quant: Option<bool>,
+}
+
+impl PeftConfig {
+    /// The adapter settings of `lora` and `qlora`.
+    pub fn lora(&self) -> Option<&LoraConfig> {
+        match self {
+            PeftConfig::Lora(c) | PeftConfig::Qlora(c) => Some(c),
+            _ => None,
+        }
+    }
+}
+
+impl LoraConfig {
+    pub fn alpha(&self) -> f64 {
+        self.alpha.unwrap_or(2.0 * self.r as f64)
+    }
+
+    pub fn scale(&self) -> f64 {
+        if self.rslora {
+            self.alpha() / (self.r as f64).sqrt()
+        } else {
+            self.alpha() / self.r as f64
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FreezeConfig {
+    /// Parameter-name patterns to train (`*` matches any run of characters), e.g.
+    /// `["*.ln_*", "transformer.h.3.*"]`.
+    #[serde(default)]
+    pub trainable: Vec<String>,
+    /// Train the top k blocks (and the final norm).
+    #[serde(default)]
+    pub top_layers: Option<usize>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Method {
+    Lora,
+    Qlora,
+    Prompt,
+    Prefix,
+    Ptuning,
+    Adapter,
+    Freeze,
+    Head,
+}
+
+/// The `peft:` block as written: every method's keys, checked against the method.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PeftSpec {
+    method: Method,
+    r: Option<i64>,
+    alpha: Option<f64>,
+    dropout: Option<f64>,
+    target_modules: Option<Vec<String>>,
+    layers: Option<Vec<usize>>,
+    bias: Option<LoraBias>,
+    rslora: Option<bool>,
+    dora: Option<bool>,
+    init: Option<LoraInit>,
+    double_quant: Option<bool>,
+    trainable: Option<Vec<String>>,
+    top_layers: Option<usize>,
+    num_virtual_tokens: Option<i64>,
+    init_text: Option<String>,
+    projection: Option<bool>,
+    encoder_hidden_size: Option<i64>,
+    encoder: Option<EncoderKind>,
+    reduction: Option<i64>,
+    activation: Option<Activation>,
+    drop_layers: Option<usize>,
+}
+
+impl Method {
+    fn name(self) -> &'static str {
+        match self {
+            Method::Lora => "lora",
+            Method::Qlora => "qlora",
+            Method::Prompt => "prompt",
+            Method::Prefix => "prefix",
+            Method::Ptuning => "ptuning",
+            Method::Adapter => "adapter",
+            Method::Freeze => "freeze",
+            Method::Head => "head",
+        }
+    }
+}
+
+impl TryFrom<PeftSpec> for PeftConfig {
+    type Error = String;
+
+    fn try_from(s: PeftSpec) -> Result<Self, String> {
+        use Method::*;
+        const LORA: &[Method] = &[Lora, Qlora];
+        const VIRTUAL: &[Method] = &[Prompt, Ptuning, Prefix];
+        // Every key and the methods that take it; the first key given to another method is
+        // named with its owner.
+        let keys: [(&str, bool, &[Method]); 20] = [
+            ("r", s.r.is_some(), LORA),
+            ("alpha", s.alpha.is_some(), LORA),
+            ("dropout", s.dropout.is_some(), LORA),
+            ("target_modules", s.target_modules.is_some(), LORA),
+            ("layers", s.layers.is_some(), LORA),
+            ("bias", s.bias.is_some(), LORA),
+            ("rslora", s.rslora.is_some(), LORA),
+            ("dora", s.dora.is_some(), LORA),
+            ("init", s.init.is_some(), LORA),
+            ("double_quant", s.double_quant.is_some(), &[Qlora]),
+            ("trainable", s.trainable.is_some(), &[Freeze]),
+            ("top_layers", s.top_layers.is_some(), &[Freeze]),
+            (
+                "num_virtual_tokens",
+                s.num_virtual_tokens.is_some(),
+                VIRTUAL,
+            ),
+            ("init_text", s.init_text.is_some(), &[Prompt]),
+            ("projection", s.projection.is_some(), &[Prefix]),
+            (
+                "encoder_hidden_size",
+                s.encoder_hidden_size.is_some(),
+                &[Prefix, Ptuning],
+            ),
+            ("encoder", s.encoder.is_some(), &[Ptuning]),
+            ("reduction", s.reduction.is_some(), &[Adapter]),
+            ("activation", s.activation.is_some(), &[Adapter]),
+            ("drop_layers", s.drop_layers.is_some(), &[Adapter]),
+        ];
+        if let Some((k, _, owners)) = keys
+            .iter()
+            .find(|(_, set, owners)| *set && !owners.contains(&s.method))
+        {
+            return Err(if s.method == Head {
+                format!("method head takes no settings (got `{k}`)")
+            } else {
+                format!(
+                    "`{k}` belongs to method {}, not {}",
+                    owners[0].name(),
+                    s.method.name()
+                )
+            });
+        }
+        let virtual_tokens = || {
+            s.num_virtual_tokens.ok_or(format!(
+                "method {} needs `num_virtual_tokens`",
+                s.method.name()
+            ))
+        };
+        Ok(match s.method {
+            Lora | Qlora => {
+                let c = LoraConfig {
+                    r: s.r
+                        .ok_or(format!("method {} needs a rank `r`", s.method.name()))?,
+                    alpha: s.alpha,
+                    dropout: s.dropout.unwrap_or(0.0),
+                    target_modules: s.target_modules,
+                    layers: s.layers,
+                    bias: s.bias.unwrap_or_default(),
+                    rslora: s.rslora.unwrap_or(false),
+                    dora: s.dora.unwrap_or(false),
+                    init: s.init.unwrap_or_default(),
+                    double_quant: s.double_quant,
+                };
+                if s.method == Lora {
+                    PeftConfig::Lora(c)
+                } else {
+                    PeftConfig::Qlora(c)
+                }
+            }
+            Prompt => PeftConfig::Prompt(PromptConfig {
+                num_virtual_tokens: virtual_tokens()?,
+                init_text: s.init_text,
+            }),
+            Prefix => PeftConfig::Prefix(PrefixConfig {
+                num_virtual_tokens: virtual_tokens()?,
+                projection: s.projection.unwrap_or(false),
+                encoder_hidden_size: s.encoder_hidden_size,
+            }),
+            Ptuning => PeftConfig::Ptuning(PtuningConfig {
+                num_virtual_tokens: virtual_tokens()?,
+                encoder: s.encoder.unwrap_or_default(),
+                encoder_hidden_size: s.encoder_hidden_size,
+            }),
+            Adapter => PeftConfig::Adapter(BottleneckConfig {
+                reduction: s.reduction.unwrap_or(16),
+                activation: s.activation.unwrap_or_default(),
+                drop_layers: s.drop_layers.unwrap_or(0),
+            }),
+            Freeze => PeftConfig::Freeze(FreezeConfig {
+                trainable: s.trainable.unwrap_or_default(),
+                top_layers: s.top_layers,
+            }),
+            Head => PeftConfig::Head,
+        })
+    }
+}
+
+/// A `peft:` problem, named by its key under `peft`.
+#[derive(Debug)]
+pub struct PeftError {
+    pub field: String,
+    pub message: String,
+}
+
+pub(crate) fn bad(field: &str, message: impl Into<String>) -> PeftError {
+    PeftError {
+        field: format!("peft.{field}"),
+        message: message.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<PeftConfig, String> {
+        serde_yaml::from_str(yaml).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn qlora_parses_as_lora_with_double_quantisation_by_default() {
+        let c = parse("{method: qlora, r: 8}").unwrap();
+        let PeftConfig::Qlora(l) = &c else {
+            panic!("{c:?}")
+        };
+        assert_eq!((l.r, l.double_quant), (8, None));
+        assert_eq!(c.lora().map(|l| l.scale()), Some(2.0));
+        // Written and read back unchanged (temper_adapter.json keeps the full config).
+        let off = parse("{method: qlora, r: 4, double_quant: false}").unwrap();
+        let text = serde_yaml::to_string(&off).unwrap();
+        assert_eq!(parse(&text).unwrap(), off, "{text}");
+    }
+
+    #[test]
+    fn keys_of_another_method_are_named() {
+        let e = parse("{method: lora, r: 4, double_quant: true}").unwrap_err();
+        assert!(e.contains("`double_quant` belongs to method qlora"), "{e}");
+        let e = parse("{method: qlora}").unwrap_err();
+        assert!(e.contains("method qlora needs a rank"), "{e}");
+        let e = parse("{method: qlora, r: 4, top_layers: 1}").unwrap_err();
+        assert!(e.contains("belongs to method freeze"), "{e}");
+        let e = parse("{method: prompt, num_virtual_tokens: 8, r: 4}").unwrap_err();
+        assert!(e.contains("`r` belongs to method lora, not prompt"), "{e}");
+        let e = parse("{method: lora, r: 4, init_text: hi}").unwrap_err();
+        assert!(e.contains("`init_text` belongs to method prompt"), "{e}");
+        let e = parse("{method: prefix, num_virtual_tokens: 8, init_text: hi}").unwrap_err();
+        assert!(e.contains("`init_text` belongs to method prompt"), "{e}");
+        let e = parse("{method: lora, r: 2, drop_layers: 1}").unwrap_err();
+        assert!(e.contains("`drop_layers` belongs to method adapter"), "{e}");
+        let e = parse("{method: adapter, r: 2}").unwrap_err();
+        assert!(e.contains("`r` belongs to method lora, not adapter"), "{e}");
+        let p = parse("{method: adapter, reduction: 8, activation: gelu, drop_layers: 2}").unwrap();
+        assert_eq!(parse(&serde_yaml::to_string(&p).unwrap()).unwrap(), p);
+        let e = parse("{method: lora, r: 2, encoder: lstm}").unwrap_err();
+        assert!(e.contains("`encoder` belongs to method ptuning"), "{e}");
+        let p = parse("{method: ptuning, num_virtual_tokens: 4, encoder: lstm}").unwrap();
+        assert_eq!(parse(&serde_yaml::to_string(&p).unwrap()).unwrap(), p);
+        let e = parse("{method: prompt, num_virtual_tokens: 8, projection: true}").unwrap_err();
+        assert!(e.contains("`projection` belongs to method prefix"), "{e}");
+        let p = parse("{method: prefix, num_virtual_tokens: 8, projection: true}").unwrap();
+        assert_eq!(parse(&serde_yaml::to_string(&p).unwrap()).unwrap(), p);
+        let p = parse("{method: prompt, num_virtual_tokens: 8, init_text: hi}").unwrap();
+        let text = serde_yaml::to_string(&p).unwrap();
+        assert_eq!(parse(&text).unwrap(), p, "{text}");
+    }
+}
