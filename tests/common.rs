@@ -219,3 +219,13 @@ pub fn max_diff_on(a: &tch::Tensor, b: &tch::Tensor, mask: &tch::Tensor) -> f64 
         .max()
         .double_value(&[])
 }
+
+/// configs/tiny.yaml with its reward model (and so PPO and eval) swept over seeds 1 and 2.
+pub fn tiny_reward_sweep(dir: &Path) -> PathBuf {
+    tiny_variant(dir, |t| {
+        t.replace(
+            "  reward:\n    uses: reward\n",
+            "  reward:\n    uses: reward\n    matrix: {seed: [1, 2]}\n",
+        )
+    })
+}

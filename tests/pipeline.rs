@@ -304,12 +304,7 @@ fn invalid_pipelines_fail_before_anything_runs_naming_the_problem() {
 #[test]
 fn a_seed_sweep_runs_as_branches_and_compares_as_mean_and_std() {
     let dir = tempfile::tempdir().unwrap();
-    let file = tiny_variant(dir.path(), |t| {
-        t.replace(
-            "  reward:\n    uses: reward\n",
-            "  reward:\n    uses: reward\n    matrix: {seed: [1, 2]}\n",
-        )
-    });
+    let file = tiny_reward_sweep(dir.path());
     let f = file.to_str().unwrap();
     let out = Command::new(bin("temper"))
         .args(["run", f])

@@ -79,12 +79,7 @@ fn headless(browser: &Path, page: &Path, args: &[&str]) -> (String, String) {
 #[test]
 fn the_report_draws_the_graph_sweeps_samples_and_every_chart() {
     let dir = tempfile::tempdir().unwrap();
-    let file = tiny_variant(dir.path(), |t| {
-        t.replace(
-            "  reward:\n    uses: reward\n",
-            "  reward:\n    uses: reward\n    matrix: {seed: [1, 2]}\n",
-        )
-    });
+    let file = tiny_reward_sweep(dir.path());
     let f = file.to_str().unwrap();
     let run = Command::new(bin("temper"))
         .args(["run", f])

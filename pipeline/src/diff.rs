@@ -39,7 +39,12 @@ fn summary_of(dir: &Path) -> Map<String, Value> {
 
 /// The current side: each stage's last successful run in the lock, with its summary.
 fn current(p: &Pipeline) -> anyhow::Result<BTreeMap<String, Side>> {
-    let lock = Lock::load(&p.workdir)?;
+    lock_sides(p, &p.workdir, "lock")
+}
+
+/// Each stage's last successful run in the lock of `workdir`, with its summary.
+fn lock_sides(p: &Pipeline, workdir: &Path, from: &str) -> anyhow::Result<BTreeMap<String, Side>> {
+    let lock = Lock::load(workdir)?;
     Ok(p.stages
         .iter()
         .filter_map(|s| {
@@ -50,8 +55,8 @@ fn current(p: &Pipeline) -> anyhow::Result<BTreeMap<String, Side>> {
                     key: d.key.clone(),
                     params: d.params.clone(),
                     inputs: d.inputs.clone(),
-                    summary: summary_of(&p.stage_out(&s.name)),
-                    from: "lock".into(),
+                    summary: summary_of(&workdir.join("stages").join(&s.name)),
+                    from: from.into(),
                 },
             ))
         })
@@ -129,23 +134,7 @@ fn baseline(
                 dir.display(),
                 p.name
             );
-            let lock = Lock::load(dir)?;
-            Ok(p.stages
-                .iter()
-                .filter_map(|s| {
-                    let d = lock.done(&s.name)?;
-                    Some((
-                        s.name.clone(),
-                        Side {
-                            key: d.key.clone(),
-                            params: d.params.clone(),
-                            inputs: d.inputs.clone(),
-                            summary: summary_of(&dir.join("stages").join(&s.name)),
-                            from: format!("workdir {}", dir.display()),
-                        },
-                    ))
-                })
-                .collect())
+            lock_sides(p, dir, &format!("workdir {}", dir.display()))
         }
         Some(other) => anyhow::bail!("--against {}: not found", other.display()),
         None => {

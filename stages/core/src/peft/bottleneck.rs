@@ -17,8 +17,8 @@ use tch::nn::{self, Module, VarStore};
 use tch::{Device, Tensor};
 
 use super::files::{
-    config_err, copy_tokenizer, relative_path, write_json, ADAPTER_CONFIG, ADAPTER_WEIGHTS,
-    TEMPER_ADAPTER,
+    config_err, copy_tokenizer, relative_path, write_adapter_weights, write_json, ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS, TEMPER_ADAPTER,
 };
 use super::{bad, PeftConfig, PeftError, Switch, Tuning};
 use crate::config::Arch;
@@ -162,17 +162,8 @@ pub(crate) fn save(
     inside: bool,
     tokenizer: &Path,
 ) -> Result<()> {
-    let tensors: Vec<(String, Tensor)> = adapters
-        .variables()
-        .into_iter()
-        .map(|(k, t)| (k, t.detach().to_device(Device::Cpu).contiguous()))
-        .collect();
-    let tmp = dir.join(format!(".{ADAPTER_WEIGHTS}.tmp"));
-    Tensor::write_safetensors(&tensors, &tmp)?;
-    std::fs::rename(&tmp, dir.join(ADAPTER_WEIGHTS)).map_err(|source| CoreError::Io {
-        path: dir.join(ADAPTER_WEIGHTS),
-        source,
-    })?;
+    let tensors: Vec<(String, Tensor)> = adapters.variables().into_iter().collect();
+    write_adapter_weights(dir, &tensors)?;
     let config = json!({
         "peft_type": PEFT_TYPE,
         "task_type": "CAUSAL_LM",

@@ -464,13 +464,8 @@ impl Tuning {
                 tensors.insert(format!("base_model.model.{key}"), t);
             }
         }
-        let tensors: Vec<(String, Tensor)> = tensors
-            .into_iter()
-            .map(|(k, t)| (k, t.detach().to_device(Device::Cpu).contiguous()))
-            .collect();
-        let tmp = dir.join(format!(".{ADAPTER_WEIGHTS}.tmp"));
-        Tensor::write_safetensors(&tensors, &tmp)?;
-        replace(&tmp, &dir.join(ADAPTER_WEIGHTS))?;
+        let tensors: Vec<(String, Tensor)> = tensors.into_iter().collect();
+        write_adapter_weights(&dir, &tensors)?;
         let targeted: BTreeSet<String> = model
             .block_linears()
             .iter()
@@ -536,6 +531,17 @@ pub(crate) fn base_for(
     replace(&dir.join("base_tmp").join("checkpoint"), &b)?;
     let _ = std::fs::remove_dir_all(dir.join("base_tmp"));
     Ok((b, true))
+}
+
+/// Writes `adapter_model.safetensors` into `dir` atomically (CPU, contiguous, detached).
+pub(crate) fn write_adapter_weights(dir: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let tensors: Vec<(&str, Tensor)> = tensors
+        .iter()
+        .map(|(k, t)| (k.as_str(), t.detach().to_device(Device::Cpu).contiguous()))
+        .collect();
+    let tmp = dir.join(format!(".{ADAPTER_WEIGHTS}.tmp"));
+    Tensor::write_safetensors(&tensors, &tmp)?;
+    replace(&tmp, &dir.join(ADAPTER_WEIGHTS))
 }
 
 pub(crate) fn copy_tokenizer(tokenizer: &Path, dir: &Path) -> Result<()> {

@@ -13,8 +13,8 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use super::files::{
-    base_dir, config_err, copy_tokenizer, relative_path, write_json, ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS, TEMPER_ADAPTER,
+    base_dir, config_err, copy_tokenizer, relative_path, write_adapter_weights, write_json,
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, TEMPER_ADAPTER,
 };
 use super::ptuning::{Encoder, PtuningConfig};
 use super::{bad, PeftConfig, PeftError, PrefixConfig, Switch, Tuning};
@@ -235,18 +235,10 @@ fn write_adapter(
     inside: bool,
     tokenizer: &Path,
 ) -> Result<()> {
-    let tmp = dir.join(format!(".{ADAPTER_WEIGHTS}.tmp"));
-    Tensor::write_safetensors(
-        &[(
-            "prompt_embeddings",
-            embeddings.detach().to_device(Device::Cpu).contiguous(),
-        )],
-        &tmp,
+    write_adapter_weights(
+        dir,
+        &[("prompt_embeddings".into(), embeddings.shallow_clone())],
     )?;
-    std::fs::rename(&tmp, dir.join(ADAPTER_WEIGHTS)).map_err(|source| CoreError::Io {
-        path: dir.join(ADAPTER_WEIGHTS),
-        source,
-    })?;
     let cfg = &model.config;
     let common = json!({
         "task_type": "CAUSAL_LM",
