@@ -29,9 +29,12 @@ Beside them:
   tests/fixtures/vader/         real movie-review snippets and tweets with the compound score of the
                                 vaderSentiment package itself, and the part of its lexicon they use
 
+The Llama-layout families (qwen2, qwen3, mistral, llama3: see FAMILY_CONFIGS) get the same
+golden as llama, and qwen2 a reward-model one.
+
 golden.json records the settings and the reference calls. Rerun with the project venv, after
 scripts/fetch_data.sh (the VADER golden reads the fetched snippets):
-  .venv/bin/python scripts/make_goldens.py
+  .venv/bin/python scripts/make_goldens.py [NAME ...]   # no NAME: all of them
 The tests read these files without Python.
 """
 import json
@@ -43,7 +46,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import (AutoModelForCausalLM, GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM, LlamaForSequenceClassification)
+                          LlamaForCausalLM, LlamaForSequenceClassification, MistralConfig,
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification,
+                          Qwen3Config, Qwen3ForCausalLM)
 from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
                                                     TopPLogitsWarper)
 
@@ -51,20 +56,41 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "
 ADAMW = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
 
+# The Llama-layout families, each with the switch that sets it apart, small enough that the
+# golden inputs (12 tokens, greedy decoding to 22) exercise it: Qwen2's q/k/v biases, Qwen3's
+# per-head q/k norms with head_dim != hidden/heads, Mistral's sliding window (5 tokens), and
+# Llama 3.1's rope scaling (original context 32, so frequencies fall in all three bands) with
+# Llama's attention and MLP biases and tied embeddings.
+FAMILY_CONFIGS = {
+    "llama": (LlamaConfig, {}),
+    "qwen2": (Qwen2Config, {}),
+    "qwen3": (Qwen3Config, dict(head_dim=16, attention_bias=False)),
+    "mistral": (MistralConfig, dict(sliding_window=5, head_dim=8)),
+    "llama3": (LlamaConfig, dict(num_attention_heads=2, num_key_value_heads=1, attention_bias=True,
+                                 mlp_bias=True, tie_word_embeddings=True,
+                                 rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                   high_freq_factor=4.0,
+                                                   original_max_position_embeddings=32))),
+}
+CAUSAL_LM = {"gpt2": GPT2LMHeadModel, "llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM,
+             "qwen3": Qwen3ForCausalLM, "mistral": MistralForCausalLM, "llama3": LlamaForCausalLM}
+
+
 def tiny_config(family, **extra):
     if family == "gpt2":
         return GPT2Config(vocab_size=101, n_positions=64, n_embd=32, n_layer=2, n_head=4,
                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0,
                           bos_token_id=None, eos_token_id=None, pad_token_id=0, **extra)
-    return LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                       rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
-                       bos_token_id=None, eos_token_id=None, pad_token_id=0, **extra)
+    cls, own = FAMILY_CONFIGS[family]
+    base = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
+                bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    return cls(**{**base, **own, **extra})
 
 
 def tiny(family):
-    cls = GPT2LMHeadModel if family == "gpt2" else LlamaForCausalLM
-    return cls(tiny_config(family))
+    return CAUSAL_LM[family](tiny_config(family))
 
 
 def inputs(vocab):
@@ -162,7 +188,8 @@ def make_reward_model(family, seed):
     (unpadded, right-padded, left-padded): transformers reads the score at the last non-pad
     token, as temper's `last_token` pooling does."""
     torch.manual_seed(seed)
-    cls = GPT2ForSequenceClassification if family == "gpt2" else LlamaForSequenceClassification
+    cls = {"gpt2": GPT2ForSequenceClassification, "llama": LlamaForSequenceClassification,
+           "qwen2": Qwen2ForSequenceClassification}[family]
     model = cls(tiny_config(family, num_labels=1)).eval()
     out_dir = os.path.join(ROOT, f"{family}_rm")
     os.makedirs(out_dir, exist_ok=True)
@@ -417,14 +444,29 @@ def make_sharded():
     print(f"llama_sharded_bf16: {len(shards)} bf16 shards")
 
 
+GOLDENS = {
+    "gpt2": lambda: make("gpt2", 1234),
+    "llama": lambda: make("llama", 4321),
+    "qwen2": lambda: make("qwen2", 2002),
+    "qwen3": lambda: make("qwen3", 3003),
+    "mistral": lambda: make("mistral", 4004),
+    "llama3": lambda: make("llama3", 5005),
+    "gpt2_rm": lambda: make_reward_model("gpt2", 99),
+    "llama_rm": lambda: make_reward_model("llama", 98),
+    "qwen2_rm": lambda: make_reward_model("qwen2", 97),
+    "sampling": make_sampling,
+    "preference": make_preference,
+    "grpo": make_grpo,
+    "vader": make_vader,
+    "llama_sharded_bf16": make_sharded,
+}
+
 if __name__ == "__main__":
-    make("gpt2", 1234)
-    make("llama", 4321)
-    make_reward_model("gpt2", 99)
-    make_reward_model("llama", 98)
-    make_sampling()
-    make_preference()
-    make_grpo()
-    make_vader()
-    make_sharded()
+    # No argument: every golden. Names (fixture folders) remake just those.
+    names = sys.argv[1:] or list(GOLDENS)
+    unknown = [n for n in names if n not in GOLDENS]
+    if unknown:
+        sys.exit(f"unknown golden {unknown}; choose from {list(GOLDENS)}")
+    for name in names:
+        GOLDENS[name]()
     sys.exit(0)

@@ -1,6 +1,7 @@
-//! Model shape, and its mapping to and from Hugging Face `config.json` (GPT2LMHeadModel and
-//! LlamaForCausalLM). Options the core does not implement (rope scaling, biased Llama
-//! projections, other activations) are rejected by name rather than silently ignored.
+//! Model shape, and its mapping to and from Hugging Face `config.json`: GPT-2, and the
+//! Llama-layout families (Llama 2/3, Mistral, Qwen2/2.5, Qwen3) as one transformer with
+//! switches. Options the core does not implement are rejected by name (see [`crate::hf_config`])
+//! rather than silently ignored.
 
 use std::path::Path;
 
@@ -25,6 +26,60 @@ impl Arch {
             Arch::Llama => "llama",
         }
     }
+}
+
+/// Which Hugging Face family a Llama-layout model is: it decides the `model_type` written, the
+/// attention biases (Qwen2 has them on q/k/v) and the per-head q/k RMSNorm (Qwen3).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    #[default]
+    Llama,
+    Mistral,
+    Qwen2,
+    Qwen3,
+}
+
+impl Family {
+    pub fn is_llama(&self) -> bool {
+        *self == Family::Llama
+    }
+
+    /// transformers' `model_type`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Mistral => "mistral",
+            Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
+        }
+    }
+
+    /// transformers' class prefix (`Qwen2` in `Qwen2ForCausalLM`).
+    pub fn class_prefix(self) -> &'static str {
+        match self {
+            Family::Llama => "Llama",
+            Family::Mistral => "Mistral",
+            Family::Qwen2 => "Qwen2",
+            Family::Qwen3 => "Qwen3",
+        }
+    }
+}
+
+/// RoPE frequency scaling for contexts longer than the model was pretrained on, as
+/// transformers' `rope_scaling` (`rope_type` linear or llama3).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "rope_type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum RopeScaling {
+    /// Every frequency divided by `factor` (position interpolation).
+    Linear { factor: f64 },
+    /// Llama 3.1: low frequencies divided by `factor`, high ones kept, a smooth ramp between.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: i64,
+    },
 }
 
 /// The shape of a model. In stage configs it is written under `model:`; missing optional
@@ -63,6 +118,29 @@ pub struct ModelConfig {
     /// A reward model's score multiplied by a sign read from each prompt's label.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub score_sign: Option<ScoreSign>,
+    /// The Llama-layout family (Llama when absent).
+    #[serde(default, skip_serializing_if = "Family::is_llama")]
+    pub family: Family,
+    /// Per-head width when it is not d_model / n_head (Qwen3, some Mistrals).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<i64>,
+    /// transformers' `attention_bias` (Llama, Qwen3): biases on q/k/v and the output projection.
+    /// Qwen2 always has q/k/v biases and no output bias, whatever this says.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub attention_bias: bool,
+    /// Biases on the MLP's projections (Llama's `mlp_bias`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub mlp_bias: bool,
+    /// Mistral's sliding-window attention: a token sees itself and the `sliding_window - 1`
+    /// tokens before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// A reward that depends on what the prompt asked for through a sign, not through what the
@@ -132,7 +210,28 @@ impl ModelConfig {
     }
 
     pub fn head_dim(&self) -> i64 {
-        self.d_model / self.n_head
+        self.head_dim.unwrap_or(self.d_model / self.n_head)
+    }
+
+    /// Width of the concatenated heads: the query projection's output, the output
+    /// projection's input (d_model unless `head_dim` says otherwise).
+    pub fn attn_dim(&self) -> i64 {
+        self.n_head * self.head_dim()
+    }
+
+    /// Biases on the query, key and value projections.
+    pub fn qkv_bias(&self) -> bool {
+        self.arch == Arch::Gpt2 || self.family == Family::Qwen2 || self.attention_bias
+    }
+
+    /// A bias on the attention's output projection.
+    pub fn out_bias(&self) -> bool {
+        self.arch == Arch::Gpt2 || (self.family != Family::Qwen2 && self.attention_bias)
+    }
+
+    /// Qwen3's RMSNorm over each query and key head before RoPE.
+    pub fn qk_norm(&self) -> bool {
+        self.family == Family::Qwen3
     }
 
     pub fn d_ff(&self) -> i64 {
@@ -169,11 +268,35 @@ impl ModelConfig {
                 return bad(format!("{name} must be positive, got {v}"));
             }
         }
-        if self.d_model % self.n_head != 0 {
+        if self.head_dim.is_none() && self.d_model % self.n_head != 0 {
             return bad(format!(
                 "d_model ({}) must be divisible by n_head ({})",
                 self.d_model, self.n_head
             ));
+        }
+        if self.arch == Arch::Gpt2
+            && (self.family != Family::Llama
+                || self.head_dim.is_some()
+                || self.attention_bias
+                || self.mlp_bias
+                || self.sliding_window.is_some()
+                || self.rope_scaling.is_some())
+        {
+            return bad(
+                "family, head_dim, attention_bias, mlp_bias, sliding_window and rope_scaling \
+                 apply to the llama layout only"
+                    .into(),
+            );
+        }
+        if let Some(w) = self.sliding_window {
+            if w <= 0 {
+                return bad(format!("sliding_window must be positive, got {w}"));
+            }
+        }
+        if let Some(hd) = self.head_dim {
+            if hd <= 0 {
+                return bad(format!("head_dim must be positive, got {hd}"));
+            }
         }
         if self.n_head % self.n_kv_head() != 0 {
             return bad(format!(
@@ -211,24 +334,7 @@ impl ModelConfig {
                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
                 "tie_word_embeddings": self.tie_embeddings(),
             }),
-            Arch::Llama => json!({
-                "architectures": ["LlamaForCausalLM"],
-                "model_type": "llama",
-                "vocab_size": self.vocab_size,
-                "max_position_embeddings": self.max_position,
-                "hidden_size": self.d_model,
-                "intermediate_size": self.d_ff(),
-                "num_hidden_layers": self.n_layer,
-                "num_attention_heads": self.n_head,
-                "num_key_value_heads": self.n_kv_head(),
-                "head_dim": self.head_dim(),
-                "hidden_act": "silu",
-                "rms_norm_eps": self.norm_eps(),
-                "rope_theta": self.rope_theta,
-                "attention_bias": false,
-                "mlp_bias": false,
-                "tie_word_embeddings": self.tie_embeddings(),
-            }),
+            Arch::Llama => self.llama_layout_json(),
         };
         let obj = v.as_object_mut().expect("json! object literal");
         obj.insert("torch_dtype".into(), json!("float32"));
@@ -250,6 +356,55 @@ impl ModelConfig {
         v
     }
 
+    /// `config.json` of the Llama-layout families: the fields every one shares, then each
+    /// family's own (transformers rejects nothing extra, but writing only what the family
+    /// defines keeps the file the one its own code would save).
+    fn llama_layout_json(&self) -> Value {
+        let family = self.family;
+        let mut v = json!({
+            "architectures": [format!("{}ForCausalLM", family.class_prefix())],
+            "model_type": family.model_type(),
+            "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.max_position,
+            "hidden_size": self.d_model,
+            "intermediate_size": self.d_ff(),
+            "num_hidden_layers": self.n_layer,
+            "num_attention_heads": self.n_head,
+            "num_key_value_heads": self.n_kv_head(),
+            "head_dim": self.head_dim(),
+            "hidden_act": "silu",
+            "rms_norm_eps": self.norm_eps(),
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tie_embeddings(),
+        });
+        let obj = v.as_object_mut().expect("json! object literal");
+        if let Some(scaling) = &self.rope_scaling {
+            obj.insert("rope_scaling".into(), json!(scaling));
+        }
+        match family {
+            Family::Llama => {
+                obj.insert("attention_bias".into(), json!(self.attention_bias));
+                obj.insert("mlp_bias".into(), json!(self.mlp_bias));
+            }
+            Family::Mistral => {
+                obj.insert("sliding_window".into(), json!(self.sliding_window));
+            }
+            Family::Qwen2 | Family::Qwen3 => {
+                if family == Family::Qwen3 {
+                    obj.insert("attention_bias".into(), json!(self.attention_bias));
+                }
+                obj.insert("use_sliding_window".into(), json!(false));
+                obj.insert("sliding_window".into(), Value::Null);
+                obj.insert("max_window_layers".into(), json!(self.n_layer));
+                obj.insert(
+                    "layer_types".into(),
+                    json!(vec!["full_attention"; self.n_layer as usize]),
+                );
+            }
+        }
+        v
+    }
+
     /// Reads a Hugging Face `config.json` (see [`crate::hf_config`] for the families).
     pub fn from_hf_json(path: &Path) -> Result<Self> {
         crate::hf_config::read(path)
@@ -263,7 +418,18 @@ impl ModelConfig {
         let per_layer = match self.arch {
             // c_attn (C×3C + 3C), c_proj (C×C + C), the MLP's c_fc and c_proj, two LayerNorms.
             Arch::Gpt2 => 3 * c * c + 3 * c + c * c + c + 2 * c * f + f + c + 4 * c,
-            Arch::Llama => 2 * c * c + 2 * c * kv + 3 * c * f + 2 * c,
+            Arch::Llama => {
+                let a = self.attn_dim();
+                let bias = |on: bool, n: i64| if on { n } else { 0 };
+                2 * c * a
+                    + 2 * c * kv
+                    + 3 * c * f
+                    + 2 * c
+                    + bias(self.qkv_bias(), a + 2 * kv)
+                    + bias(self.out_bias(), c)
+                    + bias(self.mlp_bias, 2 * f + c)
+                    + bias(self.qk_norm(), 2 * self.head_dim())
+            }
         };
         let positions = if self.arch == Arch::Gpt2 {
             self.max_position * c
@@ -339,6 +505,12 @@ impl ModelShape {
             pad_token_id: Some(pad as i64),
             score_pooling: ScorePooling::LastToken,
             score_sign: None,
+            family: Default::default(),
+            head_dim: None,
+            attention_bias: false,
+            mlp_bias: false,
+            sliding_window: None,
+            rope_scaling: None,
         };
         cfg.validate()?;
         Ok(cfg)

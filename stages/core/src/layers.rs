@@ -5,7 +5,7 @@
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
-use crate::config::{Arch, ModelConfig};
+use crate::config::{Arch, ModelConfig, RopeScaling};
 
 pub(crate) fn normal_init(std: f64) -> Init {
     Init::Randn {
@@ -139,6 +139,15 @@ impl Norm {
         }
     }
 
+    /// An RMSNorm of width `d` (Qwen3's per-head q/k norms).
+    pub fn rms(p: nn::Path, d: i64, eps: f64) -> Self {
+        Self {
+            weight: p.ones("weight", &[d]),
+            bias: None,
+            eps,
+        }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Tensor {
         match &self.bias {
             Some(bias) => x.layer_norm(
@@ -181,11 +190,14 @@ impl Mlp {
                 c_fc: Linear::new(p.sub("c_fc"), d, f, true, true, 0.02),
                 c_proj: Linear::new(p.sub("c_proj"), f, d, true, true, proj_std),
             },
-            Arch::Llama => Mlp::SwiGlu {
-                gate: Linear::new(p.sub("gate_proj"), d, f, false, false, 0.02),
-                up: Linear::new(p.sub("up_proj"), d, f, false, false, 0.02),
-                down: Linear::new(p.sub("down_proj"), f, d, false, false, proj_std),
-            },
+            Arch::Llama => {
+                let bias = cfg.mlp_bias;
+                Mlp::SwiGlu {
+                    gate: Linear::new(p.sub("gate_proj"), d, f, bias, false, 0.02),
+                    up: Linear::new(p.sub("up_proj"), d, f, bias, false, 0.02),
+                    down: Linear::new(p.sub("down_proj"), f, d, bias, false, proj_std),
+                }
+            }
         }
     }
 
@@ -197,6 +209,20 @@ impl Mlp {
             }
         }
     }
+}
+
+/// Llama 3.1's frequency scaling (transformers' `_compute_llama3_parameters`): wavelengths
+/// longer than the original context / `low` are slowed by `factor`, those shorter than
+/// context / `high` kept, and the band between interpolated linearly in context / wavelength.
+fn llama3_frequencies(inv_freq: &Tensor, factor: f64, low: f64, high: f64, context: f64) -> Tensor {
+    let wavelen = inv_freq.reciprocal() * (2.0 * std::f64::consts::PI);
+    let long = wavelen.gt(context / low);
+    let short = wavelen.lt(context / high);
+    let slowed = inv_freq.where_self(&long.logical_not(), &(inv_freq / factor));
+    let smooth = ((wavelen.reciprocal() * context) - low) / (high - low);
+    let blended = (smooth.ones_like() - &smooth) * &slowed / factor + &smooth * &slowed;
+    let medium = long.logical_or(&short).logical_not();
+    blended.where_self(&medium, &slowed)
 }
 
 /// Rotary position embedding in transformers' "rotate half" convention.
@@ -214,6 +240,22 @@ impl Rope {
             .to_device(device)
             .pow(&exponents)
             .reciprocal();
+        let inv_freq = match &cfg.rope_scaling {
+            None => inv_freq,
+            Some(RopeScaling::Linear { factor }) => inv_freq / *factor,
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => llama3_frequencies(
+                &inv_freq,
+                *factor,
+                *low_freq_factor,
+                *high_freq_factor,
+                *original_max_position_embeddings as f64,
+            ),
+        };
         Self { inv_freq }
     }
 

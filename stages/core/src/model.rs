@@ -1,4 +1,5 @@
-//! The decoder-only transformer: GPT-2 and Llama in one implementation.
+//! The decoder-only transformer: GPT-2 and the Llama layout (Llama 2/3, Mistral, Qwen2, Qwen3)
+//! in one implementation, the families' differences being switches in [`ModelConfig`].
 //!
 //! `hidden_states` runs the full sequence (or the new tokens against a KV cache) with an
 //! attention mask for left or right padding; position ids come from the mask, so a padded
@@ -25,6 +26,8 @@ enum QkvProj {
 struct Attention {
     qkv: QkvProj,
     out: Linear,
+    /// Qwen3: RMSNorm over each query and key head, before RoPE.
+    qk_norm: Option<(Norm, Norm)>,
     n_head: i64,
     n_kv_head: i64,
     head_dim: i64,
@@ -33,24 +36,36 @@ struct Attention {
 impl Attention {
     fn new(p: nn::Path, cfg: &ModelConfig, proj_std: f64) -> Self {
         let d = cfg.d_model;
+        let a = cfg.attn_dim();
         let kv_dim = cfg.n_kv_head() * cfg.head_dim();
         let (qkv, out) = match cfg.arch {
             Arch::Gpt2 => (
                 QkvProj::Fused(Linear::new(p.sub("c_attn"), d, 3 * d, true, true, 0.02)),
                 Linear::new(p.sub("c_proj"), d, d, true, true, proj_std),
             ),
-            Arch::Llama => (
-                QkvProj::Split {
-                    q: Linear::new(p.sub("q_proj"), d, d, false, false, 0.02),
-                    k: Linear::new(p.sub("k_proj"), d, kv_dim, false, false, 0.02),
-                    v: Linear::new(p.sub("v_proj"), d, kv_dim, false, false, 0.02),
-                },
-                Linear::new(p.sub("o_proj"), d, d, false, false, proj_std),
-            ),
+            Arch::Llama => {
+                let bias = cfg.qkv_bias();
+                (
+                    QkvProj::Split {
+                        q: Linear::new(p.sub("q_proj"), d, a, bias, false, 0.02),
+                        k: Linear::new(p.sub("k_proj"), d, kv_dim, bias, false, 0.02),
+                        v: Linear::new(p.sub("v_proj"), d, kv_dim, bias, false, 0.02),
+                    },
+                    Linear::new(p.sub("o_proj"), a, d, cfg.out_bias(), false, proj_std),
+                )
+            }
         };
+        let qk_norm = cfg.qk_norm().then(|| {
+            let (hd, eps) = (cfg.head_dim(), cfg.norm_eps());
+            (
+                Norm::rms(p.sub("q_norm"), hd, eps),
+                Norm::rms(p.sub("k_norm"), hd, eps),
+            )
+        });
         Self {
             qkv,
             out,
+            qk_norm,
             n_head: cfg.n_head,
             n_kv_head: cfg.n_kv_head(),
             head_dim: cfg.head_dim(),
@@ -71,10 +86,15 @@ impl Attention {
             }
             QkvProj::Split { q, k, v } => (q.forward(x), k.forward(x), v.forward(x)),
         };
-        let heads = |z: Tensor, n: i64| z.view([b, t, n, self.head_dim]).transpose(1, 2);
-        let mut q = heads(q, self.n_head); // (B, H, T, hd)
-        let mut k = heads(k, self.n_kv_head); // (B, Hkv, T, hd)
-        let v = heads(v, self.n_kv_head);
+        let heads = |z: Tensor, n: i64| z.view([b, t, n, self.head_dim]);
+        let (mut q, mut k) = (heads(q, self.n_head), heads(k, self.n_kv_head)); // (B, T, H, hd)
+        if let Some((q_norm, k_norm)) = &self.qk_norm {
+            q = q_norm.forward(&q);
+            k = k_norm.forward(&k);
+        }
+        let mut q = q.transpose(1, 2); // (B, H, T, hd)
+        let mut k = k.transpose(1, 2); // (B, Hkv, T, hd)
+        let v = heads(v, self.n_kv_head).transpose(1, 2);
         if let Some((cos, sin)) = &ctx.rope {
             q = Rope::apply(&q, cos, sin);
             k = Rope::apply(&k, cos, sin);
@@ -104,7 +124,10 @@ impl Attention {
             None,
             false,
         ); // (B, H, T, hd)
-        self.out.forward(&y.transpose(1, 2).reshape([b, t, c]))
+        self.out.forward(
+            &y.transpose(1, 2)
+                .reshape([b, t, self.n_head * self.head_dim]),
+        )
     }
 }
 
@@ -347,6 +370,10 @@ impl Transformer {
             pos,
             attn_mask,
         } = layout(b, t, ids.device(), mask, cache.as_deref_mut());
+        let attn_mask = match self.config.sliding_window {
+            Some(w) if past + t > w => Some(within_window(attn_mask, past, t, w, ids.device())),
+            _ => attn_mask,
+        };
         let mut x = Tensor::embedding(&self.embed, ids, -1, false, false); // (B, T, C)
         if let (Some(p), true) = (&self.prompt, n_virtual > 0) {
             let virtual_tokens = p
@@ -424,8 +451,11 @@ impl Transformer {
         let mut v = self.config.to_hf_json();
         if self.heads.score && !self.heads.lm {
             let arch = match self.config.arch {
-                Arch::Gpt2 => "GPT2ForSequenceClassification",
-                Arch::Llama => "LlamaForSequenceClassification",
+                Arch::Gpt2 => "GPT2ForSequenceClassification".to_string(),
+                Arch::Llama => format!(
+                    "{}ForSequenceClassification",
+                    self.config.family.class_prefix()
+                ),
             };
             v["architectures"] = serde_json::json!([arch]);
             v["id2label"] = serde_json::json!({"0": "LABEL_0"});
@@ -612,6 +642,21 @@ fn padding_mask(
     allowed.unsqueeze(1)
 }
 
+/// Mistral's sliding window on top of `mask` (None: plain causal): query at absolute position
+/// q sees key k only when q - k < `window`, counted in cache slots as transformers does (the
+/// same distance in real tokens, since padding sits only at a row's ends).
+fn within_window(mask: Option<Tensor>, past: i64, t: i64, window: i64, device: Device) -> Tensor {
+    let q = (Tensor::arange(t, (Kind::Int64, device)) + past).unsqueeze(1);
+    let k = Tensor::arange(past + t, (Kind::Int64, device)).unsqueeze(0);
+    let band = (q - k).lt(window).view([1, 1, t, past + t]);
+    match mask {
+        Some(m) => m.logical_and(&band),
+        None => causal_block(past, t, device)
+            .view([1, 1, t, past + t])
+            .logical_and(&band),
+    }
+}
+
 /// (T, S) bool: new query i may see key j ≤ past + i.
 fn causal_block(past: i64, t: i64, device: Device) -> Tensor {
     let q = (Tensor::arange(t, (Kind::Int64, device)) + past).unsqueeze(1);
@@ -693,6 +738,12 @@ mod tests {
             pad_token_id: Some(0),
             score_pooling: pooling,
             score_sign: None,
+            family: Default::default(),
+            head_dim: None,
+            attention_bias: false,
+            mlp_bias: false,
+            sliding_window: None,
+            rope_scaling: None,
         };
         let heads = Heads {
             lm: false,

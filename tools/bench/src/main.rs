@@ -86,6 +86,12 @@ fn main() -> anyhow::Result<()> {
         pad_token_id: Some(0),
         score_pooling: Default::default(),
         score_sign: None,
+        family: Default::default(),
+        head_dim: None,
+        attention_bias: false,
+        mlp_bias: false,
+        sliding_window: None,
+        rope_scaling: None,
     };
     let vs = tch::nn::VarStore::new(device);
     let model = Transformer::new(
