@@ -1,18 +1,34 @@
-//! The chat template. One rendering serves SFT, the reward model and PPO, so the stages agree
-//! token for token:
+//! The chat template. One rendering serves SFT, the reward model, PPO, GRPO and DPO, so the
+//! stages agree token for token. Two kinds:
 //!
-//! ```text
-//! <|system|>{system}<|user|>{user}<|assistant|>{reply}<|endoftext|><|user|>...
-//! ```
+//! - **temper's own**, for tokenizers temper trains:
+//!   ```text
+//!   <|system|>{system}<|user|>{user}<|assistant|>{reply}<|endoftext|><|user|>...
+//!   ```
+//!   Markers are special tokens inserted by id and message text is encoded on its own, so no
+//!   data can forge a turn and a prompt rendered for generation (ending in `<|assistant|>`) is
+//!   an exact prefix of the conversation with its reply. Saved checkpoints carry it as a Jinja
+//!   `chat_template` ([`TEMPER_TEMPLATE`]) that transformers renders to the same ids.
+//! - **the model's own** Jinja `chat_template` (ChatML, Llama 3, Mistral…; see
+//!   [`crate::jinja`]): the conversation is rendered to text and tokenized with special tokens
+//!   recognised, as `apply_chat_template` does. Assistant turns are found by the template's
+//!   `{% generation %}` blocks where it has them, otherwise by rendering each prefix of the
+//!   conversation: turn i is what the conversation up to i adds to the conversation before it
+//!   with a generation prompt, up to and including the token that ends a turn.
 //!
-//! Markers are special tokens inserted by id; message text is encoded on its own, so a prompt
-//! rendered for generation (ending in `<|assistant|>`) is an exact prefix of the rendered
-//! conversation with the reply. Loss covers the assistant's reply tokens and its EOS only,
-//! unless `train_on_prompt` is set.
+//! Loss covers the assistant replies and the token ending each, unless `train_on_prompt`.
 
-use crate::error::Result;
+use std::sync::Arc;
+
+use crate::error::{DataError, Result};
+use crate::jinja::JinjaTemplate;
 use crate::records::{Message, Role};
 use crate::tokenizer::{TextTokenizer, ASSISTANT, EOS, PAD, SYSTEM, USER};
+
+/// temper's template in Jinja, written into every checkpoint's `tokenizer_config.json`. The
+/// `{% generation %}` block lets transformers' `return_assistant_tokens_mask` mark what temper
+/// trains on.
+pub const TEMPER_TEMPLATE: &str = "{% for message in messages %}{{ '<|' + message['role'] + '|>' }}{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|endoftext|>' }}{% endgeneration %}{% else %}{{ message['content'] }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}";
 
 /// Token ids and, per token, whether it is a training target (1) or context (0).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -54,58 +70,210 @@ impl Example {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How a conversation becomes ids: see the module comment.
+#[derive(Clone)]
 pub struct ChatTemplate {
-    pub system: u32,
-    pub user: u32,
-    pub assistant: u32,
+    /// The token that ends an assistant turn: sampling stops there.
     pub eos: u32,
+    /// Fills padded positions (never attended to, never trained).
     pub pad: u32,
+    format: Format,
+}
+
+#[derive(Clone)]
+enum Format {
+    Markers {
+        system: u32,
+        user: u32,
+        assistant: u32,
+    },
+    Jinja(Arc<JinjaTemplate>),
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match &self.format {
+            Format::Markers { .. } => "temper".to_string(),
+            Format::Jinja(t) => format!("jinja from {}", t.origin.display()),
+        };
+        write!(
+            f,
+            "ChatTemplate({kind}, eos {}, pad {})",
+            self.eos, self.pad
+        )
+    }
 }
 
 impl ChatTemplate {
-    /// The template's token ids in `tok`; an error names any missing special token.
+    /// The template for `tok`: the Jinja template in the tokenizer's folder when it has one
+    /// other than temper's own, else temper's markers (an error names any missing token).
     pub fn new(tok: &TextTokenizer) -> Result<Self> {
-        Ok(Self {
-            system: tok.require(SYSTEM)?,
-            user: tok.require(USER)?,
-            assistant: tok.require(ASSISTANT)?,
-            eos: tok.require(EOS)?,
-            pad: tok.require(PAD)?,
-        })
-    }
-
-    fn marker(&self, role: Role) -> u32 {
-        match role {
-            Role::System => self.system,
-            Role::User => self.user,
-            Role::Assistant => self.assistant,
+        let dir = tok.path.parent().unwrap_or(std::path::Path::new("."));
+        match JinjaTemplate::find(dir)? {
+            Some(t) if t.source.trim() != TEMPER_TEMPLATE => Self::jinja(tok, t),
+            _ => Self::markers(tok),
         }
     }
 
-    /// A whole conversation, with the loss on assistant replies (and their EOS).
+    /// temper's own template over `tok`'s special tokens.
+    pub fn markers(tok: &TextTokenizer) -> Result<Self> {
+        Ok(Self {
+            eos: tok.require(EOS)?,
+            pad: tok.require(PAD)?,
+            format: Format::Markers {
+                system: tok.require(SYSTEM)?,
+                user: tok.require(USER)?,
+                assistant: tok.require(ASSISTANT)?,
+            },
+        })
+    }
+
+    /// A model's Jinja template. The token ending a turn is the first special token the
+    /// template writes after a reply; the pad token is `pad_token`, else that one.
+    pub fn jinja(tok: &TextTokenizer, template: JinjaTemplate) -> Result<Self> {
+        let probe = [
+            Message::new(Role::User, "Hi"),
+            Message::new(Role::Assistant, "Hello"),
+        ];
+        let prompt = template.render(&probe[..1], true)?.text;
+        let full = template.render(&probe, false)?.text;
+        let from_template = match full.strip_prefix(prompt.as_str()) {
+            Some(reply) => {
+                let (ids, _) = tok.encode_rendered(reply)?;
+                ids.into_iter().find(|&id| tok.is_special(id))
+            }
+            None => None,
+        };
+        let named = |t: &Option<String>| t.as_deref().and_then(|t| tok.id(t));
+        let eos = from_template
+            .or_else(|| named(&template.specials.eos))
+            .ok_or_else(|| DataError::Tokenizer {
+                path: template.origin.clone(),
+                message: "cannot tell which token ends an assistant turn: the template writes no special token after a reply and tokenizer_config.json names no eos_token in the vocabulary".into(),
+            })?;
+        let pad = named(&template.specials.pad).unwrap_or(eos);
+        Ok(Self {
+            eos,
+            pad,
+            format: Format::Jinja(Arc::new(template)),
+        })
+    }
+
+    /// Whether this is temper's own template (markers by id).
+    pub fn is_temper(&self) -> bool {
+        matches!(self.format, Format::Markers { .. })
+    }
+
+    /// A whole conversation, with the loss on assistant replies (and the token ending each).
     pub fn render(
         &self,
         tok: &TextTokenizer,
         messages: &[Message],
         train_on_prompt: bool,
     ) -> Result<Example> {
-        let mut ex = Example::default();
-        for m in messages {
-            let reply = m.role == Role::Assistant;
-            ex.push(&[self.marker(m.role)], train_on_prompt);
-            ex.push(&tok.encode(&m.content)?, reply || train_on_prompt);
-            if reply {
-                ex.push(&[self.eos], true);
+        match &self.format {
+            Format::Markers {
+                system,
+                user,
+                assistant,
+            } => {
+                let mut ex = Example::default();
+                for m in messages {
+                    let reply = m.role == Role::Assistant;
+                    let marker = match m.role {
+                        Role::System => *system,
+                        Role::User => *user,
+                        Role::Assistant => *assistant,
+                    };
+                    ex.push(&[marker], train_on_prompt);
+                    ex.push(&tok.encode(&m.content)?, reply || train_on_prompt);
+                    if reply {
+                        ex.push(&[self.eos], true);
+                    }
+                }
+                Ok(ex)
             }
+            Format::Jinja(t) => self.render_jinja(t, tok, messages, train_on_prompt),
         }
-        Ok(ex)
     }
 
-    /// The prompt for generation: the conversation so far and the assistant marker.
+    fn render_jinja(
+        &self,
+        t: &JinjaTemplate,
+        tok: &TextTokenizer,
+        messages: &[Message],
+        train_on_prompt: bool,
+    ) -> Result<Example> {
+        let full = t.render(messages, false)?;
+        let spans = if t.has_generation_blocks {
+            full.generation_spans
+        } else {
+            self.turn_spans(t, tok, messages, &full.text)?
+        };
+        let (ids, offsets) = tok.encode_rendered(&full.text)?;
+        let loss_mask: Vec<u8> = offsets
+            .iter()
+            .map(|&(start, _)| {
+                u8::from(train_on_prompt || spans.iter().any(|&(a, b)| start >= a && start < b))
+            })
+            .collect();
+        let has_reply = messages.iter().any(|m| m.role == Role::Assistant);
+        if has_reply && !loss_mask.contains(&1) {
+            return Err(DataError::Tokenizer {
+                path: t.origin.clone(),
+                message: "the chat template put no assistant tokens in a rendered conversation: add {% generation %} blocks around replies, or check that it writes assistant messages".into(),
+            });
+        }
+        Ok(Example { ids, loss_mask })
+    }
+
+    /// Byte spans of each assistant turn, by rendering prefixes (see the module comment).
+    fn turn_spans(
+        &self,
+        t: &JinjaTemplate,
+        tok: &TextTokenizer,
+        messages: &[Message],
+        full: &str,
+    ) -> Result<Vec<(usize, usize)>> {
+        let end_of_turn = tok.token(self.eos).unwrap_or_default();
+        let mut spans = Vec::new();
+        for (i, m) in messages.iter().enumerate() {
+            if m.role != Role::Assistant {
+                continue;
+            }
+            let before = t.render(&messages[..i], true)?.text;
+            let upto = t.render(&messages[..=i], false)?.text;
+            if !upto.starts_with(&before) || !full.starts_with(&upto) {
+                return Err(DataError::Tokenizer {
+                    path: t.origin.clone(),
+                    message: format!(
+                        "assistant turn {} cannot be located: the template renders the conversation before it differently once more messages follow; add {{% generation %}} blocks around replies",
+                        i + 1
+                    ),
+                });
+            }
+            let reply = &upto[before.len()..];
+            let end = match reply
+                .find(end_of_turn.as_str())
+                .filter(|_| !end_of_turn.is_empty())
+            {
+                Some(k) => before.len() + k + end_of_turn.len(),
+                None => upto.len(),
+            };
+            spans.push((before.len(), end));
+        }
+        Ok(spans)
+    }
+
+    /// The prompt for generation: the conversation so far and the opening of a reply.
     pub fn render_prompt(&self, tok: &TextTokenizer, messages: &[Message]) -> Result<Vec<u32>> {
-        let mut ex = self.render(tok, messages, false)?;
-        ex.push(&[self.assistant], false);
-        Ok(ex.ids)
+        match &self.format {
+            Format::Markers { assistant, .. } => {
+                let mut ex = self.render(tok, messages, false)?;
+                ex.push(&[*assistant], false);
+                Ok(ex.ids)
+            }
+            Format::Jinja(t) => Ok(tok.encode_rendered(&t.render(messages, true)?.text)?.0),
+        }
     }
 }

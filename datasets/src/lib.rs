@@ -9,6 +9,7 @@ pub mod batch;
 pub mod chat;
 pub mod error;
 pub mod inspect;
+pub mod jinja;
 pub mod load;
 pub mod read;
 pub mod records;
@@ -20,7 +21,7 @@ pub use batch::{
     length_grouped_batches, pack, pad_right, pass_batch, seed_for, seeds_for, shuffled, Batch,
     Epochs, Overlong,
 };
-pub use chat::{ChatTemplate, Example};
+pub use chat::{ChatTemplate, Example, TEMPER_TEMPLATE};
 pub use error::{DataError, Location, Result};
 pub use load::{LoadOptions, LoadReport, RenderedPair};
 pub use read::{read_rows, Row, TextSplit};

@@ -25,8 +25,14 @@ pub const ASSISTANT: &str = "<|assistant|>";
 /// Trained tokenizers get these ids 0..5, in this order.
 pub const SPECIAL_TOKENS: [&str; 5] = [EOS, PAD, SYSTEM, USER, ASSISTANT];
 
+/// Each token's (start, end) byte offsets in the text it came from.
+pub type ByteRanges = Vec<(usize, usize)>;
+
 pub struct TextTokenizer {
     inner: Tokenizer,
+    /// The same tokenizer recognising special tokens in text: for the text a model's own
+    /// (Jinja) chat template renders, whose markers are written out as strings.
+    rendered: Tokenizer,
     pub path: PathBuf,
 }
 
@@ -42,9 +48,12 @@ impl TextTokenizer {
             path: path.into(),
             message: e.to_string(),
         })?;
+        let mut rendered = inner.clone();
+        rendered.set_encode_special_tokens(false);
         inner.set_encode_special_tokens(true);
         Ok(Self {
             inner,
+            rendered,
             path: path.into(),
         })
     }
@@ -64,6 +73,21 @@ impl TextTokenizer {
             .map_err(|e| self.err(e))?
             .get_ids()
             .to_vec())
+    }
+
+    /// Token ids of text a chat template rendered, special tokens recognised (as
+    /// transformers' `apply_chat_template` tokenizes), with each token's byte range.
+    pub fn encode_rendered(&self, text: &str) -> Result<(Vec<u32>, ByteRanges)> {
+        let enc = self.rendered.encode(text, false).map_err(|e| self.err(e))?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+    }
+
+    /// Whether `id` is one of the tokenizer's special added tokens (`<|im_end|>`, `</s>`).
+    pub fn is_special(&self, id: u32) -> bool {
+        self.inner
+            .get_added_vocabulary()
+            .simple_id_to_token(id)
+            .is_some_and(|t| self.inner.get_added_vocabulary().is_special_token(&t))
     }
 
     /// Text of `ids`; special tokens are written out (`<|user|>`) so renderings show them.
@@ -158,4 +182,49 @@ pub fn save_tokenizer(tokenizer: &Tokenizer, path: &Path) -> Result<()> {
             message: e.to_string(),
         })?;
     std::fs::rename(&tmp, path).map_err(DataError::io(path))
+}
+
+/// Files beside `tokenizer.json` that a checkpoint carries through unchanged.
+const TOKENIZER_SIDE_FILES: [&str; 3] = [
+    crate::jinja::TOKENIZER_CONFIG,
+    "special_tokens_map.json",
+    crate::jinja::TEMPLATE_FILE,
+];
+
+/// The tokenizer files a saved checkpoint holds, read from beside `tokenizer_json`:
+/// `tokenizer.json` and the model's own `tokenizer_config.json`, `special_tokens_map.json`
+/// and `chat_template.jinja` where it has them. A tokenizer temper trained has no
+/// `tokenizer_config.json`; it gets one naming its special tokens and temper's chat template,
+/// so `AutoTokenizer` and `apply_chat_template` in transformers work on every checkpoint.
+pub fn checkpoint_tokenizer_files(tokenizer_json: &Path) -> Result<Vec<(&'static str, Vec<u8>)>> {
+    let read = |p: &Path| std::fs::read(p).map_err(DataError::io(p));
+    let mut files = vec![("tokenizer.json", read(tokenizer_json)?)];
+    let dir = tokenizer_json.parent().unwrap_or(Path::new("."));
+    for name in TOKENIZER_SIDE_FILES {
+        let path = dir.join(name);
+        if path.is_file() {
+            files.push((name, read(&path)?));
+        }
+    }
+    let has_config = files
+        .iter()
+        .any(|(n, _)| *n == crate::jinja::TOKENIZER_CONFIG);
+    if !has_config {
+        let tok = TextTokenizer::load(tokenizer_json)?;
+        if SPECIAL_TOKENS.iter().all(|t| tok.id(t).is_some()) {
+            let config = serde_json::json!({
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "chat_template": crate::chat::TEMPER_TEMPLATE,
+                "eos_token": EOS,
+                "pad_token": PAD,
+                "bos_token": null,
+                "unk_token": null,
+                "clean_up_tokenization_spaces": false,
+                "model_max_length": 1_000_000_000_000_000_000u64,
+            });
+            let text = serde_json::to_string_pretty(&config).expect("a JSON value serialises");
+            files.push((crate::jinja::TOKENIZER_CONFIG, text.into_bytes()));
+        }
+    }
+    Ok(files)
 }

@@ -163,13 +163,21 @@ pub fn save_final(
 ) -> Result<std::path::PathBuf> {
     let dir = out.join("checkpoint");
     save_checkpoint(model, vs, &dir)?;
-    let bytes = std::fs::read(tokenizer).map_err(io_err(tokenizer))?;
-    let dst = dir.join("tokenizer.json");
-    temper_stage::atomic::write_atomic(&dst, &bytes).map_err(|e| CoreError::Io {
-        path: dst.clone(),
-        source: std::io::Error::other(format!("{e:#}")),
-    })?;
+    write_tokenizer_files(tokenizer, &dir)?;
     Ok(dir)
+}
+
+/// Writes `tokenizer.json` and its companions (see
+/// [`temper_data::tokenizer::checkpoint_tokenizer_files`]) into `dir`, each atomically.
+pub(crate) fn write_tokenizer_files(tokenizer: &Path, dir: &Path) -> Result<()> {
+    for (name, bytes) in temper_data::tokenizer::checkpoint_tokenizer_files(tokenizer)? {
+        let dst = dir.join(name);
+        temper_stage::atomic::write_atomic(&dst, &bytes).map_err(|e| CoreError::Io {
+            path: dst.clone(),
+            source: std::io::Error::other(format!("{e:#}")),
+        })?;
+    }
+    Ok(())
 }
 
 /// A tokenizer must fit the model it feeds: every id it produces needs an embedding row.

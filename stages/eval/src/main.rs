@@ -250,7 +250,7 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
         .map_err(invalid)?;
     let opts = LoadOptions {
         tokenizer: &tok,
-        template,
+        template: template.clone(),
         fields: &c.fields,
         max_len: (reference.config.max_position.min(room) - c.max_new_tokens) as usize,
         overlong: Overlong::Skip,

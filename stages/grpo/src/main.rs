@@ -91,7 +91,7 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
         .unwrap_or((max_position - c.max_new_tokens) as usize);
     let opts = LoadOptions {
         tokenizer: &policy.tokenizer,
-        template,
+        template: template.clone(),
         fields: &c.fields,
         max_len: max_prompt,
         overlong: Overlong::Skip,

@@ -320,7 +320,7 @@ impl Setup {
             },
             reward: &self.reward,
             critic: &self.critic.model,
-            template: self.template,
+            template: self.template.clone(),
             precision,
         }
     }
@@ -417,7 +417,7 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
         .unwrap_or((max_position - c.max_new_tokens) as usize);
     let opts = LoadOptions {
         tokenizer: &actor.tokenizer,
-        template,
+        template: template.clone(),
         fields: &c.fields,
         max_len: max_prompt,
         overlong: Overlong::Skip,

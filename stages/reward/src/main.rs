@@ -147,7 +147,7 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
         .map_err(|msg| cfg.error("batch_size", msg))?;
     let opts = LoadOptions {
         tokenizer: &m.tokenizer,
-        template,
+        template: template.clone(),
         fields: &c.fields,
         max_len,
         overlong: c.overlong,

@@ -545,11 +545,7 @@ pub(crate) fn write_adapter_weights(dir: &Path, tensors: &[(String, Tensor)]) ->
 }
 
 pub(crate) fn copy_tokenizer(tokenizer: &Path, dir: &Path) -> Result<()> {
-    let bytes = std::fs::read(tokenizer).map_err(|source| CoreError::Io {
-        path: tokenizer.into(),
-        source,
-    })?;
-    write_bytes(&dir.join("tokenizer.json"), &bytes)
+    crate::checkpoint::write_tokenizer_files(tokenizer, dir)
 }
 
 pub(crate) fn replace(from: &Path, to: &Path) -> Result<()> {
