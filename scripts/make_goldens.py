@@ -45,7 +45,7 @@ import sys
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from transformers import (AutoModelForCausalLM, GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, LlamaConfig,
+from transformers import (AutoModelForCausalLM, GPT2Config, PreTrainedTokenizerFast, GPT2ForSequenceClassification, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM, LlamaForSequenceClassification, MistralConfig,
                           MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification,
                           Qwen3Config, Qwen3ForCausalLM)
@@ -444,6 +444,36 @@ def make_sharded():
     print(f"llama_sharded_bf16: {len(shards)} bf16 shards")
 
 
+def make_own_model(name):
+    """A model temper did not make, as the Hub ships one: a tiny random Qwen2 (tied embeddings,
+    bf16, sharded, ChatML template) or Llama 3.1 (rope scaling, Llama 3 headers), built by
+    transformers with the tokenizer and template of tests/fixtures/chat/<chatml|llama3>/ and a
+    generation_config.json. tests/own_model.rs fine-tunes it with temper-sft and checks the
+    result in transformers."""
+    family, chat = {"qwen2_chatml": ("qwen2", "chatml"), "llama3_chat": ("llama3", "llama3")}[name]
+    tok_dir = os.path.join(ROOT, "chat", chat)
+    out = os.path.join(ROOT, name)
+    shutil.rmtree(out, ignore_errors=True)
+    tok = PreTrainedTokenizerFast.from_pretrained(tok_dir)
+    end = json.load(open(os.path.join(tok_dir, "golden.json")))["end_of_turn"]
+    extra = dict(vocab_size=len(tok), eos_token_id=tok.convert_tokens_to_ids(end), max_position_embeddings=256,
+                 pad_token_id=tok.pad_token_id)
+    if family == "qwen2":
+        extra["tie_word_embeddings"] = True
+    else:
+        extra["bos_token_id"] = tok.bos_token_id
+    torch.manual_seed(11)
+    model = CAUSAL_LM[family](tiny_config(family, **extra))
+    if family == "qwen2":
+        model = model.to(torch.bfloat16)
+        model.save_pretrained(out, max_shard_size="20KB")
+    else:
+        model.save_pretrained(out)
+    tok.save_pretrained(out)
+    print(f"{name}: {family} with the {chat} template, vocab {len(tok)}, "
+          f"{len([f for f in os.listdir(out) if f.endswith('.safetensors')])} weight file(s)")
+
+
 GOLDENS = {
     "gpt2": lambda: make("gpt2", 1234),
     "llama": lambda: make("llama", 4321),
@@ -459,6 +489,9 @@ GOLDENS = {
     "grpo": make_grpo,
     "vader": make_vader,
     "llama_sharded_bf16": make_sharded,
+    # After scripts/make_chat_goldens.py, whose tokenizers these use.
+    "qwen2_chatml": lambda: make_own_model("qwen2_chatml"),
+    "llama3_chat": lambda: make_own_model("llama3_chat"),
 }
 
 if __name__ == "__main__":

@@ -185,22 +185,23 @@ pub fn save_tokenizer(tokenizer: &Tokenizer, path: &Path) -> Result<()> {
 }
 
 /// Files beside `tokenizer.json` that a checkpoint carries through unchanged.
-const TOKENIZER_SIDE_FILES: [&str; 3] = [
+const CARRIED_FILES: [&str; 4] = [
     crate::jinja::TOKENIZER_CONFIG,
     "special_tokens_map.json",
     crate::jinja::TEMPLATE_FILE,
+    "generation_config.json",
 ];
 
 /// The tokenizer files a saved checkpoint holds, read from beside `tokenizer_json`:
-/// `tokenizer.json` and the model's own `tokenizer_config.json`, `special_tokens_map.json`
-/// and `chat_template.jinja` where it has them. A tokenizer temper trained has no
+/// `tokenizer.json` and the model's own `tokenizer_config.json`, `special_tokens_map.json`,
+/// `chat_template.jinja` and `generation_config.json` where it has them. A tokenizer temper trained has no
 /// `tokenizer_config.json`; it gets one naming its special tokens and temper's chat template,
 /// so `AutoTokenizer` and `apply_chat_template` in transformers work on every checkpoint.
 pub fn checkpoint_tokenizer_files(tokenizer_json: &Path) -> Result<Vec<(&'static str, Vec<u8>)>> {
     let read = |p: &Path| std::fs::read(p).map_err(DataError::io(p));
     let mut files = vec![("tokenizer.json", read(tokenizer_json)?)];
     let dir = tokenizer_json.parent().unwrap_or(Path::new("."));
-    for name in TOKENIZER_SIDE_FILES {
+    for name in CARRIED_FILES {
         let path = dir.join(name);
         if path.is_file() {
             files.push((name, read(&path)?));

@@ -164,7 +164,31 @@ pub fn save_final(
     let dir = out.join("checkpoint");
     save_checkpoint(model, vs, &dir)?;
     write_tokenizer_files(tokenizer, &dir)?;
+    let generation = dir.join("generation_config.json");
+    if !generation.exists() {
+        write_generation_config(&model.config, &generation)?;
+    }
     Ok(dir)
+}
+
+/// transformers' `generation_config.json` for a model whose folder came without one: its
+/// special token ids, which `generate` stops and pads with.
+fn write_generation_config(config: &ModelConfig, path: &Path) -> Result<()> {
+    let mut v = serde_json::Map::new();
+    for (key, id) in [
+        ("bos_token_id", config.bos_token_id),
+        ("eos_token_id", config.eos_token_id),
+        ("pad_token_id", config.pad_token_id),
+    ] {
+        if let Some(id) = id {
+            v.insert(key.into(), id.into());
+        }
+    }
+    let text = serde_json::to_string_pretty(&v).expect("a JSON map serialises");
+    temper_stage::atomic::write_atomic(path, text.as_bytes()).map_err(|e| CoreError::Io {
+        path: path.into(),
+        source: std::io::Error::other(format!("{e:#}")),
+    })
 }
 
 /// Writes `tokenizer.json` and its companions (see

@@ -33,7 +33,7 @@ pub use checkpoint::{
     load_checkpoint, load_with_tokenizer, save_checkpoint, save_final, LoadSpec, Loaded, ScoreHead,
     CHECKPOINT_FILES,
 };
-pub use config::{Arch, ModelConfig, ModelShape, ScorePooling, ScoreSign};
+pub use config::{Arch, Family, ModelConfig, ModelShape, RopeScaling, ScorePooling, ScoreSign};
 pub use device::{resolve_device, with_autocast, DeviceSpec, Precision};
 pub use error::{CoreError, Result};
 pub use kv_cache::KvCache;
