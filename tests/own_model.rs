@@ -101,6 +101,10 @@ fn a_qwen2_with_chatml_fine_tunes_and_transformers_agrees() {
     }
     let config = std::fs::read_to_string(ckpt.join("config.json")).unwrap();
     assert!(config.contains("\"model_type\": \"qwen2\""), "{config}");
+    // Stored as it came (bf16), in one file unless asked: save_dtype defaults to the input's.
+    assert!(config.contains("\"torch_dtype\": \"bfloat16\""), "{config}");
+    let weights = tch::Tensor::read_safetensors(ckpt.join("model.safetensors")).unwrap();
+    assert!(weights.iter().all(|(_, t)| t.kind() == tch::Kind::BFloat16));
     check_in_transformers(&ckpt, dir.path(), "qwen2 full");
 }
 
@@ -118,8 +122,23 @@ fn a_qwen2_with_lora_saves_an_adapter_transformers_agrees_with() {
 }
 
 #[test]
-fn a_llama3_model_fine_tunes_and_transformers_agrees() {
+fn a_llama3_model_fine_tunes_and_saves_sharded_for_transformers() {
     let dir = tempfile::tempdir().unwrap();
-    let ckpt = fine_tune(dir.path(), &fixture("llama3_chat"), 1e-2, "");
+    let save = "save: {dtype: bf16, max_shard_size: 16KB}\n";
+    let ckpt = fine_tune(dir.path(), &fixture("llama3_chat"), 1e-2, save);
+    let index = std::fs::read_to_string(ckpt.join("model.safetensors.index.json")).unwrap();
+    let shards = std::fs::read_dir(&ckpt)
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("model-") && name.ends_with(".safetensors")
+        })
+        .count();
+    assert!(
+        shards >= 3,
+        "{shards} shards for ~50 KB in bf16 at 16 KB each"
+    );
+    assert!(index.contains("weight_map") && !ckpt.join("model.safetensors").exists());
     check_in_transformers(&ckpt, dir.path(), "llama3 full");
 }

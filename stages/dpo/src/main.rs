@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tch::{Kind, Tensor};
+use temper_core::checkpoint::{check_save, SaveOptions};
 use temper_core::peft::{PeftConfig, Reference};
 use temper_core::preference::{PairLogps, PreferenceLoss};
 use temper_core::sample::{generate, SamplingConfig};
@@ -95,6 +96,10 @@ struct Config {
     kl_samples: usize,
     #[serde(default = "default_max_new")]
     max_new_tokens: i64,
+    /// How the final checkpoint is written: `dtype` (fp32, bf16, fp16; default the init's)
+    /// and `max_shard_size` (`5GB`; default one file).
+    #[serde(default)]
+    save: SaveOptions,
     #[serde(default)]
     device: DeviceSpec,
     #[serde(default)]
@@ -140,6 +145,7 @@ fn main() {
 fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError> {
     let c = &cfg.value;
     check_optim(cfg, "optim", &c.optim)?;
+    check_save(cfg, &c.save)?;
     cfg.ensure(c.steps >= 1, "steps", "must be at least 1")?;
     cfg.ensure(c.batch_size >= 1, "batch_size", "must be at least 1")?;
     cfg.ensure(
@@ -410,7 +416,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     }
     bar.finish_and_clear();
 
-    s.m.save_final(&folder.path)?;
+    s.m.save_final(&folder.path, &c.save)?;
     let mut summary = log.summary_base(&progress);
     for (k, v) in s.m.param_fields() {
         summary.insert(k.into(), v.into());

@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+use temper_core::checkpoint::{check_save, SaveOptions};
 use temper_core::critic_free::{Aggregation, RatioLevel, Scale};
 use temper_core::peft::PeftConfig;
 use temper_core::rewards::functions::{reward_paths, RewardSpec};
@@ -95,6 +96,10 @@ pub struct Config {
     pub save_every: Every,
     #[serde(default = "every_10")]
     pub sample_every: Every,
+    /// How the final checkpoint is written: `dtype` (fp32, bf16, fp16; default the init's)
+    /// and `max_shard_size` (`5GB`; default one file).
+    #[serde(default)]
+    pub save: SaveOptions,
     #[serde(default)]
     pub device: DeviceSpec,
     #[serde(default)]
@@ -146,6 +151,7 @@ impl Config {
 pub fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError> {
     let c = &cfg.value;
     check_optim(cfg, "optim", &c.optim)?;
+    check_save(cfg, &c.save)?;
     for (field, v) in [
         ("iterations", c.iterations),
         ("prompts_per_iteration", c.prompts_per_iteration as u64),

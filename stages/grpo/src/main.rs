@@ -192,7 +192,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         every.stop_if_asked(step)?;
     }
     bar.finish_and_clear();
-    s.policy.save_final(&folder.path)?;
+    s.policy.save_final(&folder.path, &c.save)?;
     let mut summary = summary(&folder.path)?;
     summary.insert("iterations".into(), progress.step.into());
     summary.insert("tokens".into(), progress.tokens_seen.into());

@@ -6,9 +6,9 @@
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-use temper_core::checkpoint::ScoreHead;
+use temper_core::checkpoint::{check_save, save_final_with, SaveDtype, SaveOptions, ScoreHead};
 use temper_core::peft::{is_adapter, read_adapter_config};
-use temper_core::{load_checkpoint, resolve_device, save_final, DeviceSpec, LoadSpec};
+use temper_core::{load_checkpoint, resolve_device, DeviceSpec, LoadSpec};
 use temper_stage::{
     checked_config, invalid, ConfigFile, Inputs, MetricsLog, StageArgs, StageError, StageFolder,
     StageKind,
@@ -21,6 +21,10 @@ struct Config {
     /// adapter_model.safetensors, tokenizer.json), e.g. `${sft.checkpoint}`.
     adapter: PathBuf,
     /// Where to merge (the arithmetic is the same anywhere; a GPU only makes it faster).
+    /// How the merged checkpoint is written: `dtype` (fp32, bf16, fp16; default the base's)
+    /// and `max_shard_size` (`5GB`; default one file).
+    #[serde(default)]
+    save: SaveOptions,
     #[serde(default)]
     device: DeviceSpec,
     /// A pipeline-wide default the orchestrator passes to every stage; merging draws nothing.
@@ -38,6 +42,7 @@ fn main() {
 
 fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError> {
     let c = &cfg.value;
+    check_save(cfg, &c.save)?;
     inputs.checkpoint(cfg, "adapter", &c.adapter, true)?;
     if !inputs.any_pending() {
         cfg.ensure(
@@ -74,7 +79,14 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     let folder = StageFolder::claim(&args.out, "merge")?;
     cfg.write_resolved(&folder.path)?;
     let log = MetricsLog::open(&folder.path)?;
-    save_final(&folder.path, &model, &vs, &c.adapter.join("tokenizer.json"))?;
+    let write = c.save.resolve(SaveDtype::of_checkpoint(&c.adapter));
+    save_final_with(
+        &folder.path,
+        &model,
+        &vs,
+        &c.adapter.join("tokenizer.json"),
+        write,
+    )?;
     let mut summary = temper_stage::Summary::new();
     summary.insert("params".into(), model.config.param_count().into());
     summary.insert(

@@ -17,6 +17,7 @@ use serde_json::json;
 use tch::nn::VarStore;
 use tch::{Kind, Tensor};
 use temper_core::checkpoint::ScoreHead;
+use temper_core::checkpoint::{check_save, SaveDtype, SaveOptions};
 use temper_core::peft::{PeftConfig, Reference, Tuning};
 use temper_core::rl::{self, KlControl, KlEstimator, RewardStats};
 use temper_core::schedule::check_optim;
@@ -171,6 +172,10 @@ struct Config {
     /// Write a few prompts, replies, scores and KL to samples.jsonl every N iterations.
     #[serde(default = "every_10")]
     sample_every: Every,
+    /// How the final checkpoint is written: `dtype` (fp32, bf16, fp16; default the init's)
+    /// and `max_shard_size` (`5GB`; default one file).
+    #[serde(default)]
+    save: SaveOptions,
     #[serde(default)]
     device: DeviceSpec,
     #[serde(default)]
@@ -237,6 +242,7 @@ fn main() {
 fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError> {
     let c = &cfg.value;
     check_optim(cfg, "optim", &c.optim)?;
+    check_save(cfg, &c.save)?;
     check_optim(cfg, "critic_optim", &c.critic_optim)?;
     for (field, v) in [
         ("iterations", c.iterations),
@@ -566,7 +572,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     }
     bar.finish_and_clear();
 
-    s.actor.save_final(&folder.path)?;
+    s.actor.save_final(&folder.path, &c.save)?;
     // The critic beside it; a LoRA critic's base is the folder it was loaded from.
     let critic_base = match c.critic_init {
         CriticInit::Reward => &c.reward_model,
@@ -578,6 +584,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         &s.critic.vs,
         &s.actor.tokenizer_path,
         (!temper_core::peft::is_adapter(critic_base)).then_some(critic_base.as_path()),
+        c.save.resolve(SaveDtype::of_checkpoint(critic_base)),
     )?;
     let mut summary = summary(&folder.path, &progress)?;
     for (k, v) in s.actor.param_fields() {

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
+use temper_core::checkpoint::{check_save, SaveDtype, SaveOptions};
 use temper_core::device::check_memory;
 use temper_core::peft::{PeftConfig, Tuning};
 use temper_core::schedule::check_optim;
@@ -68,6 +69,10 @@ struct Config {
     save_every: Every,
     #[serde(default = "every_10")]
     log_every: Every,
+    /// How the final checkpoint is written: `dtype` (fp32, bf16, fp16; default the init's,
+    /// fp32 from scratch) and `max_shard_size` (`5GB`; default one file).
+    #[serde(default)]
+    save: SaveOptions,
     #[serde(default)]
     device: DeviceSpec,
     #[serde(default)]
@@ -120,6 +125,7 @@ fn main() {
 fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError> {
     let c = &cfg.value;
     check_optim(cfg, "optim", &c.optim)?;
+    check_save(cfg, &c.save)?;
     cfg.ensure(c.steps >= 1, "steps", "must be at least 1")?;
     cfg.ensure(c.batch_size >= 1, "batch_size", "must be at least 1")?;
     cfg.ensure(c.block_size >= 2, "block_size", "must be at least 2")?;
@@ -349,8 +355,18 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         .init
         .as_deref()
         .filter(|i| !temper_core::peft::is_adapter(i));
-    s.tuning
-        .save_final(&folder.path, &s.model, &s.vs, &s.tokenizer_path, base)?;
+    let stored = c
+        .init
+        .as_deref()
+        .map_or(SaveDtype::F32, SaveDtype::of_checkpoint);
+    s.tuning.save_final(
+        &folder.path,
+        &s.model,
+        &s.vs,
+        &s.tokenizer_path,
+        base,
+        c.save.resolve(stored),
+    )?;
     let mut summary = log.summary_base(&progress);
     for (k, v) in s.tuning.summary_fields(&s.vs) {
         summary.insert(k.into(), v.into());

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 use temper_core::checkpoint::ScoreHead;
+use temper_core::checkpoint::{check_save, SaveOptions};
 use temper_core::losses::bradley_terry_loss;
 use temper_core::peft::PeftConfig;
 use temper_core::schedule::check_optim;
@@ -74,6 +75,10 @@ struct Config {
     save_every: Every,
     #[serde(default = "every_10")]
     log_every: Every,
+    /// How the final checkpoint is written: `dtype` (fp32, bf16, fp16; default the init's)
+    /// and `max_shard_size` (`5GB`; default one file).
+    #[serde(default)]
+    save: SaveOptions,
     #[serde(default)]
     device: DeviceSpec,
     #[serde(default)]
@@ -96,6 +101,7 @@ type Pair = RenderedPair;
 fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError> {
     let c = &cfg.value;
     check_optim(cfg, "optim", &c.optim)?;
+    check_save(cfg, &c.save)?;
     cfg.ensure(c.steps >= 1, "steps", "must be at least 1")?;
     cfg.ensure(c.batch_size >= 1, "batch_size", "must be at least 1")?;
     cfg.ensure(c.max_len != Some(0), "max_len", "must be at least 1")?;
@@ -266,7 +272,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     }
     bar.finish_and_clear();
 
-    s.m.save_final(&folder.path)?;
+    s.m.save_final(&folder.path, &c.save)?;
     let mut summary = log.summary_base(&progress);
     for (k, v) in s.m.param_fields() {
         summary.insert(k.into(), v.into());

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use temper_core::checkpoint::{check_save, SaveOptions};
 use temper_core::peft::PeftConfig;
 use temper_core::sample::{generate, SamplingConfig};
 use temper_core::schedule::check_optim;
@@ -66,6 +67,10 @@ struct Config {
     max_new_tokens: i64,
     #[serde(default = "default_temperature")]
     temperature: f64,
+    /// How the final checkpoint is written: `dtype` (fp32, bf16, fp16; default the init's)
+    /// and `max_shard_size` (`5GB`; default one file).
+    #[serde(default)]
+    save: SaveOptions,
     #[serde(default)]
     device: DeviceSpec,
     #[serde(default)]
@@ -96,6 +101,7 @@ fn main() {
 fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError> {
     let c = &cfg.value;
     check_optim(cfg, "optim", &c.optim)?;
+    check_save(cfg, &c.save)?;
     cfg.ensure(c.steps >= 1, "steps", "must be at least 1")?;
     cfg.ensure(c.batch_size >= 1, "batch_size", "must be at least 1")?;
     cfg.ensure(c.max_len != Some(0), "max_len", "must be at least 1")?;
@@ -272,7 +278,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     }
     bar.finish_and_clear();
 
-    s.m.save_final(&folder.path)?;
+    s.m.save_final(&folder.path, &c.save)?;
     let mut summary = log.summary_base(&progress);
     for (k, v) in s.m.param_fields() {
         summary.insert(k.into(), v.into());

@@ -407,13 +407,15 @@ impl Tuning {
         vs: &VarStore,
         tokenizer: &Path,
         base: Option<&Path>,
+        write: crate::checkpoint::WriteOptions,
     ) -> Result<PathBuf> {
         let dir = out.join("checkpoint");
-        self.save_into(&dir, model, vs, tokenizer, base)?;
+        self.save_into(&dir, model, vs, tokenizer, base, write)?;
         Ok(dir)
     }
 
-    /// As [`Tuning::save_final`], into the folder `dir` itself.
+    /// As [`Tuning::save_final`], into the folder `dir` itself. `write` applies to a full
+    /// checkpoint; adapters are saved in fp32 over their base.
     pub fn save_into(
         &self,
         dir: &Path,
@@ -421,6 +423,7 @@ impl Tuning {
         vs: &VarStore,
         tokenizer: &Path,
         base: Option<&Path>,
+        write: crate::checkpoint::WriteOptions,
     ) -> Result<()> {
         if let (Some(adapters), Some(PeftConfig::Prompt(c))) = (&self.adapters, &self.config) {
             let (base, inside) = base_for(dir, model, vs, tokenizer, base)?;
@@ -442,7 +445,7 @@ impl Tuning {
             &self.adapters,
             self.config.as_ref().and_then(PeftConfig::lora),
         ) else {
-            crate::checkpoint::save_checkpoint(model, vs, dir)?;
+            crate::checkpoint::save_checkpoint_with(model, vs, dir, write)?;
             return copy_tokenizer(tokenizer, dir);
         };
         let dir = dir.to_path_buf();
