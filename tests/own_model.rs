@@ -142,3 +142,45 @@ fn a_llama3_model_fine_tunes_and_saves_sharded_for_transformers() {
     assert!(index.contains("weight_map") && !ckpt.join("model.safetensors").exists());
     check_in_transformers(&ckpt, dir.path(), "llama3 full");
 }
+
+#[test]
+fn a_template_that_raises_stops_the_stage_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for entry in std::fs::read_dir(fixture("qwen2_chatml")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, model.join(path.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(
+        model.join("chat_template.jinja"),
+        "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System messages are not supported') }}{% endif %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    )
+    .unwrap();
+    let data = write(
+        &dir.path().join("chat.jsonl"),
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"assistant\", \"content\": \"Hello\"}]}\n{\"messages\": [{\"role\": \"system\", \"content\": \"Be terse.\"}, {\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"assistant\", \"content\": \"Hello\"}]}\n",
+    );
+    let cfg = write(
+        &dir.path().join("sft.yaml"),
+        &format!(
+            "init: {}\ndata: {}\nsteps: 2\nbatch_size: 1\n",
+            model.display(),
+            data.display()
+        ),
+    );
+    let out = dir.path().join("sft");
+    let result = run_stage("temper-sft", &cfg, &out);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("System messages are not supported")
+            && stderr.contains("chat_template.jinja")
+            && stderr.contains("chat.jsonl: line 2"),
+        "{stderr}"
+    );
+    assert!(
+        !out.exists(),
+        "nothing is written for a template that raises"
+    );
+}

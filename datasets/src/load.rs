@@ -122,7 +122,8 @@ impl LoadOptions<'_> {
             let messages = parser.sft(&row)?;
             let ex = self
                 .template
-                .render(self.tokenizer, &messages, self.train_on_prompt)?;
+                .render(self.tokenizer, &messages, self.train_on_prompt)
+                .map_err(in_record(path, row.location))?;
             out.extend(self.fit(path, row.location, ex, &mut report)?);
         }
         Ok((self.nonempty(path, out, &report)?, report))
@@ -137,12 +138,15 @@ impl LoadOptions<'_> {
         };
         let mut out = Vec::new();
         for row in read_rows(path, TextSplit::File)?.take(limit) {
-            let messages = parser.sft(&row?)?;
+            let row = row?;
+            let messages = parser.sft(&row)?;
             let (reply, context) = messages
                 .split_last()
                 .expect("sft() guarantees a final reply");
             out.push((
-                self.template.render_prompt(self.tokenizer, context)?,
+                self.template
+                    .render_prompt(self.tokenizer, context)
+                    .map_err(in_record(path, row.location))?,
                 reply.content.clone(),
             ));
         }
@@ -163,7 +167,9 @@ impl LoadOptions<'_> {
             let pair = parser.pair(&row)?;
             let render = |reply| {
                 let conversation = [pair.prompt.clone(), reply].concat();
-                self.template.render(self.tokenizer, &conversation, false)
+                self.template
+                    .render(self.tokenizer, &conversation, false)
+                    .map_err(in_record(path, row.location))
             };
             let chosen = self.fit(
                 path,
@@ -219,7 +225,10 @@ impl LoadOptions<'_> {
                 vec![([u.prompt, u.completion].concat(), u.desirable)]
             };
             for (conversation, desirable) in examples {
-                let ex = self.template.render(self.tokenizer, &conversation, false)?;
+                let ex = self
+                    .template
+                    .render(self.tokenizer, &conversation, false)
+                    .map_err(in_record(path, row.location))?;
                 out.extend(
                     self.fit(path, row.location, ex, &mut report)?
                         .map(|e| (e, desirable)),
@@ -242,7 +251,8 @@ impl LoadOptions<'_> {
             let record = parser.prompt(&row)?;
             let ids = self
                 .template
-                .render_prompt(self.tokenizer, &record.messages)?;
+                .render_prompt(self.tokenizer, &record.messages)
+                .map_err(in_record(path, row.location))?;
             let ex = Example {
                 loss_mask: vec![0; ids.len()],
                 ids,
@@ -252,5 +262,19 @@ impl LoadOptions<'_> {
             }
         }
         Ok((self.nonempty(path, out, &report)?, report))
+    }
+}
+
+/// A chat-template or tokenizer error while rendering one record, located: the data file and
+/// line (or row) besides the template's own message.
+fn in_record(path: &Path, location: Location) -> impl Fn(DataError) -> DataError + '_ {
+    move |e| match e {
+        DataError::Tokenizer { .. } => DataError::Field {
+            path: path.into(),
+            location,
+            field: "messages".into(),
+            message: e.to_string(),
+        },
+        other => other,
     }
 }
