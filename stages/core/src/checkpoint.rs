@@ -16,6 +16,7 @@ use crate::error::{CoreError, Result};
 use crate::model::{Heads, Transformer};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::peft::{PeftConfig, PeftError, Tuning};
+use crate::safetensors::Entry;
 
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 /// Sharded checkpoints (as the Hub has big models): the index naming each tensor's shard.
@@ -489,17 +490,17 @@ pub(crate) fn load_checkpoint_as(
     let model = Transformer::new(&vs.root(), config, heads)?;
     let single = dir.join(WEIGHTS_FILE);
     if !single.exists() && dir.join(WEIGHTS_INDEX).exists() {
-        let tensors = read_shards(dir)?;
-        load_tensors(&vs, config, tensors, &dir.join(WEIGHTS_INDEX), spec)?;
+        let entries = shard_entries(dir)?;
+        load_entries(&vs, config, entries, &dir.join(WEIGHTS_INDEX), spec)?;
     } else {
         load_weights(&vs, config, &single, spec)?;
     }
     Ok((vs, model))
 }
 
-/// Every tensor of a sharded checkpoint, shard by shard; a shard the index lists but the folder
-/// lacks, or a tensor missing from its shard, is named.
-fn read_shards(dir: &Path) -> Result<HashMap<String, Tensor>> {
+/// The tensors of a sharded checkpoint, from the shards' headers; a shard the index lists but
+/// the folder lacks, or a tensor missing from its shard, is named.
+fn shard_entries(dir: &Path) -> Result<Vec<Entry>> {
     let index_path = dir.join(WEIGHTS_INDEX);
     let text = std::fs::read_to_string(&index_path).map_err(io_err(&index_path))?;
     let index: serde_json::Value =
@@ -518,7 +519,7 @@ fn read_shards(dir: &Path) -> Result<HashMap<String, Tensor>> {
     let mut shards: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
     shards.sort();
     shards.dedup();
-    let mut tensors = HashMap::new();
+    let mut entries = Vec::new();
     for shard in shards {
         let file = dir.join(shard);
         if !file.exists() {
@@ -529,15 +530,18 @@ fn read_shards(dir: &Path) -> Result<HashMap<String, Tensor>> {
                 ),
             ));
         }
-        tensors.extend(Tensor::read_safetensors(&file)?);
+        entries.extend(crate::safetensors::entries(&file)?);
     }
-    if let Some((name, shard)) = map.iter().find(|(k, _)| !tensors.contains_key(*k)) {
+    if let Some((name, shard)) = map
+        .iter()
+        .find(|(k, _)| !entries.iter().any(|e| &e.name == *k))
+    {
         return Err(bad(
             "weight_map",
             format!("`{name}` is listed in {shard} but that shard does not hold it"),
         ));
     }
-    Ok(tensors)
+    Ok(entries)
 }
 
 /// Copies the tensors of a safetensors file into the variables of `vs`, strictly.
@@ -556,19 +560,22 @@ pub fn load_weights(
             ),
         });
     }
-    let tensors: HashMap<String, Tensor> = Tensor::read_safetensors(file)?.into_iter().collect();
-    load_tensors(vs, config, tensors, file, spec)
+    let entries = crate::safetensors::entries(file)?;
+    load_entries(vs, config, entries, file, spec)
 }
 
-/// Copies `tensors` (read from `file`) into the variables of `vs`, strictly; any dtype (bf16,
-/// fp16) is converted to the variable's.
-fn load_tensors(
+/// Checks the tensors `entries` describe (read from `file`) against the variables of `vs` —
+/// names and shapes, strictly, before reading any data — then reads them one at a time into
+/// the variables, converting any dtype (bf16, fp16) to the variable's.
+fn load_entries(
     vs: &VarStore,
     config: &ModelConfig,
-    mut tensors: HashMap<String, Tensor>,
+    entries: Vec<Entry>,
     file: &Path,
     spec: LoadSpec,
 ) -> Result<()> {
+    let mut tensors: HashMap<String, Entry> =
+        entries.into_iter().map(|e| (e.name.clone(), e)).collect();
     // GPT-2 checkpoints saved from the bare GPT2Model (the hub's `gpt2`) lack the prefix.
     if config.arch == Arch::Gpt2 && !tensors.keys().any(|k| k.starts_with("transformer.")) {
         tensors = tensors
@@ -586,8 +593,8 @@ fn load_tensors(
         match tensors.get(name) {
             None if name == "score.weight" && spec.score == ScoreHead::Fresh => {}
             None => missing.push(name.clone()),
-            Some(t) if t.size() != var.size() => {
-                mismatched.push((name.clone(), var.size(), t.size()))
+            Some(t) if t.shape != var.size() => {
+                mismatched.push((name.clone(), var.size(), t.shape.clone()))
             }
             Some(_) => {}
         }
@@ -610,8 +617,8 @@ fn load_tensors(
     }
     tch::no_grad(|| -> Result<()> {
         for (name, mut var) in vars {
-            if let Some(t) = tensors.get(&name) {
-                var.f_copy_(&t.to_kind(Kind::Float).to_kind(var.kind()))?;
+            if let Some(entry) = tensors.get(&name) {
+                entry.read_into(&mut var)?;
             }
         }
         Ok(())

@@ -23,6 +23,7 @@ pub mod peft;
 pub mod preference;
 pub mod rewards;
 pub mod rl;
+pub mod safetensors;
 pub mod sample;
 pub mod schedule;
 pub mod scoring;
