@@ -10,9 +10,10 @@ use serde_json::{json, Value};
 
 use crate::error::{CoreError, Result};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Arch {
+    #[default]
     /// Learned positions, LayerNorm, GELU-tanh MLP, fused `c_attn` (Conv1D layout), tied head.
     Gpt2,
     /// RoPE, RMSNorm, SwiGLU MLP, grouped-query attention, untied head by default.
@@ -141,6 +142,38 @@ pub struct ModelConfig {
 
 fn is_false(b: &bool) -> bool {
     !*b
+}
+
+/// An empty GPT-2 shape for struct update syntax (`ModelConfig { arch, n_layer, …,
+/// ..Default::default() }`): every optional field unset and every switch off. Its zero sizes
+/// fail [`ModelConfig::validate`], so it is never a model by itself.
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            arch: Arch::Gpt2,
+            vocab_size: 0,
+            n_layer: 0,
+            n_head: 0,
+            d_model: 0,
+            n_kv_head: None,
+            d_ff: None,
+            max_position: 0,
+            norm_eps: None,
+            rope_theta: default_rope_theta(),
+            tie_embeddings: None,
+            bos_token_id: None,
+            eos_token_id: None,
+            pad_token_id: None,
+            score_pooling: ScorePooling::LastToken,
+            score_sign: None,
+            family: Family::Llama,
+            head_dim: None,
+            attention_bias: false,
+            mlp_bias: false,
+            sliding_window: None,
+            rope_scaling: None,
+        }
+    }
 }
 
 /// A reward that depends on what the prompt asked for through a sign, not through what the
@@ -500,17 +533,9 @@ impl ModelShape {
             norm_eps: self.norm_eps,
             rope_theta: self.rope_theta.unwrap_or_else(default_rope_theta),
             tie_embeddings: self.tie_embeddings,
-            bos_token_id: None,
             eos_token_id: Some(eos as i64),
             pad_token_id: Some(pad as i64),
-            score_pooling: ScorePooling::LastToken,
-            score_sign: None,
-            family: Default::default(),
-            head_dim: None,
-            attention_bias: false,
-            mlp_bias: false,
-            sliding_window: None,
-            rope_scaling: None,
+            ..Default::default()
         };
         cfg.validate()?;
         Ok(cfg)

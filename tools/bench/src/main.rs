@@ -75,23 +75,10 @@ fn main() -> anyhow::Result<()> {
         n_layer: a.layers,
         n_head: a.heads,
         d_model: a.width,
-        n_kv_head: None,
-        d_ff: None,
         max_position: a.context.max(a.gen_prompt as i64 + a.gen_new),
-        norm_eps: None,
         rope_theta: 10_000.0,
-        tie_embeddings: None,
-        bos_token_id: None,
-        eos_token_id: None,
         pad_token_id: Some(0),
-        score_pooling: Default::default(),
-        score_sign: None,
-        family: Default::default(),
-        head_dim: None,
-        attention_bias: false,
-        mlp_bias: false,
-        sliding_window: None,
-        rope_scaling: None,
+        ..Default::default()
     };
     let vs = tch::nn::VarStore::new(device);
     let model = Transformer::new(
