@@ -8,7 +8,8 @@ that ends a reply) and what temper computed: `prompt_ids` (its rendering for gen
   - AutoTokenizer.apply_chat_template(messages, add_generation_prompt=True) gives prompt_ids,
   - AutoModelForCausalLM loads every tensor (no missing or unexpected keys) — or, for a PEFT
     adapter folder, peft.PeftModel loads it over the base its temper_adapter.json names — and
-  - greedy generate (stopping at end_of_turn) gives the same tokens.
+  - greedy generate (stopping at end_of_turn and at generation_config.json's eos ids, as temper
+    does) gives the same tokens.
 """
 import json
 import os
@@ -38,13 +39,17 @@ def main(path, case_path):
             print(f"transformers reported loading problems: {problems}")
             return 1
     end = tok.convert_tokens_to_ids(case["end_of_turn"])
+    # Stop where temper stops: the turn's end and every eos id of generation_config.json.
+    listed = model.generation_config.eos_token_id
+    stops = sorted({end, *(listed if isinstance(listed, list) else [listed] if listed is not None else [])})
     with torch.no_grad():
         ids = torch.tensor([prompt])
         out = model.eval().generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(case["tokens"]) or 1,
-                                    do_sample=False, eos_token_id=end, pad_token_id=end)
+                                    do_sample=False, eos_token_id=stops, pad_token_id=end)
     reply = out[0, len(prompt):].tolist()
-    if end in reply:
-        reply = reply[:reply.index(end) + 1]
+    first_stop = next((i for i, t in enumerate(reply) if t in stops), None)
+    if first_stop is not None:
+        reply = reply[:first_stop + 1]
     print(f"{type(model).__name__}: greedy reply {reply}; temper {case['tokens']}")
     return 0 if reply == case["tokens"] else 1
 

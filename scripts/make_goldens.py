@@ -465,6 +465,9 @@ def make_own_model(name):
     torch.manual_seed(11)
     model = CAUSAL_LM[family](tiny_config(family, **extra))
     if family == "qwen2":
+        # As Qwen ships it: generation stops at the turn's end or the document's end.
+        model.generation_config.eos_token_id = [tok.convert_tokens_to_ids(end),
+                                                tok.convert_tokens_to_ids("<|endoftext|>")]
         model = model.to(torch.bfloat16)
         model.save_pretrained(out, max_shard_size="20KB")
     else:

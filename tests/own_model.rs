@@ -51,6 +51,7 @@ fn check_in_transformers(checkpoint: &Path, dir: &Path, what: &str) {
         .unwrap();
     let mut sampling = SamplingConfig::greedy(10);
     sampling.eos_token_id = Some(template.eos as i64);
+    sampling.also_stop = template.also_stop();
     sampling.pad_token_id = template.pad as i64;
     let prompt_i64: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
     let gen = tch::no_grad(|| generate(&loaded.model, &[prompt_i64], &sampling, &[0])).unwrap();

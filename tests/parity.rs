@@ -356,6 +356,7 @@ fn sampling_is_seeded_per_sequence_and_stops_at_eos() {
         top_k: Some(20),
         top_p: Some(0.9),
         eos_token_id: None,
+        also_stop: Vec::new(),
         pad_token_id: 0,
     };
     let all = generate(&model, &prompts, &cfg, &[1, 2, 3]).unwrap();
@@ -397,6 +398,7 @@ fn sampling_is_seeded_per_sequence_and_stops_at_eos() {
     let eos = greedy.tokens.int64_value(&[0, 0]);
     let with_eos = SamplingConfig {
         eos_token_id: Some(eos),
+        also_stop: Vec::new(),
         ..SamplingConfig::greedy(12)
     };
     let stopped = generate(&model, &prompts, &with_eos, &[0, 0, 0]).unwrap();
@@ -415,6 +417,15 @@ fn sampling_is_seeded_per_sequence_and_stops_at_eos() {
             .int64_value(&[])
             == 1
     );
+    // The same id as one of several stop ids (a generation_config list) stops the same way.
+    let listed = SamplingConfig {
+        eos_token_id: None,
+        also_stop: vec![eos + 1, eos],
+        ..SamplingConfig::greedy(12)
+    };
+    let by_list = generate(&model, &prompts, &listed, &[0, 0, 0]).unwrap();
+    assert_eq!(by_list.mask, stopped.mask);
+    assert_eq!(by_list.tokens, stopped.tokens);
 }
 
 #[test]

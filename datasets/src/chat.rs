@@ -77,6 +77,8 @@ pub struct ChatTemplate {
     pub eos: u32,
     /// Fills padded positions (never attended to, never trained).
     pub pad: u32,
+    /// Other ids the model's `generation_config.json` stops at (`eos_token_id` as a list).
+    pub extra_stops: Vec<u32>,
     format: Format,
 }
 
@@ -109,10 +111,20 @@ impl ChatTemplate {
     /// other than temper's own, else temper's markers (an error names any missing token).
     pub fn new(tok: &TextTokenizer) -> Result<Self> {
         let dir = tok.path.parent().unwrap_or(std::path::Path::new("."));
-        match JinjaTemplate::find(dir)? {
-            Some(t) if t.source.trim() != TEMPER_TEMPLATE => Self::jinja(tok, t),
-            _ => Self::markers(tok),
-        }
+        let mut template = match JinjaTemplate::find(dir)? {
+            Some(t) if t.source.trim() != TEMPER_TEMPLATE => Self::jinja(tok, t)?,
+            _ => Self::markers(tok)?,
+        };
+        template.extra_stops = generation_stops(dir)?
+            .into_iter()
+            .filter(|&id| id != template.eos)
+            .collect();
+        Ok(template)
+    }
+
+    /// The ids besides `eos` that end a reply, for the sampler.
+    pub fn also_stop(&self) -> Vec<i64> {
+        self.extra_stops.iter().map(|&id| i64::from(id)).collect()
     }
 
     /// temper's own template over `tok`'s special tokens.
@@ -120,6 +132,7 @@ impl ChatTemplate {
         Ok(Self {
             eos: tok.require(EOS)?,
             pad: tok.require(PAD)?,
+            extra_stops: Vec::new(),
             format: Format::Markers {
                 system: tok.require(SYSTEM)?,
                 user: tok.require(USER)?,
@@ -155,6 +168,7 @@ impl ChatTemplate {
         Ok(Self {
             eos,
             pad,
+            extra_stops: Vec::new(),
             format: Format::Jinja(Arc::new(template)),
         })
     }
@@ -276,4 +290,23 @@ impl ChatTemplate {
             Format::Jinja(t) => Ok(tok.encode_rendered(&t.render(messages, true)?.text)?.0),
         }
     }
+}
+
+/// `eos_token_id` of `generation_config.json` in `dir` (a number or a list; none without the
+/// file). A file that is not JSON is an error naming it.
+fn generation_stops(dir: &std::path::Path) -> Result<Vec<u32>> {
+    let path = dir.join("generation_config.json");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(Vec::new());
+    };
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| DataError::Tokenizer {
+            path: path.clone(),
+            message: format!("not valid JSON: {e}"),
+        })?;
+    let ids = match &value["eos_token_id"] {
+        serde_json::Value::Array(list) => list.iter().filter_map(|v| v.as_u64()).collect(),
+        v => v.as_u64().into_iter().collect::<Vec<_>>(),
+    };
+    Ok(ids.into_iter().map(|id| id as u32).collect())
 }

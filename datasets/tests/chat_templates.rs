@@ -145,3 +145,27 @@ fn a_template_without_assistant_text_is_refused() {
     let err = tpl.render(&tok, &conv, false).unwrap_err().to_string();
     assert!(err.contains("no assistant tokens"), "{err}");
 }
+
+#[test]
+fn a_generation_config_list_adds_stop_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixture("chatml").join(f), dir.path().join(f)).unwrap();
+    }
+    let tok = TextTokenizer::load(&dir.path().join("tokenizer.json")).unwrap();
+    let (im_end, text_end) = (
+        tok.id("<|im_end|>").unwrap(),
+        tok.id("<|endoftext|>").unwrap(),
+    );
+    assert!(ChatTemplate::new(&tok).unwrap().extra_stops.is_empty());
+    // Qwen's generation_config: the turn's end and the document's end.
+    std::fs::write(
+        dir.path().join("generation_config.json"),
+        format!("{{\"eos_token_id\": [{im_end}, {text_end}]}}"),
+    )
+    .unwrap();
+    let tpl = ChatTemplate::new(&tok).unwrap();
+    assert_eq!(tpl.eos, im_end);
+    assert_eq!(tpl.extra_stops, [text_end]);
+    assert_eq!(tpl.also_stop(), [i64::from(text_end)]);
+}

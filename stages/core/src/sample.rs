@@ -21,6 +21,9 @@ pub struct SamplingConfig {
     pub top_k: Option<i64>,
     pub top_p: Option<f64>,
     pub eos_token_id: Option<i64>,
+    /// Further ids that end a sequence like EOS (a model's `generation_config.json` may list
+    /// several: Llama 3.1 stops at `<|eot_id|>`, `<|eom_id|>` and `<|end_of_text|>`).
+    pub also_stop: Vec<i64>,
     /// Written after a sequence stops; those positions have `mask` = false.
     pub pad_token_id: i64,
 }
@@ -33,6 +36,7 @@ impl SamplingConfig {
             top_k: None,
             top_p: None,
             eos_token_id: None,
+            also_stop: Vec::new(),
             pad_token_id: 0,
         }
     }
@@ -212,14 +216,15 @@ pub fn generate(
             tokens.push(tok.shallow_clone());
             logprobs.push(lp.where_self(&live, &zero));
             masks.push(live);
-            if let Some(eos) = cfg.eos_token_id {
-                done = done.logical_or(&tok.eq(eos));
+            for &stop in cfg.eos_token_id.iter().chain(&cfg.also_stop) {
+                done = done.logical_or(&tok.eq(stop));
             }
             if step + 1 == cfg.max_new_tokens {
                 break;
             }
             // Checking for "all stopped" syncs with the device; every 8 steps keeps it cheap.
-            if cfg.eos_token_id.is_some() && step % 8 == 7 && bool::try_from(done.all())? {
+            let stops = cfg.eos_token_id.is_some() || !cfg.also_stop.is_empty();
+            if stops && step % 8 == 7 && bool::try_from(done.all())? {
                 break;
             }
             // No mask: a stopped row's pad token only feeds that row's discarded continuation.

@@ -586,6 +586,7 @@ fn kl_to_reference(
         top_k: None,
         top_p: None,
         eos_token_id: Some(s.template.eos as i64),
+        also_stop: s.template.also_stop(),
         pad_token_id: s.template.pad as i64,
     };
     let seeds = seeds_for(c.seed, "kl-sample", step, s.kl_prompts.len());

@@ -76,6 +76,7 @@ impl ExactScorer {
             top_k: None,
             top_p: if temperature > 0.0 { c.top_p } else { None },
             eos_token_id: Some(s.template.eos as i64),
+            also_stop: s.template.also_stop(),
             pad_token_id: s.template.pad as i64,
         };
         let ids: Vec<Vec<i64>> = s

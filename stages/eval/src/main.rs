@@ -367,6 +367,7 @@ fn answer(s: &Setup, model: &Transformer, c: &Config) -> anyhow::Result<Replies>
         top_k: None,
         top_p: c.top_p,
         eos_token_id: Some(s.template.eos as i64),
+        also_stop: s.template.also_stop(),
         pad_token_id: s.template.pad as i64,
     };
     let ids: Vec<Vec<i64>> = s

@@ -234,6 +234,7 @@ pub fn sampling(c: &Config, template: &ChatTemplate) -> SamplingConfig {
         top_k: c.top_k,
         top_p: c.top_p,
         eos_token_id: Some(template.eos as i64),
+        also_stop: template.also_stop(),
         pad_token_id: template.pad as i64,
     }
 }

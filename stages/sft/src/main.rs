@@ -332,6 +332,7 @@ fn sample_replies(s: &Setup, c: &Config, step: u64) -> anyhow::Result<Vec<serde_
         top_k: None,
         top_p: Some(0.95),
         eos_token_id: Some(s.template.eos as i64),
+        also_stop: s.template.also_stop(),
         pad_token_id: s.template.pad as i64,
     };
     let base = seed_for(c.seed, "sample", step);

@@ -139,6 +139,7 @@ fn main() -> anyhow::Result<()> {
         top_k: None,
         top_p: None,
         eos_token_id: None,
+        also_stop: Vec::new(),
         pad_token_id: 0,
     };
     let seeds: Vec<u64> = (0..a.gen_batch as u64).collect();
