@@ -8,8 +8,9 @@ use serde_json::{json, Value as Json};
 
 use crate::schema::Pipeline;
 
-/// Summary keys that describe the run rather than its result.
-const BOOKKEEPING: [&str; 4] = ["wall_time_s", "tokens_per_s", "status", "data"];
+/// Summary keys that describe the run rather than its result (throughput, `tokens_per_s`, is a
+/// result: a sweep over PEFT methods or batch sizes compares it).
+const BOOKKEEPING: [&str; 3] = ["wall_time_s", "status", "data"];
 
 pub struct MetricRow {
     pub metric: String,
@@ -47,15 +48,13 @@ pub struct Group {
     pub rows: Vec<MetricRow>,
 }
 
-fn label(branch: &[(String, serde_yaml::Value)]) -> String {
-    branch
-        .iter()
-        .map(|(k, v)| {
-            let v = serde_yaml::to_string(v).unwrap_or_default();
-            format!("{k}={}", v.trim())
-        })
-        .collect::<Vec<_>>()
-        .join(",")
+/// A branch's column title: its name after the `@` (`seed=1`, `peft=lora+r16`), one line
+/// whatever the swept values are (a mapping renders as `lora+r16`, not as YAML).
+fn label(stage_name: &str) -> String {
+    stage_name
+        .split_once('@')
+        .map_or(stage_name, |(_, b)| b)
+        .to_string()
 }
 
 /// Every stage written once in the file but run as several branches.
@@ -106,7 +105,7 @@ pub fn groups(p: &Pipeline) -> Vec<Group> {
             name: g.to_string(),
             branches: stages
                 .iter()
-                .map(|s| (label(&s.branch), s.name.clone()))
+                .map(|s| (label(&s.name), s.name.clone()))
                 .collect(),
             rows,
         });
@@ -176,6 +175,13 @@ pub fn print(p: &Pipeline, as_json: bool) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn branch_titles_are_the_names_after_the_at() {
+        assert_eq!(super::label("reward@seed=1"), "seed=1");
+        assert_eq!(super::label("sft@peft=lora+r16+dora"), "peft=lora+r16+dora");
+        assert_eq!(super::label("plain"), "plain");
+    }
+
     #[test]
     fn mean_and_sample_std_by_hand() {
         // 1, 2, 4: mean 7/3; squared deviations 16/9 + 1/9 + 25/9 = 42/9; / 2 = 7/3.

@@ -205,10 +205,6 @@ fn branch(
     Ok(Stage {
         name: name.to_string(),
         group: st.group.clone(),
-        branch: assignment
-            .iter()
-            .map(|(_, k, v)| (k.clone(), v.clone()))
-            .collect(),
         uses: st.uses,
         params,
         parents: st.parents.iter().map(rename).collect(),
@@ -233,7 +229,6 @@ mod tests {
         Stage {
             name: name.into(),
             group: name.into(),
-            branch: Vec::new(),
             uses: temper_stage::StageKind::Sft,
             params: serde_yaml::from_str(params).unwrap(),
             parents: parents

@@ -45,8 +45,6 @@ pub struct Stage {
     pub name: String,
     /// The name written in the file (the same as `name` outside sweeps).
     pub group: String,
-    /// The branch's values, (key, value), empty outside sweeps.
-    pub branch: Vec<(String, Value)>,
     pub uses: StageKind,
     /// Parameters: defaults merged with `with`, references still symbolic.
     pub params: Mapping,
@@ -287,7 +285,6 @@ fn parse_stage(
     let stage = Stage {
         name: name.to_string(),
         group: name.to_string(),
-        branch: Vec::new(),
         uses: kind,
         params,
         parents,
