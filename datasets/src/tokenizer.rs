@@ -31,8 +31,9 @@ pub type ByteRanges = Vec<(usize, usize)>;
 pub struct TextTokenizer {
     inner: Tokenizer,
     /// The same tokenizer recognising special tokens in text: for the text a model's own
-    /// (Jinja) chat template renders, whose markers are written out as strings.
-    rendered: Tokenizer,
+    /// (Jinja) chat template renders, whose markers are written out as strings. Made on first
+    /// use, so temper's own template (markers by id) never pays for the copy.
+    rendered: std::sync::OnceLock<Tokenizer>,
     pub path: PathBuf,
 }
 
@@ -48,12 +49,10 @@ impl TextTokenizer {
             path: path.into(),
             message: e.to_string(),
         })?;
-        let mut rendered = inner.clone();
-        rendered.set_encode_special_tokens(false);
         inner.set_encode_special_tokens(true);
         Ok(Self {
             inner,
-            rendered,
+            rendered: std::sync::OnceLock::new(),
             path: path.into(),
         })
     }
@@ -78,7 +77,12 @@ impl TextTokenizer {
     /// Token ids of text a chat template rendered, special tokens recognised (as
     /// transformers' `apply_chat_template` tokenizes), with each token's byte range.
     pub fn encode_rendered(&self, text: &str) -> Result<(Vec<u32>, ByteRanges)> {
-        let enc = self.rendered.encode(text, false).map_err(|e| self.err(e))?;
+        let rendered = self.rendered.get_or_init(|| {
+            let mut t = self.inner.clone();
+            t.set_encode_special_tokens(false);
+            t
+        });
+        let enc = rendered.encode(text, false).map_err(|e| self.err(e))?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 

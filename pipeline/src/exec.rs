@@ -437,7 +437,7 @@ fn launch(
     writeln!(
         log,
         "=== {}: temper run: {name} ({why}) in {}",
-        utc(now()),
+        temper_stage::clock::utc(now()),
         folder.display()
     )?;
     let parent_pid = std::process::id() as libc::pid_t;
@@ -606,26 +606,6 @@ fn stop_all(
     Ok(())
 }
 
-/// `YYYY-MM-DD HH:MM:SS UTC` for a Unix time (the civil-from-days algorithm; no time crate).
-pub fn utc(secs: u64) -> String {
-    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 fn write_manifest(
     p: &Pipeline,
     started: u64,
@@ -642,17 +622,4 @@ fn write_manifest(
             .join(format!("{started}-{}.json", std::process::id())),
         &record,
     )
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn utc_by_hand() {
-        assert_eq!(super::utc(0), "1970-01-01 00:00:00 UTC");
-        // 2000-03-01 is day 11017: the leap day of a century divisible by 400 came before it.
-        assert_eq!(
-            super::utc(11_017 * 86_400 + 3_723),
-            "2000-03-01 01:02:03 UTC"
-        );
-    }
 }

@@ -7,6 +7,7 @@
 //! checkpoints and the resumable state. The stage contract (arguments, configs, folders,
 //! metrics files) is temper-stage's.
 
+mod attention_mask;
 pub mod checkpoint;
 pub mod config;
 pub mod critic_free;
@@ -25,6 +26,7 @@ pub mod rewards;
 pub mod rl;
 pub mod safetensors;
 pub mod sample;
+pub mod save;
 pub mod schedule;
 pub mod scoring;
 pub mod state;
@@ -38,7 +40,8 @@ pub use config::{Arch, Family, ModelConfig, ModelShape, RopeScaling, ScorePoolin
 pub use device::{resolve_device, with_autocast, DeviceSpec, Precision};
 pub use error::{CoreError, Result};
 pub use kv_cache::KvCache;
-pub use model::{causal_lm_loss, lm_target_mask, token_logprobs, Heads, Transformer};
+pub use losses::{causal_lm_loss, lm_target_mask, token_logprobs};
+pub use model::{Heads, Transformer};
 pub use optim::{AdamW, AdamWConfig};
 pub use sample::{generate, Generation, Joined, SamplingConfig};
 pub use schedule::{OptimSettings, Schedule};

@@ -1,4 +1,6 @@
-//! Losses as small pure tensor functions, each tested against values computed by hand.
+//! Losses as small pure tensor functions: the language-modelling loss on padded batches (checked
+//! against transformers in tests/parity.rs) and the preference losses, tested against values
+//! computed by hand.
 
 use tch::{Kind, Tensor};
 
@@ -6,6 +8,48 @@ use tch::{Kind, Tensor};
 /// chosen, rejected: (B,).
 pub fn bradley_terry_loss(chosen: &Tensor, rejected: &Tensor, margin: f64) -> Tensor {
     -(chosen - rejected - margin).log_sigmoid().mean(Kind::Float)
+}
+
+/// Log-probability of each `target` under `logits`: (B, T, V), (B, T) → (B, T), computed in
+/// fp32 whatever the logits' dtype.
+pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Tensor {
+    // One fused log_softmax (forward and backward) rather than gather − logsumexp, whose
+    // max/sub/exp/sum passes each materialise a (B, T, V) temporary.
+    logits
+        .log_softmax(-1, Kind::Float)
+        .gather(-1, &targets.unsqueeze(-1), false)
+        .squeeze_dim(-1)
+}
+
+/// The loss mask for plain language modelling on a padded batch: target t counts when it and
+/// the token before it are real (a left-padded row's first real token is predicted from padding).
+pub fn lm_target_mask(attention_mask: &Tensor) -> Tensor {
+    let m = attention_mask.to_kind(Kind::Int64);
+    let t = m.size()[1];
+    let prev = Tensor::cat(&[m.narrow(1, 0, 1).zeros_like(), m.narrow(1, 0, t - 1)], 1);
+    m * prev
+}
+
+/// Mean next-token cross-entropy over positions whose *target* has `loss_mask` = 1.
+/// ids, loss_mask: (B, T); logits: (B, T, V). Token t predicts token t+1.
+pub fn causal_lm_loss(logits: &Tensor, ids: &Tensor, loss_mask: &Tensor) -> Tensor {
+    let t = ids.size()[1];
+    // Shift the targets, not the logits: the last position gets a dummy target with weight 0.
+    // log_softmax then reads the whole contiguous (B, T, V) tensor; a narrowed view would be
+    // copied first, and its backward would build a zero-filled (B, T, V) gradient to scatter
+    // into — two extra passes over the largest tensor of the step.
+    let pad = ids.narrow(1, 0, 1).zeros_like();
+    let targets = Tensor::cat(&[&ids.narrow(1, 1, t - 1), &pad], 1);
+    let m = Tensor::cat(
+        &[
+            &loss_mask.narrow(1, 1, t - 1),
+            &pad.to_kind(loss_mask.kind()),
+        ],
+        1,
+    )
+    .to_kind(Kind::Float);
+    let lp = token_logprobs(logits, &targets);
+    -(lp * &m).sum(Kind::Float) / m.sum(Kind::Float).clamp_min(1.0)
 }
 
 #[cfg(test)]

@@ -9,11 +9,13 @@
 use tch::nn;
 use tch::{Device, Kind, Tensor};
 
+use crate::attention_mask::{layout, Layout};
 use crate::config::{Arch, ModelConfig, ScorePooling};
 use crate::device::{with_autocast, Precision};
 use crate::error::{CoreError, Result};
 use crate::kv_cache::KvCache;
 use crate::layers::{normal_init, Linear, Mlp, Norm, Rope};
+use crate::losses::causal_lm_loss;
 
 /// Query/key/value projections: fused `c_attn` (GPT-2) or separate q/k/v (Llama).
 // One per layer, built once: boxing the larger variant would buy nothing.
@@ -369,11 +371,14 @@ impl Transformer {
             real,
             pos,
             attn_mask,
-        } = layout(b, t, ids.device(), mask, cache.as_deref_mut());
-        let attn_mask = match self.config.sliding_window {
-            Some(w) if past + t > w => Some(within_window(attn_mask, past, t, w, ids.device())),
-            _ => attn_mask,
-        };
+        } = layout(
+            b,
+            t,
+            ids.device(),
+            mask,
+            cache.as_deref_mut(),
+            self.config.sliding_window,
+        );
         let mut x = Tensor::embedding(&self.embed, ids, -1, false, false); // (B, T, C)
         if let (Some(p), true) = (&self.prompt, n_virtual > 0) {
             let virtual_tokens = p
@@ -544,174 +549,12 @@ impl Transformer {
     }
 }
 
-/// Where each new token sits and what it may attend to.
-struct Layout {
-    /// (B, T) bool real-token mask, when any token (new or cached) may be padding.
-    real: Option<Tensor>,
-    /// Position ids, (B, T) or (1, T).
-    pos: Tensor,
-    /// (B, 1, T, S) bool; None means plain causal attention (sdpa's is_causal) or, for one
-    /// new token, none.
-    attn_mask: Option<Tensor>,
-}
-
-/// Positions and the attention mask of a call with `t` new tokens per row, updating the
-/// cache's key mask. Position ids count real tokens only, so left padding does not shift them.
-fn layout(
-    b: i64,
-    t: i64,
-    device: Device,
-    mask: Option<&Tensor>,
-    mut cache: Option<&mut KvCache>,
-) -> Layout {
-    let past = cache.as_ref().map_or(0, |c| c.len());
-    // Without padding anywhere (no mask now, none cached) every row's positions are
-    // past..past+t and attention is plain causal: skip the per-row bookkeeping, which is
-    // most of a decode step's small ops.
-    let padded = mask.is_some() || cache.as_ref().is_some_and(|c| c.padded);
-    let real = padded.then(|| match mask {
-        Some(m) => m.to_kind(Kind::Bool),
-        None => Tensor::ones([b, t], (Kind::Bool, device)),
-    });
-    let pos = match &real {
-        Some(real) => {
-            let mut pos = real.cumsum(1, Kind::Int64) - 1; // (B, T)
-            if let Some(c) = cache.as_ref() {
-                pos += c.seen.unsqueeze(1);
-            }
-            pos.clamp_min(0)
-        }
-        None => Tensor::arange_start(past, past + t, (Kind::Int64, device)).unsqueeze(0),
-    };
-    if let Some(c) = cache.as_deref_mut() {
-        let mut slots = c.key_mask.narrow(1, past, t);
-        match &real {
-            Some(real) => slots.copy_(real),
-            None => _ = slots.fill_(1),
-        }
-        c.padded |= mask.is_some();
-    }
-    let attn_mask = match &real {
-        Some(real) => Some(padding_mask(
-            real,
-            cache.as_deref(),
-            mask.is_some(),
-            past,
-            t,
-        )),
-        None if past > 0 && t > 1 => Some(causal_block(past, t, device).view([1, 1, t, past + t])),
-        None => None,
-    };
-    Layout {
-        real,
-        pos,
-        attn_mask,
-    }
-}
-
-/// The (B, 1, T, S) mask for a call where some token, new or cached, may be padding; `real`
-/// (B, T) marks the new tokens. The cache's key mask already holds them.
-///
-/// Query i (absolute position past+i) may see key j when j ≤ past+i and key j is a real token.
-/// It may always see itself, so rows of padding queries are never fully masked (a fully masked
-/// softmax row is NaN, and NaN times a zero loss mask is still NaN).
-fn padding_mask(
-    real: &Tensor,
-    cache: Option<&KvCache>,
-    new_padded: bool,
-    past: i64,
-    t: i64,
-) -> Tensor {
-    let device = real.device();
-    let keys = match cache {
-        Some(c) => c.key_mask.narrow(1, 0, past + t),
-        None => real.shallow_clone(),
-    }; // (B, S)
-    if t == 1 && !new_padded {
-        // One real new token: it sees every real cached key and itself.
-        return keys.unsqueeze(1).unsqueeze(1);
-    }
-    let causal = causal_block(past, t, device); // (T, S)
-    let diag = Tensor::arange(past + t, (Kind::Int64, device))
-        .unsqueeze(0)
-        .eq_tensor(&(Tensor::arange(t, (Kind::Int64, device)) + past).unsqueeze(1)); // (T, S)
-    let allowed = keys
-        .unsqueeze(1)
-        .logical_and(&causal.unsqueeze(0))
-        .logical_or(&diag); // (B, T, S)
-    allowed.unsqueeze(1)
-}
-
-/// Mistral's sliding window on top of `mask` (None: plain causal): query at absolute position
-/// q sees key k only when q - k < `window`, counted in cache slots as transformers does (the
-/// same distance in real tokens, since padding sits only at a row's ends).
-fn within_window(mask: Option<Tensor>, past: i64, t: i64, window: i64, device: Device) -> Tensor {
-    let q = (Tensor::arange(t, (Kind::Int64, device)) + past).unsqueeze(1);
-    let k = Tensor::arange(past + t, (Kind::Int64, device)).unsqueeze(0);
-    let band = (q - k).lt(window).view([1, 1, t, past + t]);
-    match mask {
-        Some(m) => m.logical_and(&band),
-        None => causal_block(past, t, device)
-            .view([1, 1, t, past + t])
-            .logical_and(&band),
-    }
-}
-
-/// (T, S) bool: new query i may see key j ≤ past + i.
-fn causal_block(past: i64, t: i64, device: Device) -> Tensor {
-    let q = (Tensor::arange(t, (Kind::Int64, device)) + past).unsqueeze(1);
-    let k = Tensor::arange(past + t, (Kind::Int64, device)).unsqueeze(0);
-    k.le_tensor(&q)
-}
-
 /// Index of each row's last real token in `mask` (B, T), whatever the padding side; 0 for a
 /// row with none.
 pub fn last_real_index(mask: &Tensor) -> Tensor {
     let t = mask.size()[1];
     let positions = Tensor::arange(t, (Kind::Int64, mask.device())).unsqueeze(0); // (1, T)
     (mask.to_kind(Kind::Int64) * (positions + 1)).argmax(1, false)
-}
-
-/// Log-probability of each `target` under `logits`: (B, T, V), (B, T) → (B, T), computed in
-/// fp32 whatever the logits' dtype.
-pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Tensor {
-    // One fused log_softmax (forward and backward) rather than gather − logsumexp, whose
-    // max/sub/exp/sum passes each materialise a (B, T, V) temporary.
-    logits
-        .log_softmax(-1, Kind::Float)
-        .gather(-1, &targets.unsqueeze(-1), false)
-        .squeeze_dim(-1)
-}
-
-/// The loss mask for plain language modelling on a padded batch: target t counts when it and
-/// the token before it are real (a left-padded row's first real token is predicted from padding).
-pub fn lm_target_mask(attention_mask: &Tensor) -> Tensor {
-    let m = attention_mask.to_kind(Kind::Int64);
-    let t = m.size()[1];
-    let prev = Tensor::cat(&[m.narrow(1, 0, 1).zeros_like(), m.narrow(1, 0, t - 1)], 1);
-    m * prev
-}
-
-/// Mean next-token cross-entropy over positions whose *target* has `loss_mask` = 1.
-/// ids, loss_mask: (B, T); logits: (B, T, V). Token t predicts token t+1.
-pub fn causal_lm_loss(logits: &Tensor, ids: &Tensor, loss_mask: &Tensor) -> Tensor {
-    let t = ids.size()[1];
-    // Shift the targets, not the logits: the last position gets a dummy target with weight 0.
-    // log_softmax then reads the whole contiguous (B, T, V) tensor; a narrowed view would be
-    // copied first, and its backward would build a zero-filled (B, T, V) gradient to scatter
-    // into — two extra passes over the largest tensor of the step.
-    let pad = ids.narrow(1, 0, 1).zeros_like();
-    let targets = Tensor::cat(&[&ids.narrow(1, 1, t - 1), &pad], 1);
-    let m = Tensor::cat(
-        &[
-            &loss_mask.narrow(1, 1, t - 1),
-            &pad.to_kind(loss_mask.kind()),
-        ],
-        1,
-    )
-    .to_kind(Kind::Float);
-    let lp = token_logprobs(logits, &targets);
-    -(lp * &m).sum(Kind::Float) / m.sum(Kind::Float).clamp_min(1.0)
 }
 
 #[cfg(test)]

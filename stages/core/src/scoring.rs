@@ -6,7 +6,8 @@ use tch::{Kind, Tensor};
 use temper_data::TextTokenizer;
 
 use crate::error::Result;
-use crate::model::{token_logprobs, Transformer};
+use crate::losses::token_logprobs;
+use crate::model::Transformer;
 use crate::sample::Joined;
 
 /// Log-probs (B, N) of the response `tokens` under `model` at `temperature`, and the logits

@@ -11,6 +11,7 @@
 pub mod atomic;
 pub mod cadence;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod exit;
 pub mod folder;

@@ -548,7 +548,7 @@ pub(crate) fn write_adapter_weights(dir: &Path, tensors: &[(String, Tensor)]) ->
 }
 
 pub(crate) fn copy_tokenizer(tokenizer: &Path, dir: &Path) -> Result<()> {
-    crate::checkpoint::write_tokenizer_files(tokenizer, dir)
+    crate::save::write_tokenizer_files(tokenizer, dir)
 }
 
 pub(crate) fn replace(from: &Path, to: &Path) -> Result<()> {
