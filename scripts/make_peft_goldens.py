@@ -13,6 +13,8 @@ save_pretrained under tests/fixtures/peft/<case>/, and writes golden.safetensors
                        (keys as in adapter_model.safetensors)
   step.<key>           the tensor after one torch.optim.AdamW step (settings in golden.json)
 
+PiSSA (make_pissa): init_lora_weights="pissa" on GPT-2 and Llama (rsLoRA): starting factors,
+residual weights, logits after moving the adapter, and PEFT's conversion to plain LoRA.
 Cases: LoRA on GPT-2 (Conv1D, fan_in_fan_out) and Llama, rsLoRA, DoRA (both families), LoRA
 with trained biases on selected layers, and a LoRA reward model (GPT-2 *ForSequenceClassification
 with the score head in modules_to_save).
@@ -135,6 +137,63 @@ def saved_key(param_name):
     if param_name.endswith("lora_magnitude_vector.default.weight"):
         return param_name[: -len(".default.weight")]
     return param_name.replace(".default", "")
+
+
+def make_pissa(case, base, settings, seed):
+    """PiSSA (init_lora_weights="pissa") on a fixture: the starting factors and residual
+    weights, then the adapter moved as training would move it, that model's logits, and the
+    adapter PEFT saves converted to plain LoRA (path_initial_model_for_weight_conversion).
+
+    golden.safetensors: init_delta.<module> (scale·B₀A₀, out × in, sign-free unlike A₀ and B₀),
+    residual.<module> (the base weight after init, in the checkpoint's layout),
+    trained.<adapter key> (the moved A and B), logits (PiSSA model, moved adapter);
+    converted/ holds the converted adapter (rank 2r over the original base)."""
+    import tempfile
+
+    base_dir = os.path.join(ROOT, base)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    config = LoraConfig(lora_dropout=0.0, init_lora_weights="pissa", **settings)
+    peft_model = get_peft_model(model, config)
+    out = os.path.join(ROOT, "peft", case)
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    golden = {}
+    g = torch.Generator().manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        # PEFT's recipe: save the starting adapter marked as a plain one, train, then save
+        # converted against it.
+        peft_model.peft_config["default"].init_lora_weights = True
+        peft_model.save_pretrained(os.path.join(tmp, "init"))
+        with torch.no_grad():
+            for name, module in peft_model.named_modules():
+                if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+                    path = name[len("base_model.model."):]
+                    a = module.lora_A["default"].weight
+                    b = module.lora_B["default"].weight
+                    golden[f"init_delta.{path}"] = (module.scaling["default"] * b @ a).contiguous()
+                    golden[f"residual.{path}"] = module.base_layer.weight.detach().clone().contiguous()
+            for name, p in peft_model.named_parameters():
+                if "lora_" in name:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.05)
+                    golden[f"trained.{saved_key(name)}"] = p.detach().clone().contiguous()
+        peft_model.save_pretrained(os.path.join(out, "converted"),
+                                   path_initial_model_for_weight_conversion=os.path.join(tmp, "init"))
+    os.remove(os.path.join(out, "converted", "README.md"))
+    with open(os.path.join(out, "converted", "adapter_config.json")) as f:
+        adapter = json.load(f)
+    adapter["base_model_name_or_path"] = f"../../../{base}"
+    with open(os.path.join(out, "converted", "adapter_config.json"), "w") as f:
+        json.dump(adapter, f, indent=2)
+    ids, mask, pos = inputs(model.config.vocab_size)
+    peft_model.eval()
+    with torch.no_grad():
+        golden["logits"] = peft_model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.contiguous()
+    golden["input_ids"], golden["attention_mask"] = ids, mask
+    save_file(golden, os.path.join(out, "golden.safetensors"))
+    with open(os.path.join(out, "golden.json"), "w") as f:
+        json.dump({"case": case, "base": base, "seed": seed, "settings": settings,
+                   "peft": __import__("peft").__version__, "torch": torch.__version__}, f, indent=1)
+    print(f"{case}: PiSSA on {sum(k.startswith('residual.') for k in golden)} layers, converted to rank {adapter['r']}")
 
 
 def make_nf4():
@@ -359,6 +418,9 @@ def make_bottleneck(case, base, reduction, drop_layers, activation, seed):
 if __name__ == "__main__":
     for i, (case, (base, settings)) in enumerate(CASES.items()):
         make(case, base, settings, 100 + i)
+    make_pissa("gpt2_pissa", "gpt2", dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"]), 700)
+    make_pissa("llama_pissa", "llama", dict(r=4, lora_alpha=4, target_modules=["q_proj", "down_proj"],
+                                            use_rslora=True), 701)
     make_nf4()
     make_qlora()
     make_prompt("gpt2_prompt", "gpt2", 4, 300)

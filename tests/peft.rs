@@ -192,6 +192,22 @@ fn bad_peft_settings_are_named() {
             "peft.layers",
             "block 5",
         ),
+        (
+            lora(&|c| {
+                c.init = peft::LoraInit::Pissa;
+                c.dora = true
+            }),
+            "peft.init",
+            "pissa cannot be combined with dora",
+        ),
+        (
+            lora(&|c| {
+                c.init = peft::LoraInit::Pissa;
+                c.r = 33
+            }),
+            "peft.r",
+            "at most 32",
+        ),
     ];
     for (config, field, words) in cases {
         let (mut vs, mut model) =
@@ -317,7 +333,7 @@ fn peft_in_every_stage_and_peft_loads_what_temper_saved() {
         "{ppo_log}"
     );
 
-    // PEFT loads the DoRA SFT adapter (over the base written beside it, since its own start
+    // PEFT loads the PiSSA adapter (saved converted, over the pretrained base), the DoRA SFT adapter (over the base written beside it, since its own start
     // was an adapter), the LoRA reward model (over the merged checkpoint), the QLoRA actor and
     // the prompt-tuned DPO policy and the prefix- and P-tuned SFTs, and computes what temper
     // computes.
@@ -327,6 +343,7 @@ fn peft_in_every_stage_and_peft_loads_what_temper_saved() {
     let mask = &g["attention_mask"];
     let ids = &ids * mask;
     for (stage, seq_cls) in [
+        ("adapt", false),
         ("sft", false),
         ("reward", true),
         ("ppo", false),
@@ -388,4 +405,138 @@ fn peft_in_every_stage_and_peft_loads_what_temper_saved() {
     )
     .unwrap();
     python_check("check_hf_load.py", &[&copy]);
+}
+
+/// `scale·B·A` of every adapted layer, by module path (sign-free, unlike A and B themselves).
+fn lora_products(tensors: &BTreeMap<String, Tensor>, scale: f64) -> BTreeMap<String, Tensor> {
+    tensors
+        .iter()
+        .filter_map(|(k, a)| {
+            let module = k
+                .strip_prefix("base_model.model.")?
+                .strip_suffix(".lora_A.weight")?;
+            let b = &tensors[&k.replace(".lora_A.", ".lora_B.")];
+            Some((module.to_string(), b.matmul(a) * scale))
+        })
+        .collect()
+}
+
+#[test]
+fn pissa_starts_as_peft_and_saves_the_conversion_peft_makes() {
+    for case in ["gpt2_pissa", "llama_pissa"] {
+        let (g, json) = golden(case);
+        let s = &json["settings"];
+        let base = fixtures().join(json["base"].as_str().unwrap());
+        let (mut vs, mut model) = load_checkpoint(&base, LoadSpec::CAUSAL_LM, Device::Cpu).unwrap();
+        let (ids, mask) = (&g["input_ids"], &g["attention_mask"]);
+        let (_, original) = tch::no_grad(|| model.forward(ids, Some(mask))).unwrap();
+        let lora: LoraConfig = serde_json::from_value(serde_json::json!({
+            "r": s["r"], "alpha": s["lora_alpha"], "init": "pissa",
+            "rslora": s["use_rslora"].as_bool().unwrap_or(false),
+            "target_modules": s["target_modules"],
+        }))
+        .unwrap();
+        let tuning =
+            peft::apply(&mut model, &mut vs, Some(&PeftConfig::Lora(lora.clone()))).unwrap();
+        let adapters = tuning.adapters.as_ref().unwrap();
+
+        // The start: the same residual weights and rank-r part as PEFT's SVD.
+        let start: BTreeMap<String, Tensor> = adapters.variables().into_iter().collect();
+        let deltas = lora_products(&start, lora.scale());
+        assert_eq!(deltas.len(), 4, "{case}: adapted layers");
+        for (module, delta) in &deltas {
+            let want = &g[&format!("init_delta.{module}")];
+            let d = (delta - want).abs().max().double_value(&[]);
+            assert!(
+                d < 1e-5,
+                "{case} {module}: scale·B₀A₀ differs from PEFT's by {d:e}"
+            );
+            let residual = &vs.variables()[&format!("{module}.weight")];
+            let d = (residual - &g[&format!("residual.{module}")])
+                .abs()
+                .max()
+                .double_value(&[]);
+            assert!(
+                d < 1e-5,
+                "{case} {module}: residual weight differs from PEFT's by {d:e}"
+            );
+        }
+        // With the adapters off the layers add B₀A₀ back: the model the stage started from.
+        let (_, off) =
+            tch::no_grad(|| tuning.without_adapters(|| model.forward(ids, Some(mask)))).unwrap();
+        let d = max_diff_on(&off, &original, mask);
+        assert!(
+            d < 1e-4,
+            "{case}: adapters off differs from the base by {d:e}"
+        );
+
+        // Moved as PEFT's golden moved it: the same function.
+        tch::no_grad(|| {
+            for (name, mut var) in adapters.variables() {
+                var.copy_(&g[&format!("trained.{name}")]);
+            }
+        });
+        let (_, logits) = tch::no_grad(|| model.forward(ids, Some(mask))).unwrap();
+        let d = max_diff_on(&logits, &g["logits"], mask);
+        assert!(
+            d < 1e-4,
+            "{case}: trained PiSSA logits differ from PEFT's by {d:e}"
+        );
+
+        // Saved over the original base: PEFT's conversion (rank 2r, same scale, the same
+        // BA − B₀A₀), and PEFT computes from it what temper computes.
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = dir.path().join("adapter");
+        tuning
+            .save_into(
+                &ckpt,
+                &model,
+                &vs,
+                &fixtures().join("tokenizer/gpt2_style.json"),
+                Some(&base),
+                Default::default(),
+            )
+            .unwrap();
+        let read = |d: &Path| -> (serde_json::Value, BTreeMap<String, Tensor>) {
+            let c = serde_json::from_str(
+                &std::fs::read_to_string(d.join("adapter_config.json")).unwrap(),
+            )
+            .unwrap();
+            let t = Tensor::read_safetensors(d.join("adapter_model.safetensors")).unwrap();
+            (c, t.into_iter().collect())
+        };
+        let (ours, ours_t) = read(&ckpt);
+        let (peft_c, peft_t) = read(&fixtures().join("peft").join(case).join("converted"));
+        for key in ["use_rslora", "init_lora_weights"] {
+            assert_eq!(ours[key], peft_c[key], "{case}: {key}");
+        }
+        for key in ["r", "lora_alpha"] {
+            let (a, b) = (ours[key].as_f64().unwrap(), peft_c[key].as_f64().unwrap());
+            assert!((a - b).abs() < 1e-9, "{case}: {key} {a} vs PEFT's {b}");
+        }
+        let scale = lora.scale();
+        let (ours_d, peft_d) = (lora_products(&ours_t, scale), lora_products(&peft_t, scale));
+        assert_eq!(
+            ours_d.keys().collect::<Vec<_>>(),
+            peft_d.keys().collect::<Vec<_>>()
+        );
+        for (module, d_ours) in &ours_d {
+            let d = (d_ours - &peft_d[module]).abs().max().double_value(&[]);
+            assert!(
+                d < 1e-5,
+                "{case} {module}: converted ΔW differs from PEFT's by {d:e}"
+            );
+        }
+        let file = dir.path().join("logits.safetensors");
+        Tensor::write_safetensors(
+            &[
+                ("input_ids", ids.shallow_clone()),
+                ("attention_mask", mask.shallow_clone()),
+                ("logits", logits),
+            ],
+            &file,
+        )
+        .unwrap();
+        python_check("check_peft_load.py", &[&ckpt, &file]);
+    }
 }

@@ -95,7 +95,8 @@ impl Linear {
         let y = self.base_forward(x);
         match &self.lora {
             Some(lora) if lora.active() => lora.forward(x, y, self),
-            _ => y,
+            Some(lora) => lora.bypassed(x, y),
+            None => y,
         }
     }
 

@@ -48,6 +48,9 @@ pub enum LoraInit {
     Default,
     /// A ~ N(0, 1/r), B = 0.
     Gaussian,
+    /// PiSSA: A and B from the top-r singular values and vectors of the frozen weight, which
+    /// keeps the residual; saved converted to a plain LoRA of rank 2r over the original base.
+    Pissa,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

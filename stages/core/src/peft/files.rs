@@ -451,6 +451,11 @@ impl Tuning {
         let dir = dir.to_path_buf();
         let (base, inside) = base_for(&dir, model, vs, tokenizer, base)?;
         let mut tensors: BTreeMap<String, Tensor> = adapters.variables().into_iter().collect();
+        // PiSSA trained over a residual weight. Over the original base on disk the adapter is
+        // saved as PEFT converts it: BA − B₀A₀ = [B | −B₀][A ; A₀], a plain LoRA of rank 2r
+        // with the same scale. A base written from memory is the residual itself, which the
+        // adapter as trained completes.
+        let pissa_converted = !inside && convert_pissa(model, &mut tensors);
         let adapted: BTreeSet<String> = model
             .block_linears()
             .iter()
@@ -486,8 +491,13 @@ impl Tuning {
             } else {
                 std::path::absolute(&base).unwrap_or(base.clone())
             },
-            "r": c.r,
-            "lora_alpha": c.alpha(),
+            "r": if pissa_converted { 2 * c.r } else { c.r },
+            // alpha/r (or alpha/√r) unchanged at rank 2r.
+            "lora_alpha": match (pissa_converted, c.rslora) {
+                (false, _) => c.alpha(),
+                (true, false) => 2.0 * c.alpha(),
+                (true, true) => std::f64::consts::SQRT_2 * c.alpha(),
+            },
             "lora_dropout": c.dropout,
             "target_modules": targeted,
             "fan_in_fan_out": model.config.arch == crate::config::Arch::Gpt2,
@@ -496,7 +506,9 @@ impl Tuning {
             "use_dora": c.dora,
             "layers_to_transform": c.layers,
             "modules_to_save": if seq_cls { json!(["score"]) } else { Value::Null },
-            "init_lora_weights": match c.init { LoraInit::Default => json!(true), LoraInit::Gaussian => json!("gaussian") },
+            // What PEFT should do when it creates the layers before loading these tensors:
+            // never PiSSA's SVD again, which would change the base it loads.
+            "init_lora_weights": match c.init { LoraInit::Default | LoraInit::Pissa => json!(true), LoraInit::Gaussian => json!("gaussian") },
             "inference_mode": true,
         });
         write_json(&dir.join(ADAPTER_CONFIG), &config)?;
@@ -508,6 +520,24 @@ impl Tuning {
         write_json(&dir.join(TEMPER_ADAPTER), &pointer)?;
         copy_tokenizer(tokenizer, &dir)
     }
+}
+
+/// Replaces each PiSSA layer's factors by `[A ; A₀]` and `[B | −B₀]`; whether there were any.
+fn convert_pissa(model: &Transformer, tensors: &mut BTreeMap<String, Tensor>) -> bool {
+    let mut any = false;
+    for (_, linear) in model.block_linears() {
+        let Some((a0, b0)) = linear.lora.as_ref().and_then(|l| l.initial.as_ref()) else {
+            continue;
+        };
+        let key = |factor: &str| format!("base_model.model.{}.{factor}.weight", linear.module);
+        let (ka, kb) = (key("lora_A"), key("lora_B"));
+        let a = Tensor::cat(&[&tensors[&ka], a0], 0);
+        let b = Tensor::cat(&[&tensors[&kb], &-b0], 1);
+        tensors.insert(ka, a);
+        tensors.insert(kb, b);
+        any = true;
+    }
+    any
 }
 
 /// Creates the adapter folder `dir` and returns its base: `base`, or — when the base exists

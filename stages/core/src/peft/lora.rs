@@ -56,6 +56,8 @@ pub struct Lora {
     pub dropout: f64,
     /// DoRA's magnitude, one per output row.
     pub magnitude: Option<Tensor>,
+    /// PiSSA: the adapter's starting (A₀, B₀), which the residual base weight lacks.
+    pub initial: Option<(Tensor, Tensor)>,
     pub switch: Arc<Switch>,
 }
 
@@ -93,6 +95,19 @@ impl Lora {
             }
         };
         y + (&s - 1.0) * base + s * delta
+    }
+
+    /// The layer's output with the adapter off: the frozen layer, plus what PiSSA took out of
+    /// its weight.
+    pub(crate) fn bypassed(&self, x: &Tensor, y: Tensor) -> Tensor {
+        match &self.initial {
+            Some((a0, b0)) => {
+                let kind = y.kind();
+                y + (x.linear::<&Tensor>(a0, None).linear::<&Tensor>(b0, None) * self.scale)
+                    .to_kind(kind)
+            }
+            None => y,
+        }
     }
 
     /// `scale · B A` in (out, in).

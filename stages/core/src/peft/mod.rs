@@ -27,6 +27,7 @@ mod ptuning;
 use std::sync::Arc;
 
 use tch::nn::VarStore;
+use tch::{Kind, Tensor};
 
 pub use bottleneck::{Activation, Adapter, Bottleneck, BottleneckConfig};
 pub(crate) use config::bad;
@@ -41,6 +42,7 @@ pub use prompt::{
 };
 pub use ptuning::{EncoderKind, PtuningConfig};
 
+use crate::layers::Linear;
 use crate::model::Transformer;
 use crate::optim::{AdamW, AdamWConfig};
 
@@ -445,6 +447,28 @@ fn attach_lora(
             format!("block {bad_layer} does not exist (the model has {n_layer})"),
         ));
     }
+    if c.init == LoraInit::Pissa {
+        if c.dora {
+            return Err(bad(
+                "init",
+                "pissa cannot be combined with dora (the magnitude would be taken from the residual weight); use one of them",
+            ));
+        }
+        let (d_in, d_out) = model
+            .block_linears()
+            .iter()
+            .map(|(_, l)| (l.d_in(), l.d_out()))
+            .fold((i64::MAX, i64::MAX), |(a, b), (i, o)| (a.min(i), b.min(o)));
+        if c.r > d_in.min(d_out) {
+            return Err(bad(
+                "r",
+                format!(
+                    "pissa takes the top r singular vectors: r must be at most {}",
+                    d_in.min(d_out)
+                ),
+            ));
+        }
+    }
     let adapters = VarStore::new(device);
     let switch = Switch::new();
     let root = adapters.root().sub("base_model").sub("model");
@@ -460,7 +484,7 @@ fn attach_lora(
         }
         let (d_in, d_out) = (linear.d_in(), linear.d_out());
         let a_init = match c.init {
-            LoraInit::Default => {
+            LoraInit::Default | LoraInit::Pissa => {
                 let bound = 1.0 / (d_in as f64).sqrt();
                 tch::nn::Init::Uniform {
                     lo: -bound,
@@ -486,14 +510,42 @@ fn attach_lora(
             });
             p.var_copy("lora_magnitude_vector", &norms)
         });
+        let initial = (c.init == LoraInit::Pissa).then(|| pissa_init(linear, &a, &b, c));
         linear.lora = Some(Lora {
             a,
             b,
             scale: c.scale(),
             dropout: c.dropout,
             magnitude,
+            initial,
             switch: switch.clone(),
         });
     }
     Ok((adapters, switch))
+}
+
+/// PiSSA, as PEFT computes it: with W = U S Vᵀ (out × in, in fp32), A = √(S_r/scale) V_rᵀ and
+/// B = U_r √(S_r/scale), so `scale·BA` is W's best rank-r part; the frozen weight keeps the
+/// residual `W − scale·BA`. Returns (A₀, B₀), the values the adapter starts from.
+fn pissa_init(linear: &mut Linear, a: &Tensor, b: &Tensor, c: &LoraConfig) -> (Tensor, Tensor) {
+    tch::no_grad(|| {
+        let w = linear.weight_out_in().to_kind(Kind::Float);
+        // torch.svd is linalg.svd(full_matrices=False) returning V, not Vᵀ (tch's linalg_svd
+        // always passes a `driver`, which the CPU refuses).
+        let (u, s, v) = w.svd(true, true);
+        let vh = v.tr();
+        let root = (s.narrow(0, 0, c.r) / c.scale()).sqrt();
+        let a0 = vh.narrow(0, 0, c.r) * root.unsqueeze(1);
+        let b0 = u.narrow(1, 0, c.r) * root.unsqueeze(0);
+        let residual = (&w - b0.matmul(&a0) * c.scale()).to_kind(linear.weight.kind());
+        let residual = if linear.conv1d {
+            residual.tr().contiguous()
+        } else {
+            residual
+        };
+        linear.weight.shallow_clone().copy_(&residual);
+        a.shallow_clone().copy_(&a0);
+        b.shallow_clone().copy_(&b0);
+        (a0, b0)
+    })
 }
