@@ -15,6 +15,8 @@ save_pretrained under tests/fixtures/peft/<case>/, and writes golden.safetensors
 
 PiSSA (make_pissa): init_lora_weights="pissa" on GPT-2 and Llama (rsLoRA): starting factors,
 residual weights, logits after moving the adapter, and PEFT's conversion to plain LoRA.
+AdaLoRA (make_adalora): AdaLoraConfig trained for a few AdamW updates with PEFT's own loop
+(regulariser, update_and_allocate): losses, final factors, rank pattern, logits, saved adapter.
 Cases: LoRA on GPT-2 (Conv1D, fan_in_fan_out) and Llama, rsLoRA, DoRA (both families), LoRA
 with trained biases on selected layers, and a LoRA reward model (GPT-2 *ForSequenceClassification
 with the score head in modules_to_save).
@@ -88,6 +90,7 @@ def make(case, base, settings, seed):
     with open(os.path.join(out, "adapter_config.json")) as f:
         config = json.load(f)
     config["base_model_name_or_path"] = f"../../{base}"  # relative to this folder, for readers
+    config["target_modules"] = sorted(config["target_modules"])  # PEFT writes a set: any order
     with open(os.path.join(out, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)
 
@@ -182,6 +185,7 @@ def make_pissa(case, base, settings, seed):
     with open(os.path.join(out, "converted", "adapter_config.json")) as f:
         adapter = json.load(f)
     adapter["base_model_name_or_path"] = f"../../../{base}"
+    adapter["target_modules"] = sorted(adapter["target_modules"])
     with open(os.path.join(out, "converted", "adapter_config.json"), "w") as f:
         json.dump(adapter, f, indent=2)
     ids, mask, pos = inputs(model.config.vocab_size)
@@ -194,6 +198,75 @@ def make_pissa(case, base, settings, seed):
         json.dump({"case": case, "base": base, "seed": seed, "settings": settings,
                    "peft": __import__("peft").__version__, "torch": torch.__version__}, f, indent=1)
     print(f"{case}: PiSSA on {sum(k.startswith('residual.') for k in golden)} layers, converted to rank {adapter['r']}")
+
+
+def make_adalora(case, base, settings, steps, seed):
+    """AdaLoRA trained for `steps` AdamW updates on make_goldens' rows, PEFT's loop: loss with
+    the orthogonality regulariser (PEFT adds it when labels are given), backward, step,
+    update_and_allocate(step), zero_grad. A, B and E start at seeded random values (PEFT's
+    E = 0 would leave nothing to rank at first).
+
+    golden.safetensors: init.<key> (A, B, E before training), loss (each step's regularised
+    loss), final.<key> (after the last update), logits (the trained model); golden.json has
+    the rank pattern; the folder holds the adapter PEFT saved (pruned by the pattern)."""
+    from peft import AdaLoraConfig
+
+    base_dir = os.path.join(ROOT, base)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    # CAUSAL_LM: PeftModelForCausalLM goes through AdaLoraModel.forward, which adds the
+    # regulariser to the loss (a bare PeftModel calls the transformers model directly).
+    peft_model = get_peft_model(model, AdaLoraConfig(lora_dropout=0.0, total_step=steps, task_type="CAUSAL_LM",
+                                                     **settings))
+    g = torch.Generator().manual_seed(seed)
+    golden = {}
+    params = {}
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.5 if "lora_E" in name else 0.2))
+                key = name.replace(".default", "")
+                golden[f"init.{key}"] = p.detach().clone()
+                params[key] = p
+    ids, mask, pos = inputs(model.config.vocab_size)
+    target_ok = mask.clone()
+    target_ok[:, 1:] *= mask[:, :-1]
+    labels = ids.masked_fill(target_ok == 0, -100)
+    opt = torch.optim.AdamW(list(params.values()), lr=ADAMW["lr"], betas=ADAMW["betas"],
+                            eps=ADAMW["eps"], weight_decay=0.0)
+    peft_model.train()
+    losses = []
+    for step in range(steps):
+        loss = peft_model(input_ids=ids, attention_mask=mask, position_ids=pos, labels=labels).loss
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+        peft_model.base_model.update_and_allocate(step)
+        opt.zero_grad()
+    golden["loss"] = torch.tensor(losses)
+    for key, p in params.items():
+        golden[f"final.{key}"] = p.detach().clone()
+    peft_model.eval()
+    with torch.no_grad():
+        golden["logits"] = peft_model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.contiguous()
+    golden["input_ids"], golden["attention_mask"] = ids, mask
+    out = os.path.join(ROOT, "peft", case)
+    shutil.rmtree(out, ignore_errors=True)
+    peft_model.save_pretrained(out)
+    os.remove(os.path.join(out, "README.md"))
+    with open(os.path.join(out, "adapter_config.json")) as f:
+        config = json.load(f)
+    config["base_model_name_or_path"] = f"../../{base}"
+    config["target_modules"] = sorted(config["target_modules"])
+    with open(os.path.join(out, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    save_file({k: v.contiguous() for k, v in golden.items()}, os.path.join(out, "golden.safetensors"))
+    with open(os.path.join(out, "golden.json"), "w") as f:
+        json.dump({"case": case, "base": base, "seed": seed, "steps": steps, "settings": settings,
+                   "adamw": {**ADAMW, "betas": list(ADAMW["betas"]), "weight_decay": 0.0},
+                   "rank_pattern": config["rank_pattern"],
+                   "peft": __import__("peft").__version__, "torch": torch.__version__}, f, indent=1)
+    alive = {k: sum(v) for k, v in config["rank_pattern"].items()}
+    print(f"{case}: {steps} updates, ranks left {alive}")
 
 
 def make_nf4():
@@ -421,6 +494,12 @@ if __name__ == "__main__":
     make_pissa("gpt2_pissa", "gpt2", dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"]), 700)
     make_pissa("llama_pissa", "llama", dict(r=4, lora_alpha=4, target_modules=["q_proj", "down_proj"],
                                             use_rslora=True), 701)
+    make_adalora("gpt2_adalora", "gpt2", dict(init_r=6, target_r=2, tinit=1, tfinal=2, deltaT=2, lora_alpha=8,
+                                              target_modules=["c_attn", "c_fc"]), 8, 800)
+    # Without the regulariser the allocation here leaves q_proj with no rank at all.
+    make_adalora("llama_adalora", "llama", dict(init_r=4, target_r=2, tinit=0, tfinal=1, deltaT=1, lora_alpha=6,
+                                                orth_reg_weight=0.0, target_modules=["q_proj", "v_proj", "up_proj"]),
+                 6, 801)
     make_nf4()
     make_qlora()
     make_prompt("gpt2_prompt", "gpt2", 4, 300)

@@ -684,6 +684,18 @@ fn bad_peft_blocks_exit_2_with_one_line_and_write_nothing() {
             "peft: {method: freeze, trainable: [\"*.nothing\"]}",
             "`*.nothing` matches no parameter",
         ),
+        (
+            "peft: {method: adalora, init_r: 4, target_r: 4}",
+            "field `peft.target_r`: must be in 1..4 (below init_r)",
+        ),
+        (
+            "peft: {method: adalora, tinit: 1, tfinal: 1}",
+            "leaves no updates for pruning out of 2",
+        ),
+        (
+            "peft: {method: lora, r: 4, init: pissa, dora: true}",
+            "pissa cannot be combined with dora",
+        ),
     ];
     for (block, words) in cases {
         let cfg = write(&dir.path().join("peft.yaml"), &format!("{sft}{block}\n"));

@@ -295,6 +295,7 @@ fn peft_in_every_stage_and_peft_loads_what_temper_saved() {
         "sft_prefix",
         "sft_ptuning",
         "sft_adapter",
+        "sft_adalora",
         "reward",
         "ppo",
         "dpo",
@@ -350,6 +351,7 @@ fn peft_in_every_stage_and_peft_loads_what_temper_saved() {
         ("dpo", false),
         ("sft_prefix", false),
         ("sft_ptuning", false),
+        ("sft_adalora", false),
     ] {
         let ckpt = work.join("stages").join(stage).join("checkpoint");
         let spec = if seq_cls {
@@ -538,5 +540,138 @@ fn pissa_starts_as_peft_and_saves_the_conversion_peft_makes() {
         )
         .unwrap();
         python_check("check_peft_load.py", &[&ckpt, &file]);
+    }
+}
+
+#[test]
+fn adalora_trains_prunes_and_saves_as_peft() {
+    for case in ["gpt2_adalora", "llama_adalora"] {
+        let (g, json) = golden(case);
+        let s = &json["settings"];
+        let steps = json["steps"].as_u64().unwrap() as usize;
+        let base = fixtures().join(json["base"].as_str().unwrap());
+        let (mut vs, mut model) = load_checkpoint(&base, LoadSpec::CAUSAL_LM, Device::Cpu).unwrap();
+        let config: peft::AdaloraConfig = serde_json::from_value(serde_json::json!({
+            "init_r": s["init_r"], "target_r": s["target_r"], "alpha": s["lora_alpha"],
+            "dropout": 0.0, "target_modules": s["target_modules"], "layers": null,
+            "tinit": s["tinit"], "tfinal": s["tfinal"], "delta_t": s["deltaT"],
+            "beta1": 0.85, "beta2": 0.85,
+            "orth_reg_weight": s.get("orth_reg_weight").cloned().unwrap_or(0.5.into()),
+        }))
+        .unwrap();
+        let mut tuning =
+            peft::apply(&mut model, &mut vs, Some(&PeftConfig::Adalora(config))).unwrap();
+        tuning.plan_updates(steps).unwrap();
+        let adapters = tuning.adapters.as_ref().unwrap();
+        tch::no_grad(|| {
+            for (name, mut var) in adapters.variables() {
+                var.copy_(&g[&format!("init.{name}")]);
+            }
+        });
+        let a = &json["adamw"];
+        let mut opt = tuning.optimizer(
+            &vs,
+            AdamWConfig {
+                beta1: a["betas"][0].as_f64().unwrap(),
+                beta2: a["betas"][1].as_f64().unwrap(),
+                eps: a["eps"].as_f64().unwrap(),
+                weight_decay: 0.0,
+            },
+        );
+        let (ids, mask) = (&g["input_ids"], &g["attention_mask"]);
+        let want_losses = Vec::<f64>::try_from(g["loss"].to_kind(Kind::Double)).unwrap();
+        for (step, want) in want_losses.iter().enumerate() {
+            let (_, logits) = model.forward(ids, Some(mask)).unwrap();
+            let loss = temper_core::causal_lm_loss(&logits, ids, &lm_target_mask(mask));
+            let loss = tuning.regularised(loss);
+            let got = loss.double_value(&[]);
+            assert!(
+                (got - want).abs() < 1e-5,
+                "{case} step {step}: loss with the regulariser {got} vs PEFT's {want}"
+            );
+            loss.backward();
+            opt.update_then(0.0, a["lr"].as_f64().unwrap(), || tuning.after_update())
+                .unwrap();
+        }
+        // The same factors (pruned singular values zero) and the same allocation.
+        for (name, var) in adapters.variables() {
+            let d = (&var - &g[&format!("final.{name}")])
+                .abs()
+                .max()
+                .double_value(&[]);
+            assert!(
+                d < 1e-4,
+                "{case}: {name} after training differs from PEFT's by {d:e}"
+            );
+        }
+        let pattern = tuning.adalora.as_ref().unwrap().rank_pattern().unwrap();
+        let want: BTreeMap<String, Vec<bool>> =
+            serde_json::from_value(json["rank_pattern"].clone()).unwrap();
+        assert_eq!(pattern, want, "{case}: rank pattern");
+        let (_, logits) = tch::no_grad(|| model.forward(ids, Some(mask))).unwrap();
+        let d = max_diff_on(&logits, &g["logits"], mask);
+        assert!(
+            d < 1e-4,
+            "{case}: trained logits differ from PEFT's by {d:e}"
+        );
+
+        // Saved as PEFT saves it (pruned triplets dropped), and each side loads the other's.
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = dir.path().join("adapter");
+        tuning
+            .save_into(
+                &ckpt,
+                &model,
+                &vs,
+                &fixtures().join("tokenizer/gpt2_style.json"),
+                Some(&base),
+                Default::default(),
+            )
+            .unwrap();
+        let ours = Tensor::read_safetensors(ckpt.join("adapter_model.safetensors")).unwrap();
+        let theirs: BTreeMap<String, Tensor> = Tensor::read_safetensors(
+            fixtures()
+                .join("peft")
+                .join(case)
+                .join("adapter_model.safetensors"),
+        )
+        .unwrap()
+        .into_iter()
+        .collect();
+        assert_eq!(ours.len(), theirs.len(), "{case}: saved tensors");
+        for (key, t) in &ours {
+            let want = &theirs[key];
+            assert_eq!(t.size(), want.size(), "{case}: {key} shape");
+            if t.numel() == 0 {
+                continue; // a layer the allocation left no rank
+            }
+            let d = (t - want).abs().max().double_value(&[]);
+            assert!(d < 1e-4, "{case}: saved {key} differs from PEFT's by {d:e}");
+        }
+        let file = dir.path().join("logits.safetensors");
+        Tensor::write_safetensors(
+            &[
+                ("input_ids", ids.shallow_clone()),
+                ("attention_mask", mask.shallow_clone()),
+                ("logits", logits),
+            ],
+            &file,
+        )
+        .unwrap();
+        python_check("check_peft_load.py", &[&ckpt, &file]);
+        let (_vs, mut loaded, _t) = with_adapter(case, LoadSpec::CAUSAL_LM);
+        let (_, logits) = tch::no_grad(|| loaded.forward(ids, Some(mask))).unwrap();
+        let d = max_diff_on(&logits, &g["logits"], mask);
+        assert!(
+            d < 1e-4,
+            "{case}: PEFT's saved adapter in temper differs by {d:e}"
+        );
+        temper_core::peft::merge_adapters(&mut loaded);
+        let (_, merged) = tch::no_grad(|| loaded.forward(ids, Some(mask))).unwrap();
+        let d = max_diff_on(&merged, &g["logits"], mask);
+        assert!(d < 1e-4, "{case}: merged AdaLoRA differs by {d:e}");
+        eprintln!(
+            "{case}: {steps} updates, losses, factors, rank pattern and saved files match PEFT"
+        );
     }
 }

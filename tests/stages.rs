@@ -272,3 +272,74 @@ fn validate_rejects_a_bad_config_naming_the_key() {
     assert_ok(&res, "--validate of a good config");
     assert!(!out.exists());
 }
+
+#[test]
+fn an_adalora_stage_killed_mid_schedule_resumes_to_the_same_allocation() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(dir.path());
+    let pre = dir.path().join("pretrain");
+    assert_ok(
+        &run_stage(
+            "temper-pretrain",
+            &pretrain_config(dir.path(), &tok, 20, ""),
+            &pre,
+        ),
+        "pretrain",
+    );
+    // Continued pretraining with AdaLoRA: pruning between updates 4 and 30, every 3rd; big
+    // batches so that the run can be killed midway.
+    let cfg = write(
+        &dir.path().join("adalora.yaml"),
+        &format!(
+            "init: {}\ntokenizer: {}\ndata: [{}]\nblock_size: 64\nsteps: 40\nbatch_size: 48\n\
+             optim: {{lr: 3.0e-3, warmup_steps: 5, weight_decay: 0.0}}\neval_every: 20\n\
+             save_every: 5\nlog_every: 5\ncache_dir: {}\n\
+             peft: {{method: adalora, init_r: 6, target_r: 2, tinit: 4, tfinal: 10, delta_t: 3}}\n",
+            pre.join("checkpoint").display(),
+            tok.display(),
+            tiny("corpus.txt").display(),
+            dir.path().join("cache").display()
+        ),
+    );
+    let whole = dir.path().join("whole");
+    assert_ok(
+        &run_stage("temper-pretrain", &cfg, &whole),
+        "uninterrupted run",
+    );
+    let killed = dir.path().join("killed");
+    let resumed_from = kill_after_saved_step("temper-pretrain", &cfg, &killed, 10);
+    assert!(
+        resumed_from < 30,
+        "killed after the schedule ({resumed_from})"
+    );
+    assert_ok(&run_stage("temper-pretrain", &cfg, &killed), "resumed run");
+    for file in ["adapter_model.safetensors", "adapter_config.json"] {
+        let read = |d: &Path| std::fs::read(d.join("checkpoint").join(file)).unwrap();
+        let (a, b) = (read(&whole), read(&killed));
+        // The config names its base by absolute path: the same file for both runs.
+        assert!(
+            a == b,
+            "{file} differs after resuming from step {resumed_from}"
+        );
+    }
+    let config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(whole.join("checkpoint/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["peft_type"], "ADALORA");
+    let alive: usize = config["rank_pattern"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .filter(|b| b.as_bool().unwrap())
+                .count()
+        })
+        .sum();
+    // 2 blocks × 4 dense layers × target 2.
+    assert_eq!(alive, 16, "{config}");
+    assert_eq!(summary(&whole)["adalora/rank"].as_i64(), Some(16));
+}

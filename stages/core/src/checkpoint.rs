@@ -61,9 +61,15 @@ pub fn load_with_tokenizer(dir: &Path, spec: LoadSpec, device: Device) -> Result
 }
 
 impl Loaded {
-    /// Applies a stage's `peft:` block (None: full fine-tuning) and logs what trains.
-    pub fn tune(&mut self, config: Option<&PeftConfig>) -> std::result::Result<(), PeftError> {
+    /// Applies a stage's `peft:` block (None: full fine-tuning) and logs what trains;
+    /// `updates` is the number of optimizer updates the stage will make (AdaLoRA's schedule).
+    pub fn tune(
+        &mut self,
+        config: Option<&PeftConfig>,
+        updates: usize,
+    ) -> std::result::Result<(), PeftError> {
         self.tuning = crate::peft::apply(&mut self.model, &mut self.vs, config)?;
+        self.tuning.plan_updates(updates)?;
         crate::peft::init_prompt_text(&self.model, config, |t| self.tokenizer.encode(t))?;
         let (trainable, total) = self.tuning.counts(&self.vs);
         tracing::info!(

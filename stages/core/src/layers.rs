@@ -25,7 +25,7 @@ pub(crate) struct Linear {
     /// `target_modules` refer to it.
     pub module: String,
     /// A LoRA/DoRA adapter on this layer, when `peft:` asked for one.
-    pub lora: Option<crate::peft::Lora>,
+    pub lora: Option<Box<crate::peft::Lora>>,
     /// QLoRA: the frozen weight in NF4, dequantised on the fly; `weight` is then empty.
     pub quant: Option<crate::peft::Nf4Weight>,
 }

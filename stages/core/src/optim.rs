@@ -103,12 +103,24 @@ impl AdamW {
     /// clipping; the norm is measured anyway), steps at `lr`, clears the gradients. Returns the
     /// gradient norm before clipping.
     pub fn update(&mut self, grad_clip: f64, lr: f64) -> Result<f64> {
+        self.update_then(grad_clip, lr, || Ok(()))
+    }
+
+    /// [`AdamW::update`] with `after_step` run between the step and the clearing of the
+    /// gradients (AdaLoRA's importance scores read the updated weights and their gradients).
+    pub fn update_then(
+        &mut self,
+        grad_clip: f64,
+        lr: f64,
+        after_step: impl FnOnce() -> std::result::Result<(), crate::peft::PeftError>,
+    ) -> Result<f64> {
         let norm = self.clip_grad_norm(if grad_clip > 0.0 {
             grad_clip
         } else {
             f64::INFINITY
         });
         self.step(lr)?;
+        after_step().map_err(|e| CoreError::InvalidModel(format!("{}: {}", e.field, e.message)))?;
         self.zero_grad();
         Ok(norm)
     }

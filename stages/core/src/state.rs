@@ -123,7 +123,7 @@ fn load_state(
             .collect();
         tch::no_grad(|| -> Result<()> {
             for (name, mut var) in vs.variables() {
-                if !var.requires_grad() {
+                if !persisted(&name, &var) {
                     continue;
                 }
                 let src = saved
@@ -147,13 +147,21 @@ fn load_state(
     Ok(Some(progress))
 }
 
-/// The variables training changes: frozen ones (a PEFT base) come back from `init`, so the
-/// state does not copy them at every save.
+/// Whether the state keeps a variable: what training changes — the trainable ones and the
+/// running statistics (AdaLoRA's, under `running.`); frozen ones (a PEFT base) come back from
+/// `init`, so the state does not copy them at every save.
+fn persisted(name: &str, var: &Tensor) -> bool {
+    var.requires_grad()
+        || name
+            .strip_prefix(crate::peft::RUNNING)
+            .is_some_and(|rest| rest.starts_with('.'))
+}
+
 fn sorted_vars(vs: &VarStore) -> Vec<(String, Tensor)> {
     let vars: BTreeMap<String, Tensor> = vs
         .variables()
         .into_iter()
-        .filter(|(_, t)| t.requires_grad())
+        .filter(|(name, t)| persisted(name, t))
         .collect();
     vars.into_iter()
         .map(|(k, t)| (k, t.detach().to_device(tch::Device::Cpu).contiguous()))

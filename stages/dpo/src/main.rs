@@ -230,7 +230,7 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
     let device = resolve_device(c.device).map_err(invalid)?;
     tch::manual_seed(c.seed as i64);
     let mut m = load_with_tokenizer(&c.policy, LoadSpec::CAUSAL_LM, device).map_err(invalid)?;
-    m.tune(c.peft.as_ref())
+    m.tune(c.peft.as_ref(), c.steps as usize)
         .map_err(|e| cfg.error(&e.field, e.message))?;
     let template = ChatTemplate::new(&m.tokenizer).map_err(invalid)?;
     let max_len = c.max_len.unwrap_or(m.model.token_room() as usize);
@@ -384,13 +384,13 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
                 save_state(&folder.path, &log, &stores, &[&opt], &progress)?;
                 return Err(e.into());
             }
-            (b.loss / accum as f64).backward();
+            (s.m.tuning.regularised(b.loss) / accum as f64).backward();
             step_loss += value / accum as f64;
             accumulate(&mut step_metrics, &b.metrics, accum);
             progress.tokens_seen += b.tokens;
             throughput.add(b.tokens);
         }
-        let grad_norm = opt.update(c.optim.grad_clip, lr)?;
+        let grad_norm = opt.update_then(c.optim.grad_clip, lr, || s.m.tuning.after_update())?;
         progress.step += 1;
         let step = progress.step;
         bar.set_position(step);

@@ -145,6 +145,14 @@ impl Config {
     pub fn rollout_size(&self) -> usize {
         self.prompts_per_iteration * self.num_generations
     }
+
+    /// Optimizer updates over the whole run (at most: dynamic sampling may shrink a batch).
+    pub fn planned_updates(&self) -> usize {
+        let minibatch = self.minibatch_size.unwrap_or(self.rollout_size()).max(1);
+        self.iterations as usize
+            * self.updates_per_iteration
+            * self.rollout_size().div_ceil(minibatch)
+    }
 }
 
 /// Range checks and the inputs' presence; nothing is read yet.

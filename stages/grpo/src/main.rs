@@ -67,7 +67,8 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
     let mut policy =
         load_with_tokenizer(&c.policy, LoadSpec::CAUSAL_LM, device).map_err(invalid)?;
     policy
-        .tune(c.peft.as_ref())
+        // With dynamic sampling fewer may happen: AdaLoRA's schedule then ends early.
+        .tune(c.peft.as_ref(), c.planned_updates())
         .map_err(|e| cfg.error(&e.field, e.message))?;
     let template = ChatTemplate::new(&policy.tokenizer).map_err(invalid)?;
     let reference = match c.needs_reference() && !policy.tuning.is_lora() {

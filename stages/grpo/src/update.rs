@@ -176,8 +176,9 @@ pub fn optimize(
             // Stop before an update that would write NaN into the weights; state/ keeps the
             // last saved iteration.
             check_finite(value, iter + 1, last_saved)?;
-            loss.backward();
-            let grad_norm = opt.update(c.optim.grad_clip, lr)?;
+            s.policy.tuning.regularised(loss).backward();
+            let grad_norm =
+                opt.update_then(c.optim.grad_clip, lr, || s.policy.tuning.after_update())?;
             let scalar = |t: &Tensor| t.to_kind(Kind::Double).double_value(&[]);
             let values = [
                 value,

@@ -320,6 +320,7 @@ impl Setup {
     fn models(&self, precision: Precision) -> Models<'_> {
         Models {
             actor: &self.actor.model,
+            actor_tuning: &self.actor.tuning,
             reference: match &self.reference {
                 Some(r) => Reference::Model(r),
                 None => Reference::Bypassed(&self.actor.model, &self.actor.tuning),
@@ -365,7 +366,10 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
     tch::manual_seed(c.seed as i64);
     let mut actor = load_with_tokenizer(&c.policy, LoadSpec::CAUSAL_LM, device).map_err(invalid)?;
     actor
-        .tune(c.peft.as_ref())
+        .tune(
+            c.peft.as_ref(),
+            c.iterations as usize * c.ppo_epochs * c.batch_size.div_ceil(c.minibatch_size.max(1)),
+        )
         .map_err(|e| cfg.error(&e.field, e.message))?;
     let same_tokenizer = std::fs::read(&actor.tokenizer_path).ok()
         == std::fs::read(c.reward_model.join("tokenizer.json")).ok();
@@ -404,6 +408,11 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
         }
     }
     .map_err(invalid)?;
+    cfg.ensure(
+        !matches!(c.critic_peft, Some(PeftConfig::Adalora(_))),
+        "critic_peft.method",
+        "adalora trains only the actor here (the critic's updates have no rank schedule); give the critic lora",
+    )?;
     let critic_tuning =
         temper_core::peft::apply(&mut critic_model, &mut critic_vs, c.critic_peft.as_ref())
             .map_err(|e| cfg.error(&e.field.replacen("peft", "critic_peft", 1), e.message))?;

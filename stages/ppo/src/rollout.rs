@@ -3,7 +3,7 @@
 
 use serde_json::json;
 use tch::{Kind, Tensor};
-use temper_core::peft::Reference;
+use temper_core::peft::{Reference, Tuning};
 use temper_core::rl;
 use temper_core::sample::{generate, SamplingConfig};
 use temper_core::scoring::{
@@ -15,6 +15,8 @@ use temper_stage::check_finite;
 
 pub struct Models<'a> {
     pub actor: &'a Transformer,
+    /// What of the actor trains (AdaLoRA's allocator runs after each actor update).
+    pub actor_tuning: &'a Tuning,
     pub reference: Reference<'a>,
     pub reward: &'a Transformer,
     pub critic: &'a Transformer,
@@ -154,17 +156,21 @@ pub fn optimize(
             // Stop before an update that would write NaN into the weights; state/ keeps the
             // last saved iteration.
             check_finite(plv + vlv, s.iteration + 1, s.last_saved)?;
+            let tuning = m.actor_tuning;
             let grad_norm = match critic_opt.as_deref_mut() {
                 Some(copt) => {
-                    l.objective.backward();
-                    let g = actor_opt.update(s.actor_clip, s.actor_lr)?;
+                    tuning.regularised(l.objective).backward();
+                    let g = actor_opt
+                        .update_then(s.actor_clip, s.actor_lr, || tuning.after_update())?;
                     l.value_loss.backward();
                     copt.update(s.critic_clip, s.critic_lr)?;
                     g
                 }
                 None => {
-                    (&l.objective + &l.value_loss * s.vf_coef).backward();
-                    actor_opt.update(s.actor_clip, s.actor_lr)?
+                    tuning
+                        .regularised(&l.objective + &l.value_loss * s.vf_coef)
+                        .backward();
+                    actor_opt.update_then(s.actor_clip, s.actor_lr, || tuning.after_update())?
                 }
             };
             let values = [

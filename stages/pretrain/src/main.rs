@@ -203,8 +203,9 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
     temper_core::checkpoint::check_vocab(tok.vocab_size(), &model.config, &tokenizer_path)
         .map_err(invalid)?;
     let tuning = temper_core::peft::apply(&mut model, &mut vs, c.peft.as_ref())
-        .and_then(|t| {
+        .and_then(|mut t| {
             temper_core::peft::init_prompt_text(&model, c.peft.as_ref(), |s| tok.encode(s))?;
+            t.plan_updates(c.steps as usize)?;
             Ok(t)
         })
         .map_err(|e| cfg.error(&e.field, e.message))?;
@@ -319,10 +320,10 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
                 save_state(&folder.path, &log, &stores, &[&opt], &progress)?;
                 return Err(e.into());
             }
-            (loss / accum as f64).backward();
+            (s.tuning.regularised(loss) / accum as f64).backward();
             step_loss += value / accum as f64;
         }
-        let grad_norm = opt.update(c.optim.grad_clip, lr)?;
+        let grad_norm = opt.update_then(c.optim.grad_clip, lr, || s.tuning.after_update())?;
         progress.step += 1;
         progress.tokens_seen += (b * t) as u64 * accum;
         throughput.add((b * t) as u64 * accum);

@@ -133,7 +133,7 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
     let mut m = load_with_tokenizer(&c.init, spec, device).map_err(invalid)?;
     m.model.config.score_pooling = c.pooling;
     m.model.config.score_sign = c.score_sign_by.clone();
-    m.tune(c.peft.as_ref())
+    m.tune(c.peft.as_ref(), c.steps as usize)
         .map_err(|e| cfg.error(&e.field, e.message))?;
     let template = ChatTemplate::new(&m.tokenizer).map_err(invalid)?;
     let max_len = c.max_len.unwrap_or(m.model.token_room() as usize);
@@ -240,13 +240,13 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
                 save_state(&folder.path, &log, &stores, &[&opt], &progress)?;
                 return Err(e.into());
             }
-            (loss / accum as f64).backward();
+            (s.m.tuning.regularised(loss) / accum as f64).backward();
             step_loss += value / accum as f64;
             step_acc += out.accuracy() / accum as f64;
             progress.tokens_seen += out.tokens;
             throughput.add(out.tokens);
         }
-        let grad_norm = opt.update(c.optim.grad_clip, lr)?;
+        let grad_norm = opt.update_then(c.optim.grad_clip, lr, || s.m.tuning.after_update())?;
         progress.step += 1;
         let step = progress.step;
         bar.set_position(step);

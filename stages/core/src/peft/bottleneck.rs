@@ -257,5 +257,6 @@ pub(crate) fn load(model: &mut Transformer, dir: &Path) -> Result<Tuning> {
         adapters: Some(store),
         switch: Some(switch),
         quantized: None,
+        adalora: None,
     })
 }

@@ -4,7 +4,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Activation, BottleneckConfig, EncoderKind, PrefixConfig, PromptConfig, PtuningConfig};
+use super::{
+    Activation, AdaloraConfig, BottleneckConfig, EncoderKind, PrefixConfig, PromptConfig,
+    PtuningConfig,
+};
 
 /// Parsed through [`PeftSpec`], a flat mapping, so an unknown or misplaced key is reported at
 /// its line (serde loses positions inside internally tagged enums).
@@ -14,6 +17,8 @@ pub enum PeftConfig {
     Lora(LoraConfig),
     /// LoRA over an NF4-quantised frozen base.
     Qlora(LoraConfig),
+    /// SVD-shaped LoRA whose rank budget is reallocated by importance while training.
+    Adalora(AdaloraConfig),
     /// Prompt tuning: learned virtual tokens before every input.
     Prompt(PromptConfig),
     /// Prefix tuning / P-tuning v2: learned keys and values in every layer.
@@ -124,6 +129,7 @@ pub struct FreezeConfig {
 enum Method {
     Lora,
     Qlora,
+    Adalora,
     Prompt,
     Prefix,
     Ptuning,
@@ -147,6 +153,15 @@ struct PeftSpec {
     dora: Option<bool>,
     init: Option<LoraInit>,
     double_quant: Option<bool>,
+    init_r: Option<i64>,
+    target_r: Option<i64>,
+    tinit: Option<usize>,
+    tfinal: Option<usize>,
+    delta_t: Option<usize>,
+    beta1: Option<f64>,
+    beta2: Option<f64>,
+    orth_reg_weight: Option<f64>,
+    total_step: Option<usize>,
     trainable: Option<Vec<String>>,
     top_layers: Option<usize>,
     num_virtual_tokens: Option<i64>,
@@ -164,6 +179,7 @@ impl Method {
         match self {
             Method::Lora => "lora",
             Method::Qlora => "qlora",
+            Method::Adalora => "adalora",
             Method::Prompt => "prompt",
             Method::Prefix => "prefix",
             Method::Ptuning => "ptuning",
@@ -180,15 +196,28 @@ impl TryFrom<PeftSpec> for PeftConfig {
     fn try_from(s: PeftSpec) -> Result<Self, String> {
         use Method::*;
         const LORA: &[Method] = &[Lora, Qlora];
+        const LOW_RANK: &[Method] = &[Lora, Qlora, Adalora];
         const VIRTUAL: &[Method] = &[Prompt, Ptuning, Prefix];
+        if s.method == Adalora && s.r.is_some() {
+            return Err("adalora sets its ranks with `init_r` and `target_r`, not `r`".to_string());
+        }
         // Every key and the methods that take it; the first key given to another method is
         // named with its owner.
-        let keys: [(&str, bool, &[Method]); 20] = [
+        let keys: [(&str, bool, &[Method]); 29] = [
             ("r", s.r.is_some(), LORA),
-            ("alpha", s.alpha.is_some(), LORA),
-            ("dropout", s.dropout.is_some(), LORA),
-            ("target_modules", s.target_modules.is_some(), LORA),
-            ("layers", s.layers.is_some(), LORA),
+            ("alpha", s.alpha.is_some(), LOW_RANK),
+            ("dropout", s.dropout.is_some(), LOW_RANK),
+            ("target_modules", s.target_modules.is_some(), LOW_RANK),
+            ("layers", s.layers.is_some(), LOW_RANK),
+            ("init_r", s.init_r.is_some(), &[Adalora]),
+            ("target_r", s.target_r.is_some(), &[Adalora]),
+            ("tinit", s.tinit.is_some(), &[Adalora]),
+            ("tfinal", s.tfinal.is_some(), &[Adalora]),
+            ("delta_t", s.delta_t.is_some(), &[Adalora]),
+            ("beta1", s.beta1.is_some(), &[Adalora]),
+            ("beta2", s.beta2.is_some(), &[Adalora]),
+            ("orth_reg_weight", s.orth_reg_weight.is_some(), &[Adalora]),
+            ("total_step", s.total_step.is_some(), &[Adalora]),
             ("bias", s.bias.is_some(), LORA),
             ("rslora", s.rslora.is_some(), LORA),
             ("dora", s.dora.is_some(), LORA),
@@ -254,6 +283,21 @@ impl TryFrom<PeftSpec> for PeftConfig {
                     PeftConfig::Qlora(c)
                 }
             }
+            Adalora => PeftConfig::Adalora(AdaloraConfig {
+                init_r: s.init_r.unwrap_or(12),
+                target_r: s.target_r.unwrap_or(8),
+                alpha: s.alpha.unwrap_or(8.0),
+                dropout: s.dropout.unwrap_or(0.0),
+                target_modules: s.target_modules,
+                layers: s.layers,
+                tinit: s.tinit.unwrap_or(0),
+                tfinal: s.tfinal.unwrap_or(0),
+                delta_t: s.delta_t.unwrap_or(1),
+                beta1: s.beta1.unwrap_or(0.85),
+                beta2: s.beta2.unwrap_or(0.85),
+                orth_reg_weight: s.orth_reg_weight.unwrap_or(0.5),
+                total_step: s.total_step,
+            }),
             Prompt => PeftConfig::Prompt(PromptConfig {
                 num_virtual_tokens: virtual_tokens()?,
                 init_text: s.init_text,
@@ -337,6 +381,12 @@ mod tests {
         let e = parse("{method: adapter, r: 2}").unwrap_err();
         assert!(e.contains("`r` belongs to method lora, not adapter"), "{e}");
         let p = parse("{method: adapter, reduction: 8, activation: gelu, drop_layers: 2}").unwrap();
+        assert_eq!(parse(&serde_yaml::to_string(&p).unwrap()).unwrap(), p);
+        let e = parse("{method: adalora, r: 4}").unwrap_err();
+        assert!(e.contains("`init_r` and `target_r`, not `r`"), "{e}");
+        let e = parse("{method: lora, r: 4, tinit: 3}").unwrap_err();
+        assert!(e.contains("`tinit` belongs to method adalora"), "{e}");
+        let p = parse("{method: adalora, init_r: 6, target_r: 2, tinit: 5, delta_t: 3}").unwrap();
         assert_eq!(parse(&serde_yaml::to_string(&p).unwrap()).unwrap(), p);
         let e = parse("{method: lora, r: 2, encoder: lstm}").unwrap_err();
         assert!(e.contains("`encoder` belongs to method ptuning"), "{e}");

@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
 
-use super::{apply, LoraBias, LoraConfig, LoraInit, PeftConfig, Tuning};
+use super::{apply, AdaloraConfig, LoraBias, LoraConfig, LoraInit, PeftConfig, Tuning};
 use crate::checkpoint::{load_checkpoint_as, LoadSpec, ScoreHead, CONFIG_FILE};
 use crate::config::ModelConfig;
 use crate::error::{CoreError, Result};
@@ -59,7 +59,9 @@ pub struct AdapterConfig {
     pub task_type: Option<String>,
     #[serde(default)]
     pub base_model_name_or_path: Option<String>,
-    r: i64,
+    /// Required for LORA; AdaLoRA ignores it (its ranks are `init_r` and `rank_pattern`).
+    #[serde(default)]
+    r: Option<i64>,
     lora_alpha: f64,
     #[serde(default)]
     lora_dropout: f64,
@@ -117,6 +119,20 @@ const PEFT_KEYS_IGNORED: &[&str] = &[
     "ensure_weight_tying",
 ];
 
+/// The keys of PEFT's AdaLoraConfig beyond LoraConfig's.
+const ADALORA_KEYS: &[&str] = &[
+    "init_r",
+    "target_r",
+    "tinit",
+    "tfinal",
+    "deltaT",
+    "beta1",
+    "beta2",
+    "orth_reg_weight",
+    "total_step",
+    "rank_pattern",
+];
+
 pub(crate) fn config_err(path: &Path, field: &str, message: impl Into<String>) -> CoreError {
     CoreError::Config {
         path: path.into(),
@@ -135,17 +151,21 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
         path: path.clone(),
         source,
     })?;
-    if c.peft_type != "LORA" {
+    let adalora = c.peft_type == "ADALORA";
+    if c.peft_type != "LORA" && !adalora {
         return Err(config_err(
             &path,
             "peft_type",
             format!(
-                "`{}` adapters are not loaded by temper; it loads LORA (LoRA, rsLoRA, DoRA)",
+                "`{}` adapters are not loaded by temper; it loads LORA (LoRA, rsLoRA, DoRA), ADALORA, PROMPT_TUNING, P_TUNING, PREFIX_TUNING and its own bottleneck adapters",
                 c.peft_type
             ),
         ));
     }
     for (k, v) in &c.rest {
+        if adalora && ADALORA_KEYS.contains(&k.as_str()) {
+            continue;
+        }
         let unusual = match k.as_str() {
             "layer_replication" | "rank_pattern" | "alpha_pattern" | "target_parameters" => {
                 !(v.is_null() || v.as_object().is_some_and(|o| o.is_empty()))
@@ -168,6 +188,87 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
 }
 
 impl AdapterConfig {
+    fn target_list(&self, path: &Path) -> Result<Vec<String>> {
+        match &self.target_modules {
+            Targets::List(v) => Ok(v.clone()),
+            Targets::Pattern(p) => Err(config_err(
+                path,
+                "target_modules",
+                format!("the regular expression `{p}` is not supported; list the module names"),
+            )),
+        }
+    }
+
+    fn layer_list(&self) -> Option<Vec<usize>> {
+        self.layers_to_transform.clone().map(|l| match l {
+            Layers::One(i) => vec![i],
+            Layers::List(v) => v,
+        })
+    }
+
+    /// An ADALORA config: its schedule and, when training allocated ranks, how many triplets
+    /// each layer kept (`<module>` → count).
+    fn adalora(&self, path: &Path) -> Result<(AdaloraConfig, Option<BTreeMap<String, usize>>)> {
+        let get = |k: &str| self.rest.get(k).filter(|v| !v.is_null());
+        let int = |k: &str, default: usize| -> Result<usize> {
+            get(k).map_or(Ok(default), |v| {
+                v.as_u64()
+                    .map(|n| n as usize)
+                    .ok_or_else(|| config_err(path, k, "must be a non-negative integer"))
+            })
+        };
+        let float = |k: &str, default: f64| -> Result<f64> {
+            get(k).map_or(Ok(default), |v| {
+                v.as_f64()
+                    .ok_or_else(|| config_err(path, k, "must be a number"))
+            })
+        };
+        if self.bias != "none" {
+            return Err(config_err(
+                path,
+                "bias",
+                "AdaLoRA adapters with trained biases are not supported",
+            ));
+        }
+        let config = AdaloraConfig {
+            init_r: int("init_r", 12)? as i64,
+            target_r: int("target_r", 8)? as i64,
+            alpha: self.lora_alpha,
+            dropout: self.lora_dropout,
+            target_modules: Some(self.target_list(path)?),
+            layers: self.layer_list(),
+            tinit: int("tinit", 0)?,
+            tfinal: int("tfinal", 0)?,
+            delta_t: int("deltaT", 1)?,
+            beta1: float("beta1", 0.85)?,
+            beta2: float("beta2", 0.85)?,
+            orth_reg_weight: float("orth_reg_weight", 0.5)?,
+            total_step: get("total_step")
+                .and_then(Value::as_u64)
+                .map(|n| n as usize),
+        };
+        let pattern = match get("rank_pattern") {
+            None => None,
+            Some(v) => {
+                let flags: BTreeMap<String, Vec<bool>> = serde_json::from_value(v.clone())
+                    .map_err(|e| config_err(path, "rank_pattern", e.to_string()))?;
+                let mut ranks = BTreeMap::new();
+                for (key, f) in flags {
+                    let module = key.strip_suffix(".lora_E").ok_or_else(|| {
+                        config_err(
+                            path,
+                            "rank_pattern",
+                            format!("`{key}` is not a `<module>.lora_E` key"),
+                        )
+                    })?;
+                    ranks.insert(module.to_string(), f.iter().filter(|&&b| b).count());
+                }
+                Some(ranks)
+            }
+        };
+        Ok((config, pattern))
+    }
+
     fn lora(&self, path: &Path) -> Result<LoraConfig> {
         let target_modules = match &self.target_modules {
             Targets::List(v) => v.clone(),
@@ -186,7 +287,9 @@ impl AdapterConfig {
             other => return Err(config_err(path, "bias", format!("unknown value `{other}`"))),
         };
         Ok(LoraConfig {
-            r: self.r,
+            r: self
+                .r
+                .ok_or_else(|| config_err(path, "r", "a LORA adapter needs its rank"))?,
             alpha: Some(self.lora_alpha),
             dropout: self.lora_dropout,
             target_modules: Some(target_modules),
@@ -214,7 +317,12 @@ pub fn load_adapter(model: &mut Transformer, vs: &mut VarStore, dir: &Path) -> R
     }
     let cfg_path = dir.join(ADAPTER_CONFIG);
     let c = read_adapter_config(dir)?;
-    let lora = c.lora(&cfg_path)?;
+    let (peft, ranks) = if c.peft_type == "ADALORA" {
+        let (a, ranks) = c.adalora(&cfg_path)?;
+        (PeftConfig::Adalora(a), ranks)
+    } else {
+        (PeftConfig::Lora(c.lora(&cfg_path)?), None)
+    };
     if c.fan_in_fan_out != (model.config.arch == crate::config::Arch::Gpt2) {
         tracing::warn!(
             "{}: fan_in_fan_out {} ignored: the layout follows the model family",
@@ -222,8 +330,11 @@ pub fn load_adapter(model: &mut Transformer, vs: &mut VarStore, dir: &Path) -> R
             c.fan_in_fan_out
         );
     }
-    let tuning = apply(model, vs, Some(&PeftConfig::Lora(lora)))
+    let tuning = apply(model, vs, Some(&peft))
         .map_err(|e| config_err(&cfg_path, &e.field["peft.".len()..], e.message))?;
+    if let (Some(ranks), Some(allocator)) = (&ranks, &tuning.adalora) {
+        allocator.set_loaded_ranks(ranks);
+    }
     let file = dir.join(ADAPTER_WEIGHTS);
     let mut saved: HashMap<String, Tensor> = Tensor::read_safetensors(&file)?.into_iter().collect();
     let adapters = tuning.adapters.as_ref().expect("LoRA has an adapter store");
@@ -241,10 +352,22 @@ pub fn load_adapter(model: &mut Transformer, vs: &mut VarStore, dir: &Path) -> R
             let src = saved
                 .remove(&name)
                 .ok_or_else(|| config_err(&file, &name, "missing from the adapter"))?;
-            if src.size() != var.size() {
-                return Err(mismatch(&name, &var.size(), &src.size()));
+            // AdaLoRA saves only the triplets its allocation kept: they fill the first ranks,
+            // the rest stay zero (switched off).
+            let rank_dim = if name.ends_with(".lora_B") { 1 } else { 0 };
+            let kept = ranks.as_ref().and_then(|r| {
+                let module = name.strip_prefix("base_model.model.")?.rsplit_once('.')?.0;
+                r.get(module).copied()
+            });
+            let (mut want, got) = (var.size(), src.size());
+            if let Some(k) = kept.filter(|_| want.len() == 2) {
+                want[rank_dim] = k as i64;
             }
-            var.copy_(&src);
+            if got != want {
+                return Err(mismatch(&name, &want, &got));
+            }
+            let _ = var.zero_();
+            var.narrow(rank_dim as i64, 0, want[rank_dim]).copy_(&src);
         }
         let base = vs.variables();
         for (name, src) in saved.drain() {
@@ -441,10 +564,11 @@ impl Tuning {
             let (base, inside) = base_for(dir, model, vs, tokenizer, base)?;
             return super::prompt::save_prefix(dir, c, model, &base, inside, tokenizer);
         }
-        let (Some(adapters), Some(c)) = (
-            &self.adapters,
-            self.config.as_ref().and_then(PeftConfig::lora),
-        ) else {
+        let low_rank = matches!(
+            &self.config,
+            Some(PeftConfig::Lora(_) | PeftConfig::Qlora(_) | PeftConfig::Adalora(_))
+        );
+        let (Some(adapters), true) = (&self.adapters, low_rank) else {
             crate::checkpoint::save_checkpoint_with(model, vs, dir, write)?;
             return copy_tokenizer(tokenizer, dir);
         };
@@ -456,6 +580,14 @@ impl Tuning {
         // with the same scale. A base written from memory is the residual itself, which the
         // adapter as trained completes.
         let pissa_converted = !inside && convert_pissa(model, &mut tensors);
+        // AdaLoRA: only the triplets the allocation kept, as PEFT saves them.
+        let rank_pattern = self
+            .adalora
+            .as_ref()
+            .and_then(super::Allocator::rank_pattern);
+        if let Some(pattern) = &rank_pattern {
+            keep_allocated(&mut tensors, pattern);
+        }
         let adapted: BTreeSet<String> = model
             .block_linears()
             .iter()
@@ -481,8 +613,7 @@ impl Tuning {
             .filter_map(|(_, l)| l.module.rsplit('.').next().map(String::from))
             .collect();
         let seq_cls = model.heads.score && !model.heads.lm;
-        let config = json!({
-            "peft_type": "LORA",
+        let mut config = json!({
             "task_type": if seq_cls { "SEQ_CLS" } else { "CAUSAL_LM" },
             // A base inside the folder is named relative to it, so the folder stays whole when
             // moved (load it with PeftModel.from_pretrained(<base model>, folder)).
@@ -491,26 +622,53 @@ impl Tuning {
             } else {
                 std::path::absolute(&base).unwrap_or(base.clone())
             },
-            "r": if pissa_converted { 2 * c.r } else { c.r },
-            // alpha/r (or alpha/√r) unchanged at rank 2r.
-            "lora_alpha": match (pissa_converted, c.rslora) {
-                (false, _) => c.alpha(),
-                (true, false) => 2.0 * c.alpha(),
-                (true, true) => std::f64::consts::SQRT_2 * c.alpha(),
-            },
-            "lora_dropout": c.dropout,
             "target_modules": targeted,
             "fan_in_fan_out": model.config.arch == crate::config::Arch::Gpt2,
-            "bias": match c.bias { LoraBias::None => "none", LoraBias::All => "all", LoraBias::LoraOnly => "lora_only" },
-            "use_rslora": c.rslora,
-            "use_dora": c.dora,
-            "layers_to_transform": c.layers,
             "modules_to_save": if seq_cls { json!(["score"]) } else { Value::Null },
-            // What PEFT should do when it creates the layers before loading these tensors:
-            // never PiSSA's SVD again, which would change the base it loads.
-            "init_lora_weights": match c.init { LoraInit::Default | LoraInit::Pissa => json!(true), LoraInit::Gaussian => json!("gaussian") },
             "inference_mode": true,
         });
+        let method = match &self.config {
+            Some(PeftConfig::Adalora(c)) => json!({
+                "peft_type": "ADALORA",
+                "lora_alpha": c.alpha,
+                "lora_dropout": c.dropout,
+                "bias": "none",
+                "layers_to_transform": c.layers,
+                "init_lora_weights": true,
+                "init_r": c.init_r,
+                "target_r": c.target_r,
+                "tinit": c.tinit,
+                "tfinal": c.tfinal,
+                "deltaT": c.delta_t,
+                "beta1": c.beta1,
+                "beta2": c.beta2,
+                "orth_reg_weight": c.orth_reg_weight,
+                "total_step": self.adalora.as_ref().and_then(super::Allocator::total),
+                "rank_pattern": rank_pattern,
+            }),
+            Some(PeftConfig::Lora(c) | PeftConfig::Qlora(c)) => json!({
+                "peft_type": "LORA",
+                "r": if pissa_converted { 2 * c.r } else { c.r },
+                // alpha/r (or alpha/√r) unchanged at rank 2r.
+                "lora_alpha": match (pissa_converted, c.rslora) {
+                    (false, _) => c.alpha(),
+                    (true, false) => 2.0 * c.alpha(),
+                    (true, true) => std::f64::consts::SQRT_2 * c.alpha(),
+                },
+                "lora_dropout": c.dropout,
+                "bias": match c.bias { LoraBias::None => "none", LoraBias::All => "all", LoraBias::LoraOnly => "lora_only" },
+                "use_rslora": c.rslora,
+                "use_dora": c.dora,
+                "layers_to_transform": c.layers,
+                // What PEFT should do when it creates the layers before loading these tensors:
+                // never PiSSA's SVD again, which would change the base it loads.
+                "init_lora_weights": match c.init { LoraInit::Default | LoraInit::Pissa => json!(true), LoraInit::Gaussian => json!("gaussian") },
+            }),
+            _ => unreachable!("a low-rank method"),
+        };
+        if let (Some(all), Value::Object(extra)) = (config.as_object_mut(), method) {
+            all.extend(extra);
+        }
         write_json(&dir.join(ADAPTER_CONFIG), &config)?;
         let pointer = json!({
             "format": 1,
@@ -519,6 +677,25 @@ impl Tuning {
         });
         write_json(&dir.join(TEMPER_ADAPTER), &pointer)?;
         copy_tokenizer(tokenizer, &dir)
+    }
+}
+
+/// Drops the triplets AdaLoRA switched off: rows of `lora_A` and `lora_E`, columns of
+/// `lora_B` (PEFT's `resize_state_dict_by_rank_pattern`).
+fn keep_allocated(tensors: &mut BTreeMap<String, Tensor>, pattern: &BTreeMap<String, Vec<bool>>) {
+    for (key, alive) in pattern {
+        let module = key.strip_suffix(".lora_E").unwrap_or(key);
+        let keep: Vec<i64> = (0..alive.len() as i64)
+            .filter(|&i| alive[i as usize])
+            .collect();
+        for (factor, dim) in [("lora_A", 0), ("lora_E", 0), ("lora_B", 1)] {
+            let name = format!("base_model.model.{module}.{factor}");
+            if let Some(t) = tensors.get(&name) {
+                let idx = Tensor::from_slice(&keep).to_device(t.device());
+                let kept = t.index_select(dim, &idx);
+                tensors.insert(name, kept);
+            }
+        }
     }
 }
 

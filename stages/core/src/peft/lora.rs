@@ -58,6 +58,8 @@ pub struct Lora {
     pub magnitude: Option<Tensor>,
     /// PiSSA: the adapter's starting (A₀, B₀), which the residual base weight lacks.
     pub initial: Option<(Tensor, Tensor)>,
+    /// AdaLoRA: the singular values (r, 1); the update is `B (A ⊙ E)`.
+    pub e: Option<Tensor>,
     pub switch: Arc<Switch>,
 }
 
@@ -75,7 +77,7 @@ impl Lora {
             x.shallow_clone()
         };
         let delta = xd
-            .linear::<&Tensor>(&self.a, None)
+            .linear::<&Tensor>(&self.right(), None)
             .linear::<&Tensor>(&self.b, None)
             * self.scale;
         let Some(m) = &self.magnitude else {
@@ -110,9 +112,17 @@ impl Lora {
         }
     }
 
+    /// A, or AdaLoRA's `A ⊙ E`.
+    fn right(&self) -> Tensor {
+        match &self.e {
+            Some(e) => &self.a * e,
+            None => self.a.shallow_clone(),
+        }
+    }
+
     /// `scale · B A` in (out, in).
     pub fn delta_weight(&self) -> Tensor {
-        self.b.matmul(&self.a) * self.scale
+        self.b.matmul(&self.right()) * self.scale
     }
 
     /// Row norms of `W + scale·BA` for `w` in (out, in).

@@ -2,6 +2,8 @@
 //!
 //! - `lora` (with `rslora`, `dora`): adapters on the named dense layers, saved in Hugging Face
 //!   PEFT's format (`adapter_config.json`, `adapter_model.safetensors`) so `peft` loads them;
+//! - `adalora`: SVD-shaped LoRA whose rank budget moves to the layers that matter
+//!   ([`adalora`]), in PEFT's `ADALORA` format;
 //! - `qlora`: the same adapters over a base whose dense layers are held in 4-bit NormalFloat
 //!   with double-quantised block maxima ([`nf4`]), dequantised in the forward pass;
 //! - `prompt`: prompt tuning, learned virtual tokens before every input ([`prompt`]);
@@ -15,6 +17,7 @@
 //! [`apply`] freezes the base and attaches what the method asks for; the stage then optimises
 //! [`Tuning::stores`] and saves through [`Tuning::save_final`].
 
+mod adalora;
 mod bottleneck;
 mod config;
 pub(crate) mod files;
@@ -29,6 +32,7 @@ use std::sync::Arc;
 use tch::nn::VarStore;
 use tch::{Kind, Tensor};
 
+pub use adalora::{budget_schedule, AdaloraConfig, Allocator, RUNNING};
 pub use bottleneck::{Activation, Adapter, Bottleneck, BottleneckConfig};
 pub(crate) use config::bad;
 pub use config::{FreezeConfig, LoraBias, LoraConfig, LoraInit, PeftConfig, PeftError};
@@ -54,6 +58,8 @@ pub struct Tuning {
     pub switch: Option<Arc<Switch>>,
     /// QLoRA: what quantising the base saved.
     pub quantized: Option<Quantized>,
+    /// AdaLoRA: the rank allocator and its running statistics.
+    pub adalora: Option<Allocator>,
 }
 
 /// The base's dense layers before and after NF4 quantisation.
@@ -73,6 +79,7 @@ impl Tuning {
             adapters: None,
             switch: None,
             quantized: None,
+            adalora: None,
         }
     }
 
@@ -80,11 +87,44 @@ impl Tuning {
         self.adapters.is_some()
     }
 
-    /// The variable stores a stage saves in its state and optimises, in a fixed order.
+    /// The variable stores a stage saves in its state, in a fixed order: the base, the
+    /// adapters, AdaLoRA's running statistics (never optimised).
     pub fn stores<'a>(&'a self, base: &'a VarStore) -> Vec<&'a VarStore> {
         let mut v = vec![base];
         v.extend(self.adapters.as_ref());
+        v.extend(self.adalora.as_ref().map(|a| &a.running));
         v
+    }
+
+    /// Tells AdaLoRA's schedule how many optimizer updates the stage makes (the default for
+    /// its `total_step`); a no-op for other methods.
+    pub fn plan_updates(&mut self, updates: usize) -> Result<(), PeftError> {
+        match &mut self.adalora {
+            Some(a) => a.plan(updates),
+            None => Ok(()),
+        }
+    }
+
+    /// After each optimizer step, before the gradients are cleared: AdaLoRA's importance
+    /// update and rank allocation.
+    pub fn after_update(&self) -> Result<(), PeftError> {
+        match &self.adalora {
+            Some(a) => a.after_update(),
+            None => Ok(()),
+        }
+    }
+
+    /// What the method adds to the training loss: AdaLoRA's orthogonality regulariser.
+    pub fn regulariser(&self) -> Option<Tensor> {
+        self.adalora.as_ref().and_then(Allocator::regulariser)
+    }
+
+    /// Adds [`Tuning::regulariser`] to `loss`.
+    pub fn regularised(&self, loss: Tensor) -> Tensor {
+        match self.regulariser() {
+            Some(r) => loss + r,
+            None => loss,
+        }
     }
 
     /// AdamW over every trainable parameter (frozen ones are skipped by the optimizer).
@@ -98,7 +138,7 @@ impl Tuning {
     /// (trainable, total) parameter counts; quantised weights count as parameters.
     pub fn counts(&self, base: &VarStore) -> (i64, i64) {
         let (mut trainable, mut total) = (0, self.quantized.map_or(0, |q| q.params));
-        for vs in self.stores(base) {
+        for vs in std::iter::once(base).chain(self.adapters.as_ref()) {
             for (_, t) in vs.variables() {
                 let n = t.numel() as i64;
                 total += n;
@@ -110,14 +150,18 @@ impl Tuning {
         (trainable, total)
     }
 
-    /// Summary fields: trainable and total parameters and, with QLoRA, the base's dense
-    /// layers in bytes before and after quantisation.
+    /// Summary fields: trainable and total parameters; with QLoRA, the base's dense layers in
+    /// bytes before and after quantisation; with AdaLoRA, the rank left after allocation.
     pub fn summary_fields(&self, base: &VarStore) -> Vec<(&'static str, i64)> {
         let (trainable, total) = self.counts(base);
         let mut fields = vec![("params/trainable", trainable), ("params/total", total)];
         if let Some(q) = self.quantized {
             fields.push(("quant/base_bytes_dense", q.dense_bytes));
             fields.push(("quant/base_bytes_nf4", q.nf4_bytes));
+        }
+        if let Some(a) = &self.adalora {
+            // Triplets alive over all adapted layers (init_r each at the start).
+            fields.push(("adalora/rank", a.live_rank()));
         }
         fields
     }
@@ -235,9 +279,7 @@ pub fn apply(
     vs.freeze();
     let mut tuning = Tuning {
         config: Some(config.clone()),
-        adapters: None,
-        switch: None,
-        quantized: None,
+        ..Tuning::full()
     };
     match config {
         PeftConfig::Lora(c) | PeftConfig::Qlora(c) => {
@@ -263,6 +305,13 @@ pub fn apply(
                     unfreeze(vs, |n| adapted.iter().any(|a| a == n))
                 }
             }
+        }
+        PeftConfig::Adalora(c) => {
+            let (adapters, switch, allocator) = attach_adalora(model, vs.device(), c)?;
+            tuning.adapters = Some(adapters);
+            tuning.switch = Some(switch);
+            tuning.adalora = Some(allocator);
+            unfreeze(vs, |n| n.starts_with("score."));
         }
         PeftConfig::Prompt(c) => {
             let (adapters, switch) = prompt::attach(model, vs.device(), c)?;
@@ -411,23 +460,15 @@ fn is_final_norm(name: &str) -> bool {
     name.starts_with("transformer.ln_f.") || name.starts_with("model.norm.")
 }
 
-/// Creates LoRA parameters for the targeted layers in a new store.
-fn attach_lora(
-    model: &mut Transformer,
-    device: tch::Device,
-    c: &LoraConfig,
-) -> Result<(VarStore, Arc<Switch>), PeftError> {
-    if c.r <= 0 {
-        return Err(bad("r", "must be a positive rank"));
-    }
-    if !(0.0..1.0).contains(&c.dropout) {
-        return Err(bad("dropout", "must be in [0, 1)"));
-    }
+/// The module paths of the dense layers `target_modules` and `layers` select (default: every
+/// dense layer of every block), checked against the model.
+fn adapted_layers(
+    model: &Transformer,
+    target_modules: &Option<Vec<String>>,
+    layers: &Option<Vec<usize>>,
+) -> Result<std::collections::BTreeSet<String>, PeftError> {
     let available = available_modules(model);
-    let targets = c
-        .target_modules
-        .clone()
-        .unwrap_or_else(|| available.clone());
+    let targets = target_modules.clone().unwrap_or_else(|| available.clone());
     for t in &targets {
         if !available.iter().any(|a| matches_target(a, t)) {
             return Err(bad(
@@ -441,12 +482,80 @@ fn attach_lora(
         }
     }
     let n_layer = model.config.n_layer as usize;
-    if let Some(bad_layer) = c.layers.iter().flatten().find(|&&i| i >= n_layer) {
+    if let Some(bad_layer) = layers.iter().flatten().find(|&&i| i >= n_layer) {
         return Err(bad(
             "layers",
             format!("block {bad_layer} does not exist (the model has {n_layer})"),
         ));
     }
+    Ok(model
+        .block_linears()
+        .iter()
+        .filter(|(layer, linear)| {
+            targets.iter().any(|t| matches_target(&linear.module, t))
+                && layers.as_ref().is_none_or(|ls| ls.contains(layer))
+        })
+        .map(|(_, linear)| linear.module.clone())
+        .collect())
+}
+
+/// AdaLoRA's A, E, B for the targeted layers in a new store, initialised as PEFT does
+/// (A, B ~ N(0, 0.02), E = 0: the model starts unchanged), and their rank allocator.
+fn attach_adalora(
+    model: &mut Transformer,
+    device: tch::Device,
+    c: &AdaloraConfig,
+) -> Result<(VarStore, Arc<Switch>, Allocator), PeftError> {
+    c.check()?;
+    let targeted = adapted_layers(model, &c.target_modules, &c.layers)?;
+    let adapters = VarStore::new(device);
+    let switch = Switch::new();
+    let root = adapters.root().sub("base_model").sub("model");
+    let init = tch::nn::Init::Randn {
+        mean: 0.0,
+        stdev: 0.02,
+    };
+    for (_, linear) in model.block_linears_mut() {
+        if !targeted.contains(&linear.module) {
+            continue;
+        }
+        let p = linear
+            .module
+            .split('.')
+            .fold(root.clone(), |p, part| p.sub(part));
+        let (d_in, d_out) = (linear.d_in(), linear.d_out());
+        // PEFT keeps them in parameter dicts: saved as `<module>.lora_A`, without `.weight`.
+        let a = p.var("lora_A", &[c.init_r, d_in], init);
+        let e = p.zeros("lora_E", &[c.init_r, 1]);
+        let b = p.var("lora_B", &[d_out, c.init_r], init);
+        linear.lora = Some(Box::new(Lora {
+            a,
+            b,
+            scale: c.scale(),
+            dropout: c.dropout,
+            magnitude: None,
+            initial: None,
+            e: Some(e),
+            switch: switch.clone(),
+        }));
+    }
+    let allocator = Allocator::new(c, device, adalora::factors_of(model));
+    Ok((adapters, switch, allocator))
+}
+
+/// Creates LoRA parameters for the targeted layers in a new store.
+fn attach_lora(
+    model: &mut Transformer,
+    device: tch::Device,
+    c: &LoraConfig,
+) -> Result<(VarStore, Arc<Switch>), PeftError> {
+    if c.r <= 0 {
+        return Err(bad("r", "must be a positive rank"));
+    }
+    if !(0.0..1.0).contains(&c.dropout) {
+        return Err(bad("dropout", "must be in [0, 1)"));
+    }
+    let targeted = adapted_layers(model, &c.target_modules, &c.layers)?;
     if c.init == LoraInit::Pissa {
         if c.dora {
             return Err(bad(
@@ -472,10 +581,8 @@ fn attach_lora(
     let adapters = VarStore::new(device);
     let switch = Switch::new();
     let root = adapters.root().sub("base_model").sub("model");
-    for (layer, linear) in model.block_linears_mut() {
-        let targeted = targets.iter().any(|t| matches_target(&linear.module, t))
-            && c.layers.as_ref().is_none_or(|ls| ls.contains(&layer));
-        if !targeted {
+    for (_, linear) in model.block_linears_mut() {
+        if !targeted.contains(&linear.module) {
             continue;
         }
         let mut p = root.clone();
@@ -511,15 +618,16 @@ fn attach_lora(
             p.var_copy("lora_magnitude_vector", &norms)
         });
         let initial = (c.init == LoraInit::Pissa).then(|| pissa_init(linear, &a, &b, c));
-        linear.lora = Some(Lora {
+        linear.lora = Some(Box::new(Lora {
             a,
             b,
             scale: c.scale(),
             dropout: c.dropout,
             magnitude,
             initial,
+            e: None,
             switch: switch.clone(),
-        });
+        }));
     }
     Ok((adapters, switch))
 }

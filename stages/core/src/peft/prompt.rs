@@ -398,6 +398,7 @@ pub(crate) fn load(model: &mut Transformer, dir: &Path) -> Result<Tuning> {
             adapters: Some(store),
             switch: Some(switch),
             quantized: None,
+            adalora: None,
         });
     }
     let want = [n, model.config.d_model];
@@ -428,6 +429,7 @@ pub(crate) fn load(model: &mut Transformer, dir: &Path) -> Result<Tuning> {
         adapters: Some(store),
         switch: Some(switch),
         quantized: None,
+        adalora: None,
     })
 }
 
