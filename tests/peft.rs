@@ -297,6 +297,7 @@ fn peft_in_every_stage_and_peft_loads_what_temper_saved() {
         "sft_adapter",
         "sft_adalora",
         "reward",
+        "reward_adapter",
         "ppo",
         "dpo",
     ] {
@@ -674,4 +675,80 @@ fn adalora_trains_prunes_and_saves_as_peft() {
             "{case}: {steps} updates, losses, factors, rank pattern and saved files match PEFT"
         );
     }
+}
+
+#[test]
+fn a_bottleneck_reward_model_saves_its_head_and_scores_the_same_when_loaded() {
+    let base = fixtures().join("gpt2_rm");
+    let spec = LoadSpec {
+        lm_head: false,
+        score: ScoreHead::Load,
+    };
+    let (mut vs, mut model) = load_checkpoint(&base, spec, Device::Cpu).unwrap();
+    let config: PeftConfig =
+        serde_json::from_value(serde_json::json!({"method": "adapter", "reduction": 4})).unwrap();
+    let tuning = peft::apply(&mut model, &mut vs, Some(&config)).unwrap();
+    // Only the adapters and the head train.
+    let head: i64 = vs
+        .variables()
+        .iter()
+        .filter(|(n, t)| n.starts_with("score.") && t.requires_grad())
+        .map(|(_, t)| t.numel() as i64)
+        .sum();
+    let adapters: i64 = tuning
+        .adapters
+        .as_ref()
+        .unwrap()
+        .variables()
+        .values()
+        .map(|t| t.numel() as i64)
+        .sum();
+    assert!(head > 0);
+    assert_eq!(tuning.counts(&vs).0, head + adapters);
+    // Moved as training would move them.
+    tch::manual_seed(5);
+    tch::no_grad(|| {
+        for store in [&vs, tuning.adapters.as_ref().unwrap()] {
+            for (_, mut t) in store.variables() {
+                if t.requires_grad() {
+                    let noise = t.randn_like() * 0.1;
+                    let _ = t.g_add_(&noise);
+                }
+            }
+        }
+    });
+    let g = golden("gpt2_lora").0;
+    let ids = g["input_ids"].remainder(model.config.vocab_size - 2) + 2;
+    let mask = Tensor::ones_like(&ids);
+    let score = |m: &Transformer| {
+        let hidden = tch::no_grad(|| m.hidden_states(&ids, Some(&mask), None)).unwrap();
+        m.last_token_scores(&hidden, &mask).unwrap()
+    };
+    let trained = score(&model);
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("rm");
+    tuning
+        .save_into(
+            &ckpt,
+            &model,
+            &vs,
+            &fixtures().join("tokenizer/gpt2_style.json"),
+            Some(&base),
+            Default::default(),
+        )
+        .unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ckpt.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["task_type"], "SEQ_CLS");
+    assert_eq!(config["modules_to_save"], serde_json::json!(["score"]));
+    let (_vs, loaded) = load_checkpoint(&ckpt, spec, Device::Cpu).unwrap();
+    let d = (score(&loaded) - &trained).abs().max().double_value(&[]);
+    assert!(
+        d < 1e-6,
+        "the reloaded reward model scores differently by {d:e}"
+    );
+    // Without its saved head the base's own head scores something else.
+    let (_vs, plain) = load_checkpoint(&base, spec, Device::Cpu).unwrap();
+    let d = (score(&plain) - &trained).abs().max().double_value(&[]);
+    assert!(d > 1e-3, "the adapters and head changed nothing ({d:e})");
 }

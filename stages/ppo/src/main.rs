@@ -397,6 +397,12 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
     };
     let (mut rm_vs, reward) = load_checkpoint(&c.reward_model, rm_spec, device).map_err(invalid)?;
     rm_vs.freeze();
+    cfg.ensure(
+        !(c.critic_init == CriticInit::Reward
+            && temper_core::peft::is_unmergeable_adapter(&c.reward_model)),
+        "critic_init",
+        "the reward model is a bottleneck-adapter checkpoint, whose adapters cannot be folded into a critic to train; set `critic_init: policy`",
+    )?;
     let (mut critic_vs, mut critic_model) = match c.critic_init {
         CriticInit::Reward => load_checkpoint(&c.reward_model, rm_spec, device),
         CriticInit::Policy => {

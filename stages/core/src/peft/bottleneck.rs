@@ -152,21 +152,36 @@ pub(crate) fn attach(
     Ok((store, switch))
 }
 
-/// Writes temper's bottleneck files into `dir`, over `base`.
+/// What a bottleneck checkpoint holds: the adapters and, for a reward model or critic, the
+/// trained score head (in `vs`).
+pub(crate) struct Saved<'a> {
+    pub config: &'a BottleneckConfig,
+    pub adapters: &'a VarStore,
+    pub vs: &'a VarStore,
+    pub model: &'a Transformer,
+}
+
+/// Writes temper's bottleneck files into `dir`, over `base`: the adapters, and a scalar head
+/// under `base_model.model.score.*` (PEFT's `modules_to_save` layout).
 pub(crate) fn save(
     dir: &Path,
-    c: &BottleneckConfig,
-    adapters: &VarStore,
-    model: &Transformer,
+    s: &Saved,
     base: &Path,
     inside: bool,
     tokenizer: &Path,
 ) -> Result<()> {
-    let tensors: Vec<(String, Tensor)> = adapters.variables().into_iter().collect();
+    let (c, model) = (s.config, s.model);
+    let mut tensors: Vec<(String, Tensor)> = s.adapters.variables().into_iter().collect();
+    let seq_cls = model.heads.score && !model.heads.lm;
+    for (name, t) in s.vs.variables() {
+        if t.requires_grad() && name.starts_with("score.") {
+            tensors.push((format!("base_model.model.{name}"), t));
+        }
+    }
     write_adapter_weights(dir, &tensors)?;
     let config = json!({
         "peft_type": PEFT_TYPE,
-        "task_type": "CAUSAL_LM",
+        "task_type": if seq_cls { "SEQ_CLS" } else { "CAUSAL_LM" },
         "base_model_name_or_path": if inside {
             std::path::PathBuf::from("base")
         } else {
@@ -177,6 +192,7 @@ pub(crate) fn save(
         "activation": c.activation,
         "drop_layers": c.drop_layers,
         "placement": ["attn", "mlp"],
+        "modules_to_save": if seq_cls { json!(["score"]) } else { Value::Null },
         "note": "temper's bottleneck adapters (Houlsby, AdapterDrop); not a PEFT type: load with temper",
     });
     write_json(&dir.join(ADAPTER_CONFIG), &config)?;
@@ -190,6 +206,14 @@ pub(crate) fn save(
     copy_tokenizer(tokenizer, dir)
 }
 
+/// Whether the bottleneck checkpoint in `dir` carries a trained score head.
+pub(crate) fn saves_score(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join(ADAPTER_CONFIG))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .is_some_and(|v| v["modules_to_save"] == json!(["score"]))
+}
+
 pub fn is_bottleneck_adapter(dir: &Path) -> bool {
     std::fs::read_to_string(dir.join(ADAPTER_CONFIG))
         .ok()
@@ -197,8 +221,9 @@ pub fn is_bottleneck_adapter(dir: &Path) -> bool {
         .is_some_and(|v| v["peft_type"] == PEFT_TYPE)
 }
 
-/// Attaches the adapters saved in `dir` to `model` (strict: every tensor present and shaped).
-pub(crate) fn load(model: &mut Transformer, dir: &Path) -> Result<Tuning> {
+/// Attaches the adapters saved in `dir` to `model` and loads a saved score head into `vs`
+/// (strict: every tensor present and shaped).
+pub(crate) fn load(model: &mut Transformer, vs: &mut VarStore, dir: &Path) -> Result<Tuning> {
     let cfg_path = dir.join(ADAPTER_CONFIG);
     let text = std::fs::read_to_string(&cfg_path).map_err(|source| CoreError::Io {
         path: cfg_path.clone(),
@@ -225,8 +250,38 @@ pub(crate) fn load(model: &mut Transformer, dir: &Path) -> Result<Tuning> {
     let (store, switch) =
         attach(model, device, &c).map_err(|e| config_err(&cfg_path, &e.field, e.message))?;
     let file = dir.join(ADAPTER_WEIGHTS);
-    let saved: std::collections::HashMap<String, Tensor> =
+    let mut saved: std::collections::HashMap<String, Tensor> =
         Tensor::read_safetensors(&file)?.into_iter().collect();
+    // The score head goes to the model's own variables.
+    let base_vars = vs.variables();
+    let heads: Vec<String> = saved
+        .keys()
+        .filter(|k| k.starts_with("base_model.model.score."))
+        .cloned()
+        .collect();
+    for key in heads {
+        let t = saved.remove(&key).expect("listed");
+        let name = &key["base_model.model.".len()..];
+        let var = base_vars.get(name).ok_or_else(|| {
+            config_err(
+                &file,
+                &key,
+                "a score head, but the model is loaded without one",
+            )
+        })?;
+        if var.size() != t.size() {
+            return Err(config_err(
+                &file,
+                &key,
+                format!(
+                    "shape {:?} does not fit the model's {:?}",
+                    t.size(),
+                    var.size()
+                ),
+            ));
+        }
+        tch::no_grad(|| var.shallow_clone().copy_(&t));
+    }
     let vars = store.variables();
     if let Some(extra) = saved.keys().find(|k| !vars.contains_key(*k)) {
         return Err(config_err(

@@ -310,7 +310,7 @@ impl AdapterConfig {
 /// the adapter store, trained biases and the score head into `vs`. Strict both ways.
 pub fn load_adapter(model: &mut Transformer, vs: &mut VarStore, dir: &Path) -> Result<Tuning> {
     if super::bottleneck::is_bottleneck_adapter(dir) {
-        return super::bottleneck::load(model, dir);
+        return super::bottleneck::load(model, vs, dir);
     }
     if super::prompt::is_prompt_adapter(dir) {
         return super::prompt::load(model, dir);
@@ -554,7 +554,13 @@ impl Tuning {
         }
         if let (Some(adapters), Some(PeftConfig::Adapter(c))) = (&self.adapters, &self.config) {
             let (base, inside) = base_for(dir, model, vs, tokenizer, base)?;
-            return super::bottleneck::save(dir, c, adapters, model, &base, inside, tokenizer);
+            let saved = super::bottleneck::Saved {
+                config: c,
+                adapters,
+                vs,
+                model,
+            };
+            return super::bottleneck::save(dir, &saved, &base, inside, tokenizer);
         }
         if let Some(PeftConfig::Ptuning(c)) = &self.config {
             let (base, inside) = base_for(dir, model, vs, tokenizer, base)?;

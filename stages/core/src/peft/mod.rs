@@ -41,8 +41,8 @@ pub use lora::{Lora, Switch};
 pub use nf4::{dynamic_map, Absmax, Nf4Weight, NF4_LEVELS};
 pub use prefix::{kv_width, Prefix, PrefixConfig};
 pub use prompt::{
-    init_from_text, init_prompt_text, is_prompt_adapter, virtual_tokens_of, PromptConfig,
-    VirtualPrompt,
+    init_from_text, init_prompt_text, is_prompt_adapter, is_unmergeable_adapter, virtual_tokens_of,
+    PromptConfig, VirtualPrompt,
 };
 pub use ptuning::{EncoderKind, PtuningConfig};
 
@@ -263,17 +263,14 @@ pub fn apply(
     let Some(config) = config else {
         return Ok(Tuning::full());
     };
-    let unmergeable = matches!(
+    let virtual_tokens = matches!(
         config,
-        PeftConfig::Prompt(_)
-            | PeftConfig::Ptuning(_)
-            | PeftConfig::Prefix(_)
-            | PeftConfig::Adapter(_)
+        PeftConfig::Prompt(_) | PeftConfig::Ptuning(_) | PeftConfig::Prefix(_)
     );
-    if unmergeable && model.heads.score {
+    if virtual_tokens && model.heads.score {
         return Err(bad(
             "method",
-            "prompt, P-, prefix tuning and bottleneck adapters do not train or save a scalar head; for a reward model or critic use lora or head",
+            "prompt, P- and prefix tuning do not train or save a scalar head; for a reward model or critic use lora, adalora, adapter or head",
         ));
     }
     vs.freeze();
@@ -322,6 +319,8 @@ pub fn apply(
             let (adapters, switch) = bottleneck::attach(model, vs.device(), c)?;
             tuning.adapters = Some(adapters);
             tuning.switch = Some(switch);
+            // A reward model's or critic's new head trains and is saved with the adapters.
+            unfreeze(vs, |n| n.starts_with("score."));
         }
         PeftConfig::Ptuning(c) => {
             let (adapters, switch) = prompt::attach_ptuning(model, vs.device(), c)?;

@@ -18,7 +18,7 @@ use super::files::{
 };
 use super::ptuning::{Encoder, PtuningConfig};
 use super::{bad, PeftConfig, PeftError, PrefixConfig, Switch, Tuning};
-use crate::checkpoint::{load_checkpoint_as, LoadSpec};
+use crate::checkpoint::{load_checkpoint_as, LoadSpec, ScoreHead};
 use crate::error::{CoreError, Result};
 use crate::model::Transformer;
 
@@ -443,9 +443,18 @@ pub(crate) fn load_checkpoint(
 ) -> Result<(VarStore, Transformer)> {
     let base = base_dir(dir, named_base(dir)?.as_deref())?;
     let config = super::files::adapter_model_config(dir)?;
-    let (mut vs, mut model) = load_checkpoint_as(&base, &config, spec, device)?;
-    let tuning = if super::bottleneck::is_bottleneck_adapter(dir) {
-        super::bottleneck::load(&mut model, dir)?
+    let bottleneck = super::bottleneck::is_bottleneck_adapter(dir);
+    // A reward model's head travels with its bottleneck adapters: the base has none.
+    let base_spec = match spec.score {
+        ScoreHead::Load if bottleneck && super::bottleneck::saves_score(dir) => LoadSpec {
+            score: ScoreHead::Fresh,
+            ..spec
+        },
+        _ => spec,
+    };
+    let (mut vs, mut model) = load_checkpoint_as(&base, &config, base_spec, device)?;
+    let tuning = if bottleneck {
+        super::bottleneck::load(&mut model, &mut vs, dir)?
     } else {
         load(&mut model, dir)?
     };
