@@ -127,6 +127,14 @@ impl ChatTemplate {
         self.extra_stops.iter().map(|&id| i64::from(id)).collect()
     }
 
+    /// Every token that ends a reply: EOS, then the template's other stops (a reply that ends
+    /// with any of them is complete, not cut off).
+    pub fn stop_ids(&self) -> Vec<u32> {
+        std::iter::once(self.eos)
+            .chain(self.extra_stops.iter().copied())
+            .collect()
+    }
+
     /// temper's own template over `tok`'s special tokens.
     pub fn markers(tok: &TextTokenizer) -> Result<Self> {
         Ok(Self {

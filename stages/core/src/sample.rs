@@ -67,6 +67,16 @@ pub struct Joined {
 }
 
 impl Generation {
+    /// (B,) bool: which replies ended with one of `stops` (EOS or another stop token) rather
+    /// than running out of tokens.
+    pub fn stopped(&self, stops: &[u32]) -> Tensor {
+        let mut ended = Tensor::zeros_like(&self.mask).to_kind(Kind::Bool);
+        for &stop in stops {
+            ended = ended.logical_or(&self.tokens.eq(i64::from(stop)));
+        }
+        ended.logical_and(&self.mask).any_dim(1, false)
+    }
+
     /// Prompt and response side by side, with their masks.
     pub fn joined(&self) -> Joined {
         let response = self.mask.to_kind(Kind::Int64);
@@ -246,4 +256,30 @@ pub fn generate(
         logprobs: logprobs.narrow(1, 0, used),
         mask: mask.narrow(1, 0, used),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reply_ended_by_any_stop_token_counts_as_stopped() {
+        // Row 0 ends with EOS (9), row 1 with the template's other stop (7), row 2 runs out of
+        // tokens, row 3 has a stop id only after its end (padding, not generated).
+        let tokens = Tensor::from_slice(&[1i64, 9, 0, 2, 3, 7, 4, 5, 6, 8, 8, 7]).view([4, 3]);
+        let mask = Tensor::from_slice(&[
+            true, true, false, true, true, true, true, true, true, true, true, false,
+        ])
+        .view([4, 3]);
+        let g = Generation {
+            prompt: Tensor::zeros([4, 1], (Kind::Int64, Device::Cpu)),
+            prompt_mask: Tensor::ones([4, 1], (Kind::Int64, Device::Cpu)),
+            tokens,
+            logprobs: Tensor::zeros([4, 3], (Kind::Float, Device::Cpu)),
+            mask,
+        };
+        let got = |stops: &[u32]| Vec::<bool>::try_from(g.stopped(stops)).unwrap();
+        assert_eq!(got(&[9, 7]), [true, true, false, false]);
+        assert_eq!(got(&[9]), [true, false, false, false]);
+    }
 }

@@ -83,16 +83,18 @@ pub struct Reply {
     /// The reply without its EOS.
     pub text: String,
     pub ids: Vec<u32>,
-    /// Whether the reply ended with EOS (rather than running out of tokens).
+    /// Whether the reply ended with EOS or another stop token of the template (rather than
+    /// running out of tokens).
     pub ended_with_eos: bool,
 }
 
-/// The replies of a generation: `tokens` (B, N) with `mask` (B, N) marking real tokens.
+/// The replies of a generation: `tokens` (B, N) with `mask` (B, N) marking real tokens;
+/// `stops` the tokens that end a reply (EOS first), left out of the text.
 pub fn decode_replies(
     tok: &TextTokenizer,
     tokens: &Tensor,
     mask: &Tensor,
-    eos: u32,
+    stops: &[u32],
 ) -> Result<Vec<Reply>> {
     let rows = tokens.size()[0];
     let mut out = Vec::with_capacity(rows as usize);
@@ -104,8 +106,8 @@ pub fn decode_replies(
             .zip(&m)
             .filter(|(_, &k)| k)
             .map(|(&t, _)| t as u32);
-        let ended_with_eos = real.clone().any(|t| t == eos);
-        let ids: Vec<u32> = real.filter(|&t| t != eos).collect();
+        let ended_with_eos = real.clone().any(|t| stops.contains(&t));
+        let ids: Vec<u32> = real.filter(|t| !stops.contains(t)).collect();
         out.push(Reply {
             text: tok
                 .decode(&ids)

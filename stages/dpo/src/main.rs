@@ -604,7 +604,7 @@ fn kl_to_reference(
         Ok(((lp(model)? - reference_lp) * &mask).sum_dim_intlist(1, false, Kind::Float))
     })?;
     let per_reply = Vec::<f64>::try_from(kl.to_kind(Kind::Double))?;
-    let replies = decode_replies(&s.m.tokenizer, &g.tokens, &g.mask, s.template.eos)?;
+    let replies = decode_replies(&s.m.tokenizer, &g.tokens, &g.mask, &s.template.stop_ids())?;
     let records = replies
         .iter()
         .zip(&per_reply)

@@ -94,7 +94,7 @@ impl ExactScorer {
             let g = with_autocast(model.device(), c.precision, || {
                 generate(model, chunk, &sampling, chunk_seeds)
             })??;
-            let replies = decode_replies(&s.tok, &g.tokens, &g.mask, s.template.eos)?;
+            let replies = decode_replies(&s.tok, &g.tokens, &g.mask, &s.template.stop_ids())?;
             for (j, r) in replies.iter().enumerate() {
                 let i = start * c.batch_size + j;
                 out.push(reward.score(&Scored {

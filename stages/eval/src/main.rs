@@ -399,7 +399,7 @@ fn answer(s: &Setup, model: &Transformer, c: &Config) -> anyhow::Result<Replies>
             .extend(scores.iter().zip(signs).map(|(x, sign)| x * sign));
         out.kl
             .extend(Vec::<f64>::try_from(kl.to_kind(Kind::Double))?);
-        for r in decode_replies(&s.tok, &g.tokens, &g.mask, s.template.eos)? {
+        for r in decode_replies(&s.tok, &g.tokens, &g.mask, &s.template.stop_ids())? {
             if let (Some(j), Some(v)) = (&s.judge, out.judge.as_mut()) {
                 v.push(j.judge(&r.text).compound);
             }

@@ -155,7 +155,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         let records: Vec<&PromptRecord> = rows.iter().map(|&i| &s.prompts[i].1).collect();
         let scored = s
             .rewards
-            .score(&records, &ro, &s.policy.tokenizer, s.template.eos)?;
+            .score(&records, &ro, &s.policy.tokenizer, &s.template.stop_ids())?;
         let reward_s = score_start.elapsed().as_secs_f64();
 
         // 3. Advantages (and, for REINFORCE++, the per-token KL inside them).

@@ -127,9 +127,9 @@ impl RewardSet {
         records: &[&PromptRecord],
         ro: &Rollout,
         tok: &TextTokenizer,
-        eos: u32,
+        stops: &[u32],
     ) -> anyhow::Result<Scored> {
-        let replies = decode_replies(tok, &ro.tokens, &ro.mask, eos)?;
+        let replies = decode_replies(tok, &ro.tokens, &ro.mask, stops)?;
         let prompts = decode_prompts(tok, &ro.prompt, &ro.prompt_mask)?;
         let lengths = Vec::<f64>::try_from(
             ro.mask

@@ -43,11 +43,7 @@ pub fn rollout(s: &Setup, c: &Config, rows: &[usize], seeds: &[u64]) -> anyhow::
     let p = g.prompt.size()[1];
     let joined = g.joined();
     let mask = g.mask.to_kind(Kind::Float);
-    let has_eos = g
-        .tokens
-        .eq(s.template.eos as i64)
-        .logical_and(&g.mask)
-        .any_dim(1, false);
+    let has_eos = g.stopped(&s.template.stop_ids());
     let t = c.temperature;
     let (old_logp, ref_logp) = tch::no_grad(|| {
         with_autocast(device, c.precision, || -> anyhow::Result<_> {

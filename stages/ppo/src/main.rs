@@ -568,7 +568,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
             let tok = &s.actor.tokenizer;
             log.log_samples(&rollout::sample_records(
                 tok,
-                s.template.eos,
+                &s.template.stop_ids(),
                 &ro,
                 &kl,
                 step,

@@ -65,11 +65,7 @@ pub fn rollout(
     let joined = g.joined();
     let (seq, attention) = (&joined.seq, &joined.attention);
     let mask = g.mask.to_kind(Kind::Float);
-    let has_eos = g
-        .tokens
-        .eq(m.template.eos as i64)
-        .logical_and(&g.mask)
-        .any_dim(1, false);
+    let has_eos = g.stopped(&m.template.stop_ids());
     let t = sampling.temperature;
     tch::no_grad(|| {
         with_autocast(device, m.precision, || -> anyhow::Result<Rollout> {
@@ -255,7 +251,7 @@ fn minibatch_losses(
 /// The first four rollouts as records for samples.jsonl: prompt, reply, score and KL.
 pub fn sample_records(
     tok: &TextTokenizer,
-    eos: u32,
+    stops: &[u32],
     ro: &Rollout,
     kl: &Tensor,
     step: u64,
@@ -270,7 +266,7 @@ pub fn sample_records(
         tok,
         &ro.tokens.narrow(0, 0, b),
         &ro.mask.narrow(0, 0, b),
-        eos,
+        stops,
     )?;
     Ok(prompts
         .into_iter()

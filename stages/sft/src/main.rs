@@ -340,7 +340,7 @@ fn sample_replies(s: &Setup, c: &Config, step: u64) -> anyhow::Result<Vec<serde_
         .map(|i| seed_for(base, "prompt", i))
         .collect();
     let g = generate(model, &ids, &sampling, &seeds)?;
-    let replies = decode_replies(&s.m.tokenizer, &g.tokens, &g.mask, s.template.eos)?;
+    let replies = decode_replies(&s.m.tokenizer, &g.tokens, &g.mask, &s.template.stop_ids())?;
     let mut out = Vec::new();
     for ((prompt, reference), reply) in s.prompts.iter().zip(replies) {
         out.push(json!({
