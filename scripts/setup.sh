@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what temper needs to build and run: a Python venv with torch 2.11.0 (whose bundled
 # libtorch tch 0.24 links against) plus the reference packages the goldens and load checks use
-# (transformers, peft, trl, bitsandbytes, vaderSentiment, tensorboard) and Debian's chromium for
-# the report's browser test; the Rust code needs none of them.
+# (transformers, peft, trl, bitsandbytes, vaderSentiment, tensorboard), Debian's chromium for
+# the report's browser test (the Rust code needs none of them) and Debian's libgloo-dev, whose
+# headers the c10d shim compiles against.
 # The venv lives in a cache keyed by the torch version, outside the clone, so a fresh clone
 # (CI) reuses it; `.libtorch` in the repo is a symlink to the wheel's torch/ folder, which
 # `.cargo/config.toml` points LIBTORCH and the binaries' rpath at. Idempotent: a second run
@@ -32,6 +33,20 @@ torch_dir=$("$venv/bin/python" -c 'import torch, os; print(os.path.dirname(torch
 ln -sfn "$torch_dir" "$repo/.libtorch"
 ln -sfn "$venv" "$repo/.venv"
 echo "setup: libtorch at $torch_dir" >&2
+
+# gloo's headers (Debian's libgloo-dev, headers only: every symbol comes from libtorch_cpu) to
+# compile the c10d shim behind data-parallel training; the build stops without them.
+if [ ! -f /usr/include/gloo/config.h ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo -n"
+  echo "setup: installing libgloo-dev (headers for the c10d shim)" >&2
+  if ! { $sudo apt-get install -y -q --no-install-recommends libgloo-dev >/dev/null 2>&1 ||
+    { $sudo apt-get update -q >/dev/null 2>&1 &&
+      $sudo apt-get install -y -q --no-install-recommends libgloo-dev >/dev/null 2>&1; }; }; then
+    echo "setup: could not install libgloo-dev (apt-get install libgloo-dev); temper cannot build without gloo's headers" >&2
+    exit 1
+  fi
+fi
 
 # Headless Chromium for the test that opens `temper report` in a real browser (tests/report.rs);
 # Debian's package, ~20 s once. Not fatal: without it that test says it skipped its browser half.

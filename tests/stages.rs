@@ -343,3 +343,158 @@ fn an_adalora_stage_killed_mid_schedule_resumes_to_the_same_allocation() {
     assert_eq!(alive, 16, "{config}");
     assert_eq!(summary(&whole)["adalora/rank"].as_i64(), Some(16));
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn train_losses(out: &Path) -> Vec<(u64, f64)> {
+    metrics(out)
+        .iter()
+        .filter(|r| r["split"] == "train")
+        .map(|r| (r["step"].as_u64().unwrap(), r["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+fn max_weight_diff(a: &Path, b: &Path) -> f64 {
+    let read = |d: &Path| -> std::collections::BTreeMap<String, Tensor> {
+        Tensor::read_safetensors(d.join("checkpoint/model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect()
+    };
+    let (a, b) = (read(a), read(b));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    a.iter()
+        .map(|(k, t)| (t - &b[k]).abs().max().double_value(&[]))
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn two_gloo_ranks_of_half_the_batch_train_as_one_process_with_all_of_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(dir.path());
+    let whole = pretrain_config(dir.path(), &tok, 20, "");
+    let text = std::fs::read_to_string(&whole).unwrap();
+    let half = write(
+        &dir.path().join("half.yaml"),
+        &text.replace("batch_size: 8", "batch_size: 4"),
+    );
+    let one = dir.path().join("one");
+    assert_ok(
+        &run_stage("temper-pretrain", &whole, &one),
+        "one process, batch 8",
+    );
+
+    // Two ranks of batch 4, launched as torchrun would (its environment variables).
+    let two = dir.path().join("two");
+    let port = free_port().to_string();
+    let children: Vec<_> = (0..2)
+        .map(|rank| {
+            std::process::Command::new(bin("temper-pretrain"))
+                .args([
+                    "--config",
+                    half.to_str().unwrap(),
+                    "--out",
+                    two.to_str().unwrap(),
+                ])
+                .env("RANK", rank.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .env("TEMPER_DIST_TIMEOUT", "120")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        assert_ok(&c.wait_with_output().unwrap(), "a rank of two");
+    }
+    let (a, b) = (train_losses(&one), train_losses(&two));
+    assert_eq!(a.len(), b.len(), "logged steps");
+    for ((step, x), (_, y)) in a.iter().zip(&b) {
+        assert!(
+            (x - y).abs() < 1e-5,
+            "step {step}: loss {x} (one process) vs {y} (two ranks)"
+        );
+    }
+    let d = max_weight_diff(&one, &two);
+    assert!(d < 1e-5, "final weights differ by {d:e}");
+    // Rank 0 alone wrote: the same files as the single process, and the same token count.
+    let names = |d: &Path| {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&one), names(&two));
+    assert_eq!(summary(&one)["tokens"], summary(&two)["tokens"]);
+
+    // torchrun itself (from the project's venv) launches the binary unchanged.
+    let torchrun = repo().join(".venv/bin/torchrun");
+    let three = dir.path().join("three");
+    let out = std::process::Command::new(&torchrun)
+        .args([
+            "--no-python",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            &free_port().to_string(),
+            bin("temper-pretrain").to_str().unwrap(),
+            "--config",
+            half.to_str().unwrap(),
+            "--out",
+            three.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_ok(&out, "torchrun --no-python --nproc-per-node 2");
+    let d = max_weight_diff(&two, &three);
+    assert!(
+        d == 0.0,
+        "torchrun's run differs from the hand-launched one by {d:e}"
+    );
+}
+
+#[test]
+fn a_bad_distributed_environment_exits_2_with_one_line_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(dir.path());
+    let cfg = pretrain_config(dir.path(), &tok, 2, "");
+    for (env, words) in [
+        (
+            vec![("RANK", "2"), ("WORLD_SIZE", "2")],
+            "RANK 2 is not below WORLD_SIZE 2",
+        ),
+        (
+            vec![("RANK", "0"), ("WORLD_SIZE", "2")],
+            "MASTER_ADDR is not set",
+        ),
+    ] {
+        let out = dir.path().join("out");
+        let res = std::process::Command::new(bin("temper-pretrain"))
+            .args([
+                "--config",
+                cfg.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ])
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert_eq!(res.status.code(), Some(2), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(err.contains(words), "{err}");
+        assert!(!out.exists(), "nothing written");
+    }
+}

@@ -14,6 +14,9 @@ extern "C" {
 
 const char *temper_last_error() { return last_error.c_str(); }
 
+// For the other translation units (dist.cpp).
+void temper_set_error(const char *message) { last_error = message; }
+
 // device: 0 = CPU, 1 = CUDA. Enables autocast to bf16 (or fp16) and returns the previous
 // state packed as (enabled | dtype << 1), for temper_autocast_exit; -1 on error.
 int temper_autocast_enter(int device, int bf16) {

@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod critic_free;
 pub mod device;
+pub mod dist;
 pub mod error;
 mod ffi;
 pub mod hf_config;

@@ -125,6 +125,20 @@ impl AdamW {
         Ok(norm)
     }
 
+    /// The gradients of the parameters that have one, in the optimizer's fixed order (the
+    /// same on every rank of a data-parallel stage, for averaging).
+    pub fn gradients(&self) -> Vec<Tensor> {
+        self.params()
+            .map(|p| p.value.grad())
+            .filter(Tensor::defined)
+            .collect()
+    }
+
+    /// The parameters it updates, in its fixed order.
+    pub fn parameters(&self) -> Vec<Tensor> {
+        self.params().map(|p| p.value.shallow_clone()).collect()
+    }
+
     pub fn zero_grad(&mut self) {
         for p in self.decay.iter_mut().chain(self.no_decay.iter_mut()) {
             p.value.zero_grad();

@@ -11,6 +11,7 @@ use tch::nn::VarStore;
 use tch::{Device, Tensor};
 use temper_core::checkpoint::{check_save, SaveDtype, SaveOptions};
 use temper_core::device::check_memory;
+use temper_core::dist::{Ranks, World};
 use temper_core::peft::{PeftConfig, Tuning};
 use temper_core::schedule::check_optim;
 use temper_core::{
@@ -22,8 +23,8 @@ use temper_data::tokenizer::{EOS, PAD};
 use temper_data::{seed_for, shuffled, Epochs, Fields, TextSplit, TextTokenizer};
 use temper_stage::cadence::{every_10, every_100};
 use temper_stage::{
-    check_finite, checked_config, invalid, progress_bar, step_fields, Cadence, ConfigFile, Every,
-    Inputs, MetricsLog, StageArgs, StageError, StageFolder, StageKind, Throughput,
+    check_finite, checked_config, invalid, step_fields, Cadence, ConfigFile, Every, Inputs,
+    MetricsLog, StageArgs, StageError, StageKind, Throughput,
 };
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -280,20 +281,28 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     }
 
     let c = &cfg.value;
-    let folder = StageFolder::claim(&args.out, "pretrain")?;
-    cfg.write_resolved(&folder.path)?;
-    let mut log = MetricsLog::open(&folder.path)?;
+    // Data parallel (torchrun / Slurm / `resources: {nproc}`): every rank trains on its share
+    // of each batch; rank 0 alone writes (the others log into a scratch folder).
+    let world = World::from_env().map_err(|e| invalid(anyhow::anyhow!(e)))?;
+    let ranks = Ranks::open(&world, &args.out, "pretrain")?;
+    if world.is_main() {
+        cfg.write_resolved(&ranks.out)?;
+    }
+    let mut log = MetricsLog::open(&ranks.log_dir)?;
     let mut opt = s.tuning.optimizer(&s.vs, c.optim.adamw());
     let stores = s.tuning.stores(&s.vs);
-    let mut progress =
-        resume_or_start(&folder.path, &mut log, &stores, &mut [&mut opt], &cfg.hash)?;
+    let mut progress = ranks.resume(&world, |out| {
+        resume_or_start(out, &mut log, &stores, &mut [&mut opt], &cfg.hash)
+    })?;
+    world.broadcast_(&opt.parameters())?;
     let every = Cadence::new(c.log_every, c.eval_every, c.save_every, c.steps);
     let (b, t, accum) = (c.batch_size, c.block_size, c.optim.grad_accum);
+    let (rank, n_ranks) = (world.rank(), world.size());
     let n_blocks = s.stream.train_blocks();
     // Block k of the run is block order[k % n] of epoch k / n: a function of the step alone,
     // so a resumed run reads exactly the batches an uninterrupted one would.
     let mut blocks = Epochs::new(|e| shuffled(n_blocks, seed_for(c.seed, "epoch", e)));
-    let bar = progress_bar(c.steps, progress.step);
+    let bar = ranks.progress_bar(c.steps, progress.step);
     let mut throughput = Throughput::new();
     let mut last_eval = BTreeMap::new();
     if progress.step == 0 {
@@ -306,7 +315,9 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         let mut step_loss = 0.0;
         s.tuning.set_training(true); // adapter dropout, when there is one
         for micro in 0..accum {
-            let first = (step * accum + micro) * b as u64;
+            // This rank's rows of the global batch (b × ranks): with 2 ranks of b, the blocks
+            // one process with batch 2b reads, split in halves.
+            let first = ((step * accum + micro) * n_ranks as u64 + rank as u64) * b as u64;
             let ids: Vec<i64> = (first..first + b as u64)
                 .flat_map(|k| s.stream.block(&s.stream.train, *blocks.get(k)))
                 .map(|&x| x as i64)
@@ -317,16 +328,22 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
             let loss = s.model.lm_loss(&ids, None, &ids.ones_like(), c.precision)?;
             let value = loss.double_value(&[]);
             if let Err(e) = check_finite(value, step + 1, step) {
-                save_state(&folder.path, &log, &stores, &[&opt], &progress)?;
+                if world.is_main() {
+                    save_state(&ranks.out, &log, &stores, &[&opt], &progress)?;
+                }
                 return Err(e.into());
             }
             (s.tuning.regularised(loss) / accum as f64).backward();
             step_loss += value / accum as f64;
         }
+        // The mean gradient over the global batch; every rank then takes the same step.
+        world.average_(&opt.gradients())?;
+        let step_loss = world.mean(step_loss)?;
         let grad_norm = opt.update_then(c.optim.grad_clip, lr, || s.tuning.after_update())?;
         progress.step += 1;
-        progress.tokens_seen += (b * t) as u64 * accum;
-        throughput.add((b * t) as u64 * accum);
+        let tokens = (b * t * n_ranks) as u64 * accum;
+        progress.tokens_seen += tokens;
+        throughput.add(tokens);
         let step = progress.step;
         bar.set_position(step);
         bar.set_message(format!("loss {step_loss:.4}"));
@@ -344,12 +361,15 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         if every.eval_due(step) {
             last_eval = evaluate(&s, c, &mut log, step)?;
         }
-        if every.save_due(step) {
-            save_state(&folder.path, &log, &stores, &[&opt], &progress)?;
+        if every.save_due(step) && world.is_main() {
+            save_state(&ranks.out, &log, &stores, &[&opt], &progress)?;
         }
         every.stop_if_asked(step)?;
     }
     bar.finish_and_clear();
+    if !world.is_main() {
+        return ranks.finish();
+    }
 
     // An adapter's base is the `init` folder, unless that was itself an adapter (merged).
     let base = c
@@ -361,7 +381,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         .as_deref()
         .map_or(SaveDtype::F32, SaveDtype::of_checkpoint);
     s.tuning.save_final(
-        &folder.path,
+        &ranks.out,
         &s.model,
         &s.vs,
         &s.tokenizer_path,

@@ -1,0 +1,89 @@
+// PyTorch's own distributed engine (c10d), which tch does not bind: a TCPStore rendezvous and a
+// Gloo process group, and the three collectives data-parallel training needs (all-reduce,
+// broadcast, barrier). Everything here calls torch's compiled c10d; the gloo headers (Debian's
+// libgloo-dev) are only needed to compile ProcessGroupGloo.hpp, and the shim passes no gloo
+// type across its boundary. Errors are returned as strings, as in shim.cpp.
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include <chrono>
+#include <string>
+#include <vector>
+
+extern "C" void temper_set_error(const char *message);
+
+namespace {
+
+struct Group {
+  c10::intrusive_ptr<c10d::Store> store;
+  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
+};
+
+bool is_loopback(const std::string &host) {
+  return host == "localhost" || host.rfind("127.", 0) == 0 || host == "::1";
+}
+
+template <typename F> int guarded(F f) {
+  try {
+    f();
+    return 0;
+  } catch (const std::exception &e) {
+    temper_set_error(e.what());
+    return -1;
+  }
+}
+
+} // namespace
+
+extern "C" {
+
+// Rendezvous at host:port (rank 0 serves the store) and a Gloo group of `world` ranks. Every
+// wait (rendezvous, collectives) gives up after timeout_ms. Null on error.
+void *temper_gloo_new(const char *host, int port, int rank, int world, long timeout_ms) {
+  Group *group = nullptr;
+  int rc = guarded([&] {
+    auto timeout = std::chrono::milliseconds(timeout_ms);
+    c10d::TCPStoreOptions opts;
+    opts.port = static_cast<std::uint16_t>(port);
+    opts.isServer = rank == 0;
+    opts.numWorkers = world;
+    opts.waitWorkers = true;
+    opts.timeout = timeout;
+    auto store = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
+    auto options = c10d::ProcessGroupGloo::Options::create(timeout);
+    // On one machine the loopback interface; across machines the one this host's name
+    // resolves to (GLOO_SOCKET_IFNAME picks another, as with torchrun).
+    options->devices.push_back(
+        is_loopback(host) ? c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1")
+                          : c10d::ProcessGroupGloo::createDefaultDevice());
+    auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, options);
+    group = new Group{store, pg};
+  });
+  return rc == 0 ? group : nullptr;
+}
+
+void temper_gloo_free(void *group) { delete static_cast<Group *>(group); }
+
+// Sums `tensor` over the ranks, in place.
+int temper_gloo_allreduce_sum(void *group, at::Tensor *tensor) {
+  return guarded([&] {
+    std::vector<at::Tensor> tensors{*tensor};
+    static_cast<Group *>(group)->pg->allreduce(tensors)->wait();
+  });
+}
+
+// Copies rank `root`'s `tensor` to every rank, in place.
+int temper_gloo_broadcast(void *group, at::Tensor *tensor, int root) {
+  return guarded([&] {
+    std::vector<at::Tensor> tensors{*tensor};
+    c10d::BroadcastOptions opts;
+    opts.rootRank = root;
+    static_cast<Group *>(group)->pg->broadcast(tensors, opts)->wait();
+  });
+}
+
+int temper_gloo_barrier(void *group) {
+  return guarded([&] { static_cast<Group *>(group)->pg->barrier()->wait(); });
+}
+
+} // extern "C"
