@@ -459,8 +459,9 @@ fn two_gloo_ranks_of_half_the_batch_train_as_one_process_with_all_of_it() {
         .unwrap();
     assert_ok(&out, "torchrun --no-python --nproc-per-node 2");
     let d = max_weight_diff(&two, &three);
+    // torchrun sets OMP_NUM_THREADS=1, which changes the order of float sums in the kernels.
     assert!(
-        d == 0.0,
+        d < 1e-5,
         "torchrun's run differs from the hand-launched one by {d:e}"
     );
 }

@@ -275,15 +275,16 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     let Some(cfg) = checked_config::<Config>(args, StageKind::Pretrain, check)? else {
         return Ok(()); // an input is pending: the rest is checked when it exists
     };
+    // Data parallel (torchrun / Slurm): every rank trains on its share of each batch; rank 0
+    // alone writes (the others log into a scratch folder). A bad environment stops here,
+    // before anything is read or written.
+    let world = World::from_env().map_err(|e| invalid(anyhow::anyhow!(e)))?;
     let s = prepare(&cfg)?;
     if args.validate {
         return cfg.print_resolved();
     }
 
     let c = &cfg.value;
-    // Data parallel (torchrun / Slurm / `resources: {nproc}`): every rank trains on its share
-    // of each batch; rank 0 alone writes (the others log into a scratch folder).
-    let world = World::from_env().map_err(|e| invalid(anyhow::anyhow!(e)))?;
     let ranks = Ranks::open(&world, &args.out, "pretrain")?;
     if world.is_main() {
         cfg.write_resolved(&ranks.out)?;
