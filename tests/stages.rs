@@ -499,3 +499,95 @@ fn a_bad_distributed_environment_exits_2_with_one_line_and_writes_nothing() {
         assert!(!out.exists(), "nothing written");
     }
 }
+
+/// Starts the two ranks of a data-parallel pretraining run on `port`.
+fn start_ranks(cfg: &Path, out: &Path, port: u16) -> Vec<std::process::Child> {
+    (0..2)
+        .map(|rank| {
+            std::process::Command::new(bin("temper-pretrain"))
+                .args([
+                    "--config",
+                    cfg.to_str().unwrap(),
+                    "--out",
+                    out.to_str().unwrap(),
+                ])
+                .env("RANK", rank.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .env("TEMPER_DIST_TIMEOUT", "20")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn a_killed_rank_fails_the_other_and_a_rerun_resumes_to_the_same_weights() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(dir.path());
+    let text = std::fs::read_to_string(pretrain_config(dir.path(), &tok, 40, "")).unwrap();
+    // Big batches so that a step takes long enough to kill a rank midway.
+    let cfg = write(
+        &dir.path().join("dp.yaml"),
+        &text.replace("batch_size: 8", "batch_size: 32"),
+    );
+    let whole = dir.path().join("whole");
+    for c in start_ranks(&cfg, &whole, free_port()) {
+        assert_ok(&c.wait_with_output().unwrap(), "uninterrupted rank");
+    }
+
+    let out = dir.path().join("killed");
+    let mut ranks = start_ranks(&cfg, &out, free_port());
+    let saved = || {
+        std::fs::read_to_string(out.join("state/progress.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["step"].as_u64())
+    };
+    let start = Instant::now();
+    while saved().is_none_or(|s| s < 10) {
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "no state written"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    ranks[1].kill().unwrap(); // SIGKILL
+    ranks.pop().unwrap().wait().unwrap();
+    let killed_at = Instant::now();
+    let rank0 = ranks.pop().unwrap().wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&rank0.stderr);
+    assert!(
+        !rank0.status.success(),
+        "rank 0 carried on without rank 1: {err}"
+    );
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(60),
+        "rank 0 took {:?} to notice",
+        killed_at.elapsed()
+    );
+    assert!(
+        !out.join("summary.json").exists(),
+        "the run finished before the kill"
+    );
+    eprintln!(
+        "rank 0 stopped {:?} after rank 1 was killed: {}",
+        killed_at.elapsed(),
+        err.trim().lines().last().unwrap_or("")
+    );
+    let resumed_from = saved().unwrap();
+    assert!(resumed_from < 40, "{resumed_from}");
+
+    for c in start_ranks(&cfg, &out, free_port()) {
+        assert_ok(&c.wait_with_output().unwrap(), "resumed rank");
+    }
+    let d = max_weight_diff(&whole, &out);
+    assert!(
+        d < 1e-6,
+        "resumed from step {resumed_from}: weights differ from the uninterrupted run by {d:e}"
+    );
+}
