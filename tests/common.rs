@@ -126,6 +126,14 @@ pub fn deterministic_metrics(out: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The step a stage's `state/` records, if it has saved one.
+pub fn saved_step(out: &Path) -> Option<u64> {
+    std::fs::read_to_string(out.join("state/progress.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["step"].as_u64())
+}
+
 /// Starts a stage, SIGKILLs it as soon as its state/ records at least `min_step`, and returns
 /// the step it had saved. Fails if the stage finished first.
 pub fn kill_after_saved_step(stage: &str, config: &Path, out: &Path, min_step: u64) -> u64 {
@@ -141,12 +149,7 @@ pub fn kill_after_saved_step(stage: &str, config: &Path, out: &Path, min_step: u
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let saved = || {
-        std::fs::read_to_string(out.join("state/progress.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| v["step"].as_u64())
-    };
+    let saved = || saved_step(out);
     let start = Instant::now();
     while saved().is_none_or(|s| s < min_step) {
         assert!(

@@ -410,6 +410,20 @@ fn peft_in_every_stage_and_peft_loads_what_temper_saved() {
     python_check("check_hf_load.py", &[&copy]);
 }
 
+/// Saves what `tuning` trained into `ckpt`, over the fixture `base`.
+fn save_over(tuning: &peft::Tuning, model: &Transformer, vs: &VarStore, base: &Path, ckpt: &Path) {
+    tuning
+        .save_into(
+            ckpt,
+            model,
+            vs,
+            &fixtures().join("tokenizer/gpt2_style.json"),
+            Some(base),
+            Default::default(),
+        )
+        .unwrap();
+}
+
 /// `scale·B·A` of every adapted layer, by module path (sign-free, unlike A and B themselves).
 fn lora_products(tensors: &BTreeMap<String, Tensor>, scale: f64) -> BTreeMap<String, Tensor> {
     tensors
@@ -490,16 +504,7 @@ fn pissa_starts_as_peft_and_saves_the_conversion_peft_makes() {
         // BA − B₀A₀), and PEFT computes from it what temper computes.
         let dir = tempfile::tempdir().unwrap();
         let ckpt = dir.path().join("adapter");
-        tuning
-            .save_into(
-                &ckpt,
-                &model,
-                &vs,
-                &fixtures().join("tokenizer/gpt2_style.json"),
-                Some(&base),
-                Default::default(),
-            )
-            .unwrap();
+        save_over(&tuning, &model, &vs, &base, &ckpt);
         let read = |d: &Path| -> (serde_json::Value, BTreeMap<String, Tensor>) {
             let c = serde_json::from_str(
                 &std::fs::read_to_string(d.join("adapter_config.json")).unwrap(),
@@ -619,16 +624,7 @@ fn adalora_trains_prunes_and_saves_as_peft() {
         // Saved as PEFT saves it (pruned triplets dropped), and each side loads the other's.
         let dir = tempfile::tempdir().unwrap();
         let ckpt = dir.path().join("adapter");
-        tuning
-            .save_into(
-                &ckpt,
-                &model,
-                &vs,
-                &fixtures().join("tokenizer/gpt2_style.json"),
-                Some(&base),
-                Default::default(),
-            )
-            .unwrap();
+        save_over(&tuning, &model, &vs, &base, &ckpt);
         let ours = Tensor::read_safetensors(ckpt.join("adapter_model.safetensors")).unwrap();
         let theirs: BTreeMap<String, Tensor> = Tensor::read_safetensors(
             fixtures()
@@ -727,16 +723,7 @@ fn a_bottleneck_reward_model_saves_its_head_and_scores_the_same_when_loaded() {
     let trained = score(&model);
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("rm");
-    tuning
-        .save_into(
-            &ckpt,
-            &model,
-            &vs,
-            &fixtures().join("tokenizer/gpt2_style.json"),
-            Some(&base),
-            Default::default(),
-        )
-        .unwrap();
+    save_over(&tuning, &model, &vs, &base, &ckpt);
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(ckpt.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(config["task_type"], "SEQ_CLS");

@@ -542,12 +542,7 @@ fn a_killed_rank_fails_the_other_and_a_rerun_resumes_to_the_same_weights() {
 
     let out = dir.path().join("killed");
     let mut ranks = start_ranks(&cfg, &out, free_port());
-    let saved = || {
-        std::fs::read_to_string(out.join("state/progress.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| v["step"].as_u64())
-    };
+    let saved = || saved_step(&out);
     let start = Instant::now();
     while saved().is_none_or(|s| s < 10) {
         assert!(
