@@ -22,9 +22,10 @@ if [ ! -f "$stamp" ]; then
   echo "setup: installing into $venv (torch $TORCH_VERSION, ~4.6 GB on first run)" >&2
   mkdir -p "$(dirname "$venv")"
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-  "$venv/bin/python" -m pip install -q --upgrade pip
+  # --no-cache-dir: pip's wheel cache would hold a second copy of torch's ~4 GB on disk.
+  "$venv/bin/python" -m pip install -q --no-cache-dir --upgrade pip
   # shellcheck disable=SC2086 # REFERENCE is a list of requirements
-  "$venv/bin/python" -m pip install -q "torch==$TORCH_VERSION" $REFERENCE safetensors numpy
+  "$venv/bin/python" -m pip install -q --no-cache-dir "torch==$TORCH_VERSION" $REFERENCE safetensors numpy
   "$venv/bin/python" -c "import torch, transformers, peft, trl, vaderSentiment; assert torch.__version__.startswith('$TORCH_VERSION'), torch.__version__"
   touch "$stamp"
 fi
