@@ -215,6 +215,50 @@ impl World {
         self.placement.rank == 0
     }
 
+    /// This rank's rows of a global batch of `rows`: contiguous near-equal shares in rank
+    /// order (the last ranks get fewer, possibly none, when `rows` does not divide).
+    pub fn shard(&self, rows: usize) -> std::ops::Range<usize> {
+        let share = rows.div_ceil(self.size());
+        let start = (self.rank() * share).min(rows);
+        start..(start + share).min(rows)
+    }
+
+    /// The whole of a 1-D tensor of `rows` values whose `shard(rows)` this rank computed, on
+    /// every rank (an all-gather as one all-reduce: each rank fills its rows of zeros). fp32.
+    pub fn gather_shards(&self, local: &Tensor, rows: usize) -> Result<Tensor> {
+        if self.group.is_none() {
+            return Ok(local.to_kind(Kind::Float));
+        }
+        let range = self.shard(rows);
+        let mut whole = Tensor::zeros([rows as i64], (Kind::Float, tch::Device::Cpu));
+        if !range.is_empty() {
+            whole
+                .narrow(0, range.start as i64, range.len() as i64)
+                .copy_(
+                    &local
+                        .detach()
+                        .to_kind(Kind::Float)
+                        .to_device(tch::Device::Cpu),
+                );
+        }
+        self.sum_(&mut whole)?;
+        Ok(whole.to_device(local.device()))
+    }
+
+    /// For a stage without data parallelism: refuses a world above one with one line, rather
+    /// than letting every rank train the whole stage alone.
+    pub fn require_single(kind: &str) -> std::result::Result<(), String> {
+        let placement = Placement::from_env()?;
+        if placement.world > 1 {
+            return Err(format!(
+                "temper-{kind} does not train data-parallel yet (WORLD_SIZE={}); run it as one \
+                 process (data parallel: pretrain, sft, reward)",
+                placement.world
+            ));
+        }
+        Ok(())
+    }
+
     /// Sums `tensor` over the ranks in place (CPU tensors; contiguous).
     pub fn sum_(&self, tensor: &mut Tensor) -> Result<()> {
         let Some(g) = self.group else { return Ok(()) };

@@ -523,22 +523,28 @@ impl Transformer {
         batches: impl IntoIterator<Item = (Tensor, Option<Tensor>, Tensor)>,
         precision: Precision,
     ) -> Result<f64> {
+        let (total, weight) = self.lm_loss_sums(batches, precision)?;
+        Ok(total / weight.max(1.0))
+    }
+
+    /// The sum of the per-target losses over `batches` and the number of targets, so shares
+    /// of an evaluation set held by different ranks add up to the whole set's mean.
+    pub fn lm_loss_sums(
+        &self,
+        batches: impl IntoIterator<Item = (Tensor, Option<Tensor>, Tensor)>,
+        precision: Precision,
+    ) -> Result<(f64, f64)> {
         let (mut total, mut weight) = (0.0, 0.0);
         tch::no_grad(|| -> Result<()> {
             for (ids, attn, mask) in batches {
-                let t = mask.size()[1];
-                let targets = mask
-                    .narrow(1, 1, t - 1)
-                    .to_kind(Kind::Double)
-                    .sum(Kind::Double)
-                    .double_value(&[]);
+                let targets = target_count(&mask);
                 let loss = self.lm_loss(&ids, attn.as_ref(), &mask, precision)?;
                 total += loss.to_kind(Kind::Double).double_value(&[]) * targets;
                 weight += targets;
             }
             Ok(())
         })?;
-        Ok(total / weight.max(1.0))
+        Ok((total, weight))
     }
 
     /// Convenience: hidden states and logits of a full sequence.
@@ -555,6 +561,17 @@ pub fn last_real_index(mask: &Tensor) -> Tensor {
     let t = mask.size()[1];
     let positions = Tensor::arange(t, (Kind::Int64, mask.device())).unsqueeze(0); // (1, T)
     (mask.to_kind(Kind::Int64) * (positions + 1)).argmax(1, false)
+}
+
+/// How many positions of a (B, T) loss mask are trained targets (each predicts the next token,
+/// so the first column never is).
+pub fn target_count(loss_mask: &Tensor) -> f64 {
+    let t = loss_mask.size()[1];
+    loss_mask
+        .narrow(1, 1, t - 1)
+        .to_kind(Kind::Double)
+        .sum(Kind::Double)
+        .double_value(&[])
 }
 
 #[cfg(test)]

@@ -134,6 +134,20 @@ impl AdamW {
             .collect()
     }
 
+    /// Gives every parameter a gradient, zeros where backward reached none (a data-parallel
+    /// rank whose share of a short last batch was empty), so all ranks all-reduce the same
+    /// tensors.
+    pub fn ensure_gradients(&self) {
+        let missing: Vec<Tensor> = self
+            .params()
+            .filter(|p| !p.value.grad().defined())
+            .map(|p| (&p.value * 0.0).sum(Kind::Float))
+            .collect();
+        if !missing.is_empty() {
+            Tensor::stack(&missing, 0).sum(Kind::Float).backward();
+        }
+    }
+
     /// The parameters it updates, in its fixed order.
     pub fn parameters(&self) -> Vec<Tensor> {
         self.params().map(|p| p.value.shallow_clone()).collect()

@@ -334,6 +334,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     let Some(cfg) = checked_config::<Config>(args, StageKind::Dpo, check)? else {
         return Ok(()); // an input is pending: the rest is checked when it exists
     };
+    temper_core::dist::World::require_single("dpo").map_err(|e| invalid(anyhow::anyhow!(e)))?;
     let s = prepare(&cfg)?;
     if args.validate {
         return cfg.print_resolved();

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 use temper_core::checkpoint::ScoreHead;
 use temper_core::checkpoint::{check_save, SaveOptions};
+use temper_core::dist::{Ranks, World};
 use temper_core::losses::bradley_terry_loss;
 use temper_core::peft::PeftConfig;
 use temper_core::schedule::check_optim;
@@ -22,8 +23,8 @@ use temper_data::{
 };
 use temper_stage::cadence::{every_10, every_100};
 use temper_stage::{
-    check_finite, checked_config, invalid, progress_bar, step_fields, Cadence, ConfigFile, Every,
-    Inputs, MetricsLog, StageArgs, StageError, StageFolder, StageKind, Throughput,
+    check_finite, checked_config, invalid, step_fields, Cadence, ConfigFile, Every, Inputs,
+    MetricsLog, StageArgs, StageError, StageKind, Throughput,
 };
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -194,6 +195,9 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     let Some(cfg) = checked_config::<Config>(args, StageKind::Reward, check)? else {
         return Ok(()); // an input is pending: the rest is checked when it exists
     };
+    // Data parallel (torchrun / Slurm): `batch_size` pairs per rank; a bad environment stops
+    // here, before anything is read.
+    let world = World::from_env().map_err(|e| invalid(anyhow::anyhow!(e)))?;
     let s = prepare(&cfg)?;
     if args.validate {
         return cfg.print_resolved();
@@ -201,51 +205,69 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
 
     let c = &cfg.value;
     let stores = s.m.stores();
-    let folder = StageFolder::claim(&args.out, "reward")?;
-    cfg.write_resolved(&folder.path)?;
-    let mut log = MetricsLog::open(&folder.path)?;
+    let ranks = Ranks::open(&world, &args.out, "reward")?;
+    if world.is_main() {
+        cfg.write_resolved(&ranks.out)?;
+    }
+    let mut log = MetricsLog::open(&ranks.log_dir)?;
     let mut opt = s.m.optimizer(c.optim.adamw());
-    let mut progress =
-        resume_or_start(&folder.path, &mut log, &stores, &mut [&mut opt], &cfg.hash)?;
+    let mut progress = ranks.resume(&world, |out| {
+        resume_or_start(out, &mut log, &stores, &mut [&mut opt], &cfg.hash)
+    })?;
+    world.broadcast_(&opt.parameters())?;
     let every = Cadence::new(c.log_every, c.eval_every, c.save_every, c.steps);
     // Micro-batch k of the run is batch k % n of epoch k / n: a function of the step alone.
+    // With several ranks a batch holds batch_size × ranks pairs and each rank takes its share.
     let n = s.train.len();
+    let global_batch = c.batch_size * world.size();
     let mut batches = Epochs::new(|e| {
         let order = shuffled(n, seed_for(c.seed, "epoch", e));
-        order.chunks(c.batch_size).map(<[usize]>::to_vec).collect()
+        order.chunks(global_batch).map(<[usize]>::to_vec).collect()
     });
-    let bar = progress_bar(c.steps, progress.step);
+    let bar = ranks.progress_bar(c.steps, progress.step);
     let mut throughput = Throughput::new();
     let mut last_eval = None;
     if progress.step == 0 {
         // A baseline before any update: an untrained head is at chance.
-        last_eval = evaluate(&s, c, &mut log, 0)?;
+        last_eval = evaluate(&s, c, &world, &mut log, 0)?;
     }
     while progress.step < c.steps {
         let step = progress.step;
         let lr = c.optim.lr_at(step, c.steps);
         let accum = c.optim.grad_accum;
-        let (mut step_loss, mut step_acc) = (0.0, 0.0);
+        let (mut step_loss, mut step_acc, mut step_tokens) = (0.0, 0.0, 0);
         s.m.tuning.set_training(true); // adapter dropout, when there is one
         for micro in 0..accum {
-            let pairs: Vec<&Pair> = batches
-                .get(step * accum + micro)
-                .iter()
-                .map(|&i| &s.train[i])
-                .collect();
+            let global = batches.get(step * accum + micro);
+            let mine = &global[world.shard(global.len())];
+            if mine.is_empty() {
+                continue; // nothing of this batch here; the gradient all-reduce still joins
+            }
+            let pairs: Vec<&Pair> = mine.iter().map(|&i| &s.train[i]).collect();
             let out = pair_scores(&s, &pairs, c.precision)?;
             let loss = bradley_terry_loss(&out.chosen, &out.rejected, c.margin);
             let value = loss.double_value(&[]);
             if let Err(e) = check_finite(value, step + 1, step) {
-                save_state(&folder.path, &log, &stores, &[&opt], &progress)?;
+                if world.is_main() {
+                    save_state(&ranks.out, &log, &stores, &[&opt], &progress)?;
+                }
                 return Err(e.into());
             }
-            (s.m.tuning.regularised(loss) / accum as f64).backward();
-            step_loss += value / accum as f64;
-            step_acc += out.accuracy() / accum as f64;
-            progress.tokens_seen += out.tokens;
-            throughput.add(out.tokens);
+            // Each rank's mean counts by its share of the batch's pairs, so the averaged
+            // gradient is the whole batch's mean, as one process would compute it.
+            let share = mine.len() as f64 / global.len() as f64;
+            let weight = share * world.size() as f64 / accum as f64;
+            (s.m.tuning.regularised(loss) * weight).backward();
+            step_loss += value * share / accum as f64;
+            step_acc += out.accuracy() * share / accum as f64;
+            step_tokens += out.tokens;
         }
+        opt.ensure_gradients();
+        world.average_(&opt.gradients())?;
+        let sums = world.sum_values(&[step_loss, step_acc, step_tokens as f64])?;
+        let (step_loss, step_acc, step_tokens) = (sums[0], sums[1], sums[2] as u64);
+        progress.tokens_seen += step_tokens;
+        throughput.add(step_tokens);
         let grad_norm = opt.update_then(c.optim.grad_clip, lr, || s.m.tuning.after_update())?;
         progress.step += 1;
         let step = progress.step;
@@ -263,16 +285,19 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
             log.log_train(step, &fields)?;
         }
         if every.eval_due(step) {
-            last_eval = evaluate(&s, c, &mut log, step)?;
+            last_eval = evaluate(&s, c, &world, &mut log, step)?;
         }
-        if every.save_due(step) {
-            save_state(&folder.path, &log, &stores, &[&opt], &progress)?;
+        if every.save_due(step) && world.is_main() {
+            save_state(&ranks.out, &log, &stores, &[&opt], &progress)?;
         }
         every.stop_if_asked(step)?;
     }
     bar.finish_and_clear();
+    if !world.is_main() {
+        return ranks.finish();
+    }
 
-    s.m.save_final(&folder.path, &c.save)?;
+    s.m.save_final(&ranks.out, &c.save)?;
     let mut summary = log.summary_base(&progress);
     for (k, v) in s.m.param_fields() {
         summary.insert(k.into(), v.into());
@@ -337,10 +362,12 @@ fn pair_scores(s: &Setup, pairs: &[&Pair], precision: Precision) -> anyhow::Resu
 }
 
 /// Held-out loss, accuracy (overall and per `group_by` value), margin and mean rewards,
-/// logged; None without eval data.
+/// logged; None without eval data. With several ranks each scores its share of the pairs and
+/// every rank assembles all the scores.
 fn evaluate(
     s: &Setup,
     c: &Config,
+    world: &World,
     log: &mut MetricsLog,
     step: u64,
 ) -> anyhow::Result<Option<Vec<(String, f64)>>> {
@@ -348,14 +375,23 @@ fn evaluate(
     if s.eval.is_empty() {
         return Ok(None);
     }
+    let device = s.m.model.device();
     let (mut chosen, mut rejected) = (Vec::new(), Vec::new());
-    for chunk in s.eval.chunks(c.batch_size) {
+    for chunk in s.eval[world.shard(s.eval.len())].chunks(c.batch_size) {
         let pairs: Vec<&Pair> = chunk.iter().collect();
         let out = tch::no_grad(|| pair_scores(s, &pairs, c.precision))?;
         chosen.push(out.chosen);
         rejected.push(out.rejected);
     }
-    let (ch, rj) = (Tensor::cat(&chosen, 0), Tensor::cat(&rejected, 0));
+    let mine = |parts: &[Tensor]| {
+        if parts.is_empty() {
+            Tensor::zeros([0], (Kind::Float, device))
+        } else {
+            Tensor::cat(parts, 0)
+        }
+    };
+    let ch = world.gather_shards(&mine(&chosen), s.eval.len())?;
+    let rj = world.gather_shards(&mine(&rejected), s.eval.len())?;
     let scalar = |t: Tensor| t.to_kind(Kind::Double).double_value(&[]);
     let mut fields = vec![
         (

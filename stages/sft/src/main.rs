@@ -8,6 +8,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use temper_core::checkpoint::{check_save, SaveOptions};
+use temper_core::dist::{Ranks, World};
 use temper_core::peft::PeftConfig;
 use temper_core::sample::{generate, SamplingConfig};
 use temper_core::schedule::check_optim;
@@ -22,8 +23,8 @@ use temper_data::{
 };
 use temper_stage::cadence::{every_10, every_100};
 use temper_stage::{
-    check_finite, checked_config, invalid, progress_bar, step_fields, Cadence, ConfigFile, Every,
-    Inputs, MetricsLog, StageArgs, StageError, StageFolder, StageKind, Throughput,
+    check_finite, checked_config, invalid, step_fields, Cadence, ConfigFile, Every, Inputs,
+    MetricsLog, StageArgs, StageError, StageKind, Throughput,
 };
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -201,6 +202,9 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     let Some(cfg) = checked_config::<Config>(args, StageKind::Sft, check)? else {
         return Ok(()); // an input is pending: the rest is checked when it exists
     };
+    // Data parallel (torchrun / Slurm): `batch_size` rows per rank; a bad environment stops
+    // here, before anything is read.
+    let world = World::from_env().map_err(|e| invalid(anyhow::anyhow!(e)))?;
     let s = prepare(&cfg)?;
     if args.validate {
         return cfg.print_resolved();
@@ -209,24 +213,30 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     let c = &cfg.value;
     let (model, device) = (&s.m.model, s.m.model.device());
     let stores = s.m.stores();
-    let folder = StageFolder::claim(&args.out, "sft")?;
-    cfg.write_resolved(&folder.path)?;
-    let mut log = MetricsLog::open(&folder.path)?;
+    let ranks = Ranks::open(&world, &args.out, "sft")?;
+    if world.is_main() {
+        cfg.write_resolved(&ranks.out)?;
+    }
+    let mut log = MetricsLog::open(&ranks.log_dir)?;
     let mut opt = s.m.optimizer(c.optim.adamw());
-    let mut progress =
-        resume_or_start(&folder.path, &mut log, &stores, &mut [&mut opt], &cfg.hash)?;
+    let mut progress = ranks.resume(&world, |out| {
+        resume_or_start(out, &mut log, &stores, &mut [&mut opt], &cfg.hash)
+    })?;
+    world.broadcast_(&opt.parameters())?;
     let every = Cadence::new(c.log_every, c.eval_every, c.save_every, c.steps);
     let lengths: Vec<usize> = s.train.iter().map(Example::len).collect();
     // Micro-batch k of the run is batch k % n of epoch k / n: a function of the step alone.
+    // With several ranks a batch holds batch_size × ranks rows and each rank takes its share.
+    let global_batch = c.batch_size * world.size();
     let mut batches = Epochs::new(|e| {
-        length_grouped_batches(&lengths, c.batch_size, seed_for(c.seed, "epoch", e))
+        length_grouped_batches(&lengths, global_batch, seed_for(c.seed, "epoch", e))
     });
-    let bar = progress_bar(c.steps, progress.step);
+    let bar = ranks.progress_bar(c.steps, progress.step);
     let mut throughput = Throughput::new();
     let mut last_eval = None;
     if progress.step == 0 {
         // A baseline before any update, so the curve shows what fine-tuning changed.
-        last_eval = evaluate(&s, c, &mut log, 0)?;
+        last_eval = evaluate(&s, c, &world, &mut log, 0)?;
     }
     while progress.step < c.steps {
         let step = progress.step;
@@ -234,24 +244,43 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         let accum = c.optim.grad_accum;
         let mut step_loss = 0.0;
         s.m.tuning.set_training(true); // adapter dropout, when there is one
+        let mut step_tokens = 0;
         for micro in 0..accum {
-            let rows: Vec<&Example> = batches
+            let global: Vec<&Example> = batches
                 .get(step * accum + micro)
                 .iter()
                 .map(|&i| &s.train[i])
                 .collect();
-            let b = BatchTensors::pad(&rows, s.template.pad, device);
+            // Each rank's mean counts by its share of the batch's targets, so the averaged
+            // gradient is the whole batch's token mean, as one process would compute it.
+            let all_targets: usize = global.iter().map(|e| targets(e)).sum();
+            let rows = &global[world.shard(global.len())];
+            let share =
+                rows.iter().map(|e| targets(e)).sum::<usize>() as f64 / all_targets.max(1) as f64;
+            if rows.is_empty() || share == 0.0 {
+                continue; // nothing of this batch here; the gradient all-reduce still joins
+            }
+            let b = BatchTensors::pad(rows, s.template.pad, device);
             let loss = model.lm_loss(&b.ids, Some(&b.attention), &b.loss_mask, c.precision)?;
             let value = loss.double_value(&[]);
             if let Err(e) = check_finite(value, step + 1, step) {
-                save_state(&folder.path, &log, &stores, &[&opt], &progress)?;
+                if world.is_main() {
+                    save_state(&ranks.out, &log, &stores, &[&opt], &progress)?;
+                }
                 return Err(e.into());
             }
-            (s.m.tuning.regularised(loss) / accum as f64).backward();
-            step_loss += value / accum as f64;
-            progress.tokens_seen += b.tokens;
-            throughput.add(b.tokens);
+            let weight = share * world.size() as f64 / accum as f64;
+            (s.m.tuning.regularised(loss) * weight).backward();
+            step_loss += value * share / accum as f64;
+            step_tokens += b.tokens;
         }
+        // The mean gradient over the global batch; every rank then takes the same step.
+        opt.ensure_gradients();
+        world.average_(&opt.gradients())?;
+        let sums = world.sum_values(&[step_loss, step_tokens as f64])?;
+        let (step_loss, step_tokens) = (sums[0], sums[1] as u64);
+        progress.tokens_seen += step_tokens;
+        throughput.add(step_tokens);
         let grad_norm = opt.update_then(c.optim.grad_clip, lr, || s.m.tuning.after_update())?;
         progress.step += 1;
         let step = progress.step;
@@ -269,16 +298,19 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
             log.log_train(step, &fields)?;
         }
         if every.eval_due(step) {
-            last_eval = evaluate(&s, c, &mut log, step)?;
+            last_eval = evaluate(&s, c, &world, &mut log, step)?;
         }
-        if every.save_due(step) {
-            save_state(&folder.path, &log, &stores, &[&opt], &progress)?;
+        if every.save_due(step) && world.is_main() {
+            save_state(&ranks.out, &log, &stores, &[&opt], &progress)?;
         }
         every.stop_if_asked(step)?;
     }
     bar.finish_and_clear();
+    if !world.is_main() {
+        return ranks.finish();
+    }
 
-    s.m.save_final(&folder.path, &c.save)?;
+    s.m.save_final(&ranks.out, &c.save)?;
     let mut summary = log.summary_base(&progress);
     for (k, v) in s.m.param_fields() {
         summary.insert(k.into(), v.into());
@@ -297,20 +329,32 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
 }
 
 /// Held-out loss (logged) and sampled replies (to samples.jsonl); None without eval data.
-fn evaluate(s: &Setup, c: &Config, log: &mut MetricsLog, step: u64) -> anyhow::Result<Option<f64>> {
+/// With several ranks each scores its share of the held-out set and the sums are reduced;
+/// rank 0 alone samples.
+fn evaluate(
+    s: &Setup,
+    c: &Config,
+    world: &World,
+    log: &mut MetricsLog,
+    step: u64,
+) -> anyhow::Result<Option<f64>> {
     if s.eval.is_empty() {
         return Ok(None);
     }
     s.m.tuning.set_training(false);
     let device = s.m.model.device();
-    let batches = s.eval.chunks(c.batch_size).map(|chunk| {
-        let rows: Vec<&Example> = chunk.iter().collect();
-        let b = BatchTensors::pad(&rows, s.template.pad, device);
-        (b.ids, Some(b.attention), b.loss_mask)
-    });
-    let loss = s.m.model.mean_lm_loss(batches, c.precision)?;
+    let batches = s.eval[world.shard(s.eval.len())]
+        .chunks(c.batch_size)
+        .map(|chunk| {
+            let rows: Vec<&Example> = chunk.iter().collect();
+            let b = BatchTensors::pad(&rows, s.template.pad, device);
+            (b.ids, Some(b.attention), b.loss_mask)
+        });
+    let (total, weight) = s.m.model.lm_loss_sums(batches, c.precision)?;
+    let sums = world.sum_values(&[total, weight])?;
+    let loss = sums[0] / sums[1].max(1.0);
     log.log_eval(step, &[("loss", loss), ("ppl", loss.exp())])?;
-    if !s.prompts.is_empty() {
+    if !s.prompts.is_empty() && world.is_main() {
         let records = sample_replies(s, c, step)?;
         log.log_samples(&records)?;
     }
@@ -352,4 +396,9 @@ fn sample_replies(s: &Setup, c: &Config, step: u64) -> anyhow::Result<Vec<serde_
         }));
     }
     Ok(out)
+}
+
+/// The positions of an example that are trained targets (the loss mask past its first token).
+fn targets(e: &Example) -> usize {
+    e.loss_mask.iter().skip(1).filter(|&&m| m != 0).count()
 }

@@ -1,0 +1,397 @@
+//! Data-parallel training over c10d's Gloo on this CPU, as real subprocesses: ranks of half
+//! the batch train as one process with all of it (pretraining and SFT, launched by hand and by
+//! torchrun), a bad environment is one line, a killed rank stops the others and a rerun
+//! resumes, and stages without data parallelism refuse a world above one.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use tch::Tensor;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn train_losses(out: &Path) -> Vec<(u64, f64)> {
+    metrics(out)
+        .iter()
+        .filter(|r| r["split"] == "train")
+        .map(|r| (r["step"].as_u64().unwrap(), r["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+/// Every logged loss (train and eval) within 1e-5 step by step, and the final weights too.
+fn assert_same_run(one: &Path, two: &Path) {
+    let (a, b) = (train_losses(one), train_losses(two));
+    assert_eq!(a.len(), b.len(), "logged steps");
+    for ((step, x), (_, y)) in a.iter().zip(&b) {
+        assert!(
+            (x - y).abs() < 1e-5,
+            "step {step}: loss {x} (one process) vs {y} (two ranks)"
+        );
+    }
+    let evals = |d: &Path| -> Vec<f64> {
+        metrics(d)
+            .iter()
+            .filter(|r| r["split"] == "eval")
+            .filter_map(|r| r["loss"].as_f64())
+            .collect()
+    };
+    let (a, b) = (evals(one), evals(two));
+    assert_eq!(a.len(), b.len(), "evaluations");
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() < 1e-5, "eval loss {x} vs {y}");
+    }
+    let d = max_weight_diff(one, two);
+    assert!(d < 1e-5, "final weights differ by {d:e}");
+}
+
+fn max_weight_diff(a: &Path, b: &Path) -> f64 {
+    let read = |d: &Path| -> std::collections::BTreeMap<String, Tensor> {
+        Tensor::read_safetensors(d.join("checkpoint/model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect()
+    };
+    let (a, b) = (read(a), read(b));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    // The key bias (the middle third of GPT-2's c_attn bias) has an exactly zero gradient —
+    // softmax ignores a constant added to every key's score — so its "gradient" is float noise
+    // of ~1e-10 that AdamW divides by its own tiny second moment: its updates are noise of
+    // ~1e-5 in any two runs whose sums differ in rounding (here: each rank pads its rows to its
+    // own length). It carries no signal, so it is left out.
+    let comparable = |k: &str, t: &Tensor| {
+        if k.ends_with("attn.c_attn.bias") {
+            let d = t.size()[0] / 3;
+            let t = t.copy();
+            let _ = t.narrow(0, d, d).fill_(0.0);
+            t
+        } else {
+            t.shallow_clone()
+        }
+    };
+    let (name, d) = a
+        .iter()
+        .map(|(k, t)| {
+            let diff = comparable(k, t) - comparable(k, &b[k]);
+            (k, diff.abs().max().double_value(&[]))
+        })
+        .fold(
+            (None, 0.0),
+            |m, (k, d)| if d > m.1 { (Some(k), d) } else { m },
+        );
+    eprintln!("largest weight difference {d:e} in {name:?}");
+    d
+}
+
+#[test]
+fn two_gloo_ranks_of_half_the_batch_train_as_one_process_with_all_of_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(dir.path());
+    let whole = pretrain_config(dir.path(), &tok, 20, "");
+    let text = std::fs::read_to_string(&whole).unwrap();
+    let half = write(
+        &dir.path().join("half.yaml"),
+        &text.replace("batch_size: 8", "batch_size: 4"),
+    );
+    let one = dir.path().join("one");
+    assert_ok(
+        &run_stage("temper-pretrain", &whole, &one),
+        "one process, batch 8",
+    );
+
+    // Two ranks of batch 4.
+    let two = dir.path().join("two");
+    for c in start_ranks("temper-pretrain", &half, &two, free_port(), 120) {
+        assert_ok(&c.wait_with_output().unwrap(), "a rank of two");
+    }
+    assert_same_run(&one, &two);
+    // Rank 0 alone wrote: the same files as the single process, and the same token count.
+    let names = |d: &Path| {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&one), names(&two));
+    assert_eq!(summary(&one)["tokens"], summary(&two)["tokens"]);
+
+    // torchrun itself (from the project's venv) launches the binary unchanged.
+    let torchrun = repo().join(".venv/bin/torchrun");
+    let three = dir.path().join("three");
+    let out = std::process::Command::new(&torchrun)
+        .args([
+            "--no-python",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            &free_port().to_string(),
+            bin("temper-pretrain").to_str().unwrap(),
+            "--config",
+            half.to_str().unwrap(),
+            "--out",
+            three.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_ok(&out, "torchrun --no-python --nproc-per-node 2");
+    let d = max_weight_diff(&two, &three);
+    // torchrun sets OMP_NUM_THREADS=1, which changes the order of float sums in the kernels.
+    assert!(
+        d < 1e-5,
+        "torchrun's run differs from the hand-launched one by {d:e}"
+    );
+}
+
+#[test]
+fn a_bad_distributed_environment_exits_2_with_one_line_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(dir.path());
+    let cfg = pretrain_config(dir.path(), &tok, 2, "");
+    for (env, words) in [
+        (
+            vec![("RANK", "2"), ("WORLD_SIZE", "2")],
+            "RANK 2 is not below WORLD_SIZE 2",
+        ),
+        (
+            vec![("RANK", "0"), ("WORLD_SIZE", "2")],
+            "MASTER_ADDR is not set",
+        ),
+    ] {
+        let out = dir.path().join("out");
+        let res = std::process::Command::new(bin("temper-pretrain"))
+            .args([
+                "--config",
+                cfg.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ])
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert_eq!(res.status.code(), Some(2), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(err.contains(words), "{err}");
+        assert!(!out.exists(), "nothing written");
+    }
+}
+
+/// Starts the two ranks of a data-parallel run of `stage` on `port`, as torchrun would (its
+/// environment variables); a rank waits at most `timeout_s` for the other.
+fn start_ranks(
+    stage: &str,
+    cfg: &Path,
+    out: &Path,
+    port: u16,
+    timeout_s: u32,
+) -> Vec<std::process::Child> {
+    (0..2)
+        .map(|rank| {
+            std::process::Command::new(bin(stage))
+                .args([
+                    "--config",
+                    cfg.to_str().unwrap(),
+                    "--out",
+                    out.to_str().unwrap(),
+                ])
+                .env("RANK", rank.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .env("TEMPER_DIST_TIMEOUT", timeout_s.to_string())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn a_killed_rank_fails_the_other_and_a_rerun_resumes_to_the_same_weights() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(dir.path());
+    let text = std::fs::read_to_string(pretrain_config(dir.path(), &tok, 40, "")).unwrap();
+    // Big batches so that a step takes long enough to kill a rank midway.
+    let cfg = write(
+        &dir.path().join("dp.yaml"),
+        &text.replace("batch_size: 8", "batch_size: 32"),
+    );
+    let whole = dir.path().join("whole");
+    for c in start_ranks("temper-pretrain", &cfg, &whole, free_port(), 20) {
+        assert_ok(&c.wait_with_output().unwrap(), "uninterrupted rank");
+    }
+
+    let out = dir.path().join("killed");
+    let mut ranks = start_ranks("temper-pretrain", &cfg, &out, free_port(), 20);
+    let saved = || saved_step(&out);
+    let start = Instant::now();
+    while saved().is_none_or(|s| s < 10) {
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "no state written"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    ranks[1].kill().unwrap(); // SIGKILL
+    ranks.pop().unwrap().wait().unwrap();
+    let killed_at = Instant::now();
+    let rank0 = ranks.pop().unwrap().wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&rank0.stderr);
+    assert!(
+        !rank0.status.success(),
+        "rank 0 carried on without rank 1: {err}"
+    );
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(60),
+        "rank 0 took {:?} to notice",
+        killed_at.elapsed()
+    );
+    assert!(
+        !out.join("summary.json").exists(),
+        "the run finished before the kill"
+    );
+    eprintln!(
+        "rank 0 stopped {:?} after rank 1 was killed: {}",
+        killed_at.elapsed(),
+        err.trim().lines().last().unwrap_or("")
+    );
+    let resumed_from = saved().unwrap();
+    assert!(resumed_from < 40, "{resumed_from}");
+
+    for c in start_ranks("temper-pretrain", &cfg, &out, free_port(), 20) {
+        assert_ok(&c.wait_with_output().unwrap(), "resumed rank");
+    }
+    let d = max_weight_diff(&whole, &out);
+    assert!(
+        d < 1e-6,
+        "resumed from step {resumed_from}: weights differ from the uninterrupted run by {d:e}"
+    );
+}
+
+#[test]
+fn sft_and_reward_on_two_ranks_match_one_process_even_when_a_rank_gets_no_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(dir.path());
+    let pre = dir.path().join("pretrain");
+    assert_ok(
+        &run_stage(
+            "temper-pretrain",
+            &pretrain_config(dir.path(), &tok, 20, ""),
+            &pre,
+        ),
+        "pretrain",
+    );
+    // 239 examples in batches of 14: the last batch of each epoch has one row, so rank 1
+    // gets none of it, and rows differ in length, so each rank's mean must count by tokens.
+    let lines: Vec<String> = std::fs::read_to_string(tiny("sft.jsonl"))
+        .unwrap()
+        .lines()
+        .take(239)
+        .map(str::to_string)
+        .collect();
+    let data = write(&dir.path().join("sft.jsonl"), &(lines.join("\n") + "\n"));
+    let config = |batch: usize, name: &str| {
+        write(&dir.path().join(name), &format!(
+            "init: {}\ndata: {}\neval_data: {}\nsteps: 20\nbatch_size: {batch}\noptim: {{lr: 2.0e-3, warmup_steps: 5}}\neval_every: 10\nsave_every: 10\nlog_every: 1\nsamples: 2\n",
+            pre.join("checkpoint").display(), data.display(), tiny("sft_eval.jsonl").display()))
+    };
+    let one = dir.path().join("one");
+    assert_ok(
+        &run_stage("temper-sft", &config(14, "whole.yaml"), &one),
+        "one process, batch 14",
+    );
+    let two = dir.path().join("two");
+    for c in start_ranks(
+        "temper-sft",
+        &config(7, "half.yaml"),
+        &two,
+        free_port(),
+        120,
+    ) {
+        assert_ok(&c.wait_with_output().unwrap(), "an SFT rank of two");
+    }
+    assert_same_run(&one, &two);
+    assert_eq!(summary(&one)["tokens"], summary(&two)["tokens"]);
+    // Rank 0 alone sampled: 2 replies at each of 3 evaluations.
+    let samples = std::fs::read_to_string(two.join("samples.jsonl")).unwrap();
+    assert_eq!(samples.lines().count(), 6);
+
+    // The reward model likewise, on 239 pairs (a last batch of 15 pairs: 8 and 7), each
+    // rank scoring half of the held-out pairs.
+    let lines: Vec<String> = std::fs::read_to_string(tiny("pairs.jsonl"))
+        .unwrap()
+        .lines()
+        .take(239)
+        .map(str::to_string)
+        .collect();
+    let pairs = write(&dir.path().join("pairs.jsonl"), &(lines.join("\n") + "\n"));
+    let config = |batch: usize, name: &str| {
+        write(&dir.path().join(name), &format!(
+            "init: {}\ndata: {}\neval_data: {}\nsteps: 20\nbatch_size: {batch}\noptim: {{lr: 1.0e-3, warmup_steps: 5}}\neval_every: 10\nsave_every: 10\nlog_every: 1\n",
+            one.join("checkpoint").display(), pairs.display(), tiny("pairs_eval.jsonl").display()))
+    };
+    let rm_one = dir.path().join("rm_one");
+    assert_ok(
+        &run_stage("temper-reward", &config(16, "rm_whole.yaml"), &rm_one),
+        "one process, batch 16",
+    );
+    let rm_two = dir.path().join("rm_two");
+    for c in start_ranks(
+        "temper-reward",
+        &config(8, "rm_half.yaml"),
+        &rm_two,
+        free_port(),
+        120,
+    ) {
+        assert_ok(&c.wait_with_output().unwrap(), "a reward rank of two");
+    }
+    assert_same_run(&rm_one, &rm_two);
+    let (a, b) = (summary(&rm_one), summary(&rm_two));
+    assert_eq!(a["accuracy"], b["accuracy"], "held-out accuracy");
+}
+
+#[test]
+fn a_stage_without_data_parallelism_refuses_a_world_above_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sft, rm) = sft_and_reward(dir.path());
+    let cfg = write(
+        &dir.path().join("ppo.yaml"),
+        &format!(
+            "policy: {}\nreward_model: {}\nprompts: {}\niterations: 1\nbatch_size: 4\nminibatch_size: 2\nmax_new_tokens: 4\n",
+            sft.display(),
+            rm.display(),
+            tiny("prompts.jsonl").display()
+        ),
+    );
+    let out = dir.path().join("ppo");
+    let res = std::process::Command::new(bin("temper-ppo"))
+        .args([
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .env("RANK", "0")
+        .env("WORLD_SIZE", "2")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", free_port().to_string())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(err.contains("does not train data-parallel"), "{err}");
+    assert!(!out.exists(), "nothing written");
+}
