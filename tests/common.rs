@@ -232,3 +232,37 @@ pub fn tiny_reward_sweep(dir: &Path) -> PathBuf {
         )
     })
 }
+
+/// Processes whose command line mentions `needle`.
+pub fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .chars()
+            .all(|c| c.is_ascii_digit())
+        {
+            continue;
+        }
+        if let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(needle) {
+                found.push(cmd);
+            }
+        }
+    }
+    found
+}
+
+pub fn wait_until_gone(needle: &str) {
+    let start = std::time::Instant::now();
+    while !processes_mentioning(needle).is_empty() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "stage processes outlived temper: {:?}",
+            processes_mentioning(needle)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

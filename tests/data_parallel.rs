@@ -395,3 +395,87 @@ fn a_stage_without_data_parallelism_refuses_a_world_above_one() {
     assert!(err.contains("does not train data-parallel"), "{err}");
     assert!(!out.exists(), "nothing written");
 }
+
+/// A one-stage pipeline: data-parallel pretraining with `resources`, in `dir/<name>/`.
+fn dp_pipeline(dir: &Path, name: &str, resources: &str, steps: u64) -> std::path::PathBuf {
+    let tok = tokenizer(dir);
+    write(
+        &dir.join(format!("{name}.yaml")),
+        &format!(
+            "name: dp\nworkdir: {name}\nstages:\n  lm:\n    uses: pretrain\n    resources: {resources}\n    with:\n      tokenizer: {}\n      data: [{}]\n      model: {{arch: gpt2, n_layer: 2, n_head: 2, d_model: 64, max_position: 64}}\n      block_size: 64\n      steps: {steps}\n      batch_size: 16\n      optim: {{lr: 3.0e-3, warmup_steps: 10}}\n      eval_every: 20\n      save_every: 5\n      log_every: 5\n      cache_dir: {}\n",
+            tok.display(),
+            tiny("corpus.txt").display(),
+            dir.join("cache").display()
+        ),
+    )
+}
+
+fn temper_run(file: &Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(bin("temper"));
+    cmd.args(["run", file.to_str().unwrap()])
+        .env("TEMPER_TORCHRUN", repo().join(".venv/bin/torchrun"))
+        .env("TEMPER_DIST_TIMEOUT", "60");
+    cmd
+}
+
+#[test]
+fn temper_run_launches_the_ranks_itself_or_through_torchrun_and_a_signal_stops_them_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let lm = |name: &str| dir.path().join(name).join("stages/lm");
+
+    let file = dp_pipeline(dir.path(), "own", "{nproc: 2}", 30);
+    let out = temper_run(&file).output().unwrap();
+    assert_ok(&out, "temper run with nproc: 2");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("on 2 ranks"), "{said}");
+    let rank1 = std::fs::read_to_string(dir.path().join("own/logs/lm.rank1.log")).unwrap();
+    assert!(rank1.contains("rank 1 of 2"), "{rank1}");
+
+    let file = dp_pipeline(dir.path(), "torchrun", "{nproc: 2, launcher: torchrun}", 30);
+    assert_ok(&temper_run(&file).output().unwrap(), "launcher: torchrun");
+    let d = max_weight_diff(&lm("own"), &lm("torchrun"));
+    assert!(d < 1e-5, "temper's ranks and torchrun's differ by {d:e}");
+
+    // SIGTERM to `temper run` mid-stage: both ranks stop, and the rerun resumes to the
+    // uninterrupted run's weights.
+    let file = dp_pipeline(dir.path(), "stopped", "{nproc: 2}", 30);
+    let mut child = temper_run(&file)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let attempt = dir.path().join("stopped/stages/.lm.next");
+    let start = std::time::Instant::now();
+    while saved_step(&attempt).is_none_or(|s| s < 5) {
+        assert!(start.elapsed().as_secs() < 300, "no state written");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(child.wait().unwrap().code(), Some(130), "interrupted");
+    wait_until_gone(&attempt.to_string_lossy());
+    let stopped_at = saved_step(&attempt).unwrap();
+    let out = temper_run(&file).output().unwrap();
+    assert_ok(&out, "resumed");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("resuming"), "{said}");
+    let d = max_weight_diff(&lm("own"), &lm("stopped"));
+    assert!(
+        d < 1e-6,
+        "stopped at step {stopped_at} and resumed: differs by {d:e}"
+    );
+
+    // A stage without data parallelism asking for ranks is refused before anything runs.
+    let bad = write(
+        &dir.path().join("bad.yaml"),
+        "name: bad\nworkdir: badwork\nstages:\n  e:\n    uses: eval\n    resources: {nproc: 2}\n    with: {}\n",
+    );
+    let out = std::process::Command::new(bin("temper"))
+        .args(["validate", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("temper-eval does not train data-parallel"),
+        "{err}"
+    );
+}

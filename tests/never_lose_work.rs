@@ -77,40 +77,6 @@ fn start_slow_run(file: &Path) -> std::process::Child {
     child
 }
 
-/// Processes whose command line mentions `needle`.
-fn processes_mentioning(needle: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        if !entry
-            .file_name()
-            .to_string_lossy()
-            .chars()
-            .all(|c| c.is_ascii_digit())
-        {
-            continue;
-        }
-        if let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) {
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if cmd.contains(needle) {
-                found.push(cmd);
-            }
-        }
-    }
-    found
-}
-
-fn wait_until_gone(needle: &str) {
-    let start = Instant::now();
-    while !processes_mentioning(needle).is_empty() {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "stage processes outlived temper: {:?}",
-            processes_mentioning(needle)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn a_typo_after_a_finished_run_keeps_the_checkpoint_byte_identical() {
     let dir = tempfile::tempdir().unwrap();

@@ -11,8 +11,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::Write as _;
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
@@ -21,6 +19,7 @@ use temper_stage::signals;
 
 use crate::folders::{check_foreign, claim_workdir, recover, remove_stage_folder, swap_in};
 use crate::hash::HashCache;
+use crate::launch::{Ranks, StageCommand};
 use crate::lock::{Lock, RunRecord, RunStatus};
 use crate::plan::{decide, output_hashes, Decision};
 use crate::resolve::{ancestors, configs_dir, resolve_all, Resolved};
@@ -145,8 +144,7 @@ fn plan(
 }
 
 struct Running {
-    child: Child,
-    pgid: i32,
+    ranks: Ranks,
     name: String,
     started: Instant,
 }
@@ -207,6 +205,11 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> anyhow::Result<i32> {
     let sel = select(p, opts, &order);
     if let Some(code) = preflight(p, opts, &resolved, &lock, &sel, &mut cache)? {
         return Ok(code);
+    }
+    for name in &sel.eligible {
+        if let Some(why) = p.stage(name).and_then(|s| s.resources.unrunnable_here()) {
+            bail!("stage `{name}`: {why}");
+        }
     }
     std::fs::create_dir_all(&p.workdir)
         .with_context(|| format!("creating {}", p.workdir.display()))?;
@@ -391,12 +394,11 @@ impl Executor<'_> {
         let mut reaped = false;
         let mut i = 0;
         while i < self.running.len() {
-            let Some(status) = self.running[i].child.try_wait()? else {
+            let Some(status) = self.running[i].ranks.try_wait()? else {
                 i += 1;
                 continue;
             };
             let r = self.running.remove(i);
-            signals::unregister_group(r.pgid);
             let resolved = &self.resolved[&r.name];
             let ok = reap(
                 self.p,
@@ -433,35 +435,41 @@ fn launch(
     let config_path = configs_dir(p).join(format!("{name}.yaml"));
     temper_stage::atomic::write_atomic(&config_path, serde_yaml::to_string(&r.config)?.as_bytes())?;
     let log_path = p.workdir.join("logs").join(format!("{name}.log"));
+    let resources = &p.stage(name).expect("stage").resources;
+    let world = resources.world();
     let mut log = File::options().create(true).append(true).open(&log_path)?;
     writeln!(
         log,
-        "=== {}: temper run: {name} ({why}) in {}",
+        "=== {}: temper run: {name} ({why}) in {}{}",
         temper_stage::clock::utc(now()),
-        folder.display()
+        folder.display(),
+        if world > 1 {
+            format!(", {world} ranks")
+        } else {
+            String::new()
+        }
     )?;
-    let parent_pid = std::process::id() as libc::pid_t;
-    let mut cmd = Command::new(&r.binary);
-    cmd.arg("--config")
-        .arg(&config_path)
-        .arg("--out")
-        .arg(&folder)
-        .env("TEMPER_PIPELINE", &p.file)
-        .env("TEMPER_STAGE", name)
-        .stdout(Stdio::from(log.try_clone()?))
-        .stderr(Stdio::from(log))
-        .stdin(Stdio::null())
-        .process_group(0);
-    // SAFETY: the closure only calls async-signal-safe functions (prctl, getppid, _exit).
-    unsafe {
-        cmd.pre_exec(move || signals::die_with_parent(parent_pid));
-    }
-    let child = cmd
-        .spawn()
-        .with_context(|| format!("starting {}", r.binary.display()))?;
-    let pgid = child.id() as i32;
-    signals::register_group(pgid);
-    println!("▶ {name}: running ({why}); log: {}", log_path.display());
+    let command = StageCommand {
+        binary: &r.binary,
+        args: vec![
+            "--config".into(),
+            config_path.into(),
+            "--out".into(),
+            folder.clone().into(),
+        ],
+        env: vec![
+            ("TEMPER_PIPELINE", p.file.clone().into()),
+            ("TEMPER_STAGE", name.into()),
+        ],
+        log: &log_path,
+    };
+    let ranks = Ranks::spawn(&command, resources)?;
+    let on = if world > 1 {
+        format!(" on {world} ranks (rank k>0 logs to {name}.rank<k>.log)")
+    } else {
+        String::new()
+    };
+    println!("▶ {name}: running ({why}){on}; log: {}", log_path.display());
     let parent_outputs = r
         .parents
         .keys()
@@ -484,8 +492,7 @@ fn launch(
         exit_code: None,
     });
     Ok(Running {
-        child,
-        pgid,
+        ranks,
         name: name.clone(),
         started: Instant::now(),
     })
@@ -570,28 +577,15 @@ fn stop_all(
     p: &Pipeline,
     manifest: &mut Vec<serde_json::Value>,
 ) -> anyhow::Result<()> {
-    let grace: u64 = std::env::var("TEMPER_STOP_GRACE_S")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(30);
     for r in running.iter() {
-        signals::signal_group(r.pgid, libc::SIGTERM);
+        signals::signal_group(r.ranks.pgid, libc::SIGTERM);
     }
-    let deadline = Instant::now() + Duration::from_secs(grace);
-    while Instant::now() < deadline
-        && running
-            .iter_mut()
-            .any(|r| r.child.try_wait().ok().flatten().is_none())
-    {
+    let deadline = Instant::now() + crate::launch::grace();
+    while Instant::now() < deadline && running.iter_mut().any(|r| !r.ranks.exited()) {
         std::thread::sleep(Duration::from_millis(20));
     }
-    for r in running.drain(..) {
-        let mut child = r.child;
-        if child.try_wait()?.is_none() {
-            signals::signal_group(r.pgid, libc::SIGKILL);
-            let _ = child.wait();
-        }
-        signals::unregister_group(r.pgid);
+    for mut r in running.drain(..) {
+        r.ranks.kill();
         if let Some(a) = lock.entry(&r.name).attempt.as_mut() {
             a.status = RunStatus::Interrupted;
             a.finished = Some(now());

@@ -9,6 +9,7 @@ mod gate;
 mod graph_svg;
 mod hash;
 mod html;
+mod launch;
 mod lock;
 mod matrix;
 mod plan;

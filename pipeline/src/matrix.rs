@@ -217,6 +217,7 @@ fn branch(
                 ..g.clone()
             })
             .collect(),
+        resources: st.resources.clone(),
     })
 }
 
@@ -240,6 +241,7 @@ mod tests {
                 .map(|(k, vs)| (k.to_string(), vs.iter().map(|v| Value::from(*v)).collect()))
                 .collect(),
             gates: Vec::new(),
+            resources: Default::default(),
         }
     }
 

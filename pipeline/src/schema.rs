@@ -37,6 +37,9 @@ struct RawStage {
     /// Conditions on parents' summaries: `["reward.accuracy >= 0.7"]`.
     #[serde(default)]
     gate: Vec<String>,
+    /// Processes to run it as: `{nproc: 2}` (data parallel).
+    #[serde(default)]
+    resources: Option<crate::launch::Resources>,
 }
 
 #[derive(Clone, Debug)]
@@ -53,6 +56,8 @@ pub struct Stage {
     /// Its own matrix before expansion: (dotted key, values).
     pub matrix: Vec<(String, Vec<Value>)>,
     pub gates: Vec<crate::gate::Gate>,
+    /// How many ranks it runs as (one unless `resources:` says more).
+    pub resources: crate::launch::Resources,
 }
 
 #[derive(Clone, Debug)]
@@ -282,6 +287,13 @@ fn parse_stage(
             parents.insert(stage);
         }
     }
+    let resources = st.resources.unwrap_or_default();
+    for message in resources.problems(kind) {
+        problems.push(Problem {
+            line: find_line(text, |l| l.contains("resources:") && l.contains("nproc")).or(line),
+            message: format!("stage `{name}`: {message}"),
+        });
+    }
     let stage = Stage {
         name: name.to_string(),
         group: name.to_string(),
@@ -290,6 +302,7 @@ fn parse_stage(
         parents,
         matrix,
         gates,
+        resources,
     };
     Ok((stage, problems))
 }
