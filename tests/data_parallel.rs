@@ -479,3 +479,112 @@ fn temper_run_launches_the_ranks_itself_or_through_torchrun_and_a_signal_stops_t
         "{err}"
     );
 }
+
+#[test]
+fn temper_export_slurm_writes_a_chain_of_jobs_that_run_the_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(dir.path());
+    let file = write(
+        &dir.path().join("p.yaml"),
+        &format!(
+            "name: chain\nworkdir: work\nstages:\n  lm:\n    uses: pretrain\n    with:\n      tokenizer: {}\n      data: [{}]\n      model: {{arch: gpt2, n_layer: 1, n_head: 2, d_model: 32, max_position: 32}}\n      block_size: 32\n      steps: 3\n      batch_size: 4\n      cache_dir: {}\n  sft:\n    uses: sft\n    resources: {{nproc: 2, nnodes: 2}}\n    matrix: {{seed: [1, 2]}}\n    with: {{init: \"${{lm.checkpoint}}\", data: {}, steps: 2, batch_size: 4}}\n",
+            tok.display(),
+            tiny("corpus.txt").display(),
+            dir.path().join("cache").display(),
+            tiny("sft.jsonl").display()
+        ),
+    );
+    let slurm = dir.path().join("slurm");
+    let out = std::process::Command::new(bin("temper"))
+        .args(["export", "slurm", file.to_str().unwrap(), "--out"])
+        .arg(&slurm)
+        .arg("--sbatch=--partition=gpu")
+        .output()
+        .unwrap();
+    assert_ok(&out, "temper export slurm");
+    let names: Vec<String> = {
+        let mut v: Vec<String> = std::fs::read_dir(&slurm)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        names,
+        [
+            "1-lm.sbatch",
+            "2-sft-seed-1.sbatch",
+            "3-sft-seed-2.sbatch",
+            "submit.sh"
+        ]
+    );
+    for n in &names {
+        let check = std::process::Command::new("bash")
+            .arg("-n")
+            .arg(slurm.join(n))
+            .output()
+            .unwrap();
+        assert_ok(&check, &format!("bash -n {n}"));
+    }
+    let sft = std::fs::read_to_string(slurm.join("2-sft-seed-1.sbatch")).unwrap();
+    for line in [
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=2",
+        "#SBATCH --partition=gpu",
+        "export MASTER_ADDR",
+        "--only 'sft@seed=1'",
+    ] {
+        assert!(sft.contains(line), "{line} missing from:\n{sft}");
+    }
+
+    // Slurm is not installed here, so the chain is checked with a stand-in for `sbatch` that
+    // records its arguments and runs the one-rank job at once; the two-node SFT jobs are only
+    // checked above (they need srun).
+    let calls = dir.path().join("calls");
+    let fake = dir.path().join("bin");
+    std::fs::create_dir_all(&fake).unwrap();
+    write(
+        &fake.join("sbatch"),
+        &format!(
+            "#!/usr/bin/env bash\necho \"$*\" >> {calls}\nn=$(wc -l < {calls})\ncase \"${{@: -1}}\" in *lm.sbatch) bash \"${{@: -1}}\" > {log} 2>&1 || exit 1;; esac\necho \"$((100 + n));cluster\"\n",
+            calls = calls.display(),
+            log = dir.path().join("job.log").display()
+        ),
+    );
+    let status = std::process::Command::new("chmod")
+        .args(["+x"])
+        .arg(fake.join("sbatch"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let path = format!("{}:{}", fake.display(), std::env::var("PATH").unwrap());
+    let out = std::process::Command::new("bash")
+        .arg(slurm.join("submit.sh"))
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    let job_log = std::fs::read_to_string(dir.path().join("job.log")).unwrap_or_default();
+    assert_ok(
+        &out,
+        &format!("submit.sh (the first job printed: {job_log})"),
+    );
+    let calls = std::fs::read_to_string(&calls).unwrap();
+    let lines: Vec<&str> = calls.lines().collect();
+    assert_eq!(lines.len(), 3, "{calls}");
+    assert!(lines[0].starts_with("--parsable 1-lm.sbatch"), "{calls}");
+    assert!(
+        lines[1].contains("--dependency=afterok:101 2-sft"),
+        "{calls}"
+    );
+    assert!(
+        lines[2].contains("--dependency=afterok:102 3-sft"),
+        "{calls}"
+    );
+    assert!(
+        dir.path()
+            .join("work/stages/lm/checkpoint/model.safetensors")
+            .exists(),
+        "the first job ran the stage: {job_log}"
+    );
+}

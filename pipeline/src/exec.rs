@@ -31,6 +31,8 @@ pub struct RunOptions {
     pub jobs: usize,
     pub stage: Option<String>,
     pub from: Option<String>,
+    /// Only this stage, if it is stale.
+    pub only: Option<String>,
     pub with_parents: bool,
     pub force: bool,
     /// Start selected stages over even where an unfinished attempt could be resumed.
@@ -69,7 +71,9 @@ fn select(p: &Pipeline, opts: &RunOptions, order: &[String]) -> Selection {
         (None, None) if opts.force => order.iter().cloned().collect(),
         _ => BTreeSet::new(),
     };
-    let eligible = if opts.stage.is_none() && opts.from.is_none() {
+    let eligible = if let Some(only) = &opts.only {
+        p.named(only).into_iter().collect()
+    } else if opts.stage.is_none() && opts.from.is_none() {
         order.iter().cloned().collect()
     } else if opts.with_parents {
         forced
@@ -193,7 +197,7 @@ fn preflight(
 
 /// Runs the pipeline; returns the exit code.
 pub fn run(p: &Pipeline, opts: &RunOptions) -> anyhow::Result<i32> {
-    for name in opts.stage.iter().chain(&opts.from) {
+    for name in opts.stage.iter().chain(&opts.from).chain(&opts.only) {
         if p.named(name).is_empty() {
             bail!("no stage `{name}` in {}", p.file.display());
         }

@@ -18,6 +18,7 @@ mod report;
 mod resolve;
 mod samples;
 mod schema;
+mod slurm;
 mod validate;
 
 use std::path::PathBuf;
@@ -71,6 +72,10 @@ enum Cmd {
         /// Rerun this stage and everything downstream of it.
         #[arg(long)]
         from: Option<String>,
+        /// Run only this stage, and only if it is stale (its parents must be up to date): what
+        /// each job of `temper export slurm` runs.
+        #[arg(long, conflicts_with_all = ["stage", "from"])]
+        only: Option<String>,
         /// With --stage or --from: also run stale parents.
         #[arg(long)]
         with_parents: bool,
@@ -137,6 +142,23 @@ enum Cmd {
     /// Print the `tensorboard` command that shows every stage's metrics (each stage a run;
     /// stages write `tb/` event files beside metrics.jsonl).
     Tensorboard { file: PathBuf },
+    /// Write the pipeline as Slurm batch scripts (one per stage, in <workdir>/slurm unless
+    /// --out says otherwise) and a submit.sh that submits them in dependency order, each after
+    /// the one before succeeded (afterok). Each job runs `temper run FILE --only STAGE` (so it
+    /// skips what is up to date), with `resources: {nproc, nnodes}` as its tasks; temper starts
+    /// a data-parallel stage's ranks with srun. Submit with `bash <out>/submit.sh`.
+    Export {
+        #[arg(value_enum)]
+        target: ExportTarget,
+        /// The pipeline YAML.
+        file: PathBuf,
+        /// The folder for the scripts.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// An extra #SBATCH option for every job, e.g. --sbatch=--partition=gpu. Repeatable.
+        #[arg(long, value_name = "OPTION", allow_hyphen_values = true)]
+        sbatch: Vec<String>,
+    },
     /// Print the stage graph.
     Dag {
         file: PathBuf,
@@ -166,6 +188,11 @@ impl Split {
     pub fn admits(self, row: &str) -> bool {
         self == Split::All || row == self.name()
     }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ExportTarget {
+    Slurm,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -207,6 +234,7 @@ fn run() -> anyhow::Result<i32> {
             jobs,
             stage,
             from,
+            only,
             with_parents,
             force,
             fresh,
@@ -222,6 +250,7 @@ fn run() -> anyhow::Result<i32> {
                 jobs: *jobs as usize,
                 stage: stage.clone(),
                 from: from.clone(),
+                only: only.clone(),
                 with_parents: *with_parents,
                 force: *force,
                 fresh: *fresh,
@@ -263,6 +292,28 @@ fn run() -> anyhow::Result<i32> {
         }
         Cmd::Tensorboard { file } => {
             report::tensorboard(&load(file)?);
+            Ok(0)
+        }
+        Cmd::Export {
+            target: ExportTarget::Slurm,
+            file,
+            out,
+            sbatch,
+        } => {
+            let p = load(file)?;
+            let how = slurm::Invocation {
+                temper: std::env::current_exe()?,
+                workdir: cli.workdir.as_deref(),
+                overrides: &cli.overrides,
+                sbatch,
+            };
+            let out = slurm::export(&p, &how, out.as_deref())?;
+            println!(
+                "wrote {} Slurm job scripts and submit.sh to {}; submit with: bash {}/submit.sh",
+                p.stages.len(),
+                out.display(),
+                out.display()
+            );
             Ok(0)
         }
         Cmd::Dag { file, format } => {
