@@ -343,3 +343,59 @@ fn an_adalora_stage_killed_mid_schedule_resumes_to_the_same_allocation() {
     assert_eq!(alive, 16, "{config}");
     assert_eq!(summary(&whole)["adalora/rank"].as_i64(), Some(16));
 }
+
+#[test]
+fn activation_checkpointing_and_a_chunked_loss_train_as_the_plain_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(dir.path());
+    let plain_cfg = pretrain_config(dir.path(), &tok, 10, "");
+    let text = std::fs::read_to_string(&plain_cfg).unwrap();
+    let saving_cfg = write(
+        &dir.path().join("saving.yaml"),
+        &format!("{text}activation_checkpointing: true\nloss_chunk: 24\n"),
+    );
+    let (plain, saving) = (dir.path().join("plain"), dir.path().join("saving"));
+    assert_ok(&run_stage("temper-pretrain", &plain_cfg, &plain), "plain");
+    assert_ok(
+        &run_stage("temper-pretrain", &saving_cfg, &saving),
+        "saving",
+    );
+    let losses = |d: &Path| -> Vec<f64> {
+        metrics(d)
+            .iter()
+            .filter_map(|r| r["loss"].as_f64())
+            .collect()
+    };
+    let (a, b) = (losses(&plain), losses(&saving));
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() < 1e-5, "loss {x} (plain) vs {y} (saving)");
+    }
+
+    // Prompt tuning's virtual tokens cannot be recomputed block by block: refused by name.
+    let sft = write(
+        &dir.path().join("sft.yaml"),
+        &format!(
+            "init: {}\ndata: {}\nsteps: 1\nbatch_size: 2\npeft: {{method: prompt, num_virtual_tokens: 4}}\nactivation_checkpointing: true\n",
+            plain.join("checkpoint").display(),
+            tiny("sft.jsonl").display()
+        ),
+    );
+    let scratch = dir.path().join("sft_out");
+    let out = run(
+        "temper-sft",
+        &[
+            "--config",
+            sft.to_str().unwrap(),
+            "--out",
+            scratch.to_str().unwrap(),
+            "--validate",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("activation_checkpointing") && err.contains("virtual tokens"),
+        "{err}"
+    );
+}

@@ -17,6 +17,9 @@ use crate::kv_cache::KvCache;
 use crate::layers::{normal_init, Linear, Mlp, Norm, Rope};
 use crate::losses::causal_lm_loss;
 
+mod memory;
+pub use memory::MemorySaving;
+
 /// Query/key/value projections: fused `c_attn` (GPT-2) or separate q/k/v (Llama).
 // One per layer, built once: boxing the larger variant would buy nothing.
 #[allow(clippy::large_enum_variant)]
@@ -388,12 +391,7 @@ impl Transformer {
                 .expand([b, n_virtual, self.config.d_model], false);
             x = Tensor::cat(&[virtual_tokens, x], 1);
         }
-        if let Some(wpe) = &self.positions {
-            x += match &real {
-                Some(_) => Tensor::embedding(wpe, &pos, -1, false, false),
-                None => wpe.narrow(0, past, t), // (T, C), broadcast over the batch
-            };
-        }
+        self.add_positions(&mut x, real.is_some(), &pos, past, t);
         let rope = self.rope.as_ref().map(|r| r.cos_sin(&pos));
 
         let mut ctx = AttnContext {
@@ -401,20 +399,8 @@ impl Transformer {
             rope,
             cache,
         };
-        for (i, block) in self.blocks.iter().enumerate() {
-            let adapters = self.bottleneck.as_ref().and_then(|a| a.at(i));
-            let mut a = block
-                .attn
-                .forward(&block.norm_attn.forward(&x), &mut ctx, i);
-            if let Some((after_attn, _)) = adapters {
-                a = after_attn.forward(&a);
-            }
-            x = &x + a;
-            let mut m = block.mlp.forward(&block.norm_mlp.forward(&x));
-            if let Some((_, after_mlp)) = adapters {
-                m = after_mlp.forward(&m);
-            }
-            x = &x + m;
+        for i in 0..self.blocks.len() {
+            x = self.block_forward(i, &x, &mut ctx);
         }
         if let Some(c) = ctx.cache {
             c.len += t;
@@ -429,6 +415,34 @@ impl Transformer {
         } else {
             x
         })
+    }
+
+    /// Adds learned absolute positions (GPT-2) to token embeddings `x` of `t` tokens after
+    /// `past` cached ones; with padding (`per_row`) each row's own positions `pos`.
+    fn add_positions(&self, x: &mut Tensor, per_row: bool, pos: &Tensor, past: i64, t: i64) {
+        if let Some(wpe) = &self.positions {
+            *x += if per_row {
+                Tensor::embedding(wpe, pos, -1, false, false)
+            } else {
+                wpe.narrow(0, past, t) // (T, C), broadcast over the batch
+            };
+        }
+    }
+
+    /// Block `i` (with its bottleneck adapters, if any) applied to the residual stream `x`.
+    fn block_forward(&self, i: usize, x: &Tensor, ctx: &mut AttnContext) -> Tensor {
+        let block = &self.blocks[i];
+        let adapters = self.bottleneck.as_ref().and_then(|a| a.at(i));
+        let mut a = block.attn.forward(&block.norm_attn.forward(x), ctx, i);
+        if let Some((after_attn, _)) = adapters {
+            a = after_attn.forward(&a);
+        }
+        let x = x + a;
+        let mut m = block.mlp.forward(&block.norm_mlp.forward(&x));
+        if let Some((_, after_mlp)) = adapters {
+            m = after_mlp.forward(&m);
+        }
+        x + m
     }
 
     /// Vocabulary logits (B, T, V) from hidden states (B, T, C).

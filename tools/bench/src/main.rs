@@ -8,6 +8,7 @@ use std::time::Instant;
 use clap::Parser;
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
+use temper_core::model::MemorySaving;
 use temper_core::sample::{generate, SamplingConfig};
 use temper_core::{
     causal_lm_loss, resolve_device, with_autocast, AdamW, AdamWConfig, Arch, DeviceSpec, Heads,
@@ -45,8 +46,15 @@ struct Args {
     gen_batch: usize,
     #[arg(long, default_value_t = 32)]
     gen_prompt: usize,
+    /// Generated tokens per reply (0: no generation measurement).
     #[arg(long, default_value_t = 64)]
     gen_new: i64,
+    /// Train with activation checkpointing (recompute each block in the backward pass).
+    #[arg(long)]
+    activation_checkpointing: bool,
+    /// Compute the loss this many positions at a time (0: the whole B × T × V logits).
+    #[arg(long, default_value_t = 0)]
+    loss_chunk: usize,
 }
 
 fn sync(device: Device) {
@@ -103,12 +111,20 @@ fn main() -> anyhow::Result<()> {
     );
     let x = Tensor::randint(a.vocab, [a.batch, a.context], (Kind::Int64, device));
     let ones = x.ones_like();
+    let saving = MemorySaving {
+        checkpoint_blocks: a.activation_checkpointing,
+        loss_chunk: a.loss_chunk,
+    };
     let mut step = || -> anyhow::Result<()> {
-        let loss = with_autocast(device, precision, || -> anyhow::Result<Tensor> {
-            let (_, logits) = model.forward(&x, None)?;
-            Ok(causal_lm_loss(&logits, &x, &ones))
-        })??;
-        loss.backward();
+        if saving.any() {
+            model.lm_loss_backward(&x, None, &ones, precision, 1.0, saving)?;
+        } else {
+            let loss = with_autocast(device, precision, || -> anyhow::Result<Tensor> {
+                let (_, logits) = model.forward(&x, None)?;
+                Ok(causal_lm_loss(&logits, &x, &ones))
+            })??;
+            loss.backward();
+        }
         opt.update(0.0, 3e-4)?;
         Ok(())
     };
@@ -148,9 +164,11 @@ fn main() -> anyhow::Result<()> {
             generate(&model, &prompts, &sampling, &seeds)
         })
     };
-    gen()??;
     let mut generation = Vec::new();
-    for _ in 0..a.repeats {
+    if a.gen_new > 0 {
+        gen()??;
+    }
+    for _ in 0..a.repeats * usize::from(a.gen_new > 0) {
         sync(device);
         let t = Instant::now();
         let g = gen()??;
@@ -166,7 +184,9 @@ fn main() -> anyhow::Result<()> {
             "train_tok_per_s": train_tps,
             "train_step_ms": 1e3 * (a.batch * a.context) as f64 / train_tps,
             "train_tflops": 6.0 * params as f64 * train_tps / 1e12,
-            "generate": {"B": a.gen_batch, "prompt": a.gen_prompt, "new": a.gen_new, "tok_per_s": median(generation)},
+            "activation_checkpointing": a.activation_checkpointing, "loss_chunk": a.loss_chunk,
+            "generate": {"B": a.gen_batch, "prompt": a.gen_prompt, "new": a.gen_new,
+                         "tok_per_s": if generation.is_empty() { f64::NAN } else { median(generation) }},
         })
     );
     Ok(())

@@ -89,6 +89,26 @@ pub struct LoraConfig {
 }
 
 impl PeftConfig {
+    /// Why this method cannot train with activation checkpointing (`checkpoint`) or a chunked
+    /// loss, if it cannot.
+    pub fn memory_saving_conflict(&self, checkpoint: bool) -> Option<&'static str> {
+        let dropout = match self {
+            PeftConfig::Prompt(_) | PeftConfig::Prefix(_) | PeftConfig::Ptuning(_) => {
+                return Some(
+                    "virtual tokens (prompt, prefix and P-tuning) do not combine with \
+                     activation_checkpointing or loss_chunk",
+                )
+            }
+            PeftConfig::Lora(c) | PeftConfig::Qlora(c) => c.dropout,
+            PeftConfig::Adalora(c) => c.dropout,
+            _ => 0.0,
+        };
+        (checkpoint && dropout > 0.0).then_some(
+            "adapter dropout would draw new masks when a block is recomputed; set the adapter's \
+             dropout to 0 to use activation_checkpointing",
+        )
+    }
+
     /// The adapter settings of `lora` and `qlora`.
     pub fn lora(&self) -> Option<&LoraConfig> {
         match self {

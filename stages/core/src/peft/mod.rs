@@ -127,6 +127,13 @@ impl Tuning {
         }
     }
 
+    /// Backpropagates the regulariser alone, scaled (for a loss already backpropagated).
+    pub fn backward_regulariser(&self, scale: f64) {
+        if let Some(r) = self.regulariser() {
+            (r * scale).backward();
+        }
+    }
+
     /// AdamW over every trainable parameter (frozen ones are skipped by the optimizer).
     pub fn optimizer(&self, base: &VarStore, config: AdamWConfig) -> AdamW {
         match &self.adapters {
