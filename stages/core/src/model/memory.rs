@@ -242,11 +242,7 @@ mod tests {
                 score: false,
             };
             let model = Transformer::new(&vs.root(), &config, heads).unwrap();
-            let ids = Tensor::randint(
-                config.vocab_size as i64,
-                [3, 12],
-                (Kind::Int64, tch::Device::Cpu),
-            );
+            let ids = Tensor::randint(config.vocab_size, [3, 12], (Kind::Int64, tch::Device::Cpu));
             // Right padding on one row and a loss mask that skips a prompt.
             let attention = Tensor::ones([3, 12], (Kind::Int64, tch::Device::Cpu));
             let _ = attention.get(1).narrow(0, 9, 3).fill_(0);
