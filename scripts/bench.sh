@@ -2,17 +2,18 @@
 # temper vs PyTorch, side by side, in one run on this machine: training tokens/s of the same
 # GPT (forward, backward, AdamW; same batch, sequence length and precision) and generation
 # tokens/s of temper's KV-cache sampler vs Hugging Face `generate` with sampling.
-#   bash scripts/bench.sh              CPU shape: L4 d256 h4 V8192 T256 B8, fp32
+#   bash scripts/bench.sh              CPU shape: L4 d256 h4 V8192 T256 B8, fp32 then bf16
 #   bash scripts/bench.sh gpu          GPT-2 small: L12 d768 h12 V50304 T1024 B16, bf16
+# PRECISIONS="fp32 bf16" chooses the tables (bf16 = autocast on both sides).
 # ROUNDS=N alternates the two sides N times (default 3 on CPU, 1 on GPU) and reports medians.
 # Set TEMPER_BIN to use prebuilt binaries (e.g. on a machine without cargo).
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 if [ "${1:-cpu}" = gpu ]; then
-  shape=(12 768 12 50304 1024 16); steps=10; warmup=3; repeats=3; dev=auto; prec=bf16; gen=(64 64 256); default_rounds=1
+  shape=(12 768 12 50304 1024 16); steps=10; warmup=3; repeats=3; dev=auto; precs=${PRECISIONS:-bf16}; gen=(64 64 256); default_rounds=1
 else
-  shape=(4 256 4 8192 256 8); steps=10; warmup=2; repeats=3; dev=cpu; prec=fp32; gen=(16 32 64); default_rounds=3
+  shape=(4 256 4 8192 256 8); steps=10; warmup=2; repeats=3; dev=cpu; precs=${PRECISIONS:-fp32 bf16}; gen=(16 32 64); default_rounds=3
 fi
 if [ -z "${TEMPER_BIN:-}" ]; then
   bash scripts/setup.sh
@@ -25,9 +26,10 @@ fi
 # Alternate the two sides for several rounds: machine speed drifts (other tenants, clocks), and
 # a ratio taken within one round is far steadier than figures taken minutes apart.
 rounds=${ROUNDS:-$default_rounds}
+for prec in $precs; do
 results=()
 for ((r = 1; r <= rounds; r++)); do
-  echo "round $r/$rounds" >&2
+  echo "$prec round $r/$rounds" >&2
   results+=("$("$TEMPER_BIN/temper-bench" --layers "${shape[0]}" --width "${shape[1]}" --heads "${shape[2]}" \
     --vocab "${shape[3]}" --context "${shape[4]}" --batch "${shape[5]}" --steps $steps --warmup $warmup \
     --repeats $repeats --device $dev --precision $prec --gen-batch "${gen[0]}" --gen-prompt "${gen[1]}" \
@@ -80,3 +82,4 @@ if p0["device"] == "cuda":
     print(f"  {'temper MFU (6N·tok/s / 989 TFLOP/s)':<30} {figure(ours, lambda d: d['train_tflops']) / 989:>12.1%}")
 print(json.dumps({"temper": ours, "pytorch": theirs}))
 PY
+done

@@ -399,3 +399,29 @@ fn activation_checkpointing_and_a_chunked_loss_train_as_the_plain_step() {
         "{err}"
     );
 }
+
+#[test]
+fn precision_auto_says_what_it_chose_for_this_machine() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(dir.path());
+    let cfg = pretrain_config(dir.path(), &tok, 2, "precision: auto\n");
+    let out_dir = dir.path().join("out");
+    let out = std::process::Command::new(bin("temper-pretrain"))
+        .args(["--config", cfg.to_str().unwrap(), "--out"])
+        .arg(&out_dir)
+        .env("TEMPER_LOG", "info")
+        .output()
+        .unwrap();
+    assert_ok(&out, "precision: auto");
+    let said = String::from_utf8_lossy(&out.stderr);
+    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let native = flags
+        .split_whitespace()
+        .any(|f| f == "avx512_bf16" || f == "amx_bf16");
+    let expected = if native {
+        "precision auto: bf16 autocast"
+    } else {
+        "precision auto: fp32"
+    };
+    assert!(said.contains(expected), "expected `{expected}` in:\n{said}");
+}

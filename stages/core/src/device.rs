@@ -1,6 +1,7 @@
 //! Where the model runs and in what precision. CPU fp32 is the default (and what the parity
 //! tests use); `auto` picks CUDA when libtorch sees a GPU; bf16 runs matmuls under autocast
-//! while parameters, optimizer state and losses stay fp32.
+//! while parameters, optimizer state and losses stay fp32; precision `auto` is bf16 where the
+//! hardware has it.
 
 use std::fmt;
 use std::str::FromStr;
@@ -80,15 +81,63 @@ pub fn resolve_device(spec: DeviceSpec) -> Result<Device> {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
+    /// The default: every result in this project's README was measured in fp32, and on this
+    /// kind of CPU bf16 decoding is slower than fp32 (see "Benchmarks").
     #[default]
     Fp32,
     Bf16,
+    /// bf16 where the hardware computes it natively — CUDA, or a CPU with AVX512-BF16 or
+    /// AMX — and fp32 elsewhere; the choice is logged once.
+    Auto,
+}
+
+impl Precision {
+    /// The precision used on `device`: `auto` resolved, the others as they are.
+    pub fn on(self, device: Device) -> Precision {
+        if self != Precision::Auto {
+            return self;
+        }
+        static CHOSEN: std::sync::OnceLock<(bool, &'static str)> = std::sync::OnceLock::new();
+        let (cuda, cpu) = (device.is_cuda(), cpu_bf16());
+        let (bf16, _) = *CHOSEN.get_or_init(|| {
+            let choice = match (cuda, cpu) {
+                (true, _) => (true, "CUDA"),
+                (false, Some(flag)) => (true, flag),
+                (false, None) => (false, "this CPU has neither avx512_bf16 nor amx_bf16"),
+            };
+            tracing::info!(
+                "precision auto: {} ({})",
+                if choice.0 { "bf16 autocast" } else { "fp32" },
+                choice.1
+            );
+            choice
+        });
+        if bf16 {
+            Precision::Bf16
+        } else {
+            Precision::Fp32
+        }
+    }
+}
+
+/// The CPU feature that makes bf16 matmuls native here, if any (from /proc/cpuinfo).
+fn cpu_bf16() -> Option<&'static str> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let flags = info.lines().find(|l| l.starts_with("flags"))?;
+    let has = |f: &str| flags.split_whitespace().any(|x| x == f);
+    if has("amx_bf16") {
+        Some("this CPU has amx_bf16")
+    } else if has("avx512_bf16") {
+        Some("this CPU has avx512_bf16")
+    } else {
+        None
+    }
 }
 
 /// Runs `f` with autocast on `device` when `precision` asks for bf16. Autocast, not bf16
 /// weights: master weights and AdamW moments stay fp32, as with `torch.autocast`.
 pub fn with_autocast<T>(device: Device, precision: Precision, f: impl FnOnce() -> T) -> Result<T> {
-    if precision == Precision::Fp32 {
+    if precision.on(device) == Precision::Fp32 {
         return Ok(f());
     }
     let device_code = if device.is_cuda() { 1 } else { 0 };

@@ -40,7 +40,7 @@ struct Args {
     repeats: usize,
     #[arg(long, default_value = "auto")]
     device: DeviceSpec,
-    #[arg(long, value_parser = ["fp32", "bf16"], default_value = "fp32")]
+    #[arg(long, value_parser = ["fp32", "bf16", "auto"], default_value = "fp32")]
     precision: String,
     #[arg(long, default_value_t = 16)]
     gen_batch: usize,
@@ -71,10 +71,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let device = resolve_device(a.device)?;
-    let precision = if a.precision == "bf16" {
-        Precision::Bf16
-    } else {
-        Precision::Fp32
+    let precision = match a.precision.as_str() {
+        "bf16" => Precision::Bf16,
+        "auto" => Precision::Auto,
+        _ => Precision::Fp32,
     };
     tch::manual_seed(0);
     let cfg = ModelConfig {
