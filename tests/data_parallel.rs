@@ -281,7 +281,7 @@ fn a_killed_rank_fails_the_other_and_a_rerun_resumes_to_the_same_weights() {
 }
 
 #[test]
-fn sft_and_reward_on_two_ranks_match_one_process_even_when_a_rank_gets_no_rows() {
+fn sft_reward_and_dpo_on_two_ranks_match_one_process_even_when_a_rank_gets_no_rows() {
     let dir = tempfile::tempdir().unwrap();
     let tok = tokenizer(dir.path());
     let pre = dir.path().join("pretrain");
@@ -360,6 +360,36 @@ fn sft_and_reward_on_two_ranks_match_one_process_even_when_a_rank_gets_no_rows()
     assert_same_run(&rm_one, &rm_two);
     let (a, b) = (summary(&rm_one), summary(&rm_two));
     assert_eq!(a["accuracy"], b["accuracy"], "held-out accuracy");
+
+    // DPO from the SFT model on the same 239 pairs, the reference's log-probs precomputed by
+    // rank 0 and read by rank 1.
+    let config = |batch: usize, name: &str| {
+        write(&dir.path().join(name), &format!(
+            "policy: {}\ndata: {}\neval_data: {}\nsteps: 16\nbatch_size: {batch}\nbeta: 0.1\nprecompute_reference: true\noptim: {{lr: 1.0e-3, warmup_steps: 2}}\neval_every: 8\nsave_every: 8\nlog_every: 1\nmax_new_tokens: 4\n",
+            one.join("checkpoint").display(), pairs.display(), tiny("pairs_eval.jsonl").display()))
+    };
+    let dpo_one = dir.path().join("dpo_one");
+    assert_ok(
+        &run_stage("temper-dpo", &config(16, "dpo_whole.yaml"), &dpo_one),
+        "DPO, one process, batch 16",
+    );
+    let dpo_two = dir.path().join("dpo_two");
+    for c in start_ranks(
+        "temper-dpo",
+        &config(8, "dpo_half.yaml"),
+        &dpo_two,
+        free_port(),
+        120,
+    ) {
+        assert_ok(&c.wait_with_output().unwrap(), "a DPO rank of two");
+    }
+    assert_same_run(&dpo_one, &dpo_two);
+    let accuracy = |d: &Path| summary(d)["rewards/accuracies"].as_f64().unwrap();
+    assert_eq!(
+        accuracy(&dpo_one),
+        accuracy(&dpo_two),
+        "held-out reward accuracy"
+    );
 }
 
 #[test]

@@ -71,7 +71,7 @@ impl Resources {
         if self.world() > 1 && !kind.data_parallel() {
             out.push(format!(
                 "resources: {} ranks, but temper-{} does not train data-parallel yet (pretrain, \
-                 sft and reward do); remove `resources`",
+                 sft, reward and dpo do); remove `resources`",
                 self.world(),
                 kind.name()
             ));

@@ -252,7 +252,7 @@ impl World {
         if placement.world > 1 {
             return Err(format!(
                 "temper-{kind} does not train data-parallel yet (WORLD_SIZE={}); run it as one \
-                 process (data parallel: pretrain, sft, reward)",
+                 process (data parallel: pretrain, sft, reward, dpo)",
                 placement.world
             ));
         }
@@ -358,12 +358,13 @@ impl Ranks {
         })
     }
 
-    /// Runs `resume` (which reads `out/state/`) on rank 0 first — it may repair an interrupted
-    /// save — and on the other ranks once it is done.
-    pub fn resume<T>(
+    /// Runs `resume` (which reads `out/state/`, or another file rank 0 may write first) on
+    /// rank 0 first — it may repair an interrupted save — and on the other ranks once it is
+    /// done.
+    pub fn resume<T, E: Into<anyhow::Error>>(
         &self,
         world: &World,
-        resume: impl FnOnce(&Path) -> Result<T>,
+        resume: impl FnOnce(&Path) -> std::result::Result<T, E>,
     ) -> std::result::Result<T, StageError> {
         if self.main {
             let out = resume(&self.out)?;

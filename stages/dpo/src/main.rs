@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tch::{Kind, Tensor};
 use temper_core::checkpoint::{check_save, SaveOptions};
+use temper_core::dist::{Ranks, World};
 use temper_core::peft::{PeftConfig, Reference};
 use temper_core::preference::{PairLogps, PreferenceLoss};
 use temper_core::sample::{generate, SamplingConfig};
@@ -30,8 +31,8 @@ use temper_data::{
 };
 use temper_stage::cadence::{every_10, every_100};
 use temper_stage::{
-    check_finite, checked_config, invalid, progress_bar, step_fields, Cadence, ConfigFile, Every,
-    Inputs, MetricsLog, StageArgs, StageError, StageFolder, StageKind, Throughput,
+    check_finite, checked_config, invalid, step_fields, Cadence, ConfigFile, Every, Inputs,
+    MetricsLog, StageArgs, StageError, StageKind, Throughput,
 };
 
 use crate::losses::{pair_logps, LossSettings};
@@ -298,10 +299,11 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
 }
 
 /// The training batches of epoch `e`: a seeded shuffle cut into `batch_size` pieces.
-fn epoch_batches(n: usize, c: &Config) -> impl Fn(u64) -> Vec<Vec<usize>> + '_ {
+/// Epoch `e`'s batches of `batch` examples (the global batch: per-rank size × ranks).
+fn epoch_batches(n: usize, batch: usize, c: &Config) -> impl Fn(u64) -> Vec<Vec<usize>> + '_ {
     move |e| {
         let order = shuffled(n, seed_for(c.seed, "epoch", e));
-        order.chunks(c.batch_size).map(<[usize]>::to_vec).collect()
+        order.chunks(batch).map(<[usize]>::to_vec).collect()
     }
 }
 
@@ -334,7 +336,17 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     let Some(cfg) = checked_config::<Config>(args, StageKind::Dpo, check)? else {
         return Ok(()); // an input is pending: the rest is checked when it exists
     };
-    temper_core::dist::World::require_single("dpo").map_err(|e| invalid(anyhow::anyhow!(e)))?;
+    // Data parallel (torchrun / Slurm): `batch_size` pairs per rank; a bad environment stops
+    // here, before anything is read.
+    let world = World::from_env().map_err(|e| invalid(anyhow::anyhow!(e)))?;
+    if world.size() > 1 && cfg.value.loss == PreferenceLoss::Kto {
+        // KTO's reference point is an estimate over the whole batch, not a per-example mean.
+        return Err(invalid(anyhow::anyhow!(
+            "{}: loss `kto` trains on one process only (its KL reference point is a batch \
+             estimate); run it without WORLD_SIZE > 1",
+            cfg.path.display()
+        )));
+    }
     let s = prepare(&cfg)?;
     if args.validate {
         return cfg.print_resolved();
@@ -342,13 +354,21 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
 
     let c = &cfg.value;
     let stores = s.m.stores();
-    let folder = StageFolder::claim(&args.out, "dpo")?;
-    cfg.write_resolved(&folder.path)?;
-    let mut log = MetricsLog::open(&folder.path)?;
+    let ranks = Ranks::open(&world, &args.out, "dpo")?;
+    if world.is_main() {
+        cfg.write_resolved(&ranks.out)?;
+    }
+    let mut log = MetricsLog::open(&ranks.log_dir)?;
     let mut opt = s.m.optimizer(c.optim.adamw());
-    let mut progress =
-        resume_or_start(&folder.path, &mut log, &stores, &mut [&mut opt], &cfg.hash)?;
-    let cache = reference_cache(&s, c, &folder.path, &cfg.hash)?;
+    let mut progress = ranks.resume(&world, |out| {
+        resume_or_start(out, &mut log, &stores, &mut [&mut opt], &cfg.hash)
+    })?;
+    world.broadcast_(&opt.parameters())?;
+    // Rank 0 computes (or finds) the reference's log-probs and writes them; the others read.
+    let global_batch = c.batch_size * world.size();
+    let cache = ranks.resume(&world, |out| {
+        reference_cache(&s, c, out, &cfg.hash, global_batch, world.is_main())
+    })?;
     let settings = LossSettings {
         loss: c.loss,
         beta: c.beta,
@@ -358,8 +378,8 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         undesirable_weight: c.undesirable_weight,
     };
     let every = Cadence::new(c.log_every, c.eval_every, c.save_every, c.steps);
-    let mut batches = Epochs::new(epoch_batches(s.train.len(), c));
-    let bar = progress_bar(c.steps, progress.step);
+    let mut batches = Epochs::new(epoch_batches(s.train.len(), global_batch, c));
+    let bar = ranks.progress_bar(c.steps, progress.step);
     let mut throughput = Throughput::new();
     let mut last_eval = None;
     if progress.step == 0 {
@@ -369,10 +389,22 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         let step = progress.step;
         let lr = c.optim.lr_at(step, c.steps);
         let accum = c.optim.grad_accum;
-        let (mut step_loss, mut step_metrics) = (0.0, Vec::new());
+        let (mut step_loss, mut step_metrics, mut step_tokens) = (0.0, Vec::new(), 0);
         s.m.tuning.set_training(true); // adapter dropout, when there is one
         for micro in 0..accum {
-            let idx = batches.get(step * accum + micro).clone();
+            let global = batches.get(step * accum + micro);
+            // This rank's pairs, counting by their share of the batch. A rank left without any
+            // (a short last batch) scores the first pair with weight 0, so it still joins the
+            // all-reduces with the same gradients and metric names as the others.
+            let range = world.shard(global.len());
+            let (idx, share) = if range.is_empty() {
+                (global[..1].to_vec(), 0.0)
+            } else {
+                (
+                    global[range.clone()].to_vec(),
+                    range.len() as f64 / global.len() as f64,
+                )
+            };
             let b = batch_loss(
                 &s,
                 &settings,
@@ -382,15 +414,32 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
             )?;
             let value = b.loss.double_value(&[]);
             if let Err(e) = check_finite(value, step + 1, step) {
-                save_state(&folder.path, &log, &stores, &[&opt], &progress)?;
+                if world.is_main() {
+                    save_state(&ranks.out, &log, &stores, &[&opt], &progress)?;
+                }
                 return Err(e.into());
             }
-            (s.m.tuning.regularised(b.loss) / accum as f64).backward();
-            step_loss += value / accum as f64;
-            accumulate(&mut step_metrics, &b.metrics, accum);
-            progress.tokens_seen += b.tokens;
-            throughput.add(b.tokens);
+            let weight = share * world.size() as f64 / accum as f64;
+            (s.m.tuning.regularised(b.loss) * weight).backward();
+            step_loss += value * share / accum as f64;
+            let shared: Vec<(&'static str, f64)> =
+                b.metrics.iter().map(|(k, v)| (*k, v * share)).collect();
+            accumulate(&mut step_metrics, &shared, accum);
+            if share > 0.0 {
+                step_tokens += b.tokens;
+            }
         }
+        // The mean gradient over the global batch; every rank then takes the same step.
+        world.average_(&opt.gradients())?;
+        let mut local = vec![step_loss, step_tokens as f64];
+        local.extend(step_metrics.iter().map(|(_, v)| *v));
+        let sums = world.sum_values(&local)?;
+        let (step_loss, step_tokens) = (sums[0], sums[1] as u64);
+        for ((_, v), total) in step_metrics.iter_mut().zip(&sums[2..]) {
+            *v = *total;
+        }
+        progress.tokens_seen += step_tokens;
+        throughput.add(step_tokens);
         let grad_norm = opt.update_then(c.optim.grad_clip, lr, || s.m.tuning.after_update())?;
         progress.step += 1;
         let step = progress.step;
@@ -410,14 +459,17 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         if every.eval_due(step) {
             last_eval = evaluate(&s, c, &settings, cache.as_ref(), &mut log, step)?;
         }
-        if every.save_due(step) {
-            save_state(&folder.path, &log, &stores, &[&opt], &progress)?;
+        if every.save_due(step) && world.is_main() {
+            save_state(&ranks.out, &log, &stores, &[&opt], &progress)?;
         }
         every.stop_if_asked(step)?;
     }
     bar.finish_and_clear();
+    if !world.is_main() {
+        return ranks.finish();
+    }
 
-    s.m.save_final(&folder.path, &c.save)?;
+    s.m.save_final(&ranks.out, &c.save)?;
     let mut summary = log.summary_base(&progress);
     for (k, v) in s.m.param_fields() {
         summary.insert(k.into(), v.into());

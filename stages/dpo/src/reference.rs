@@ -47,8 +47,8 @@ const FIELDS: [&str; 4] = ["chosen", "rejected", "chosen_len", "rejected_len"];
 /// The training pairs the run's `steps × grad_accum` micro-batches visit, in index order.
 /// The batches are a pure function of the seed, so this is the exact set training reads;
 /// the config hash in the cache's stamp covers every setting it depends on.
-fn visited(c: &Config, n: usize) -> Vec<usize> {
-    let mut batches = Epochs::new(epoch_batches(n, c));
+fn visited(c: &Config, n: usize, batch: usize) -> Vec<usize> {
+    let mut batches = Epochs::new(epoch_batches(n, batch, c));
     let mut seen = BTreeSet::new();
     for k in 0..c.steps * c.optim.grad_accum {
         seen.extend(batches.get(k).iter().copied());
@@ -67,20 +67,27 @@ pub fn reference_cache(
     c: &Config,
     out: &Path,
     config_hash: &str,
+    global_batch: usize,
+    may_write: bool,
 ) -> anyhow::Result<Option<ReferenceCache>> {
     if !c.precompute_reference || !c.loss.needs_reference() {
         return Ok(None);
     }
+    // Which pairs training visits depends on the global batch (per-rank batch × ranks).
+    let stamp_text = format!("{config_hash} global batch {global_batch}");
     let file = out.join("reference_logps.safetensors");
     let stamp = out.join("reference_logps.json");
     let device = s.m.model.device();
     let fresh = std::fs::read_to_string(&stamp)
         .ok()
-        .is_some_and(|t| t.trim() == config_hash);
-    let mut named = if fresh && file.exists() {
+        .is_some_and(|t| t.trim() == stamp_text);
+    let named = if fresh && file.exists() {
         Tensor::read_safetensors(&file)?.into_iter().collect()
     } else {
-        let named = compute(s, c)?;
+        let named = compute(s, c, global_batch)?;
+        if !may_write {
+            return finish(named, &file, device);
+        }
         let tmp = out.join(".reference_logps.safetensors.tmp");
         let cpu: Vec<(String, Tensor)> = named
             .iter()
@@ -88,9 +95,18 @@ pub fn reference_cache(
             .collect();
         Tensor::write_safetensors(&cpu, &tmp)?;
         std::fs::rename(&tmp, &file)?;
-        temper_stage::atomic::write_atomic(&stamp, config_hash.as_bytes())?;
+        temper_stage::atomic::write_atomic(&stamp, stamp_text.as_bytes())?;
         named
     };
+    finish(named, &file, device)
+}
+
+/// The cache's train and eval halves from its named tensors, on `device`.
+fn finish(
+    mut named: BTreeMap<String, Tensor>,
+    file: &Path,
+    device: tch::Device,
+) -> anyhow::Result<Option<ReferenceCache>> {
     let mut take = |split: &str| -> anyhow::Result<CachedLogps> {
         let mut get = |k: &str| {
             named
@@ -112,7 +128,7 @@ pub fn reference_cache(
 }
 
 /// Runs the reference over the visited training pairs and every held-out pair.
-fn compute(s: &Setup, c: &Config) -> anyhow::Result<BTreeMap<String, Tensor>> {
+fn compute(s: &Setup, c: &Config, batch: usize) -> anyhow::Result<BTreeMap<String, Tensor>> {
     let held;
     let reference = match s.reference() {
         Some(r) => r,
@@ -125,7 +141,7 @@ fn compute(s: &Setup, c: &Config) -> anyhow::Result<BTreeMap<String, Tensor>> {
     for (split, data) in [("train", &s.train), ("eval", &s.eval)] {
         let Data::Pairs(pairs) = data else { continue };
         let wanted = match split {
-            "train" => visited(c, pairs.len()),
+            "train" => visited(c, pairs.len(), batch),
             _ => (0..pairs.len()).collect(),
         };
         tracing::info!(
