@@ -79,6 +79,12 @@ impl KvCache {
     pub(crate) fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> (Tensor, Tensor) {
         let t = k.size()[2];
         let (kc, vc) = &mut self.layers[layer];
+        if self.len == 0 && kc.kind() != k.kind() {
+            // The first keys set the cache's precision (bf16 under autocast): attention then
+            // reads the cache as it is, instead of converting all of it at every step.
+            *kc = kc.to_kind(k.kind());
+            *vc = vc.to_kind(v.kind());
+        }
         kc.narrow(2, self.len, t).copy_(k);
         vc.narrow(2, self.len, t).copy_(v);
         (kc.narrow(2, 0, self.len + t), vc.narrow(2, 0, self.len + t))

@@ -114,12 +114,15 @@ pub fn uniform_draw(seed: u64, step: u64) -> f64 {
 }
 
 /// Each sequence's uniform draw (B,) for decode step `step`.
-fn draws(seeds: &[u64], step: u64, device: Device) -> Tensor {
-    let u: Vec<f32> = seeds
-        .iter()
-        .map(|&s| uniform_draw(s, step) as f32)
+/// Every step's uniform draw for every row, (steps, B), moved to the device once: a copy from
+/// host memory at each step would make the host wait for the device every token.
+fn draws(seeds: &[u64], steps: i64, device: Device) -> Tensor {
+    let u: Vec<f32> = (0..steps as u64)
+        .flat_map(|step| seeds.iter().map(move |&s| uniform_draw(s, step) as f32))
         .collect();
-    Tensor::from_slice(&u).to_device(device)
+    Tensor::from_slice(&u)
+        .view([steps, seeds.len() as i64])
+        .to_device(device)
 }
 
 /// Logits (B, V) with everything outside top-k / nucleus top-p set to -inf: top-k first, then
@@ -218,8 +221,10 @@ pub fn generate(
         let pad = Tensor::from(cfg.pad_token_id).to_device(device);
         let zero = Tensor::zeros([], (Kind::Float, device));
         let (mut tokens, mut logprobs, mut masks) = (Vec::new(), Vec::new(), Vec::new());
+        let all_draws =
+            (cfg.temperature > 0.0).then(|| draws(seeds, cfg.max_new_tokens.max(1), device));
         for step in 0..cfg.max_new_tokens {
-            let draws = (cfg.temperature > 0.0).then(|| draws(seeds, step as u64, device));
+            let draws = all_draws.as_ref().map(|d| d.get(step));
             let (tok, lp) = pick(&last, cfg, draws.as_ref());
             let live = done.logical_not();
             let tok = tok.where_self(&live, &pad);
@@ -281,5 +286,59 @@ mod tests {
         let got = |stops: &[u32]| Vec::<bool>::try_from(g.stopped(stops)).unwrap();
         assert_eq!(got(&[9, 7]), [true, true, false, false]);
         assert_eq!(got(&[9]), [true, false, false, false]);
+    }
+
+    #[test]
+    fn under_bf16_autocast_the_cache_holds_bf16_and_greedy_decoding_matches_a_full_forward() {
+        use crate::config::{Arch, ModelConfig};
+        use crate::device::{with_autocast, Precision};
+        tch::manual_seed(3);
+        let cfg = ModelConfig {
+            arch: Arch::Llama,
+            vocab_size: 50,
+            n_layer: 2,
+            n_head: 2,
+            d_model: 32,
+            max_position: 32,
+            d_ff: Some(48),
+            ..Default::default()
+        };
+        let vs = tch::nn::VarStore::new(Device::Cpu);
+        let heads = crate::model::Heads {
+            lm: true,
+            score: false,
+        };
+        let model = crate::model::Transformer::new(&vs.root(), &cfg, heads).unwrap();
+        let prompt = vec![3i64, 17, 5, 41];
+        let sampling = SamplingConfig {
+            max_new_tokens: 6,
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            eos_token_id: None,
+            also_stop: Vec::new(),
+            pad_token_id: 0,
+        };
+        with_autocast(Device::Cpu, Precision::Bf16, || {
+            // The cache takes the keys' precision on the first write.
+            let mut cache = KvCache::new(&cfg, 1, 8, Kind::Float, Device::Cpu);
+            let ids = Tensor::from_slice(&prompt).view([1, -1]);
+            model.hidden_states(&ids, None, Some(&mut cache)).unwrap();
+            assert_eq!(cache.layers[0].0.kind(), Kind::BFloat16);
+
+            // Each greedy token is the argmax of a full (uncached) forward over everything
+            // before it, also in bf16.
+            let g = generate(&model, &[prompt.clone()], &sampling, &[0]).unwrap();
+            let new = Vec::<i64>::try_from(g.tokens.view([-1])).unwrap();
+            let mut seq = prompt.clone();
+            for &tok in &new {
+                let ids = Tensor::from_slice(&seq).view([1, -1]);
+                let (_, logits) = model.forward(&ids, None).unwrap();
+                let expected = logits.get(0).get(seq.len() as i64 - 1).argmax(-1, false);
+                assert_eq!(tok, expected.int64_value(&[]), "after {seq:?}");
+                seq.push(tok);
+            }
+        })
+        .unwrap();
     }
 }
