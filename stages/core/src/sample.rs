@@ -323,12 +323,12 @@ mod tests {
             // The cache takes the keys' precision on the first write.
             let mut cache = KvCache::new(&cfg, 1, 8, Kind::Float, Device::Cpu);
             let ids = Tensor::from_slice(&prompt).view([1, -1]);
-            model.hidden_states(&ids, None, Some(&mut cache)).unwrap();
+            let _ = model.hidden_states(&ids, None, Some(&mut cache)).unwrap();
             assert_eq!(cache.layers[0].0.kind(), Kind::BFloat16);
 
             // Each greedy token is the argmax of a full (uncached) forward over everything
             // before it, also in bf16.
-            let g = generate(&model, &[prompt.clone()], &sampling, &[0]).unwrap();
+            let g = generate(&model, std::slice::from_ref(&prompt), &sampling, &[0]).unwrap();
             let new = Vec::<i64>::try_from(g.tokens.view([-1])).unwrap();
             let mut seq = prompt.clone();
             for &tok in &new {
