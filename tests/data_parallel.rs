@@ -569,15 +569,16 @@ fn temper_export_slurm_writes_a_chain_of_jobs_that_run_the_pipeline() {
     }
 
     // Slurm is not installed here, so the chain is checked with a stand-in for `sbatch` that
-    // records its arguments and runs the one-rank job at once; the two-node SFT jobs are only
-    // checked above (they need srun).
+    // records its arguments and runs the one-rank job at once, in a batch environment that
+    // speaks of 4 tasks (which the one-process stage must not inherit); the two-node SFT jobs
+    // are only checked above (they need srun).
     let calls = dir.path().join("calls");
     let fake = dir.path().join("bin");
     std::fs::create_dir_all(&fake).unwrap();
     write(
         &fake.join("sbatch"),
         &format!(
-            "#!/usr/bin/env bash\necho \"$*\" >> {calls}\nn=$(wc -l < {calls})\ncase \"${{@: -1}}\" in *lm.sbatch) bash \"${{@: -1}}\" > {log} 2>&1 || exit 1;; esac\necho \"$((100 + n));cluster\"\n",
+            "#!/usr/bin/env bash\necho \"$*\" >> {calls}\nn=$(wc -l < {calls})\ncase \"${{@: -1}}\" in *lm.sbatch) SLURM_NTASKS=4 SLURM_PROCID=0 bash \"${{@: -1}}\" > {log} 2>&1 || exit 1;; esac\necho \"$((100 + n));cluster\"\n",
             calls = calls.display(),
             log = dir.path().join("job.log").display()
         ),

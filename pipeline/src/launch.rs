@@ -17,6 +17,19 @@ fn one() -> usize {
     1
 }
 
+/// The variables that place a process among ranks. `temper run` may itself run inside a
+/// launcher's environment (a Slurm batch script has SLURM_NTASKS of the whole job), so the
+/// processes it starts get them only from temper (or from srun), never by inheritance.
+pub const RANK_VARS: [&str; 7] = [
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_LOCALID",
+];
+
 /// A stage's `resources:` block. Not part of the stage's cache key: the same global batch
 /// gives the same result (up to the order of float sums) on any number of ranks.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,6 +138,9 @@ impl Ranks {
         let base = |program: &Path, log: &Path, group: i32| -> anyhow::Result<Command> {
             let log = File::options().create(true).append(true).open(log)?;
             let mut cmd = Command::new(program);
+            for var in RANK_VARS {
+                cmd.env_remove(var);
+            }
             cmd.envs(c.env.iter().map(|(k, v)| (k, v)))
                 .stdout(Stdio::from(log.try_clone()?))
                 .stderr(Stdio::from(log))

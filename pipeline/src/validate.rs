@@ -103,6 +103,10 @@ pub fn validate_stages(
             .arg("--out")
             .arg(p.stage_attempt(name))
             .env("TEMPER_LOG", "error");
+        // Checked as one process, whatever launcher's environment `temper run` is in.
+        for var in crate::launch::RANK_VARS {
+            cmd.env_remove(var);
+        }
         for (parent, paths) in &r.upstream {
             for path in paths {
                 if rebuilt.contains(parent) || !path.exists() {
