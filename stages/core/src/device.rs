@@ -97,10 +97,13 @@ impl Precision {
         if self != Precision::Auto {
             return self;
         }
-        static CHOSEN: std::sync::OnceLock<(bool, &'static str)> = std::sync::OnceLock::new();
-        let (cuda, cpu) = (device.is_cuda(), cpu_bf16());
-        let (bf16, _) = *CHOSEN.get_or_init(|| {
-            let choice = match (cuda, cpu) {
+        // Decided (and logged) once per kind of device.
+        static ON_CPU: std::sync::OnceLock<(bool, &'static str)> = std::sync::OnceLock::new();
+        static ON_CUDA: std::sync::OnceLock<(bool, &'static str)> = std::sync::OnceLock::new();
+        let cuda = device.is_cuda();
+        let chosen = if cuda { &ON_CUDA } else { &ON_CPU };
+        let (bf16, _) = *chosen.get_or_init(|| {
+            let choice = match (cuda, cpu_bf16()) {
                 (true, _) => (true, "CUDA"),
                 (false, Some(flag)) => (true, flag),
                 (false, None) => (false, "this CPU has neither avx512_bf16 nor amx_bf16"),
