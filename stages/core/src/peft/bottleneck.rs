@@ -16,10 +16,8 @@ use serde_json::{json, Value};
 use tch::nn::{self, Module, VarStore};
 use tch::{Device, Tensor};
 
-use super::files::{
-    config_err, copy_tokenizer, relative_path, write_adapter_weights, write_json, ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS, TEMPER_ADAPTER,
-};
+use super::files::{config_err, relative_path, ADAPTER_CONFIG, ADAPTER_WEIGHTS, TEMPER_ADAPTER};
+use super::write::{copy_tokenizer, write_adapter_weights, write_json};
 use super::{bad, PeftConfig, PeftError, Switch, Tuning};
 use crate::config::Arch;
 use crate::error::{CoreError, Result};

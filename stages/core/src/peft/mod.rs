@@ -26,6 +26,7 @@ mod nf4;
 mod prefix;
 mod prompt;
 mod ptuning;
+mod write;
 
 use std::sync::Arc;
 

@@ -13,10 +13,10 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use super::files::{
-    base_dir, config_err, copy_tokenizer, relative_path, write_adapter_weights, write_json,
-    ADAPTER_CONFIG, ADAPTER_WEIGHTS, TEMPER_ADAPTER,
+    base_dir, config_err, relative_path, ADAPTER_CONFIG, ADAPTER_WEIGHTS, TEMPER_ADAPTER,
 };
 use super::ptuning::{Encoder, PtuningConfig};
+use super::write::{copy_tokenizer, write_adapter_weights, write_json};
 use super::{bad, PeftConfig, PeftError, PrefixConfig, Switch, Tuning};
 use crate::checkpoint::{load_checkpoint_as, LoadSpec, ScoreHead};
 use crate::error::{CoreError, Result};
