@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What activation checkpointing and the chunked loss cost and save on this machine: peak RSS
+# What activation checkpointing, the chunked loss and bf16 AdamW moments cost and save here: peak RSS
 # (GNU time's maximum resident set size of the whole process) and training step time of
 # temper-bench, each setting in its own process, at two shapes where they matter:
 #   blocks: GPT-2 small, L12 d768 h12 V8192 T1024 B4 — activations dominate;
@@ -37,6 +37,7 @@ if [ "$which" = all ] || [ "$which" = blocks ]; then
   echo "GPT-2 small blocks: L12 d768 h12 V8192 T1024 B4, fp32, $steps steps"
   run "plain" "${blocks[@]}"
   run "activation_checkpointing" "${blocks[@]}" --activation-checkpointing
+  run "optim moments: bf16" "${blocks[@]}" --bf16-moments
 fi
 if [ "$which" = all ] || [ "$which" = vocab ]; then
   vocab=(--layers 2 --width 256 --heads 4 --vocab 151936 --context 1024 --batch 4)

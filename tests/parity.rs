@@ -172,6 +172,7 @@ fn three_adamw_steps_reproduce_reference_losses() {
             beta2: settings["betas"][1].as_f64().unwrap(),
             eps: number("eps"),
             weight_decay: number("weight_decay"),
+            ..AdamWConfig::default()
         };
         let lr = number("lr");
         let mut opt = AdamW::new(&vs, config);

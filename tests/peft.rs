@@ -119,6 +119,7 @@ fn adapter_gradients_and_one_adamw_step_match_peft() {
                 beta2: a["betas"][1].as_f64().unwrap(),
                 eps: a["eps"].as_f64().unwrap(),
                 weight_decay: a["weight_decay"].as_f64().unwrap(),
+                ..AdamWConfig::default()
             },
         );
         opt.step(a["lr"].as_f64().unwrap()).unwrap();
@@ -582,6 +583,7 @@ fn adalora_trains_prunes_and_saves_as_peft() {
                 beta2: a["betas"][1].as_f64().unwrap(),
                 eps: a["eps"].as_f64().unwrap(),
                 weight_decay: 0.0,
+                ..AdamWConfig::default()
             },
         );
         let (ids, mask) = (&g["input_ids"], &g["attention_mask"]);

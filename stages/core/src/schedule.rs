@@ -30,6 +30,8 @@ pub struct OptimSettings {
     pub grad_clip: f64,
     /// Micro-batches accumulated into one optimizer step.
     pub grad_accum: u64,
+    /// AdamW's moments between steps: `fp32` (default) or `bf16` (half the optimizer state).
+    pub moments: crate::optim::Moments,
 }
 
 impl Default for OptimSettings {
@@ -45,6 +47,7 @@ impl Default for OptimSettings {
             eps: 1e-8,
             grad_clip: 1.0,
             grad_accum: 1,
+            moments: crate::optim::Moments::Fp32,
         }
     }
 }
@@ -56,6 +59,7 @@ impl OptimSettings {
             beta2: self.beta2,
             eps: self.eps,
             weight_decay: self.weight_decay,
+            moments: self.moments,
         }
     }
 

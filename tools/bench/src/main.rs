@@ -9,6 +9,7 @@ use clap::Parser;
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 use temper_core::model::MemorySaving;
+use temper_core::optim::Moments;
 use temper_core::sample::{generate, SamplingConfig};
 use temper_core::{
     causal_lm_loss, resolve_device, with_autocast, AdamW, AdamWConfig, Arch, DeviceSpec, Heads,
@@ -55,6 +56,9 @@ struct Args {
     /// Compute the loss this many positions at a time (0: the whole B × T × V logits).
     #[arg(long, default_value_t = 0)]
     loss_chunk: usize,
+    /// Keep AdamW's moments in bf16 (half the optimizer state).
+    #[arg(long)]
+    bf16_moments: bool,
 }
 
 fn sync(device: Device) {
@@ -106,6 +110,11 @@ fn main() -> anyhow::Result<()> {
         &vs,
         AdamWConfig {
             weight_decay: 0.0,
+            moments: if a.bf16_moments {
+                Moments::Bf16
+            } else {
+                Moments::Fp32
+            },
             ..AdamWConfig::default()
         },
     );
@@ -185,6 +194,7 @@ fn main() -> anyhow::Result<()> {
             "train_step_ms": 1e3 * (a.batch * a.context) as f64 / train_tps,
             "train_tflops": 6.0 * params as f64 * train_tps / 1e12,
             "activation_checkpointing": a.activation_checkpointing, "loss_chunk": a.loss_chunk,
+            "bf16_moments": a.bf16_moments,
             "generate": {"B": a.gen_batch, "prompt": a.gen_prompt, "new": a.gen_new,
                          "tok_per_s": if generation.is_empty() { f64::NAN } else { median(generation) }},
         })
