@@ -90,7 +90,8 @@ impl AdamW {
             .collect();
         let (mut decay, mut no_decay) = (Vec::new(), Vec::new());
         for (name, value) in vars {
-            let moment = || value.zeros_like().to_kind(config.moments.kind());
+            // Made in their own precision: no full-size fp32 temporaries.
+            let moment = || Tensor::zeros(value.size(), (config.moments.kind(), value.device()));
             let param = Param {
                 exp_avg: moment(),
                 exp_avg_sq: moment(),
