@@ -183,6 +183,30 @@ fn a_bad_distributed_environment_exits_2_with_one_line_and_writes_nothing() {
         assert!(err.contains(words), "{err}");
         assert!(!out.exists(), "nothing written");
     }
+
+    // `--validate` checks the placement but never waits for the other ranks: nobody else is
+    // coming here, and it answers at once.
+    let out = dir.path().join("validated");
+    let started = std::time::Instant::now();
+    let res = std::process::Command::new(bin("temper-pretrain"))
+        .args(["--config", cfg.to_str().unwrap(), "--out"])
+        .arg(&out)
+        .arg("--validate")
+        .envs([
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "127.0.0.1"),
+        ])
+        .env("MASTER_PORT", free_port().to_string())
+        .env("TEMPER_DIST_TIMEOUT", "60")
+        .output()
+        .unwrap();
+    assert_ok(&res, "--validate under a 2-rank environment");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "--validate waited {:?} for a rendezvous",
+        started.elapsed()
+    );
 }
 
 /// Starts the two ranks of a data-parallel run of `stage` on `port`, as torchrun would (its

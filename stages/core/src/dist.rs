@@ -196,7 +196,13 @@ impl World {
     /// The world the environment describes, joined (a world of one without the variables).
     /// The error is one line naming the variable or the address.
     pub fn from_env() -> std::result::Result<Self, String> {
-        let placement = Placement::from_env()?;
+        Self::join_placed(Placement::from_env()?)
+    }
+
+    /// Joins the ranks `placement` describes, within [`timeout`], saying which rank this is.
+    /// A stage checks its placement (`Placement::from_env`) before reading anything and joins
+    /// only once it will train: `--validate` never waits for a rendezvous.
+    pub fn join_placed(placement: Placement) -> std::result::Result<Self, String> {
         if placement.world > 1 {
             tracing::info!(
                 "rank {} of {} (local rank {}), rendezvous at {}:{}",

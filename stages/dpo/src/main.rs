@@ -14,7 +14,7 @@ use std::path::Path;
 
 use serde_json::json;
 use tch::{Kind, Tensor};
-use temper_core::dist::{Ranks, World};
+use temper_core::dist::{Placement, Ranks, World};
 use temper_core::peft::Reference;
 use temper_core::preference::{PairLogps, PreferenceLoss};
 use temper_core::sample::{generate, SamplingConfig};
@@ -184,8 +184,8 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     };
     // Data parallel (torchrun / Slurm): `batch_size` pairs per rank; a bad environment stops
     // here, before anything is read.
-    let world = World::from_env().map_err(|e| invalid(anyhow::anyhow!(e)))?;
-    if world.size() > 1 && cfg.value.loss == PreferenceLoss::Kto {
+    let placement = Placement::from_env().map_err(|e| invalid(anyhow::anyhow!(e)))?;
+    if placement.world > 1 && cfg.value.loss == PreferenceLoss::Kto {
         // KTO's reference point is an estimate over the whole batch, not a per-example mean.
         return Err(invalid(anyhow::anyhow!(
             "{}: loss `kto` trains on one process only (its KL reference point is a batch \
@@ -197,6 +197,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     if args.validate {
         return cfg.print_resolved();
     }
+    let world = World::join_placed(placement).map_err(|e| invalid(anyhow::anyhow!(e)))?;
 
     let c = &cfg.value;
     let stores = s.m.stores();

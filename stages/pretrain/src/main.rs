@@ -11,7 +11,7 @@ use tch::nn::VarStore;
 use tch::{Device, Tensor};
 use temper_core::checkpoint::{check_save, SaveDtype, SaveOptions};
 use temper_core::device::check_memory;
-use temper_core::dist::{Ranks, World};
+use temper_core::dist::{Placement, Ranks, World};
 use temper_core::model::MemorySaving;
 use temper_core::peft::{PeftConfig, Tuning};
 use temper_core::schedule::check_optim;
@@ -288,11 +288,12 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     // Data parallel (torchrun / Slurm): every rank trains on its share of each batch; rank 0
     // alone writes (the others log into a scratch folder). A bad environment stops here,
     // before anything is read or written.
-    let world = World::from_env().map_err(|e| invalid(anyhow::anyhow!(e)))?;
+    let placement = Placement::from_env().map_err(|e| invalid(anyhow::anyhow!(e)))?;
     let s = prepare(&cfg)?;
     if args.validate {
         return cfg.print_resolved();
     }
+    let world = World::join_placed(placement).map_err(|e| invalid(anyhow::anyhow!(e)))?;
 
     let c = &cfg.value;
     let ranks = Ranks::open(&world, &args.out, "pretrain")?;

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 use temper_core::checkpoint::ScoreHead;
 use temper_core::checkpoint::{check_save, SaveOptions};
-use temper_core::dist::{Ranks, World};
+use temper_core::dist::{Placement, Ranks, World};
 use temper_core::losses::bradley_terry_loss;
 use temper_core::peft::PeftConfig;
 use temper_core::schedule::check_optim;
@@ -197,11 +197,12 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     };
     // Data parallel (torchrun / Slurm): `batch_size` pairs per rank; a bad environment stops
     // here, before anything is read.
-    let world = World::from_env().map_err(|e| invalid(anyhow::anyhow!(e)))?;
+    let placement = Placement::from_env().map_err(|e| invalid(anyhow::anyhow!(e)))?;
     let s = prepare(&cfg)?;
     if args.validate {
         return cfg.print_resolved();
     }
+    let world = World::join_placed(placement).map_err(|e| invalid(anyhow::anyhow!(e)))?;
 
     let c = &cfg.value;
     let stores = s.m.stores();

@@ -8,7 +8,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use temper_core::checkpoint::{check_save, SaveOptions};
-use temper_core::dist::{Ranks, World};
+use temper_core::dist::{Placement, Ranks, World};
 use temper_core::model::MemorySaving;
 use temper_core::peft::PeftConfig;
 use temper_core::sample::{generate, SamplingConfig};
@@ -214,11 +214,12 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     };
     // Data parallel (torchrun / Slurm): `batch_size` rows per rank; a bad environment stops
     // here, before anything is read.
-    let world = World::from_env().map_err(|e| invalid(anyhow::anyhow!(e)))?;
+    let placement = Placement::from_env().map_err(|e| invalid(anyhow::anyhow!(e)))?;
     let s = prepare(&cfg)?;
     if args.validate {
         return cfg.print_resolved();
     }
+    let world = World::join_placed(placement).map_err(|e| invalid(anyhow::anyhow!(e)))?;
 
     let c = &cfg.value;
     let (model, device) = (&s.m.model, s.m.model.device());
