@@ -98,6 +98,21 @@ pub fn pretrain_config(dir: &Path, tokenizer: &Path, steps: u64, extra: &str) ->
     )
 }
 
+/// The fixture tokenizer and a model pretrained `steps` steps on it in `dir/pretrain`.
+pub fn pretrained(dir: &Path, steps: u64) -> (PathBuf, PathBuf) {
+    let tok = tokenizer(dir);
+    let pre = dir.join("pretrain");
+    assert_ok(
+        &run_stage(
+            "temper-pretrain",
+            &pretrain_config(dir, &tok, steps, ""),
+            &pre,
+        ),
+        "pretrain",
+    );
+    (tok, pre)
+}
+
 /// metrics.jsonl rows as JSON values.
 pub fn metrics(out: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(out.join("metrics.jsonl"))

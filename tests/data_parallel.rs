@@ -307,16 +307,7 @@ fn a_killed_rank_fails_the_other_and_a_rerun_resumes_to_the_same_weights() {
 #[test]
 fn sft_reward_and_dpo_on_two_ranks_match_one_process_even_when_a_rank_gets_no_rows() {
     let dir = tempfile::tempdir().unwrap();
-    let tok = tokenizer(dir.path());
-    let pre = dir.path().join("pretrain");
-    assert_ok(
-        &run_stage(
-            "temper-pretrain",
-            &pretrain_config(dir.path(), &tok, 20, ""),
-            &pre,
-        ),
-        "pretrain",
-    );
+    let (_, pre) = pretrained(dir.path(), 20);
     // 239 examples in batches of 14: the last batch of each epoch has one row, so rank 1
     // gets none of it, and rows differ in length, so each rank's mean must count by tokens.
     let lines: Vec<String> = std::fs::read_to_string(tiny("sft.jsonl"))

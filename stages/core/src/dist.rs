@@ -193,13 +193,8 @@ impl World {
         self.placement.world
     }
 
-    /// The world the environment describes, joined (a world of one without the variables).
-    /// The error is one line naming the variable or the address.
-    pub fn from_env() -> std::result::Result<Self, String> {
-        Self::join_placed(Placement::from_env()?)
-    }
-
-    /// Joins the ranks `placement` describes, within [`timeout`], saying which rank this is.
+    /// Joins the ranks `placement` describes, within [`timeout`], saying which rank this is;
+    /// the error is one line naming the address.
     /// A stage checks its placement (`Placement::from_env`) before reading anything and joins
     /// only once it will train: `--validate` never waits for a rendezvous.
     pub fn join_placed(placement: Placement) -> std::result::Result<Self, String> {
