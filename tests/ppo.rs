@@ -122,3 +122,66 @@ fn ppo_raises_the_reward_with_bounded_kl_and_resumes_exactly() {
         .unwrap()
         .contains("| win_rate | - |"));
 }
+
+/// Program rewards beside the reward model: a `length` range PPO must climb (the replies grow
+/// towards it and the term's mean rises), logged as `reward/length`; a `model` entry, or a
+/// reward reading a field the prompts lack, is refused with one line before anything is written.
+#[test]
+fn ppo_adds_program_rewards_to_the_reward_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sft, rm) = sft_and_reward(dir.path());
+    let base = std::fs::read_to_string(ppo_config(dir.path(), &sft, &rm)).unwrap();
+    let with = |rewards: &str| {
+        let yaml =
+            format!("{base}rewards: {rewards}\n").replace("iterations: 12", "iterations: 10");
+        write(&dir.path().join("ppo-rewards.yaml"), &yaml)
+    };
+    let cfg = with("[{kind: length, min: 16, max: 16, penalty: 0.5, weight: 2.0}]");
+    let out = dir.path().join("ppo-length");
+    assert_ok(
+        &run_stage("temper-ppo", &cfg, &out),
+        "ppo with a length reward",
+    );
+    let rows = metrics(&out);
+    let series = |k: &str| -> Vec<f64> { rows.iter().map(|r| r[k].as_f64().unwrap()).collect() };
+    let (length, len) = (series("reward/length"), series("response/len_mean"));
+    let avg = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    assert!(
+        avg(&length[7..]) > avg(&length[..3]),
+        "length term did not rise: {length:?}"
+    );
+    assert!(
+        avg(&len[7..]) > avg(&len[..3]),
+        "replies did not grow: {len:?}"
+    );
+    // The term is in the shaped reward: −0.5 × 2 per token short of 16 on top of the score.
+    let shaped = series("reward/mean");
+    let score = series("score/mean");
+    for i in 0..rows.len() {
+        let expected = score[i] + 2.0 * length[i];
+        assert!(
+            (shaped[i] - expected).abs() < 1e-4,
+            "row {i}: {shaped:?} vs {score:?} + 2×{length:?}"
+        );
+    }
+
+    for (rewards, words) in [
+        (
+            "[{kind: model, path: somewhere}]".to_string(),
+            "field `rewards.0.kind`: PPO's reward model is `reward_model`",
+        ),
+        (
+            "[{kind: exact_match}]".to_string(),
+            "reward `exact_match`: exact_match reads `answer`, which the example lacks",
+        ),
+    ] {
+        let cfg = with(&rewards);
+        let bad = dir.path().join("ppo-bad");
+        let res = run_stage("temper-ppo", &cfg, &bad);
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert_eq!(res.status.code(), Some(2), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(err.contains(words), "{err}");
+        assert!(!bad.exists(), "nothing written");
+    }
+}

@@ -5,7 +5,8 @@
 
 use tch::{Kind, Tensor};
 use temper_core::checkpoint::ScoreHead;
-use temper_core::rewards::{RewardSpec, Scored as Input, TextReward};
+use temper_core::rewards::program::score_replies;
+use temper_core::rewards::{ReplyText, RewardSpec, TextReward};
 use temper_core::scoring::{decode_prompts, decode_replies, reward_scores};
 use temper_core::{load_checkpoint, LoadSpec, Loaded, Transformer};
 use temper_data::{PromptRecord, TextTokenizer};
@@ -137,20 +138,19 @@ impl RewardSet {
                 .to_kind(Kind::Double),
         )?;
         let b = replies.len();
+        let texts: Vec<ReplyText> = (0..b)
+            .map(|i| ReplyText {
+                prompt: &prompts[i],
+                reply: &replies[i].text,
+                reply_tokens: lengths[i] as usize,
+                fields: &records[i].meta,
+            })
+            .collect();
         let mut total = vec![0.0; b];
         let mut per_name = Vec::new();
         for e in &mut self.entries {
             let values: Vec<f64> = match &mut e.scorer {
-                Scorer::Text(t) => (0..b)
-                    .map(|i| {
-                        t.score(&Input {
-                            prompt: &prompts[i],
-                            reply: &replies[i].text,
-                            reply_tokens: lengths[i] as usize,
-                            fields: &records[i].meta,
-                        })
-                    })
-                    .collect::<Result<_, _>>()?,
+                Scorer::Text(t) => score_replies(t, &e.name, &texts)?,
                 Scorer::Model(m) => {
                     let scores = tch::no_grad(|| reward_scores(m, &ro.joined))?;
                     let mut v = Vec::<f64>::try_from(scores.to_kind(Kind::Double))?;

@@ -6,229 +6,33 @@
 //! atomically; prompt order and sampling seeds are functions of the iteration, so a resumed run
 //! reproduces the uninterrupted one on CPU.
 
+mod config;
 mod rollout;
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use anyhow::Context;
-use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde_json::{json, Value};
 use tch::nn::VarStore;
 use tch::{Kind, Tensor};
+use temper_core::checkpoint::SaveDtype;
 use temper_core::checkpoint::ScoreHead;
-use temper_core::checkpoint::{check_save, SaveDtype, SaveOptions};
 use temper_core::peft::{PeftConfig, Reference, Tuning};
-use temper_core::rl::{self, KlControl, KlEstimator, RewardStats};
-use temper_core::schedule::check_optim;
+use temper_core::rewards::{ProgramRewards, ProgramScores};
+use temper_core::rl::{self, RewardStats};
 use temper_core::{
     load_checkpoint, load_with_tokenizer, resolve_device, resume_or_start, save_state, AdamW,
-    DeviceSpec, LoadSpec, Loaded, OptimSettings, Precision, SamplingConfig, Transformer,
+    LoadSpec, Loaded, Precision, SamplingConfig, Transformer,
 };
-use temper_data::{pass_batch, seed_for, seeds_for, ChatTemplate, Fields, LoadOptions, Overlong};
-use temper_stage::cadence::every_10;
+use temper_data::{pass_batch, seed_for, seeds_for, ChatTemplate, LoadOptions, Overlong};
 use temper_stage::{
-    checked_config, invalid, progress_bar, Cadence, ConfigFile, Every, Inputs, MetricsLog,
-    StageArgs, StageError, StageFolder, StageKind,
+    checked_config, invalid, progress_bar, Cadence, ConfigFile, Every, MetricsLog, StageArgs,
+    StageError, StageFolder, StageKind,
 };
 
+use crate::config::{check, Config, CriticInit, OptimizerMode};
 use crate::rollout::Models;
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum CriticInit {
-    /// The reward model's backbone and head (the usual choice: it already reads the reward).
-    #[default]
-    Reward,
-    /// The policy's backbone with a fresh value head.
-    Policy,
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum OptimizerMode {
-    /// One AdamW each for actor and critic, with their own settings.
-    #[default]
-    Separate,
-    /// One AdamW over both; loss = policy loss + vf_coef · value loss, settings from `optim`.
-    Shared,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct KlSettings {
-    #[serde(default)]
-    estimator: KlEstimator,
-    /// Initial (or fixed) coefficient of the per-token KL penalty.
-    coef: f64,
-    /// With a target, the coefficient adapts (Ziegler et al.) towards this KL per sequence.
-    #[serde(default)]
-    target: Option<f64>,
-    #[serde(default = "default_horizon")]
-    horizon: f64,
-}
-
-fn default_horizon() -> f64 {
-    10_000.0
-}
-
-impl KlSettings {
-    /// The controller these settings describe: adaptive with a target, else fixed.
-    fn control(&self) -> KlControl {
-        match self.target {
-            Some(target) => KlControl::Adaptive {
-                coef: self.coef,
-                target,
-                horizon: self.horizon,
-            },
-            None => KlControl::Fixed { coef: self.coef },
-        }
-    }
-}
-
-impl Default for KlSettings {
-    fn default() -> Self {
-        Self {
-            estimator: KlEstimator::K1,
-            coef: 0.05,
-            target: None,
-            horizon: default_horizon(),
-        }
-    }
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Config {
-    /// SFT checkpoint: the actor's start and the frozen reference.
-    policy: PathBuf,
-    /// Reward-model checkpoint (with `score.weight`).
-    reward_model: PathBuf,
-    /// Prompts (.jsonl or .parquet): `prompt` as text or messages.
-    prompts: PathBuf,
-    #[serde(default)]
-    fields: Fields,
-    #[serde(default)]
-    critic_init: CriticInit,
-    #[serde(default)]
-    optimizer: OptimizerMode,
-    /// Parameter-efficient actor (lora: the reference is the actor with its adapters
-    /// bypassed, so no second copy is held; freeze); default: every parameter trains.
-    #[serde(default)]
-    peft: Option<PeftConfig>,
-    /// Parameter-efficient critic (e.g. a LoRA on the reward model); default: full.
-    #[serde(default)]
-    critic_peft: Option<PeftConfig>,
-    iterations: u64,
-    /// Prompts per iteration (the rollout batch).
-    batch_size: usize,
-    #[serde(default = "default_minibatch")]
-    minibatch_size: usize,
-    #[serde(default = "default_ppo_epochs")]
-    ppo_epochs: usize,
-    #[serde(default = "default_max_new")]
-    max_new_tokens: i64,
-    #[serde(default = "default_temperature")]
-    temperature: f64,
-    #[serde(default)]
-    top_k: Option<i64>,
-    #[serde(default)]
-    top_p: Option<f64>,
-    #[serde(default)]
-    max_prompt_len: Option<usize>,
-    #[serde(default)]
-    kl: KlSettings,
-    #[serde(default = "default_gamma")]
-    gamma: f64,
-    #[serde(default = "default_lam")]
-    lam: f64,
-    #[serde(default = "default_clip")]
-    cliprange: f64,
-    #[serde(default = "default_clip")]
-    cliprange_value: f64,
-    /// Weight of the value loss (shared optimizer only).
-    #[serde(default = "default_vf_coef")]
-    vf_coef: f64,
-    #[serde(default)]
-    entropy_coef: f64,
-    #[serde(default = "default_true")]
-    whiten_advantages: bool,
-    /// Added to the score of a reply that never emitted EOS (e.g. −1).
-    #[serde(default)]
-    missing_eos_penalty: Option<f64>,
-    /// Normalise scores by running mean and std (before clipping).
-    #[serde(default)]
-    reward_normalize: bool,
-    /// Clip scores to ±this.
-    #[serde(default)]
-    reward_clip: Option<f64>,
-    /// Actor optimizer (and the shared one).
-    #[serde(default = "default_actor_optim")]
-    optim: OptimSettings,
-    #[serde(default = "default_critic_optim")]
-    critic_optim: OptimSettings,
-    #[serde(default = "every_10")]
-    save_every: Every,
-    /// Write a few prompts, replies, scores and KL to samples.jsonl every N iterations.
-    #[serde(default = "every_10")]
-    sample_every: Every,
-    /// How the final checkpoint is written: `dtype` (fp32, bf16, fp16; default the init's)
-    /// and `max_shard_size` (`5GB`; default one file).
-    #[serde(default)]
-    save: SaveOptions,
-    #[serde(default)]
-    device: DeviceSpec,
-    #[serde(default)]
-    precision: Precision,
-    #[serde(default)]
-    seed: u64,
-}
-
-fn default_minibatch() -> usize {
-    8
-}
-fn default_ppo_epochs() -> usize {
-    2
-}
-fn default_max_new() -> i64 {
-    32
-}
-fn default_temperature() -> f64 {
-    1.0
-}
-fn default_gamma() -> f64 {
-    1.0
-}
-fn default_lam() -> f64 {
-    0.95
-}
-fn default_clip() -> f64 {
-    0.2
-}
-fn default_vf_coef() -> f64 {
-    0.1
-}
-fn default_true() -> bool {
-    true
-}
-fn default_actor_optim() -> OptimSettings {
-    OptimSettings {
-        lr: 1e-5,
-        min_lr: 1e-5,
-        warmup_steps: 0,
-        weight_decay: 0.0,
-        ..OptimSettings::default()
-    }
-}
-fn default_critic_optim() -> OptimSettings {
-    OptimSettings {
-        lr: 1e-5,
-        min_lr: 1e-5,
-        warmup_steps: 0,
-        weight_decay: 0.0,
-        ..OptimSettings::default()
-    }
-}
 
 fn main() {
     temper_stage::stage_main(
@@ -236,70 +40,6 @@ fn main() {
         "RLHF with PPO: actor, critic, frozen reference and reward model.",
         run,
     )
-}
-
-/// Range checks and the inputs' presence; nothing is read yet.
-fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError> {
-    let c = &cfg.value;
-    check_optim(cfg, "optim", &c.optim)?;
-    check_save(cfg, &c.save)?;
-    check_optim(cfg, "critic_optim", &c.critic_optim)?;
-    for (field, v) in [
-        ("iterations", c.iterations),
-        ("batch_size", c.batch_size as u64),
-        ("minibatch_size", c.minibatch_size as u64),
-        ("ppo_epochs", c.ppo_epochs as u64),
-    ] {
-        cfg.ensure(v >= 1, field, "must be at least 1")?;
-    }
-    cfg.ensure(
-        c.max_new_tokens >= 1,
-        "max_new_tokens",
-        "must be at least 1",
-    )?;
-    cfg.ensure(
-        c.temperature.is_finite() && c.temperature > 0.0,
-        "temperature",
-        "must be positive (PPO samples)",
-    )?;
-    cfg.ensure(
-        c.top_k.is_none_or(|k| k >= 1),
-        "top_k",
-        "must be at least 1",
-    )?;
-    cfg.ensure(
-        c.top_p.is_none_or(|p| p > 0.0 && p <= 1.0),
-        "top_p",
-        "must be in (0, 1]",
-    )?;
-    cfg.ensure(
-        c.kl.coef.is_finite() && c.kl.coef >= 0.0,
-        "kl.coef",
-        "must be ≥ 0",
-    )?;
-    cfg.ensure(
-        c.kl.target.is_none_or(|t| t > 0.0),
-        "kl.target",
-        "must be positive",
-    )?;
-    cfg.ensure(c.kl.horizon > 0.0, "kl.horizon", "must be positive")?;
-    cfg.ensure((0.0..=1.0).contains(&c.gamma), "gamma", "must be in [0, 1]")?;
-    cfg.ensure((0.0..=1.0).contains(&c.lam), "lam", "must be in [0, 1]")?;
-    for (field, v) in [
-        ("cliprange", c.cliprange),
-        ("cliprange_value", c.cliprange_value),
-    ] {
-        cfg.ensure(v > 0.0 && v.is_finite(), field, "must be positive")?;
-    }
-    cfg.ensure(
-        c.reward_clip.is_none_or(|v| v > 0.0),
-        "reward_clip",
-        "must be positive",
-    )?;
-    inputs.checkpoint(cfg, "policy", &c.policy, true)?;
-    inputs.checkpoint(cfg, "reward_model", &c.reward_model, true)?;
-    inputs.file(cfg, "prompts", &c.prompts)?;
-    Ok(())
 }
 
 /// The four models and the rendered prompts. Frozen models are loaded with gradients off and
@@ -314,6 +54,8 @@ struct Setup {
     prompts: Vec<Vec<u32>>,
     /// Each prompt's reward sign (the reward model's `temper_score_sign`; 1 without one).
     signs: Vec<f64>,
+    /// Each prompt's other fields, which program rewards read (an answer, a label).
+    fields: Vec<BTreeMap<String, Value>>,
 }
 
 impl Setup {
@@ -360,8 +102,10 @@ fn optimizers(c: &Config, actor: &Loaded, critic: &Critic) -> (AdamW, Option<Ada
     }
 }
 
-fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
+fn prepare(cfg: &ConfigFile<Config>) -> Result<(Setup, ProgramRewards), StageError> {
     let c = &cfg.value;
+    let program = ProgramRewards::new(&c.rewards)
+        .map_err(|(i, e)| cfg.error(&format!("rewards.{i}"), e.to_string()))?;
     let device = resolve_device(c.device).map_err(invalid)?;
     tch::manual_seed(c.seed as i64);
     let mut actor = load_with_tokenizer(&c.policy, LoadSpec::CAUSAL_LM, device).map_err(invalid)?;
@@ -453,21 +197,30 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
             .map_err(|e| cfg.error("prompts", e))?,
         None => vec![1.0; prompts.len()],
     };
+    for (row, (_, record)) in prompts.iter().enumerate() {
+        if let Err(problem) = program.check_fields(&record.meta) {
+            let at = format!("{} row {}: {problem}", c.prompts.display(), row + 1);
+            return Err(cfg.error("prompts", at));
+        }
+    }
     tracing::info!(
         "{}: {} prompts ({} longer than {max_prompt} tokens skipped)",
         c.prompts.display(),
         prompts.len(),
         report.skipped
     );
-    Ok(Setup {
+    let (prompts, fields) = prompts.into_iter().map(|(ids, r)| (ids, r.meta)).unzip();
+    let setup = Setup {
         actor,
         reference,
         reward,
         critic,
         template,
         signs,
-        prompts: prompts.into_iter().map(|(ids, _)| ids).collect(),
-    })
+        prompts,
+        fields,
+    };
+    Ok((setup, program))
 }
 
 fn run(args: &StageArgs) -> Result<(), StageError> {
@@ -475,7 +228,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         return Ok(()); // an input is pending: the rest is checked when it exists
     };
     temper_core::dist::World::require_single("ppo").map_err(|e| invalid(anyhow::anyhow!(e)))?;
-    let s = prepare(&cfg)?;
+    let (s, mut program) = prepare(&cfg)?;
     if args.validate {
         return cfg.print_resolved();
     }
@@ -514,11 +267,15 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         let mut ro = rollout::rollout(&models, &batch, &sampling(c, &s.template), &seeds)?;
         let signs: Vec<f32> = picked.iter().map(|&i| s.signs[i] as f32).collect();
         ro.scores = &ro.scores * Tensor::from_slice(&signs).to_device(ro.scores.device());
+        let fields: Vec<&BTreeMap<String, Value>> = picked.iter().map(|&i| &s.fields[i]).collect();
+        let stops = s.template.stop_ids();
+        let program =
+            rollout::program_scores(&mut program, &ro, &fields, &s.actor.tokenizer, &stops)?;
         let train_start = Instant::now();
 
-        // 2. Scores from the reward model, then the optional missing-EOS penalty,
-        //    normalisation and clipping.
-        let score = shape_scores(&ro, c, &mut stats)?;
+        // 2. Scores from the reward model plus the program rewards, then the optional
+        //    missing-EOS penalty, normalisation and clipping.
+        let score = shape_scores(&ro, program.as_ref(), c, &mut stats)?;
 
         // 3. Per-token KL to the reference, as a penalty; the score on the last real token.
         let kl = rl::kl_penalty(&ro.logprobs, &ro.ref_logprobs, &ro.mask, c.kl.estimator); // (B, N)
@@ -563,7 +320,16 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
             lr: c.optim.lr_at(iter, c.iterations),
             train_s: train_start.elapsed().as_secs_f64(),
         };
-        log.log_train(step, &iteration_fields(&ro, &measured, c, &progress))?;
+        let mut fields: Vec<(String, f64)> = iteration_fields(&ro, &measured, c, &progress)
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        for (name, values) in program.iter().flat_map(|p| &p.per_name) {
+            let avg = values.iter().sum::<f64>() / values.len().max(1) as f64;
+            fields.push((format!("reward/{name}"), avg));
+        }
+        let named: Vec<(&str, f64)> = fields.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        log.log_train(step, &named)?;
         bar.set_position(step);
         if every.eval_due(step) {
             let tok = &s.actor.tokenizer;
@@ -684,14 +450,22 @@ fn sampling(c: &Config, template: &ChatTemplate) -> SamplingConfig {
     }
 }
 
-/// The reward-model scores with the missing-EOS penalty, running normalisation and clipping
-/// applied, as configured.
+/// The reward-model scores plus the weighted program rewards, with the missing-EOS penalty,
+/// running normalisation and clipping applied, as configured.
 fn shape_scores(
     ro: &rollout::Rollout,
+    program: Option<&ProgramScores>,
     c: &Config,
     stats: &mut RewardStats,
 ) -> anyhow::Result<Tensor> {
-    let mut score = ro.scores.shallow_clone(); // (B,)
+    // (B,); never added to in place: `ro.scores` stays the reward model's, as logged.
+    let mut score = match program {
+        Some(p) => {
+            let added = Tensor::from_slice(&p.total).to_kind(Kind::Float);
+            &ro.scores + added.to_device(ro.scores.device())
+        }
+        None => ro.scores.shallow_clone(),
+    };
     if let Some(p) = c.missing_eos_penalty {
         score = &score + ro.has_eos.logical_not().to_kind(Kind::Float) * p;
     }

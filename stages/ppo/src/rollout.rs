@@ -1,9 +1,12 @@
 //! The two halves of a PPO iteration that touch the models: the rollout (generate, then score
 //! with every model without gradients) and the optimisation epochs over its minibatches.
 
-use serde_json::json;
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
 use tch::{Kind, Tensor};
 use temper_core::peft::{Reference, Tuning};
+use temper_core::rewards::{ProgramRewards, ProgramScores, ReplyText};
 use temper_core::rl;
 use temper_core::sample::{generate, SamplingConfig};
 use temper_core::scoring::{
@@ -93,6 +96,32 @@ pub fn rollout(
             })
         })?
     })
+}
+
+/// The program rewards of every reply (None when the stage lists none): the replies and
+/// prompts decoded once, each reward scored over the batch.
+pub fn program_scores(
+    rewards: &mut ProgramRewards,
+    ro: &Rollout,
+    fields: &[&BTreeMap<String, Value>],
+    tok: &TextTokenizer,
+    stops: &[u32],
+) -> anyhow::Result<Option<ProgramScores>> {
+    if rewards.is_empty() {
+        return Ok(None);
+    }
+    let replies = decode_replies(tok, &ro.tokens, &ro.mask, stops)?;
+    let prompts = decode_prompts(tok, &ro.prompt, &ro.prompt_mask)?;
+    let lengths = Vec::<i64>::try_from(ro.mask.sum_dim_intlist(1, false, Kind::Int64))?;
+    let batch: Vec<ReplyText> = (0..replies.len())
+        .map(|i| ReplyText {
+            prompt: &prompts[i],
+            reply: &replies[i].text,
+            reply_tokens: lengths[i] as usize,
+            fields: fields[i],
+        })
+        .collect();
+    Ok(Some(rewards.score(&batch)?))
 }
 
 #[derive(Clone, Copy)]

@@ -4,7 +4,9 @@
 
 pub mod command;
 pub mod functions;
+pub mod program;
 pub mod vader;
 
 pub use functions::{RewardSpec, Scored, TextReward};
+pub use program::{ProgramRewards, ProgramScores, ReplyText};
 pub use vader::{SentimentJudge, Verdict};
