@@ -1,6 +1,6 @@
 //! Data-parallel training over c10d's Gloo on this CPU, as real subprocesses: ranks of half
-//! the batch train as one process with all of it (pretraining and SFT, launched by hand and by
-//! torchrun), a bad environment is one line, a killed rank stops the others and a rerun
+//! the batch train as one process with all of it (pretraining, SFT, reward model, DPO and GRPO,
+//! launched by hand and by torchrun), a bad environment is one line, a killed rank stops the others and a rerun
 //! resumes, and stages without data parallelism refuse a world above one.
 
 mod common;
@@ -405,6 +405,81 @@ fn sft_reward_and_dpo_on_two_ranks_match_one_process_even_when_a_rank_gets_no_ro
         accuracy(&dpo_two),
         "held-out reward accuracy"
     );
+}
+
+/// GRPO's ranks each sample and score half of the prompts (whole groups) with the seeds one
+/// process gives those rows; batch-scaled advantages, REINFORCE++'s whitening and the loss
+/// denominators are the whole rollout's; minibatches of 6 replies straddle the ranks. So two
+/// ranks of 2 prompts × 4 replies train as one process of 4 prompts: the same replies and
+/// rewards, the same losses, the same weights.
+#[test]
+fn grpo_on_two_ranks_matches_one_process_with_the_whole_rollout() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sft, _) = sft_and_reward(dir.path());
+    let config = |prompts: usize, name: &str, extra: &str| {
+        write(
+            &dir.path().join(name),
+            &format!(
+                "policy: {}\nprompts: {}\nrewards: [{{kind: length, min: 1, max: 4, penalty: 0.1}}]\n\
+                 num_generations: 4\nprompts_per_iteration: {prompts}\niterations: 6\nmax_new_tokens: 12\n\
+                 minibatch_size: 6\noptim: {{lr: 1.0e-3, min_lr: 1.0e-3, warmup_steps: 0}}\n\
+                 save_every: 3\nsample_every: 3\nseed: 7\n{extra}",
+                sft.display(),
+                tiny("prompts.jsonl").display()
+            ),
+        )
+    };
+    // REINFORCE++ whitens every token's return over both ranks' sums (f64) where one process
+    // reduces one f32 tensor: the advantages differ by ~1e-7 and twelve Adam updates carry that
+    // to ~1e-5 in weights whose gradients are tiny, so its bounds are looser.
+    for (name, extra, tolerance, weights) in [
+        ("grpo", "scale: batch\nloss_aggregation: bnpo\nbeta: 0.05\n", 1e-5, 1e-5),
+        (
+            "reinforce_pp",
+            "algorithm: reinforce_pp\nbeta: 0.05\nloss_aggregation: dapo\nupdates_per_iteration: 2\n",
+            1e-4,
+            5e-5,
+        ),
+    ] {
+        let one = dir.path().join(format!("{name}_one"));
+        let cfg = config(4, &format!("{name}_whole.yaml"), extra);
+        assert_ok(&run_stage("temper-grpo", &cfg, &one), name);
+        let two = dir.path().join(format!("{name}_two"));
+        let cfg = config(2, &format!("{name}_half.yaml"), extra);
+        for c in start_ranks("temper-grpo", &cfg, &two, free_port(), 120) {
+            assert_ok(&c.wait_with_output().unwrap(), "a GRPO rank of two");
+        }
+        let (a, b) = (metrics(&one), metrics(&two));
+        assert_eq!(a.len(), 6, "{name}: one row per iteration");
+        assert_eq!(a.len(), b.len(), "{name}: rows");
+        for (x, y) in a.iter().zip(&b) {
+            for k in [
+                "reward/mean",
+                "reward/std",
+                "reward/length",
+                "frac_zero_std_groups",
+                "response/len_mean",
+                "response/eos_rate",
+                "loss",
+                "kl",
+                "clipfrac",
+                "entropy",
+                "grad_norm",
+                "tokens",
+            ] {
+                let (u, v) = (x[k].as_f64().unwrap(), y[k].as_f64().unwrap());
+                assert!(
+                    (u - v).abs() < tolerance * u.abs().max(1.0),
+                    "{name} step {}: {k} {u} (one process) vs {v} (two ranks)",
+                    x["step"]
+                );
+            }
+        }
+        let d = max_weight_diff(&one, &two);
+        assert!(d < weights, "{name}: final weights differ by {d:e}");
+        // Rank 0 alone wrote: its samples (the first groups), the state, the summary.
+        assert!(two.join("samples.jsonl").exists() && two.join("summary.json").exists());
+    }
 }
 
 #[test]

@@ -66,6 +66,7 @@ fn advantages_and_clipped_losses_match_trl() {
                 beta: json["beta"].as_f64().unwrap(),
                 max_len: json["max_completion_length"].as_i64().unwrap(),
                 batch_tokens: mask.sum(Kind::Float).double_value(&[]),
+                whole: None,
             };
             let (loss, _) = critic_free::clipped_loss(
                 &logp,

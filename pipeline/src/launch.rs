@@ -84,7 +84,7 @@ impl Resources {
         if self.world() > 1 && !kind.data_parallel() {
             out.push(format!(
                 "resources: {} ranks, but temper-{} does not train data-parallel yet (pretrain, \
-                 sft, reward and dpo do); remove `resources`",
+                 sft, reward, dpo and grpo do); remove `resources`",
                 self.world(),
                 kind.name()
             ));

@@ -82,9 +82,13 @@ pub fn zero_std_groups(rewards: &Tensor, g: i64) -> Tensor {
 /// REINFORCE++: per-token rewards (−coef·KL on every token, the score on the last real one),
 /// summed into returns-to-go (γ = 1), whitened over the batch's real tokens.
 pub fn reinforce_pp_advantages(score: &Tensor, kl: &Tensor, mask: &Tensor, coef: f64) -> Tensor {
+    crate::rl::masked_whiten(&reinforce_pp_returns(score, kl, mask, coef), mask)
+}
+
+/// REINFORCE++'s returns before whitening (data parallel whitens them over every rank's).
+pub fn reinforce_pp_returns(score: &Tensor, kl: &Tensor, mask: &Tensor, coef: f64) -> Tensor {
     let rewards = crate::rl::token_rewards(score, kl, mask, coef); // (B, N)
-    let returns = rewards.flip([1]).cumsum(1, Kind::Float).flip([1]) * mask;
-    crate::rl::masked_whiten(&returns, mask)
+    rewards.flip([1]).cumsum(1, Kind::Float).flip([1]) * mask
 }
 
 /// The per-token k3 estimate of KL(π ‖ π_ref): e^(ref − logp) − (ref − logp) − 1.
@@ -107,6 +111,16 @@ pub struct ClipSettings {
     pub max_len: i64,
     /// DAPO's constant: active tokens in the whole rollout batch.
     pub batch_tokens: f64,
+    /// Data parallel: the minibatch this call sees part of. Its rows and tokens divide the
+    /// loss instead of the part's own, so the ranks' losses sum to the whole minibatch's.
+    pub whole: Option<Whole>,
+}
+
+/// A whole minibatch's size, for a rank that holds some of its rows.
+#[derive(Clone, Copy, Debug)]
+pub struct Whole {
+    pub rows: f64,
+    pub tokens: f64,
 }
 
 /// The clipped ratio loss (a scalar) and its clip fraction: `logp`, `old_logp`, `ref_logp` and
@@ -144,13 +158,20 @@ pub fn clipped_loss(
         _ => surrogate,
     };
     let masked = &per_token * mask;
-    let loss = match s.aggregation {
-        Aggregation::Grpo => (masked.sum_dim_intlist(-1, false, Kind::Float)
-            / mask.sum_dim_intlist(-1, false, Kind::Float).clamp_min(1.0))
-        .mean(Kind::Float),
-        Aggregation::Bnpo => masked.sum(Kind::Float) / mask.sum(Kind::Float).clamp_min(1.0),
-        Aggregation::DrGrpo => masked.sum(Kind::Float) / (logp.size()[0] * s.max_len) as f64,
-        Aggregation::Dapo => masked.sum(Kind::Float) / s.batch_tokens.max(1.0),
+    let per_sequence = masked.sum_dim_intlist(-1, false, Kind::Float)
+        / mask.sum_dim_intlist(-1, false, Kind::Float).clamp_min(1.0);
+    let loss = match (s.aggregation, s.whole) {
+        (Aggregation::Grpo, None) => per_sequence.mean(Kind::Float),
+        (Aggregation::Grpo, Some(w)) => per_sequence.sum(Kind::Float) / w.rows.max(1.0),
+        (Aggregation::Bnpo, None) => masked.sum(Kind::Float) / mask.sum(Kind::Float).clamp_min(1.0),
+        (Aggregation::Bnpo, Some(w)) => masked.sum(Kind::Float) / w.tokens.max(1.0),
+        (Aggregation::DrGrpo, None) => {
+            masked.sum(Kind::Float) / (logp.size()[0] * s.max_len) as f64
+        }
+        (Aggregation::DrGrpo, Some(w)) => {
+            masked.sum(Kind::Float) / (w.rows * s.max_len as f64).max(1.0)
+        }
+        (Aggregation::Dapo, _) => masked.sum(Kind::Float) / s.batch_tokens.max(1.0),
     };
     let was_clipped = clipped_term
         .lt_tensor(&unclipped_term)
@@ -231,6 +252,7 @@ mod tests {
             beta: 0.0,
             max_len: 4,
             batch_tokens: 8.0,
+            whole: None,
         };
         let adv = t(&[1.0], &[1]);
         let (loss, clipfrac) = clipped_loss(&new, &old, None, &adv, &m, &s);
@@ -259,5 +281,59 @@ mod tests {
             &k3(&t(&[1.5f32.ln()], &[1]), &t(&[0.0], &[1])),
             &[0.072_132],
         );
+    }
+
+    #[test]
+    fn parts_of_a_minibatch_sum_to_its_loss() {
+        // Three replies of unequal length, split 2 + 1 as two ranks hold them: with `whole`
+        // the parts' losses add up to the whole minibatch's under every aggregation.
+        let new = t(&[0.1, -0.2, 0.3, 0.05, 0.0, 0.0, -0.1, 0.2, 0.0], &[3, 3]);
+        let old = new.zeros_like();
+        let m = t(&[1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0], &[3, 3]);
+        let adv = t(&[1.0, -0.5, 2.0], &[3]);
+        let reference = t(&[0.0, 0.1, 0.2, 0.0, 0.0, 0.0, 0.1, 0.0, 0.0], &[3, 3]);
+        for aggregation in [
+            Aggregation::Grpo,
+            Aggregation::Bnpo,
+            Aggregation::DrGrpo,
+            Aggregation::Dapo,
+        ] {
+            let mut s = ClipSettings {
+                epsilon: 0.2,
+                epsilon_high: 0.2,
+                level: RatioLevel::Token,
+                aggregation,
+                beta: 0.1,
+                max_len: 3,
+                batch_tokens: 6.0,
+                whole: None,
+            };
+            let whole = clipped_loss(&new, &old, Some(&reference), &adv, &m, &s).0;
+            s.whole = Some(Whole {
+                rows: 3.0,
+                tokens: 6.0,
+            });
+            let part = |rows: &[i64]| {
+                let idx = Tensor::from_slice(rows);
+                let pick = |x: &Tensor| x.index_select(0, &idx);
+                let r = pick(&reference);
+                clipped_loss(
+                    &pick(&new),
+                    &pick(&old),
+                    Some(&r),
+                    &pick(&adv),
+                    &pick(&m),
+                    &s,
+                )
+                .0
+            };
+            let summed = part(&[0, 1]) + part(&[2]);
+            let got = summed.double_value(&[]);
+            let want = whole.double_value(&[]);
+            assert!(
+                (got - want).abs() < 1e-6,
+                "{aggregation:?}: {got} vs {want}"
+            );
+        }
     }
 }

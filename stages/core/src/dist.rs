@@ -253,7 +253,7 @@ impl World {
         if placement.world > 1 {
             return Err(format!(
                 "temper-{kind} does not train data-parallel yet (WORLD_SIZE={}); run it as one \
-                 process (data parallel: pretrain, sft, reward, dpo)",
+                 process (data parallel: pretrain, sft, reward, dpo, grpo)",
                 placement.world
             ));
         }
@@ -309,6 +309,22 @@ impl World {
         let mut t = Tensor::from_slice(values);
         self.sum_(&mut t)?;
         Ok(Vec::<f64>::try_from(t)?)
+    }
+
+    /// `rl::masked_whiten` over a batch whose rows are split across the ranks: the mean and
+    /// the (Bessel-corrected) variance are the whole batch's. One rank: `masked_whiten` itself.
+    pub fn masked_whiten(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        if self.group.is_none() {
+            return Ok(crate::rl::masked_whiten(x, mask));
+        }
+        let mask = mask.to_kind(Kind::Float);
+        let local = |t: &Tensor| t.sum(Kind::Double).double_value(&[]);
+        let sums = self.sum_values(&[local(&(x * &mask)), local(&mask)])?;
+        let n = sums[1];
+        let mean = sums[0] / n.max(1.0);
+        let sq = self.sum_values(&[local(&((x - mean).square() * &mask))])?[0] / n.max(1.0);
+        let var = sq * n / (n - 1.0).max(1.0);
+        Ok((x - mean) * (var + 1e-8).sqrt().recip() * mask)
     }
 
     pub fn barrier(&self) -> Result<()> {

@@ -6,7 +6,9 @@
 //! clipped ratio loss (token or sequence ratios, DAPO's clip-higher, four aggregations). No
 //! value model; a reference only when `beta` > 0 (the same weights with adapters bypassed for a
 //! LoRA policy). Prompt order and sampling seeds are functions of the iteration, so a resumed
-//! run reproduces the uninterrupted one on CPU.
+//! run reproduces the uninterrupted one on CPU. Data parallel under torchrun/Slurm: each rank
+//! samples and scores its share of the prompts; advantages, metrics and every update are the
+//! whole rollout's.
 
 mod config;
 mod rewards;
@@ -16,6 +18,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use tch::Kind;
+use temper_core::dist::{Placement, Ranks, World};
 use temper_core::peft::Reference;
 use temper_core::{
     load_checkpoint, load_with_tokenizer, resolve_device, resume_or_start, save_state, LoadSpec,
@@ -23,8 +26,8 @@ use temper_core::{
 };
 use temper_data::{pass_batch, seeds_for, ChatTemplate, LoadOptions, Overlong, PromptRecord};
 use temper_stage::{
-    checked_config, invalid, progress_bar, Cadence, ConfigFile, Every, MetricsLog, StageArgs,
-    StageError, StageFolder, StageKind,
+    checked_config, invalid, Cadence, ConfigFile, Every, MetricsLog, StageArgs, StageError,
+    StageKind,
 };
 
 use crate::config::{check, Config};
@@ -122,46 +125,66 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     let Some(cfg) = checked_config::<Config>(args, StageKind::Grpo, check)? else {
         return Ok(()); // an input is pending: the rest is checked when it exists
     };
-    temper_core::dist::World::require_single("grpo").map_err(|e| invalid(anyhow::anyhow!(e)))?;
+    // Data parallel (torchrun / Slurm): `prompts_per_iteration` prompts per rank; a bad
+    // environment stops here, before anything is read.
+    let placement = Placement::from_env().map_err(|e| invalid(anyhow::anyhow!(e)))?;
     let mut s = prepare(&cfg)?;
     if args.validate {
         return cfg.print_resolved();
     }
+    let world = World::join_placed(placement).map_err(|e| invalid(anyhow::anyhow!(e)))?;
     let c = &cfg.value;
-    let folder = StageFolder::claim(&args.out, "grpo")?;
-    cfg.write_resolved(&folder.path)?;
-    let mut log = MetricsLog::open(&folder.path)?;
+    let ranks = Ranks::open(&world, &args.out, "grpo")?;
+    if world.is_main() {
+        cfg.write_resolved(&ranks.out)?;
+    }
+    let mut log = MetricsLog::open(&ranks.log_dir)?;
     let mut opt = s.policy.optimizer(c.optim.adamw());
-    let mut progress = {
+    let mut progress = ranks.resume(&world, |out| {
         let stores = s.policy.stores();
-        resume_or_start(&folder.path, &mut log, &stores, &mut [&mut opt], &cfg.hash)?
-    };
+        resume_or_start(out, &mut log, &stores, &mut [&mut opt], &cfg.hash)
+    })?;
+    world.broadcast_(&opt.parameters())?;
     let every = Cadence::new(Every::new(1), c.sample_every, c.save_every, c.iterations);
-    let bar = progress_bar(c.iterations, progress.step);
+    let bar = ranks.progress_bar(c.iterations, progress.step);
     let g = c.num_generations;
     while progress.step < c.iterations {
         let iter = progress.step;
         // 1. Prompts (a seeded pass over the set), each repeated G times, and the replies.
-        let picked = pass_batch(s.prompts.len(), c.prompts_per_iteration, c.seed, iter);
+        //    With several ranks the pass takes prompts for all of them and each rank samples
+        //    its share (whole groups) with the seeds one process would use for those rows.
+        let picked = pass_batch(
+            s.prompts.len(),
+            c.prompts_per_iteration * world.size(),
+            c.seed,
+            iter,
+        );
         let rows: Vec<usize> = picked
             .iter()
             .flat_map(|&i| std::iter::repeat_n(i, g))
             .collect();
         let seeds = seeds_for(c.seed, "rollout", iter, rows.len());
+        let mine = world.shard(picked.len());
+        let mine = mine.start * g..mine.end * g;
         s.policy.tuning.set_training(false);
-        let ro = update::rollout(&s, c, &rows, &seeds)?;
+        let ro = update::rollout(&s, c, &rows[mine.clone()], &seeds[mine.clone()])?;
 
         // 2. Rewards: each function's score, weighted and summed.
         let score_start = Instant::now();
-        let records: Vec<&PromptRecord> = rows.iter().map(|&i| &s.prompts[i].1).collect();
+        let records: Vec<&PromptRecord> = rows[mine.clone()]
+            .iter()
+            .map(|&i| &s.prompts[i].1)
+            .collect();
         let scored = s
             .rewards
             .score(&records, &ro, &s.policy.tokenizer, &s.template.stop_ids())?;
         let reward_s = score_start.elapsed().as_secs_f64();
 
-        // 3. Advantages (and, for REINFORCE++, the per-token KL inside them).
-        let adv = update::advantages(c, &scored.total, &ro);
+        // 3. Advantages over the whole rollout (and, for REINFORCE++, the per-token KL
+        //    inside them).
         let zero_std = temper_core::critic_free::zero_std_groups(&scored.total, g as i64);
+        let all = update::Gathered::new(&world, &ro, &scored, &zero_std, rows.len())?;
+        let adv = update::advantages(c, &all.total, mine.clone(), &ro, &world)?;
         // DAPO's dynamic sampling: groups where every reply scored the same carry no signal
         // and are left out of the loss.
         let mask = if c.dynamic_sampling {
@@ -173,11 +196,17 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         // 4. `updates_per_iteration` passes of the clipped loss over shuffled minibatches.
         s.policy.tuning.set_training(true);
         let train_start = Instant::now();
-        let m = update::optimize(&s, c, &ro, &adv, &mask, &mut opt, iter)?;
+        let part = update::Part {
+            iteration: iter,
+            world: &world,
+            offset: mine.start,
+            rows: rows.len(),
+        };
+        let m = update::optimize(&s, c, &ro, &adv, &mask, &mut opt, part)?;
         progress.step += 1;
         let step = progress.step;
-        progress.tokens_seen += ro.mask.sum(Kind::Float).double_value(&[]) as u64;
-        let mut fields = update::iteration_fields(&ro, &scored, &zero_std, &m, c, iter);
+        progress.tokens_seen += all.tokens() as u64;
+        let mut fields = update::iteration_fields(&ro, &all, &m, c, iter);
         fields.push(("tokens".into(), progress.tokens_seen as f64));
         fields.push(("time/reward_s".into(), reward_s));
         fields.push(("time/train_s".into(), train_start.elapsed().as_secs_f64()));
@@ -188,14 +217,17 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         if every.eval_due(step) {
             log.log_samples(&update::sample_records(&s, &ro, &scored, step)?)?;
         }
-        if every.save_due(step) {
-            save_state(&folder.path, &log, &s.policy.stores(), &[&opt], &progress)?;
+        if every.save_due(step) && world.is_main() {
+            save_state(&ranks.out, &log, &s.policy.stores(), &[&opt], &progress)?;
         }
         every.stop_if_asked(step)?;
     }
     bar.finish_and_clear();
-    s.policy.save_final(&folder.path, &c.save)?;
-    let mut summary = summary(&folder.path)?;
+    if !world.is_main() {
+        return ranks.finish();
+    }
+    s.policy.save_final(&ranks.out, &c.save)?;
+    let mut summary = summary(&ranks.out)?;
     summary.insert("iterations".into(), progress.step.into());
     summary.insert("tokens".into(), progress.tokens_seen.into());
     for (k, v) in s.policy.param_fields() {

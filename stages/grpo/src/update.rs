@@ -3,7 +3,8 @@
 
 use serde_json::json;
 use tch::{Kind, Tensor};
-use temper_core::critic_free::{self, ClipSettings};
+use temper_core::critic_free::{self, ClipSettings, Whole};
+use temper_core::dist::World;
 use temper_core::sample::{generate, Joined};
 use temper_core::scoring::{decode_prompts, response_logprobs};
 use temper_core::{rl, with_autocast, AdamW};
@@ -73,20 +74,37 @@ pub fn rollout(s: &Setup, c: &Config, rows: &[usize], seeds: &[u64]) -> anyhow::
     })
 }
 
-/// Advantages: (B,) per reply for GRPO and RLOO, (B, N) per token for REINFORCE++.
-pub fn advantages(c: &Config, rewards: &Tensor, ro: &Rollout) -> Tensor {
+/// Advantages: (B,) per reply for GRPO and RLOO, (B, N) per token for REINFORCE++, for this
+/// rank's rows. `rewards` holds the whole rollout's (every rank's, in rank order), of which
+/// this rank's are `mine`: group and batch statistics are the whole rollout's, as one process
+/// would compute them.
+pub fn advantages(
+    c: &Config,
+    rewards: &Tensor,
+    mine: std::ops::Range<usize>,
+    ro: &Rollout,
+    world: &World,
+) -> anyhow::Result<Tensor> {
     let g = c.num_generations as i64;
-    match c.algorithm {
-        Algorithm::Grpo => critic_free::group_advantages(rewards, g, c.scale),
-        Algorithm::Rloo => critic_free::rloo_advantages(rewards, g),
+    let local = |t: Tensor| t.narrow(0, mine.start as i64, mine.len() as i64);
+    Ok(match c.algorithm {
+        Algorithm::Grpo => local(critic_free::group_advantages(rewards, g, c.scale)),
+        Algorithm::Rloo => local(critic_free::rloo_advantages(rewards, g)),
         Algorithm::ReinforcePp => {
             let kl = match &ro.ref_logp {
                 Some(r) => rl::kl_penalty(&ro.old_logp, r, &ro.mask, rl::KlEstimator::K1),
                 None => ro.mask.zeros_like(),
             };
-            critic_free::reinforce_pp_advantages(rewards, &kl, &ro.mask, c.beta)
+            let score = local(rewards.shallow_clone());
+            match world.size() {
+                1 => critic_free::reinforce_pp_advantages(&score, &kl, &ro.mask, c.beta),
+                _ => world.masked_whiten(
+                    &critic_free::reinforce_pp_returns(&score, &kl, &ro.mask, c.beta),
+                    &ro.mask,
+                )?,
+            }
         }
-    }
+    })
 }
 
 /// What the passes over a rollout measured (means over minibatch updates).
@@ -98,6 +116,21 @@ pub struct Optimized {
     pub grad_norm: f64,
 }
 
+/// Which iteration's rollout, and where this rank's rows sit in it (all rows with one
+/// process).
+#[derive(Clone, Copy)]
+pub struct Part<'w> {
+    pub iteration: u64,
+    pub world: &'w World,
+    /// The first of this rank's rows in the whole rollout, and the whole rollout's rows.
+    pub offset: usize,
+    pub rows: usize,
+}
+
+/// `updates_per_iteration` passes over the whole rollout in shuffled minibatches, one update
+/// each. With several ranks every rank shuffles the whole rollout the same way and computes
+/// the loss of its rows of each minibatch over the whole minibatch's rows and tokens; the
+/// gradients are summed across ranks, so every update is the one one process would take.
 pub fn optimize(
     s: &Setup,
     c: &Config,
@@ -105,11 +138,13 @@ pub fn optimize(
     adv: &Tensor,
     mask: &Tensor,
     opt: &mut AdamW,
-    iter: u64,
+    part: Part,
 ) -> anyhow::Result<Optimized> {
-    let b = ro.tokens.size()[0] as usize;
-    let minibatch = c.minibatch_size.unwrap_or(b);
-    let settings = ClipSettings {
+    let (world, iter) = (part.world, part.iteration);
+    let ranks = world.size();
+    let local_rows = ro.tokens.size()[0] as usize;
+    let minibatch = c.minibatch_size.unwrap_or(part.rows);
+    let mut settings = ClipSettings {
         epsilon: c.epsilon,
         epsilon_high: c.epsilon_high(),
         level: c.importance,
@@ -121,68 +156,97 @@ pub fn optimize(
             c.beta
         },
         max_len: c.max_new_tokens,
-        batch_tokens: mask.sum(Kind::Float).double_value(&[]),
+        batch_tokens: world.sum_values(&[mask.sum(Kind::Float).double_value(&[])])?[0],
+        whole: None,
     };
     let device = ro.tokens.device();
     let lr = c.optim.lr_at(iter, c.iterations);
     let last_saved = iter / c.save_every.get() * c.save_every.get();
     let mut sums = [0.0; 5];
     let mut updates = 0.0;
+    let mine = part.offset..part.offset + local_rows;
     for pass in 0..c.updates_per_iteration {
         let order = shuffled(
-            b,
+            part.rows,
             seed_for(c.seed, "grpo-minibatch", iter * 1000 + pass as u64),
         );
         for chunk in order.chunks(minibatch) {
-            let idx = Tensor::from_slice(&chunk.iter().map(|&i| i as i64).collect::<Vec<_>>())
-                .to_device(device);
+            let rows: Vec<i64> = chunk
+                .iter()
+                .filter(|i| mine.contains(i))
+                .map(|&i| (i - part.offset) as i64)
+                .collect();
+            let idx = Tensor::from_slice(&rows).to_device(device);
             let pick = |t: &Tensor| t.index_select(0, &idx);
-            let (seq, attn) = (pick(&ro.joined.seq), pick(&ro.joined.attention));
-            let (tokens, m) = (pick(&ro.tokens), pick(mask));
-            let out = with_autocast(device, c.precision, || -> anyhow::Result<_> {
-                let (logp, logits) = response_logprobs(
-                    &s.policy.model,
-                    &seq,
-                    &attn,
-                    ro.prompt_len,
-                    &tokens,
-                    c.temperature,
-                )?;
-                let reference = ro.ref_logp.as_ref().map(pick);
-                let (loss, clipfrac) = critic_free::clipped_loss(
-                    &logp,
-                    &pick(&ro.old_logp),
-                    reference.as_ref(),
-                    &pick(adv),
-                    &m,
-                    &settings,
-                );
-                let entropy = rl::entropy(&logits, &m).detach();
-                let kl = match &reference {
-                    Some(r) => {
-                        (critic_free::k3(&logp, r) * &m).sum(Kind::Float)
-                            / m.sum(Kind::Float).clamp_min(1.0)
-                    }
-                    None => Tensor::from(0.0f32),
-                };
-                Ok((loss, clipfrac, entropy, kl.detach()))
-            })??;
-            let (loss, clipfrac, entropy, kl) = out;
-            let value = loss.double_value(&[]);
-            // Stop before an update that would write NaN into the weights; state/ keeps the
-            // last saved iteration.
+            let m = pick(mask);
+            let tokens = m.sum(Kind::Float).double_value(&[]);
+            if ranks > 1 {
+                settings.whole = Some(Whole {
+                    rows: chunk.len() as f64,
+                    tokens: world.sum_values(&[tokens])?[0],
+                });
+            }
+            // [loss, clipfrac, entropy, kl] of this rank's rows; nothing when it has none.
+            let mut local = [0.0; 4];
+            if !rows.is_empty() {
+                let out = with_autocast(device, c.precision, || -> anyhow::Result<_> {
+                    let (logp, logits) = response_logprobs(
+                        &s.policy.model,
+                        &pick(&ro.joined.seq),
+                        &pick(&ro.joined.attention),
+                        ro.prompt_len,
+                        &pick(&ro.tokens),
+                        c.temperature,
+                    )?;
+                    let reference = ro.ref_logp.as_ref().map(pick);
+                    let (loss, clipfrac) = critic_free::clipped_loss(
+                        &logp,
+                        &pick(&ro.old_logp),
+                        reference.as_ref(),
+                        &pick(adv),
+                        &m,
+                        &settings,
+                    );
+                    let entropy = rl::entropy(&logits, &m).detach();
+                    let kl = match &reference {
+                        Some(r) => {
+                            (critic_free::k3(&logp, r) * &m).sum(Kind::Float)
+                                / m.sum(Kind::Float).clamp_min(1.0)
+                        }
+                        None => Tensor::from(0.0f32),
+                    };
+                    Ok((loss, clipfrac, entropy, kl.detach()))
+                })??;
+                let (loss, clipfrac, entropy, kl) = out;
+                let scalar = |t: &Tensor| t.to_kind(Kind::Double).double_value(&[]);
+                local = [
+                    loss.double_value(&[]),
+                    scalar(&clipfrac),
+                    scalar(&entropy),
+                    scalar(&kl),
+                ];
+                // A NaN stops below, before any update writes it into the weights.
+                if local[0].is_finite() {
+                    let scaled = if ranks > 1 { loss * ranks as f64 } else { loss };
+                    s.policy.tuning.regularised(scaled).backward();
+                }
+            }
+            // The whole minibatch's loss, and its token means of the rest.
+            let [value, clipfrac, entropy, kl] = if ranks > 1 {
+                opt.ensure_gradients();
+                world.average_(&opt.gradients())?;
+                let [l, cf, e, k] = local;
+                let g = world.sum_values(&[l, cf * tokens, e * tokens, k * tokens, tokens])?;
+                let per_token = |v: f64| v / g[4].max(1.0);
+                [g[0], per_token(g[1]), per_token(g[2]), per_token(g[3])]
+            } else {
+                local
+            };
+            // state/ keeps the last saved iteration.
             check_finite(value, iter + 1, last_saved)?;
-            s.policy.tuning.regularised(loss).backward();
             let grad_norm =
                 opt.update_then(c.optim.grad_clip, lr, || s.policy.tuning.after_update())?;
-            let scalar = |t: &Tensor| t.to_kind(Kind::Double).double_value(&[]);
-            let values = [
-                value,
-                scalar(&clipfrac),
-                scalar(&entropy),
-                scalar(&kl),
-                grad_norm,
-            ];
+            let values = [value, clipfrac, entropy, kl, grad_norm];
             sums.iter_mut().zip(values).for_each(|(acc, v)| *acc += v);
             updates += 1.0;
         }
@@ -197,11 +261,57 @@ pub fn optimize(
     })
 }
 
-/// One iteration's numbers in the metrics schema's names.
+/// The whole rollout's per-reply numbers, on every rank: this rank's own with one process,
+/// every rank's in rank order with several.
+pub struct Gathered {
+    pub total: Tensor, // (B,)
+    pub per_name: Vec<(String, Tensor)>,
+    pub lengths: Tensor,  // (B,) reply tokens
+    pub has_eos: Tensor,  // (B,) 0/1
+    pub zero_std: Tensor, // (B,) 0/1: the reply's group scored all the same
+    /// Generated tokens per second, summed over the ranks.
+    pub tokens_per_s: f64,
+}
+
+impl Gathered {
+    pub fn new(
+        world: &World,
+        ro: &Rollout,
+        scored: &Scored,
+        zero_std: &Tensor,
+        rows: usize,
+    ) -> anyhow::Result<Self> {
+        // One process keeps its own values as they are (per-reward values in f64).
+        let all = |t: &Tensor| match world.size() {
+            1 => Ok(t.shallow_clone()),
+            _ => world.gather_shards(t, rows),
+        };
+        let lengths = ro.mask.sum_dim_intlist(1, false, Kind::Float);
+        let per_name = scored
+            .per_name
+            .iter()
+            .map(|(n, v)| Ok((n.clone(), all(&Tensor::from_slice(v))?)))
+            .collect::<anyhow::Result<_>>()?;
+        let tokens = lengths.sum(Kind::Float).double_value(&[]);
+        Ok(Self {
+            total: all(&scored.total)?,
+            per_name,
+            tokens_per_s: world.sum_values(&[tokens / ro.generate_s.max(1e-9)])?[0],
+            lengths: all(&lengths)?,
+            has_eos: all(&ro.has_eos)?,
+            zero_std: all(zero_std)?,
+        })
+    }
+
+    pub fn tokens(&self) -> f64 {
+        self.lengths.sum(Kind::Double).double_value(&[])
+    }
+}
+
+/// One iteration's numbers in the metrics schema's names, over the whole rollout.
 pub fn iteration_fields(
     ro: &Rollout,
-    scored: &Scored,
-    zero_std: &Tensor,
+    all: &Gathered,
     m: &Optimized,
     c: &Config,
     iter: u64,
@@ -209,21 +319,20 @@ pub fn iteration_fields(
     let scalar = |t: &Tensor| t.to_kind(Kind::Double).double_value(&[]);
     let mean = |t: &Tensor| scalar(&t.to_kind(Kind::Float).mean(Kind::Float));
     let g = c.num_generations as i64;
-    let grouped = scored.total.view([-1, g]);
+    let grouped = all.total.view([-1, g]);
     let within = if g > 1 {
         mean(&grouped.std_dim(-1, true, false))
     } else {
         0.0
     };
-    let gen_tokens = scalar(&ro.mask.sum(Kind::Float));
     let mut out: Vec<(String, f64)> = vec![
-        ("reward/mean".into(), mean(&scored.total)),
-        ("reward/std".into(), scalar(&scored.total.std(true))),
+        ("reward/mean".into(), mean(&all.total)),
+        ("reward/std".into(), scalar(&all.total.std(true))),
         ("reward/std_within_group".into(), within),
-        ("frac_zero_std_groups".into(), mean(zero_std)),
+        ("frac_zero_std_groups".into(), mean(&all.zero_std)),
     ];
-    for (name, values) in &scored.per_name {
-        let avg = values.iter().sum::<f64>() / values.len().max(1) as f64;
+    for (name, values) in &all.per_name {
+        let avg = scalar(&values.to_kind(Kind::Double).mean(Kind::Double));
         out.push((format!("reward/{name}"), avg));
     }
     out.extend([
@@ -231,14 +340,11 @@ pub fn iteration_fields(
         ("kl".into(), m.kl),
         ("clipfrac".into(), m.clipfrac),
         ("entropy".into(), m.entropy),
-        (
-            "response/len_mean".into(),
-            mean(&ro.mask.sum_dim_intlist(1, false, Kind::Float)),
-        ),
-        ("response/eos_rate".into(), mean(&ro.has_eos)),
+        ("response/len_mean".into(), mean(&all.lengths)),
+        ("response/eos_rate".into(), mean(&all.has_eos)),
         ("lr".into(), c.optim.lr_at(iter, c.iterations)),
         ("grad_norm".into(), m.grad_norm),
-        ("tokens_per_s".into(), gen_tokens / ro.generate_s.max(1e-9)),
+        ("tokens_per_s".into(), all.tokens_per_s),
         ("time/generate_s".into(), ro.generate_s),
     ]);
     out

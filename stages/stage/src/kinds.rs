@@ -71,16 +71,20 @@ impl StageKind {
         Self::ALL.map(|k| k.name()).join(", ")
     }
 
-    /// The binary that runs this kind: `temper-<kind>`.
     /// Whether its binary trains data-parallel over c10d (more than one rank, `resources:
     /// {nproc: N}`); the others refuse a world above one.
     pub fn data_parallel(self) -> bool {
         matches!(
             self,
-            StageKind::Pretrain | StageKind::Sft | StageKind::Reward
+            StageKind::Pretrain
+                | StageKind::Sft
+                | StageKind::Reward
+                | StageKind::Dpo
+                | StageKind::Grpo
         )
     }
 
+    /// The binary that runs this kind: `temper-<kind>`.
     pub fn binary(self) -> String {
         format!("temper-{}", self.name())
     }
