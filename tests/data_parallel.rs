@@ -53,8 +53,13 @@ fn assert_same_run(one: &Path, two: &Path) {
 }
 
 fn max_weight_diff(a: &Path, b: &Path) -> f64 {
+    max_diff_in(a, b, "checkpoint/model.safetensors")
+}
+
+/// The largest difference between two runs' weights in `file`, GPT-2's key bias aside.
+fn max_diff_in(a: &Path, b: &Path, file: &str) -> f64 {
     let read = |d: &Path| -> std::collections::BTreeMap<String, Tensor> {
-        Tensor::read_safetensors(d.join("checkpoint/model.safetensors"))
+        Tensor::read_safetensors(d.join(file))
             .unwrap()
             .into_iter()
             .collect()
@@ -482,21 +487,90 @@ fn grpo_on_two_ranks_matches_one_process_with_the_whole_rollout() {
     }
 }
 
+/// PPO's ranks each sample, score and evaluate (critic, reference) half of the prompts;
+/// reward normalisation, advantage whitening, the adaptive KL controller and every logged
+/// number see the whole batch; minibatches of 6 straddle the ranks, with separate actor and
+/// critic optimizers and with one shared. Two ranks of 8 prompts train as one process of 16.
+#[test]
+fn ppo_on_two_ranks_matches_one_process_with_the_whole_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sft, rm) = sft_and_reward(dir.path());
+    let config =
+        |batch: usize, name: &str, extra: &str| {
+            write(
+                &dir.path().join(name),
+                &format!(
+            "policy: {}\nreward_model: {}\nprompts: {}\niterations: 5\nbatch_size: {batch}\n\
+             minibatch_size: 6\nmax_new_tokens: 12\nreward_normalize: true\n\
+             kl: {{coef: 0.2, target: 1.0, horizon: 100, estimator: k3}}\n\
+             optim: {{lr: 1.0e-4, min_lr: 1.0e-4, warmup_steps: 0}}\n\
+             critic_optim: {{lr: 1.0e-4, min_lr: 1.0e-4, warmup_steps: 0}}\n\
+             save_every: 5\nsample_every: 5\nseed: 7\n{extra}",
+            sft.display(), rm.display(), tiny("prompts.jsonl").display()),
+            )
+        };
+    for (name, extra) in [("separate", ""), ("shared", "optimizer: shared\n")] {
+        let one = dir.path().join(format!("ppo_{name}_one"));
+        let cfg = config(16, &format!("ppo_{name}_whole.yaml"), extra);
+        assert_ok(&run_stage("temper-ppo", &cfg, &one), name);
+        let two = dir.path().join(format!("ppo_{name}_two"));
+        let cfg = config(8, &format!("ppo_{name}_half.yaml"), extra);
+        for c in start_ranks("temper-ppo", &cfg, &two, free_port(), 120) {
+            assert_ok(&c.wait_with_output().unwrap(), "a PPO rank of two");
+        }
+        let (a, b) = (metrics(&one), metrics(&two));
+        assert_eq!(a.len(), 5, "{name}: one row per iteration");
+        assert_eq!(a.len(), b.len(), "{name}: rows");
+        for (x, y) in a.iter().zip(&b) {
+            for k in [
+                "reward/mean",
+                "reward/std",
+                "score/mean",
+                "kl/mean",
+                "kl/coef",
+                "policy/loss",
+                "policy/clipfrac",
+                "policy/approx_kl",
+                "policy/entropy",
+                "value/loss",
+                "value/explained_var",
+                "response/len_mean",
+                "response/eos_rate",
+                "grad_norm",
+                "tokens",
+            ] {
+                let (u, v) = (x[k].as_f64().unwrap(), y[k].as_f64().unwrap());
+                assert!(
+                    (u - v).abs() < 1e-5 * u.abs().max(1.0),
+                    "{name} step {}: {k} {u} (one process) vs {v} (two ranks)",
+                    x["step"]
+                );
+            }
+        }
+        let d = max_weight_diff(&one, &two);
+        assert!(d < 1e-5, "{name}: final actor weights differ by {d:e}");
+        let d = max_diff_in(&one, &two, "critic/model.safetensors");
+        assert!(d < 1e-5, "{name}: final critic weights differ by {d:e}");
+        let state = |d: &Path| summary(d)["reward/mean"].as_f64().unwrap();
+        assert!((state(&one) - state(&two)).abs() < 1e-5);
+    }
+}
+
 #[test]
 fn a_stage_without_data_parallelism_refuses_a_world_above_one() {
     let dir = tempfile::tempdir().unwrap();
     let (sft, rm) = sft_and_reward(dir.path());
     let cfg = write(
-        &dir.path().join("ppo.yaml"),
+        &dir.path().join("eval.yaml"),
         &format!(
-            "policy: {}\nreward_model: {}\nprompts: {}\niterations: 1\nbatch_size: 4\nminibatch_size: 2\nmax_new_tokens: 4\n",
+            "policies: {{sft: {}}}\nreward_model: {}\nprompts: {}\nmax_new_tokens: 4\n",
             sft.display(),
             rm.display(),
-            tiny("prompts.jsonl").display()
+            tiny("prompts_eval.jsonl").display()
         ),
     );
-    let out = dir.path().join("ppo");
-    let res = std::process::Command::new(bin("temper-ppo"))
+    let out = dir.path().join("eval");
+    let res = std::process::Command::new(bin("temper-eval"))
         .args([
             "--config",
             cfg.to_str().unwrap(),

@@ -83,8 +83,8 @@ impl Resources {
         }
         if self.world() > 1 && !kind.data_parallel() {
             out.push(format!(
-                "resources: {} ranks, but temper-{} does not train data-parallel yet (pretrain, \
-                 sft, reward, dpo and grpo do); remove `resources`",
+                "resources: {} ranks, but temper-{} does not train data-parallel (the training \
+                 stages do); remove `resources`",
                 self.world(),
                 kind.name()
             ));
@@ -306,9 +306,10 @@ mod tests {
         let r: Resources = serde_yaml::from_str("{nproc: 2}").unwrap();
         assert_eq!(r.world(), 2);
         assert!(r.problems(StageKind::Sft).is_empty());
-        let p = r.problems(StageKind::Ppo);
+        assert!(r.problems(StageKind::Ppo).is_empty());
+        let p = r.problems(StageKind::Eval);
         assert!(
-            p[0].contains("temper-ppo does not train data-parallel"),
+            p[0].contains("temper-eval does not train data-parallel"),
             "{p:?}"
         );
         let r: Resources = serde_yaml::from_str("{nproc: 0}").unwrap();

@@ -252,8 +252,8 @@ impl World {
         let placement = Placement::from_env()?;
         if placement.world > 1 {
             return Err(format!(
-                "temper-{kind} does not train data-parallel yet (WORLD_SIZE={}); run it as one \
-                 process (data parallel: pretrain, sft, reward, dpo, grpo)",
+                "temper-{kind} does not train data-parallel (WORLD_SIZE={}); run it as one \
+                 process (the training stages — pretrain, sft, reward, dpo, grpo, ppo — do)",
                 placement.world
             ));
         }
@@ -317,14 +317,35 @@ impl World {
         if self.group.is_none() {
             return Ok(crate::rl::masked_whiten(x, mask));
         }
+        let (mean, var) = self.masked_moments(x, mask)?;
+        Ok((x - mean) * (var + 1e-8).sqrt().recip() * mask.to_kind(Kind::Float))
+    }
+
+    /// `rl::explained_variance` over a batch whose rows are split across the ranks.
+    pub fn explained_variance(
+        &self,
+        values: &Tensor,
+        returns: &Tensor,
+        mask: &Tensor,
+    ) -> Result<f64> {
+        if self.group.is_none() {
+            let v = crate::rl::explained_variance(values, returns, mask);
+            return Ok(v.to_kind(Kind::Double).double_value(&[]));
+        }
+        let (_, var_r) = self.masked_moments(returns, mask)?;
+        let (_, var_e) = self.masked_moments(&(returns - values), mask)?;
+        Ok(1.0 - var_e / var_r.max(1e-8))
+    }
+
+    /// The masked mean and Bessel-corrected variance of `x` over every rank's rows.
+    fn masked_moments(&self, x: &Tensor, mask: &Tensor) -> Result<(f64, f64)> {
         let mask = mask.to_kind(Kind::Float);
         let local = |t: &Tensor| t.sum(Kind::Double).double_value(&[]);
         let sums = self.sum_values(&[local(&(x * &mask)), local(&mask)])?;
         let n = sums[1];
         let mean = sums[0] / n.max(1.0);
         let sq = self.sum_values(&[local(&((x - mean).square() * &mask))])?[0] / n.max(1.0);
-        let var = sq * n / (n - 1.0).max(1.0);
-        Ok((x - mean) * (var + 1e-8).sqrt().recip() * mask)
+        Ok((mean, sq * n / (n - 1.0).max(1.0)))
     }
 
     pub fn barrier(&self) -> Result<()> {

@@ -4,10 +4,13 @@
 //! values for GAE. Each iteration is the numbered steps in `main`'s loop. The full state
 //! (actor, critic, optimizers, KL coefficient, reward statistics, iteration) is checkpointed
 //! atomically; prompt order and sampling seeds are functions of the iteration, so a resumed run
-//! reproduces the uninterrupted one on CPU.
+//! reproduces the uninterrupted one on CPU. Data parallel under torchrun/Slurm: each rank
+//! samples and scores its share of the prompts; reward statistics, whitening, the KL controller,
+//! the metrics and every update are the whole batch's.
 
 mod config;
 mod rollout;
+mod whole;
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -15,11 +18,12 @@ use std::time::Instant;
 use anyhow::Context;
 use serde_json::{json, Value};
 use tch::nn::VarStore;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 use temper_core::checkpoint::SaveDtype;
 use temper_core::checkpoint::ScoreHead;
+use temper_core::dist::{Placement, Ranks, World};
 use temper_core::peft::{PeftConfig, Reference, Tuning};
-use temper_core::rewards::{ProgramRewards, ProgramScores};
+use temper_core::rewards::ProgramRewards;
 use temper_core::rl::{self, RewardStats};
 use temper_core::{
     load_checkpoint, load_with_tokenizer, resolve_device, resume_or_start, save_state, AdamW,
@@ -27,8 +31,8 @@ use temper_core::{
 };
 use temper_data::{pass_batch, seed_for, seeds_for, ChatTemplate, LoadOptions, Overlong};
 use temper_stage::{
-    checked_config, invalid, progress_bar, Cadence, ConfigFile, Every, MetricsLog, StageArgs,
-    StageError, StageFolder, StageKind,
+    checked_config, invalid, Cadence, ConfigFile, Every, MetricsLog, StageArgs, StageError,
+    StageKind,
 };
 
 use crate::config::{check, Config, CriticInit, OptimizerMode};
@@ -227,11 +231,14 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     let Some(cfg) = checked_config::<Config>(args, StageKind::Ppo, check)? else {
         return Ok(()); // an input is pending: the rest is checked when it exists
     };
-    temper_core::dist::World::require_single("ppo").map_err(|e| invalid(anyhow::anyhow!(e)))?;
+    // Data parallel (torchrun / Slurm): `batch_size` prompts per rank; a bad environment stops
+    // here, before anything is read.
+    let placement = Placement::from_env().map_err(|e| invalid(anyhow::anyhow!(e)))?;
     let (s, mut program) = prepare(&cfg)?;
     if args.validate {
         return cfg.print_resolved();
     }
+    let world = World::join_placed(placement).map_err(|e| invalid(anyhow::anyhow!(e)))?;
 
     let c = &cfg.value;
     let stores: Vec<&VarStore> = s
@@ -240,34 +247,46 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         .into_iter()
         .chain(s.critic.tuning.stores(&s.critic.vs))
         .collect();
-    let folder = StageFolder::claim(&args.out, "ppo")?;
-    cfg.write_resolved(&folder.path)?;
-    let mut log = MetricsLog::open(&folder.path)?;
+    let ranks = Ranks::open(&world, &args.out, "ppo")?;
+    if world.is_main() {
+        cfg.write_resolved(&ranks.out)?;
+    }
+    let mut log = MetricsLog::open(&ranks.log_dir)?;
     let (mut actor_opt, mut critic_opt) = optimizers(c, &s.actor, &s.critic);
     let mut progress = {
         let mut opts: Vec<&mut AdamW> = std::iter::once(&mut actor_opt)
             .chain(critic_opt.as_mut())
             .collect();
-        resume_or_start(&folder.path, &mut log, &stores, &mut opts, &cfg.hash)?
+        ranks.resume(&world, |out| {
+            resume_or_start(out, &mut log, &stores, &mut opts, &cfg.hash)
+        })?
     };
+    for opt in std::iter::once(&actor_opt).chain(critic_opt.as_ref()) {
+        world.broadcast_(&opt.parameters())?;
+    }
     let kl_control = c.kl.control();
     let mut kl_coef = extra(&progress, "kl_coef").unwrap_or(kl_control.initial_coef());
     let mut stats: RewardStats = extra(&progress, "reward_stats").unwrap_or_default();
     let models = s.models(c.precision);
     let every = Cadence::new(Every::new(1), c.sample_every, c.save_every, c.iterations);
-    let bar = progress_bar(c.iterations, progress.step);
+    let bar = ranks.progress_bar(c.iterations, progress.step);
     while progress.step < c.iterations {
         let iter = progress.step;
         // 1. A batch of prompts (a seeded pass over the prompt set) and the actor's replies.
-        let picked = pass_batch(s.prompts.len(), c.batch_size, c.seed, iter);
-        let batch: Vec<&Vec<u32>> = picked.iter().map(|&i| &s.prompts[i]).collect();
-        let seeds = seeds_for(c.seed, "rollout", iter, batch.len());
+        //    With several ranks the pass takes prompts for all of them and each rank samples
+        //    its share with the seeds one process would use for those rows.
+        let picked = pass_batch(s.prompts.len(), c.batch_size * world.size(), c.seed, iter);
+        let seeds = seeds_for(c.seed, "rollout", iter, picked.len());
+        let mine = world.shard(picked.len());
+        let local = &picked[mine.clone()];
+        let batch: Vec<&Vec<u32>> = local.iter().map(|&i| &s.prompts[i]).collect();
         s.actor.tuning.set_training(false); // adapter dropout off while sampling and scoring
         s.critic.tuning.set_training(false);
-        let mut ro = rollout::rollout(&models, &batch, &sampling(c, &s.template), &seeds)?;
-        let signs: Vec<f32> = picked.iter().map(|&i| s.signs[i] as f32).collect();
+        let sampling = sampling(c, &s.template);
+        let mut ro = rollout::rollout(&models, &batch, &sampling, &seeds[mine.clone()])?;
+        let signs: Vec<f32> = local.iter().map(|&i| s.signs[i] as f32).collect();
         ro.scores = &ro.scores * Tensor::from_slice(&signs).to_device(ro.scores.device());
-        let fields: Vec<&BTreeMap<String, Value>> = picked.iter().map(|&i| &s.fields[i]).collect();
+        let fields: Vec<&BTreeMap<String, Value>> = local.iter().map(|&i| &s.fields[i]).collect();
         let stops = s.template.stop_ids();
         let program =
             rollout::program_scores(&mut program, &ro, &fields, &s.actor.tokenizer, &stops)?;
@@ -275,20 +294,21 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
 
         // 2. Scores from the reward model plus the program rewards, then the optional
         //    missing-EOS penalty, normalisation and clipping.
-        let score = shape_scores(&ro, program.as_ref(), c, &mut stats)?;
+        let rows = picked.len();
+        let score = whole::shape_scores(&ro, program.as_ref(), c, &mut stats, &world, rows)?;
 
         // 3. Per-token KL to the reference, as a penalty; the score on the last real token.
         let kl = rl::kl_penalty(&ro.logprobs, &ro.ref_logprobs, &ro.mask, c.kl.estimator); // (B, N)
         let rewards = rl::token_rewards(&score, &kl, &ro.mask, kl_coef);
 
-        // 4. Advantages by GAE over response tokens, returns, whitening.
+        // 4. Advantages by GAE over response tokens, returns, whitening (over every rank's).
         let (mut adv, returns) = rl::gae(&rewards, &ro.values, &ro.mask, c.gamma, c.lam);
         if c.whiten_advantages {
-            adv = rl::masked_whiten(&adv, &ro.mask);
+            adv = world.masked_whiten(&adv, &ro.mask)?;
         }
 
-        // 5. PPO epochs over shuffled minibatches.
-        let settings = optimize_settings(c, iter);
+        // 5. PPO epochs over shuffled minibatches (of the whole rollout).
+        let settings = optimize_settings(c, iter, &world, mine.start, rows);
         s.actor.tuning.set_training(true);
         s.critic.tuning.set_training(true);
         let m = rollout::optimize(
@@ -300,135 +320,73 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
             &mut actor_opt,
             critic_opt.as_mut(),
         )?;
+        let train_s = train_start.elapsed().as_secs_f64();
 
         // 6. The KL coefficient: adaptive towards the target, or fixed.
-        let seq_kl = kl
-            .sum_dim_intlist(1, false, Kind::Float)
-            .mean(Kind::Float)
-            .double_value(&[]);
-        kl_coef = kl_control.next_coef(kl_coef, seq_kl, batch.len());
+        let local = whole::Local {
+            ro: &ro,
+            score: &score,
+            kl: &kl,
+            returns: &returns,
+            program: program.as_ref(),
+            train_s,
+        };
+        let all = whole::Whole::new(&world, local, rows, c)?;
+        kl_coef = kl_control.next_coef(kl_coef, all.kl(), rows);
 
         progress.step += 1;
         let step = progress.step;
-        progress.tokens_seen += ro.mask.sum(Kind::Float).double_value(&[]) as u64;
-        let measured = Measured {
-            score: &score,
-            returns: &returns,
+        progress.tokens_seen += all.tokens();
+        let stepped = whole::Stepped {
             m: &m,
-            seq_kl,
             kl_coef,
             lr: c.optim.lr_at(iter, c.iterations),
-            train_s: train_start.elapsed().as_secs_f64(),
+            tokens_seen: progress.tokens_seen,
         };
-        let mut fields: Vec<(String, f64)> = iteration_fields(&ro, &measured, c, &progress)
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect();
-        for (name, values) in program.iter().flat_map(|p| &p.per_name) {
-            let avg = values.iter().sum::<f64>() / values.len().max(1) as f64;
-            fields.push((format!("reward/{name}"), avg));
-        }
+        let fields = whole::iteration_fields(&ro, &all, &stepped, train_s);
         let named: Vec<(&str, f64)> = fields.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         log.log_train(step, &named)?;
         bar.set_position(step);
         if every.eval_due(step) {
             let tok = &s.actor.tokenizer;
-            log.log_samples(&rollout::sample_records(
-                tok,
-                &s.template.stop_ids(),
-                &ro,
-                &kl,
-                step,
-            )?)?;
+            log.log_samples(&rollout::sample_records(tok, &stops, &ro, &kl, step)?)?;
         }
         progress.extra.insert("kl_coef".into(), json!(kl_coef));
         let stats_json = serde_json::to_value(&stats).context("stats")?;
         progress.extra.insert("reward_stats".into(), stats_json);
-        if every.save_due(step) {
+        if every.save_due(step) && world.is_main() {
             let opts: Vec<&AdamW> = std::iter::once(&actor_opt)
                 .chain(critic_opt.as_ref())
                 .collect();
-            save_state(&folder.path, &log, &stores, &opts, &progress)?;
+            save_state(&ranks.out, &log, &stores, &opts, &progress)?;
         }
         every.stop_if_asked(step)?;
     }
     bar.finish_and_clear();
+    if !world.is_main() {
+        return ranks.finish();
+    }
 
-    s.actor.save_final(&folder.path, &c.save)?;
+    s.actor.save_final(&ranks.out, &c.save)?;
     // The critic beside it; a LoRA critic's base is the folder it was loaded from.
     let critic_base = match c.critic_init {
         CriticInit::Reward => &c.reward_model,
         CriticInit::Policy => &c.policy,
     };
     s.critic.tuning.save_into(
-        &folder.path.join("critic"),
+        &ranks.out.join("critic"),
         &s.critic.model,
         &s.critic.vs,
         &s.actor.tokenizer_path,
         (!temper_core::peft::is_adapter(critic_base)).then_some(critic_base.as_path()),
         c.save.resolve(SaveDtype::of_checkpoint(critic_base)),
     )?;
-    let mut summary = summary(&folder.path, &progress)?;
+    let mut summary = summary(&ranks.out, &progress)?;
     for (k, v) in s.actor.param_fields() {
         summary.insert(k.into(), v.into());
     }
     log.write_summary("ok", summary)?;
     Ok(())
-}
-
-/// What an iteration measured besides its rollout.
-struct Measured<'a> {
-    score: &'a Tensor,
-    returns: &'a Tensor,
-    m: &'a rollout::OptimizeMetrics,
-    seq_kl: f64,
-    kl_coef: f64,
-    lr: f64,
-    /// Seconds of the PPO epochs (advantages included).
-    train_s: f64,
-}
-
-/// The numbers of one iteration, in the metrics schema's names, with its time split.
-fn iteration_fields(
-    ro: &rollout::Rollout,
-    x: &Measured,
-    c: &Config,
-    progress: &temper_stage::Progress,
-) -> Vec<(&'static str, f64)> {
-    let scalar = |t: &Tensor| t.to_kind(Kind::Double).double_value(&[]);
-    let mean = |t: &Tensor| scalar(&t.to_kind(Kind::Float).mean(Kind::Float));
-    let gen_tokens = scalar(&ro.mask.sum(Kind::Float));
-    let train_tokens = scalar(&ro.attention.sum(Kind::Float)) * c.ppo_epochs as f64;
-    vec![
-        ("reward/mean", mean(x.score)),
-        ("reward/std", scalar(&x.score.std(true))),
-        ("score/mean", mean(&ro.scores)),
-        ("kl/mean", x.seq_kl),
-        ("kl/coef", x.kl_coef),
-        ("policy/loss", x.m.policy_loss),
-        ("policy/clipfrac", x.m.clipfrac),
-        ("policy/approx_kl", x.m.approx_kl),
-        ("policy/entropy", x.m.entropy),
-        ("value/loss", x.m.value_loss),
-        ("value/clipfrac", x.m.value_clipfrac),
-        (
-            "value/explained_var",
-            scalar(&rl::explained_variance(&ro.values, x.returns, &ro.mask)),
-        ),
-        (
-            "response/len_mean",
-            mean(&ro.mask.sum_dim_intlist(1, false, Kind::Float)),
-        ),
-        ("response/eos_rate", mean(&ro.has_eos)),
-        ("lr", x.lr),
-        ("grad_norm", x.m.grad_norm),
-        ("tokens", progress.tokens_seen as f64),
-        ("tokens_per_s", gen_tokens / ro.generate_s),
-        ("train_tokens_per_s", train_tokens / x.train_s),
-        ("time/generate_s", ro.generate_s),
-        ("time/score_s", ro.score_s),
-        ("time/train_s", x.train_s),
-    ]
 }
 
 /// A stage-specific value kept in the state (the KL coefficient, reward statistics).
@@ -450,37 +408,17 @@ fn sampling(c: &Config, template: &ChatTemplate) -> SamplingConfig {
     }
 }
 
-/// The reward-model scores plus the weighted program rewards, with the missing-EOS penalty,
-/// running normalisation and clipping applied, as configured.
-fn shape_scores(
-    ro: &rollout::Rollout,
-    program: Option<&ProgramScores>,
+fn optimize_settings<'w>(
     c: &Config,
-    stats: &mut RewardStats,
-) -> anyhow::Result<Tensor> {
-    // (B,); never added to in place: `ro.scores` stays the reward model's, as logged.
-    let mut score = match program {
-        Some(p) => {
-            let added = Tensor::from_slice(&p.total).to_kind(Kind::Float);
-            &ro.scores + added.to_device(ro.scores.device())
-        }
-        None => ro.scores.shallow_clone(),
-    };
-    if let Some(p) = c.missing_eos_penalty {
-        score = &score + ro.has_eos.logical_not().to_kind(Kind::Float) * p;
-    }
-    if c.reward_normalize {
-        stats.update(&Vec::<f64>::try_from(score.to_kind(Kind::Double))?);
-        score = (score - stats.mean) / stats.std().max(1e-6);
-    }
-    if let Some(clip) = c.reward_clip {
-        score = score.clamp(-clip, clip);
-    }
-    Ok(score)
-}
-
-fn optimize_settings(c: &Config, iter: u64) -> rollout::OptimizeSettings {
+    iter: u64,
+    world: &'w World,
+    offset: usize,
+    rows: usize,
+) -> rollout::OptimizeSettings<'w> {
     rollout::OptimizeSettings {
+        world,
+        offset,
+        rows,
         epochs: c.ppo_epochs,
         minibatch: c.minibatch_size,
         cliprange: c.cliprange,

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 use tch::{Kind, Tensor};
+use temper_core::dist::World;
 use temper_core::peft::{Reference, Tuning};
 use temper_core::rewards::{ProgramRewards, ProgramScores, ReplyText};
 use temper_core::rl;
@@ -125,7 +126,12 @@ pub fn program_scores(
 }
 
 #[derive(Clone, Copy)]
-pub struct OptimizeSettings {
+pub struct OptimizeSettings<'w> {
+    /// Data parallel: the ranks, where this rank's rows start in the whole rollout, and the
+    /// whole rollout's rows (one process: 0 and all of them).
+    pub world: &'w World,
+    pub offset: usize,
+    pub rows: usize,
     pub epochs: usize,
     pub minibatch: usize,
     pub cliprange: f64,
@@ -157,6 +163,9 @@ pub struct OptimizeMetrics {
 
 /// PPO epochs: clipped policy loss (minus an optional entropy bonus) for the actor, clipped
 /// value loss for the critic; with `critic_opt` None they share one optimizer and one loss.
+/// With several ranks every rank shuffles the whole rollout the same way; each weighs the
+/// token means of its rows of a minibatch by its share of the minibatch's tokens, and the
+/// gradients are summed, so every update is the one one process would take.
 pub fn optimize(
     m: &Models,
     ro: &Rollout,
@@ -166,45 +175,93 @@ pub fn optimize(
     actor_opt: &mut AdamW,
     mut critic_opt: Option<&mut AdamW>,
 ) -> anyhow::Result<OptimizeMetrics> {
-    let b = ro.seq.size()[0] as usize;
+    let (world, ranks) = (s.world, s.world.size());
+    let mine = s.offset..s.offset + ro.seq.size()[0] as usize;
     let device = ro.seq.device();
     let mut sums = [0.0; 7];
     let mut updates = 0.0;
     for epoch in 0..s.epochs {
-        let order = shuffled(b, seed_for(s.seed, "ppo-epoch", epoch as u64));
+        let order = shuffled(s.rows, seed_for(s.seed, "ppo-epoch", epoch as u64));
         for chunk in order.chunks(s.minibatch) {
-            let idx = Tensor::from_slice(&chunk.iter().map(|&i| i as i64).collect::<Vec<_>>())
-                .to_device(device);
-            let l = minibatch_losses(m, ro, adv, returns, &idx, &s)?;
+            let rows: Vec<i64> = chunk
+                .iter()
+                .filter(|i| mine.contains(i))
+                .map(|&i| (i - s.offset) as i64)
+                .collect();
+            let idx = Tensor::from_slice(&rows).to_device(device);
             let scalar = |t: &Tensor| t.to_kind(Kind::Double).double_value(&[]);
-            let (plv, vlv) = (scalar(&l.policy_loss), scalar(&l.value_loss));
+            // This rank's share of the minibatch's tokens (1 with one process).
+            let share = match ranks {
+                1 => 1.0,
+                _ => {
+                    let tokens = scalar(&ro.mask.index_select(0, &idx).sum(Kind::Float));
+                    tokens / world.sum_values(&[tokens])?[0].max(1.0)
+                }
+            };
+            let l = match rows.is_empty() {
+                true => None,
+                false => Some(minibatch_losses(m, ro, adv, returns, &idx, &s)?),
+            };
+            let local = l.as_ref().map_or([0.0; 6], |l| {
+                [
+                    scalar(&l.policy_loss),
+                    scalar(&l.clipfrac),
+                    scalar(&l.approx_kl),
+                    scalar(&l.entropy),
+                    scalar(&l.value_loss),
+                    scalar(&l.value_clipfrac),
+                ]
+            });
+            let [plv, clipfrac, approx_kl, entropy, vlv, value_clipfrac] = match ranks {
+                1 => local,
+                _ => {
+                    let v = world.sum_values(&local.map(|x| x * share))?;
+                    [v[0], v[1], v[2], v[3], v[4], v[5]]
+                }
+            };
             // Stop before an update that would write NaN into the weights; state/ keeps the
             // last saved iteration.
             check_finite(plv + vlv, s.iteration + 1, s.last_saved)?;
+            // The loss each rank differentiates: its token share of the minibatch's mean,
+            // times the ranks (the gradients are averaged).
+            let weigh = |t: Tensor| match ranks {
+                1 => t,
+                _ => t * (share * ranks as f64),
+            };
             let tuning = m.actor_tuning;
             let grad_norm = match critic_opt.as_deref_mut() {
                 Some(copt) => {
-                    tuning.regularised(l.objective).backward();
+                    if let Some(l) = &l {
+                        tuning
+                            .regularised(weigh(l.objective.shallow_clone()))
+                            .backward();
+                    }
+                    sum_gradients(world, actor_opt)?;
                     let g = actor_opt
                         .update_then(s.actor_clip, s.actor_lr, || tuning.after_update())?;
-                    l.value_loss.backward();
+                    if let Some(l) = &l {
+                        weigh(l.value_loss.shallow_clone()).backward();
+                    }
+                    sum_gradients(world, copt)?;
                     copt.update(s.critic_clip, s.critic_lr)?;
                     g
                 }
                 None => {
-                    tuning
-                        .regularised(&l.objective + &l.value_loss * s.vf_coef)
-                        .backward();
+                    if let Some(l) = &l {
+                        let loss = &l.objective + &l.value_loss * s.vf_coef;
+                        tuning.regularised(weigh(loss)).backward();
+                    }
+                    sum_gradients(world, actor_opt)?;
                     actor_opt.update_then(s.actor_clip, s.actor_lr, || tuning.after_update())?
                 }
             };
             let values = [
                 plv,
-                scalar(&l.clipfrac),
-                scalar(&l.approx_kl),
-                scalar(&l.entropy),
+                clipfrac,
+                approx_kl,
+                entropy,
                 vlv,
-                scalar(&l.value_clipfrac),
+                value_clipfrac,
                 grad_norm,
             ];
             sums.iter_mut().zip(values).for_each(|(acc, v)| *acc += v);
@@ -222,6 +279,16 @@ pub fn optimize(
         value_clipfrac,
         grad_norm,
     })
+}
+
+/// Data parallel: every rank's weighted gradients averaged into each (a rank without rows of
+/// this minibatch joins with zeros). One process: nothing to do.
+fn sum_gradients(world: &World, opt: &mut AdamW) -> anyhow::Result<()> {
+    if world.size() > 1 {
+        opt.ensure_gradients();
+        world.average_(&opt.gradients())?;
+    }
+    Ok(())
 }
 
 /// One minibatch's losses (rows `idx` of the rollout), under autocast.

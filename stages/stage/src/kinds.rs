@@ -81,6 +81,7 @@ impl StageKind {
                 | StageKind::Reward
                 | StageKind::Dpo
                 | StageKind::Grpo
+                | StageKind::Ppo
         )
     }
 
