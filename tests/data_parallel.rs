@@ -563,7 +563,7 @@ fn a_stage_without_data_parallelism_refuses_a_world_above_one() {
     let cfg = write(
         &dir.path().join("eval.yaml"),
         &format!(
-            "policies: {{sft: {}}}\nreward_model: {}\nprompts: {}\nmax_new_tokens: 4\n",
+            "policies: {{sft: {0}, again: {0}}}\nbaseline: sft\nreward_model: {1}\nprompts: {2}\nmax_new_tokens: 4\n",
             sft.display(),
             rm.display(),
             tiny("prompts_eval.jsonl").display()
