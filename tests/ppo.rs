@@ -124,8 +124,10 @@ fn ppo_raises_the_reward_with_bounded_kl_and_resumes_exactly() {
 }
 
 /// Program rewards beside the reward model: a `length` range PPO must climb (the replies grow
-/// towards it and the term's mean rises), logged as `reward/length`; a `model` entry, or a
-/// reward reading a field the prompts lack, is refused with one line before anything is written.
+/// towards it and the term's mean rises), logged as `reward/length`; and in place of one (the
+/// critic from the policy). A `model` entry, a reward reading a field the prompts lack, no
+/// reward at all, or a critic to start from a missing reward model are refused with one line
+/// before anything is written.
 #[test]
 fn ppo_adds_program_rewards_to_the_reward_model() {
     let dir = tempfile::tempdir().unwrap();
@@ -163,6 +165,58 @@ fn ppo_adds_program_rewards_to_the_reward_model() {
             (shaped[i] - expected).abs() < 1e-4,
             "row {i}: {shaped:?} vs {score:?} + 2×{length:?}"
         );
+    }
+
+    // Without a reward model: the program rewards alone, the critic from the policy.
+    let no_rm: String = base
+        .lines()
+        .filter(|l| !l.starts_with("reward_model:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let only = |name: &str, extra: &str| {
+        let yaml = format!("{no_rm}{extra}").replace("iterations: 12", "iterations: 10");
+        write(&dir.path().join(name), &yaml)
+    };
+    let cfg = only(
+        "ppo-only.yaml",
+        "critic_init: policy\nrewards: [{kind: length, min: 16, max: 16, penalty: 0.5}]\n",
+    );
+    let out = dir.path().join("ppo-no-rm");
+    assert_ok(
+        &run_stage("temper-ppo", &cfg, &out),
+        "ppo with program rewards only",
+    );
+    let rows = metrics(&out);
+    let length: Vec<f64> = rows
+        .iter()
+        .map(|r| r["reward/length"].as_f64().unwrap())
+        .collect();
+    assert!(
+        avg(&length[7..]) > avg(&length[..3]),
+        "length term did not rise: {length:?}"
+    );
+    assert!(
+        rows.iter().all(|r| r.get("score/mean").is_none()),
+        "no reward model, no score"
+    );
+    assert!(out.join("critic/model.safetensors").exists());
+    for (cfg, words) in [
+        (
+            only("none.yaml", ""),
+            "give `reward_model`, program `rewards`, or both",
+        ),
+        (
+            only("critic.yaml", "rewards: [{kind: length, min: 1, max: 4}]\n"),
+            "field `critic_init`: `reward` (the default) starts the critic from the reward model",
+        ),
+    ] {
+        let bad = dir.path().join("ppo-bad");
+        let res = run_stage("temper-ppo", &cfg, &bad);
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert_eq!(res.status.code(), Some(2), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(err.contains(words), "{err}");
+        assert!(!bad.exists(), "nothing written");
     }
 
     for (rewards, words) in [

@@ -83,11 +83,14 @@ impl Default for KlSettings {
 pub struct Config {
     /// SFT checkpoint: the actor's start and the frozen reference.
     pub policy: PathBuf,
-    /// Reward-model checkpoint (with `score.weight`).
-    pub reward_model: PathBuf,
+    /// Reward-model checkpoint (with `score.weight`); optional when `rewards` lists program
+    /// rewards (then the critic starts from the policy: `critic_init: policy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reward_model: Option<PathBuf>,
     /// Program rewards added to the reward model's score, weighted (`length`, `regex`,
     /// `exact_match`, `lexicon`, `command`; the same list as temper-grpo's, without `model`):
-    /// e.g. a `length` range so the actor cannot win by writing replies too short to judge.
+    /// e.g. a `length` range so the actor cannot win by writing replies too short to judge,
+    /// or, without a reward model, an exact answer.
     #[serde(default)]
     pub rewards: Vec<RewardSpec>,
     /// Prompts (.jsonl or .parquet): `prompt` as text or messages.
@@ -275,7 +278,19 @@ pub fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageE
         "must be positive",
     )?;
     inputs.checkpoint(cfg, "policy", &c.policy, true)?;
-    inputs.checkpoint(cfg, "reward_model", &c.reward_model, true)?;
+    cfg.ensure(
+        c.reward_model.is_some() || !c.rewards.is_empty(),
+        "reward_model",
+        "PPO needs a reward: give `reward_model`, program `rewards`, or both",
+    )?;
+    cfg.ensure(
+        c.reward_model.is_some() || c.critic_init == CriticInit::Policy,
+        "critic_init",
+        "`reward` (the default) starts the critic from the reward model, and there is none; set `critic_init: policy`",
+    )?;
+    if let Some(rm) = &c.reward_model {
+        inputs.checkpoint(cfg, "reward_model", rm, true)?;
+    }
     inputs.file(cfg, "prompts", &c.prompts)?;
     for (i, r) in c.rewards.iter().enumerate() {
         cfg.ensure(

@@ -52,7 +52,8 @@ struct Setup {
     actor: Loaded,
     /// The frozen reference, unless the actor is LoRA (then: the actor, adapters bypassed).
     reference: Option<Transformer>,
-    reward: Transformer,
+    /// The reward model, unless only program rewards score.
+    reward: Option<Transformer>,
     critic: Critic,
     template: ChatTemplate,
     prompts: Vec<Vec<u32>>,
@@ -71,7 +72,7 @@ impl Setup {
                 Some(r) => Reference::Model(r),
                 None => Reference::Bypassed(&self.actor.model, &self.actor.tuning),
             },
-            reward: &self.reward,
+            reward: self.reward.as_ref(),
             critic: &self.critic.model,
             template: self.template.clone(),
             precision,
@@ -119,13 +120,15 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<(Setup, ProgramRewards), StageErr
             c.iterations as usize * c.ppo_epochs * c.batch_size.div_ceil(c.minibatch_size.max(1)),
         )
         .map_err(|e| cfg.error(&e.field, e.message))?;
-    let same_tokenizer = std::fs::read(&actor.tokenizer_path).ok()
-        == std::fs::read(c.reward_model.join("tokenizer.json")).ok();
-    cfg.ensure(
-        same_tokenizer,
-        "reward_model",
-        "uses a different tokenizer from the policy; PPO needs them to agree token for token",
-    )?;
+    if let Some(rm) = &c.reward_model {
+        let same_tokenizer = std::fs::read(&actor.tokenizer_path).ok()
+            == std::fs::read(rm.join("tokenizer.json")).ok();
+        cfg.ensure(
+            same_tokenizer,
+            "reward_model",
+            "uses a different tokenizer from the policy; PPO needs them to agree token for token",
+        )?;
+    }
     let template = ChatTemplate::new(&actor.tokenizer).map_err(invalid)?;
     let reference = match actor.tuning.is_lora() {
         true => {
@@ -143,16 +146,23 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<(Setup, ProgramRewards), StageErr
         lm_head: false,
         score: ScoreHead::Load,
     };
-    let (mut rm_vs, reward) = load_checkpoint(&c.reward_model, rm_spec, device).map_err(invalid)?;
-    rm_vs.freeze();
+    let reward = match &c.reward_model {
+        Some(rm) => {
+            let (mut rm_vs, reward) = load_checkpoint(rm, rm_spec, device).map_err(invalid)?;
+            rm_vs.freeze();
+            Some(reward)
+        }
+        None => None,
+    };
+    let critic_from = critic_base(c);
     cfg.ensure(
         !(c.critic_init == CriticInit::Reward
-            && temper_core::peft::is_unmergeable_adapter(&c.reward_model)),
+            && temper_core::peft::is_unmergeable_adapter(critic_from)),
         "critic_init",
         "the reward model is a bottleneck-adapter checkpoint, whose adapters cannot be folded into a critic to train; set `critic_init: policy`",
     )?;
     let (mut critic_vs, mut critic_model) = match c.critic_init {
-        CriticInit::Reward => load_checkpoint(&c.reward_model, rm_spec, device),
+        CriticInit::Reward => load_checkpoint(critic_from, rm_spec, device),
         CriticInit::Policy => {
             let spec = LoadSpec {
                 lm_head: false,
@@ -193,7 +203,7 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<(Setup, ProgramRewards), StageErr
         train_on_prompt: false,
     };
     let (prompts, report) = opts.prompts(&c.prompts).map_err(invalid)?;
-    let signs = match &reward.config.score_sign {
+    let signs = match reward.as_ref().and_then(|r| r.config.score_sign.as_ref()) {
         Some(sign) => prompts
             .iter()
             .map(|(_, r)| sign.sign(&r.meta))
@@ -329,6 +339,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
             kl: &kl,
             returns: &returns,
             program: program.as_ref(),
+            has_reward_model: s.reward.is_some(),
             train_s,
         };
         let all = whole::Whole::new(&world, local, rows, c)?;
@@ -369,16 +380,13 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
 
     s.actor.save_final(&ranks.out, &c.save)?;
     // The critic beside it; a LoRA critic's base is the folder it was loaded from.
-    let critic_base = match c.critic_init {
-        CriticInit::Reward => &c.reward_model,
-        CriticInit::Policy => &c.policy,
-    };
+    let critic_base = critic_base(c);
     s.critic.tuning.save_into(
         &ranks.out.join("critic"),
         &s.critic.model,
         &s.critic.vs,
         &s.actor.tokenizer_path,
-        (!temper_core::peft::is_adapter(critic_base)).then_some(critic_base.as_path()),
+        (!temper_core::peft::is_adapter(critic_base)).then_some(critic_base),
         c.save.resolve(SaveDtype::of_checkpoint(critic_base)),
     )?;
     let mut summary = summary(&ranks.out, &progress)?;
@@ -387,6 +395,14 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     }
     log.write_summary("ok", summary)?;
     Ok(())
+}
+
+/// The checkpoint the critic starts from (`check` made sure a reward-model start has one).
+fn critic_base(c: &Config) -> &std::path::Path {
+    match (c.critic_init, &c.reward_model) {
+        (CriticInit::Reward, Some(rm)) => rm,
+        _ => &c.policy,
+    }
 }
 
 /// A stage-specific value kept in the state (the KL coefficient, reward statistics).
@@ -456,7 +472,9 @@ fn summary(
         "response/len_mean",
         "response/eos_rate",
     ] {
-        summary.insert(k.into(), last[k].clone());
+        if !last[k].is_null() {
+            summary.insert(k.into(), last[k].clone());
+        }
     }
     summary.insert("iterations".into(), progress.step.into());
     summary.insert("tokens".into(), progress.tokens_seen.into());

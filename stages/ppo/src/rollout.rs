@@ -22,7 +22,7 @@ pub struct Models<'a> {
     /// What of the actor trains (AdaLoRA's allocator runs after each actor update).
     pub actor_tuning: &'a Tuning,
     pub reference: Reference<'a>,
-    pub reward: &'a Transformer,
+    pub reward: Option<&'a Transformer>,
     pub critic: &'a Transformer,
     pub template: ChatTemplate,
     pub precision: Precision,
@@ -41,7 +41,7 @@ pub struct Rollout {
     pub logprobs: Tensor,     // (B, N) actor, at the sampling temperature
     pub ref_logprobs: Tensor, // (B, N) reference, same temperature
     pub values: Tensor,       // (B, N) critic
-    pub scores: Tensor,       // (B,) reward model, pooled as it was trained
+    pub scores: Tensor,       // (B,) reward model, pooled as it was trained (0 without one)
     /// Seconds spent generating, and scoring with the actor, reference, critic and reward model.
     pub generate_s: f64,
     pub score_s: f64,
@@ -78,7 +78,10 @@ pub fn rollout(
                 .reference
                 .run(|r| response_logprobs(r, seq, attention, p, &g.tokens, t))?;
             let values = response_values(m.critic, seq, attention, p, n)? * &mask;
-            let scores = reward_scores(m.reward, &joined)?;
+            let scores = match m.reward {
+                Some(rm) => reward_scores(rm, &joined)?,
+                None => Tensor::zeros([seq.size()[0]], (Kind::Float, device)),
+            };
             Ok(Rollout {
                 seq: seq.shallow_clone(),
                 attention: attention.shallow_clone(),

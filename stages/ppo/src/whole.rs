@@ -24,7 +24,8 @@ pub struct Whole {
     /// The shaped scores (B,), the reward model's (B,), each reply's KL (B,), lengths and
     /// EOS flags (B,).
     pub score: Tensor,
-    pub rm_score: Tensor,
+    /// None when only program rewards score (no reward model).
+    pub rm_score: Option<Tensor>,
     pub seq_kl: Tensor,
     pub lengths: Tensor,
     pub has_eos: Tensor,
@@ -42,6 +43,7 @@ pub struct Local<'a> {
     pub kl: &'a Tensor,
     pub returns: &'a Tensor,
     pub program: Option<&'a ProgramScores>,
+    pub has_reward_model: bool,
     pub train_s: f64,
 }
 
@@ -66,7 +68,10 @@ impl Whole {
         }
         Ok(Self {
             score: all(x.score)?,
-            rm_score: all(&ro.scores)?,
+            rm_score: match x.has_reward_model {
+                true => Some(all(&ro.scores)?),
+                false => None,
+            },
             seq_kl: all(&x.kl.sum_dim_intlist(1, false, Kind::Float))?,
             has_eos: all(&ro.has_eos.to_kind(Kind::Float))?,
             explained_var: world.explained_variance(&ro.values, x.returns, &ro.mask)?,
@@ -103,7 +108,6 @@ pub fn iteration_fields(ro: &Rollout, w: &Whole, x: &Stepped, train_s: f64) -> V
     let mut out: Vec<(String, f64)> = [
         ("reward/mean", mean(&w.score)),
         ("reward/std", scalar(&w.score.std(true))),
-        ("score/mean", mean(&w.rm_score)),
         ("kl/mean", w.kl()),
         ("kl/coef", x.kl_coef),
         ("policy/loss", x.m.policy_loss),
@@ -127,6 +131,9 @@ pub fn iteration_fields(ro: &Rollout, w: &Whole, x: &Stepped, train_s: f64) -> V
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
+    if let Some(rm) = &w.rm_score {
+        out.insert(2, ("score/mean".into(), mean(rm)));
+    }
     for (name, values) in &w.per_name {
         let avg = values.iter().sum::<f64>() / values.len().max(1) as f64;
         out.push((format!("reward/{name}"), avg));
