@@ -61,6 +61,17 @@ pub fn assert_ok(out: &Output, what: &str) {
     );
 }
 
+/// A stage refused `config` as the brief asks of bad input: exit 2, one line containing
+/// `words`, and nothing written to `out`.
+pub fn assert_refused(stage: &str, config: &Path, out: &Path, words: &str) {
+    let res = run_stage(stage, config, out);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(err.contains(words), "{err}");
+    assert!(!out.exists(), "nothing written");
+}
+
 pub fn write(path: &Path, text: &str) -> PathBuf {
     std::fs::write(path, text).unwrap();
     path.to_path_buf()

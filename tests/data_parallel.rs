@@ -412,6 +412,64 @@ fn sft_reward_and_dpo_on_two_ranks_match_one_process_even_when_a_rank_gets_no_ro
     );
 }
 
+/// Every iteration's `keys` equal within `tolerance` (relative above 1) in the one-process run
+/// and the two-rank run, which both logged `rows` iterations.
+fn assert_same_metrics(
+    one: &Path,
+    two: &Path,
+    rows: usize,
+    keys: &[&str],
+    tolerance: f64,
+    name: &str,
+) {
+    let (a, b) = (metrics(one), metrics(two));
+    assert_eq!(a.len(), rows, "{name}: one row per iteration");
+    assert_eq!(a.len(), b.len(), "{name}: rows");
+    for (x, y) in a.iter().zip(&b) {
+        for k in keys {
+            let (u, v) = (x[k].as_f64().unwrap(), y[k].as_f64().unwrap());
+            assert!(
+                (u - v).abs() < tolerance * u.abs().max(1.0),
+                "{name} step {}: {k} {u} (one process) vs {v} (two ranks)",
+                x["step"]
+            );
+        }
+    }
+}
+
+const GRPO_KEYS: &[&str] = &[
+    "reward/mean",
+    "reward/std",
+    "reward/length",
+    "frac_zero_std_groups",
+    "response/len_mean",
+    "response/eos_rate",
+    "loss",
+    "kl",
+    "clipfrac",
+    "entropy",
+    "grad_norm",
+    "tokens",
+];
+
+const PPO_KEYS: &[&str] = &[
+    "reward/mean",
+    "reward/std",
+    "score/mean",
+    "kl/mean",
+    "kl/coef",
+    "policy/loss",
+    "policy/clipfrac",
+    "policy/approx_kl",
+    "policy/entropy",
+    "value/loss",
+    "value/explained_var",
+    "response/len_mean",
+    "response/eos_rate",
+    "grad_norm",
+    "tokens",
+];
+
 /// GRPO's ranks each sample and score half of the prompts (whole groups) with the seeds one
 /// process gives those rows; batch-scaled advantages, REINFORCE++'s whitening and the loss
 /// denominators are the whole rollout's; minibatches of 6 replies straddle the ranks. So two
@@ -454,32 +512,7 @@ fn grpo_on_two_ranks_matches_one_process_with_the_whole_rollout() {
         for c in start_ranks("temper-grpo", &cfg, &two, free_port(), 120) {
             assert_ok(&c.wait_with_output().unwrap(), "a GRPO rank of two");
         }
-        let (a, b) = (metrics(&one), metrics(&two));
-        assert_eq!(a.len(), 6, "{name}: one row per iteration");
-        assert_eq!(a.len(), b.len(), "{name}: rows");
-        for (x, y) in a.iter().zip(&b) {
-            for k in [
-                "reward/mean",
-                "reward/std",
-                "reward/length",
-                "frac_zero_std_groups",
-                "response/len_mean",
-                "response/eos_rate",
-                "loss",
-                "kl",
-                "clipfrac",
-                "entropy",
-                "grad_norm",
-                "tokens",
-            ] {
-                let (u, v) = (x[k].as_f64().unwrap(), y[k].as_f64().unwrap());
-                assert!(
-                    (u - v).abs() < tolerance * u.abs().max(1.0),
-                    "{name} step {}: {k} {u} (one process) vs {v} (two ranks)",
-                    x["step"]
-                );
-            }
-        }
+        assert_same_metrics(&one, &two, 6, GRPO_KEYS, tolerance, name);
         let d = max_weight_diff(&one, &two);
         assert!(d < weights, "{name}: final weights differ by {d:e}");
         // Rank 0 alone wrote: its samples (the first groups), the state, the summary.
@@ -518,35 +551,7 @@ fn ppo_on_two_ranks_matches_one_process_with_the_whole_batch() {
         for c in start_ranks("temper-ppo", &cfg, &two, free_port(), 120) {
             assert_ok(&c.wait_with_output().unwrap(), "a PPO rank of two");
         }
-        let (a, b) = (metrics(&one), metrics(&two));
-        assert_eq!(a.len(), 5, "{name}: one row per iteration");
-        assert_eq!(a.len(), b.len(), "{name}: rows");
-        for (x, y) in a.iter().zip(&b) {
-            for k in [
-                "reward/mean",
-                "reward/std",
-                "score/mean",
-                "kl/mean",
-                "kl/coef",
-                "policy/loss",
-                "policy/clipfrac",
-                "policy/approx_kl",
-                "policy/entropy",
-                "value/loss",
-                "value/explained_var",
-                "response/len_mean",
-                "response/eos_rate",
-                "grad_norm",
-                "tokens",
-            ] {
-                let (u, v) = (x[k].as_f64().unwrap(), y[k].as_f64().unwrap());
-                assert!(
-                    (u - v).abs() < 1e-5 * u.abs().max(1.0),
-                    "{name} step {}: {k} {u} (one process) vs {v} (two ranks)",
-                    x["step"]
-                );
-            }
-        }
+        assert_same_metrics(&one, &two, 5, PPO_KEYS, 1e-5, name);
         let d = max_weight_diff(&one, &two);
         assert!(d < 1e-5, "{name}: final actor weights differ by {d:e}");
         let d = max_diff_in(&one, &two, "critic/model.safetensors");

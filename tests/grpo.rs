@@ -175,13 +175,7 @@ fn bad_rewards_and_settings_exit_cleanly_with_one_line() {
         ),
     ] {
         let cfg = write(&dir.path().join("bad.yaml"), &yaml);
-        let out = dir.path().join("bad-out");
-        let res = run_stage("temper-grpo", &cfg, &out);
-        let err = String::from_utf8_lossy(&res.stderr);
-        assert_eq!(res.status.code(), Some(2), "{err}");
-        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
-        assert!(err.contains(words), "{err}");
-        assert!(!out.exists(), "nothing written");
+        assert_refused("temper-grpo", &cfg, &dir.path().join("bad-out"), words);
     }
     // Reward commands that fail at run time: the stage fails (exit 1) with one line naming the
     // command and what it printed, and keeps its last saved state.

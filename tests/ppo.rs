@@ -210,13 +210,7 @@ fn ppo_adds_program_rewards_to_the_reward_model() {
             "field `critic_init`: `reward` (the default) starts the critic from the reward model",
         ),
     ] {
-        let bad = dir.path().join("ppo-bad");
-        let res = run_stage("temper-ppo", &cfg, &bad);
-        let err = String::from_utf8_lossy(&res.stderr);
-        assert_eq!(res.status.code(), Some(2), "{err}");
-        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
-        assert!(err.contains(words), "{err}");
-        assert!(!bad.exists(), "nothing written");
+        assert_refused("temper-ppo", &cfg, &dir.path().join("ppo-bad"), words);
     }
 
     for (rewards, words) in [
@@ -230,12 +224,6 @@ fn ppo_adds_program_rewards_to_the_reward_model() {
         ),
     ] {
         let cfg = with(&rewards);
-        let bad = dir.path().join("ppo-bad");
-        let res = run_stage("temper-ppo", &cfg, &bad);
-        let err = String::from_utf8_lossy(&res.stderr);
-        assert_eq!(res.status.code(), Some(2), "{err}");
-        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
-        assert!(err.contains(words), "{err}");
-        assert!(!bad.exists(), "nothing written");
+        assert_refused("temper-ppo", &cfg, &dir.path().join("ppo-bad"), words);
     }
 }

@@ -159,17 +159,18 @@ impl RewardSet {
                             *x *= sign.sign(&r.meta)?;
                         }
                     }
+                    // Program rewards are checked by `score_replies`; a model's here.
+                    if let Some(i) = v.iter().position(|v| !v.is_finite()) {
+                        anyhow::bail!(
+                            "reward `{}` gave {} for reply {i} ({:?}); a reward must be a finite number",
+                            e.name,
+                            v[i],
+                            replies[i].text
+                        );
+                    }
                     v
                 }
             };
-            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-                anyhow::bail!(
-                    "reward `{}` gave {} for reply {i} ({:?}); a reward must be a finite number",
-                    e.name,
-                    values[i],
-                    replies[i].text
-                );
-            }
             for (t, v) in total.iter_mut().zip(&values) {
                 *t += e.weight * v;
             }

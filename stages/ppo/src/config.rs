@@ -152,9 +152,9 @@ pub struct Config {
     #[serde(default)]
     pub reward_clip: Option<f64>,
     /// Actor optimizer (and the shared one).
-    #[serde(default = "default_actor_optim")]
+    #[serde(default = "default_optim")]
     pub optim: OptimSettings,
-    #[serde(default = "default_critic_optim")]
+    #[serde(default = "default_optim")]
     pub critic_optim: OptimSettings,
     #[serde(default = "every_10")]
     pub save_every: Every,
@@ -200,16 +200,8 @@ fn default_vf_coef() -> f64 {
 fn default_true() -> bool {
     true
 }
-fn default_actor_optim() -> OptimSettings {
-    OptimSettings {
-        lr: 1e-5,
-        min_lr: 1e-5,
-        warmup_steps: 0,
-        weight_decay: 0.0,
-        ..OptimSettings::default()
-    }
-}
-fn default_critic_optim() -> OptimSettings {
+/// Actor and critic alike: a constant 1e-5, no warm-up, no weight decay.
+fn default_optim() -> OptimSettings {
     OptimSettings {
         lr: 1e-5,
         min_lr: 1e-5,
