@@ -246,6 +246,16 @@ impl World {
         Ok(whole.to_device(local.device()))
     }
 
+    /// The whole batch of a 1-D tensor of this rank's `shard(rows)` values: one process keeps
+    /// its tensor as it is (its own kind, so an f64 value stays f64 and one-process runs keep
+    /// their arithmetic); several gather every rank's rows with `gather_shards` (fp32).
+    pub fn whole_batch(&self, local: &Tensor, rows: usize) -> Result<Tensor> {
+        match self.size() {
+            1 => Ok(local.shallow_clone()),
+            _ => self.gather_shards(local, rows),
+        }
+    }
+
     /// For a stage without data parallelism: refuses a world above one with one line, rather
     /// than letting every rank train the whole stage alone.
     pub fn require_single(kind: &str) -> std::result::Result<(), String> {

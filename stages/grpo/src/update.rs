@@ -281,11 +281,7 @@ impl Gathered {
         zero_std: &Tensor,
         rows: usize,
     ) -> anyhow::Result<Self> {
-        // One process keeps its own values as they are (per-reward values in f64).
-        let all = |t: &Tensor| match world.size() {
-            1 => Ok(t.shallow_clone()),
-            _ => world.gather_shards(t, rows),
-        };
+        let all = |t: &Tensor| world.whole_batch(t, rows);
         let lengths = ro.mask.sum_dim_intlist(1, false, Kind::Float);
         let per_name = scored
             .per_name

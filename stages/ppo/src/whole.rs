@@ -11,14 +11,6 @@ use temper_core::rl;
 use crate::config::Config;
 use crate::rollout::{OptimizeMetrics, Rollout};
 
-/// A 1-D tensor of this rank's rows as the whole batch's (`rows` in all); one process: as is.
-pub fn gathered(world: &World, local: &Tensor, rows: usize) -> anyhow::Result<Tensor> {
-    Ok(match world.size() {
-        1 => local.shallow_clone(),
-        _ => world.gather_shards(local, rows)?,
-    })
-}
-
 /// What an iteration measured, over the whole rollout.
 pub struct Whole {
     /// The shaped scores (B,), the reward model's (B,), each reply's KL (B,), lengths and
@@ -49,7 +41,7 @@ pub struct Local<'a> {
 
 impl Whole {
     pub fn new(world: &World, x: Local, rows: usize, c: &Config) -> anyhow::Result<Self> {
-        let all = |t: &Tensor| gathered(world, t, rows);
+        let all = |t: &Tensor| world.whole_batch(t, rows);
         let ro = x.ro;
         let lengths = ro.mask.sum_dim_intlist(1, false, Kind::Float);
         let scalar = |t: &Tensor| t.to_kind(Kind::Double).double_value(&[]);
@@ -164,7 +156,7 @@ pub fn shape_scores(
         score = &score + ro.has_eos.logical_not().to_kind(Kind::Float) * p;
     }
     if c.reward_normalize {
-        let all = gathered(world, &score, rows)?;
+        let all = world.whole_batch(&score, rows)?;
         stats.update(&Vec::<f64>::try_from(all.to_kind(Kind::Double))?);
         score = (score - stats.mean) / stats.std().max(1e-6);
     }

@@ -8,6 +8,13 @@
 //!   every problem that is not held out (RL prompts included: RL sharpens what the model has
 //!   seen; held-out problems measure it)
 //! - sft_train/_eval       `messages`: "What is 12+34?" → "46"; `answer`
+//!
+//! With `worked` the corpus lines and SFT replies show the column-by-column working before the
+//! answer (`12+34: 2+4+0=6, 1+3+0=4, answer 46`; a borrow writes the borrowed ten:
+//! `52-18: 12-8-0=4, 5-1-1=3, answer 34`). Every step is a one-digit fact with a carry, all
+//! of which pretraining sees many times, so a model can apply to unseen problems what it cannot
+//! learn from whole answers of this many problems (the `answer` field stays the bare number; the
+//! exact-match reward takes the reply's last number).
 //! - rl_prompts.parquet    `prompt`, `answer`: problems the policy never saw solved
 //! - eval_prompts.parquet  `prompt`, `answer`: the held-out problems
 
@@ -66,7 +73,69 @@ fn question(p: &Problem) -> String {
     format!("What is {}?", p.text)
 }
 
-fn write_sft(path: &Path, rows: &[&Problem]) -> Result<()> {
+/// The working for `a+b` or `a-b`, units column first, each step `x+y+carry=sum` or
+/// `x-y-borrow=difference` (x written with its borrowed ten, `12-8-0=4`), then the answer.
+fn worked(a: i64, b: i64, add: bool) -> String {
+    let digits = |n: i64| -> Vec<i64> {
+        n.to_string()
+            .bytes()
+            .rev()
+            .map(|d| i64::from(d - b'0'))
+            .collect()
+    };
+    let (da, db) = (digits(a), digits(b));
+    let columns = da.len().max(db.len());
+    let mut steps = Vec::with_capacity(columns + 1);
+    let mut carry = 0;
+    for i in 0..columns {
+        let x = da.get(i).copied().unwrap_or(0);
+        let y = db.get(i).copied().unwrap_or(0);
+        if add {
+            let s = x + y + carry;
+            steps.push(format!("{x}+{y}+{carry}={s}"));
+            carry = s / 10;
+        } else {
+            let borrow = i64::from(x - carry < y);
+            let top = x + 10 * borrow;
+            steps.push(format!("{top}-{y}-{carry}={}", top - y - carry));
+            carry = borrow;
+        }
+    }
+    let answer = if add { a + b } else { a - b };
+    steps.push(format!("answer {answer}"));
+    steps.join(", ")
+}
+
+impl Problem {
+    /// The reply SFT teaches and the corpus line's right-hand side.
+    fn solution(&self, show_work: bool) -> String {
+        if !show_work {
+            return self.answer.to_string();
+        }
+        let (a, b, add) = match self.text.split_once('+') {
+            Some((a, b)) => (a, b, true),
+            None => {
+                let (a, b) = self.text.split_once('-').expect("a+b or a-b");
+                (a, b, false)
+            }
+        };
+        worked(
+            a.parse().expect("operand"),
+            b.parse().expect("operand"),
+            add,
+        )
+    }
+
+    fn corpus_line(&self, show_work: bool) -> String {
+        if show_work {
+            format!("{}: {}", self.text, self.solution(true))
+        } else {
+            format!("{}={}", self.text, self.answer)
+        }
+    }
+}
+
+fn write_sft(path: &Path, rows: &[&Problem], show_work: bool) -> Result<()> {
     let messages = rows
         .iter()
         .map(|p| {
@@ -77,7 +146,7 @@ fn write_sft(path: &Path, rows: &[&Problem]) -> Result<()> {
                 },
                 Message {
                     role: Role::Assistant,
-                    content: p.answer.to_string(),
+                    content: p.solution(show_work),
                 },
             ]
         })
@@ -118,6 +187,7 @@ pub fn prepare_arith(
     seed: u64,
     max_operand: i64,
     sft_rows: usize,
+    show_work: bool,
 ) -> Result<ArithCounts> {
     std::fs::create_dir_all(out)?;
     let all = problems(max_operand);
@@ -135,7 +205,7 @@ pub fn prepare_arith(
         .chunks(16)
         .map(|c| {
             c.iter()
-                .map(|p| format!("{}={}", p.text, p.answer))
+                .map(|p| p.corpus_line(show_work))
                 .collect::<Vec<_>>()
                 .join("\n")
         })
@@ -149,13 +219,13 @@ pub fn prepare_arith(
         .take(sft_rows)
         .map(|&i| train[i])
         .collect();
-    write_sft(&out.join("sft_train.parquet"), &sft)?;
+    write_sft(&out.join("sft_train.parquet"), &sft, show_work)?;
     let heldout_order: Vec<&Problem> = order(heldout, "heldout")
         .iter()
         .map(|&i| heldout[i])
         .collect();
     let sft_eval: Vec<&Problem> = heldout_order.iter().take(300).copied().collect();
-    write_sft(&out.join("sft_eval.parquet"), &sft_eval)?;
+    write_sft(&out.join("sft_eval.parquet"), &sft_eval, show_work)?;
     let rl_order: Vec<&Problem> = order(rl, "rl").iter().map(|&i| rl[i]).collect();
     write_prompts(&out.join("rl_prompts.parquet"), &rl_order)?;
     write_prompts(&out.join("eval_prompts.parquet"), &heldout_order)?;
@@ -193,5 +263,45 @@ mod tests {
         );
         let p = all.iter().find(|p| p.text == "17-9").unwrap();
         assert_eq!(p.answer, 8);
+    }
+
+    #[test]
+    fn the_working_carries_and_borrows_column_by_column() {
+        assert_eq!(worked(47, 38, true), "7+8+0=15, 4+3+1=8, answer 85");
+        assert_eq!(worked(95, 7, true), "5+7+0=12, 9+0+1=10, answer 102");
+        assert_eq!(worked(52, 18, false), "12-8-0=4, 5-1-1=3, answer 34");
+        assert_eq!(worked(43, 38, false), "13-8-0=5, 4-3-1=0, answer 5");
+        assert_eq!(
+            worked(100, 1, false),
+            "10-1-0=9, 10-0-1=9, 1-0-1=0, answer 99"
+        );
+        assert_eq!(worked(3, 3, false), "3-3-0=0, answer 0");
+        let p = Problem {
+            text: "12+34".into(),
+            answer: 46,
+        };
+        assert_eq!(p.corpus_line(false), "12+34=46");
+        assert_eq!(p.corpus_line(true), "12+34: 2+4+0=6, 1+3+0=4, answer 46");
+        assert_eq!(p.solution(false), "46");
+        // Every generated working ends in the true answer and its steps are right.
+        for p in problems(120) {
+            let w = p.solution(true);
+            assert!(
+                w.ends_with(&format!("answer {}", p.answer)),
+                "{}: {w}",
+                p.text
+            );
+            for step in w.split(", ").filter(|s| !s.starts_with("answer")) {
+                let (lhs, rhs) = step.split_once('=').unwrap();
+                let n: Vec<i64> = lhs.split(['+', '-']).map(|x| x.parse().unwrap()).collect();
+                let value = if lhs.contains('+') {
+                    n[0] + n[1] + n[2]
+                } else {
+                    n[0] - n[1] - n[2]
+                };
+                assert_eq!(value.to_string(), rhs, "{}: {step}", p.text);
+                assert!((0..=19).contains(&value), "{}: {step}", p.text);
+            }
+        }
     }
 }

@@ -49,6 +49,10 @@ enum Command {
         /// SFT examples (the rest of the pretraining set is only seen as text).
         #[arg(long, default_value_t = 2000)]
         sft_rows: usize,
+        /// Write the column-by-column working before each answer, in the corpus and the SFT
+        /// replies (`47+38: 7+8+0=15, 4+3+1=8, answer 85`); the answers stay bare numbers.
+        #[arg(long)]
+        show_work: bool,
     },
     /// Show what a stage will train on: counts, token statistics and one example with its
     /// loss mask («trained» tokens marked).
@@ -98,12 +102,13 @@ fn run() -> anyhow::Result<()> {
             seed,
             max_operand,
             sft_rows,
+            show_work,
         } => {
             anyhow::ensure!(
                 (1..=9999).contains(&max_operand),
                 "--max-operand must be in 1..=9999"
             );
-            let counts = prepare_arith(&out, seed, max_operand, sft_rows)?;
+            let counts = prepare_arith(&out, seed, max_operand, sft_rows, show_work)?;
             println!("wrote {}:", out.display());
             println!("{}", serde_json::to_string_pretty(&counts)?);
         }
