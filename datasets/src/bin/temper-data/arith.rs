@@ -35,24 +35,20 @@ pub struct ArithCounts {
     pub eval_prompts: usize,
 }
 
+/// `a+b`, or `a-b` when `add` is false.
 struct Problem {
-    text: String,
-    answer: i64,
+    a: i64,
+    b: i64,
+    add: bool,
 }
 
 fn problems(max: i64) -> Vec<Problem> {
     let mut out = Vec::new();
     for a in 0..=max {
         for b in 0..=max {
-            out.push(Problem {
-                text: format!("{a}+{b}"),
-                answer: a + b,
-            });
+            out.push(Problem { a, b, add: true });
             if a >= b {
-                out.push(Problem {
-                    text: format!("{a}-{b}"),
-                    answer: a - b,
-                });
+                out.push(Problem { a, b, add: false });
             }
         }
     }
@@ -70,7 +66,7 @@ fn set_of(seed: u64, text: &str) -> u8 {
 }
 
 fn question(p: &Problem) -> String {
-    format!("What is {}?", p.text)
+    format!("What is {}?", p.text())
 }
 
 /// The working for `a+b` or `a-b`, units column first, each step `x+y+carry=sum` or
@@ -107,30 +103,33 @@ fn worked(a: i64, b: i64, add: bool) -> String {
 }
 
 impl Problem {
+    /// `47+38`: the problem's text, also the key its set is hashed from.
+    fn text(&self) -> String {
+        let op = if self.add { '+' } else { '-' };
+        format!("{}{op}{}", self.a, self.b)
+    }
+
+    fn answer(&self) -> i64 {
+        if self.add {
+            self.a + self.b
+        } else {
+            self.a - self.b
+        }
+    }
+
     /// The reply SFT teaches and the corpus line's right-hand side.
     fn solution(&self, show_work: bool) -> String {
-        if !show_work {
-            return self.answer.to_string();
+        match show_work {
+            true => worked(self.a, self.b, self.add),
+            false => self.answer().to_string(),
         }
-        let (a, b, add) = match self.text.split_once('+') {
-            Some((a, b)) => (a, b, true),
-            None => {
-                let (a, b) = self.text.split_once('-').expect("a+b or a-b");
-                (a, b, false)
-            }
-        };
-        worked(
-            a.parse().expect("operand"),
-            b.parse().expect("operand"),
-            add,
-        )
     }
 
     fn corpus_line(&self, show_work: bool) -> String {
         if show_work {
-            format!("{}: {}", self.text, self.solution(true))
+            format!("{}: {}", self.text(), self.solution(true))
         } else {
-            format!("{}={}", self.text, self.answer)
+            format!("{}={}", self.text(), self.answer())
         }
     }
 }
@@ -157,7 +156,7 @@ fn write_sft(path: &Path, rows: &[&Problem], show_work: bool) -> Result<()> {
             ("messages", Column::Messages(messages)),
             (
                 "answer",
-                Column::Str(rows.iter().map(|p| p.answer.to_string()).collect()),
+                Column::Str(rows.iter().map(|p| p.answer().to_string()).collect()),
             ),
         ],
     )?;
@@ -174,7 +173,7 @@ fn write_prompts(path: &Path, rows: &[&Problem]) -> Result<()> {
             ),
             (
                 "answer",
-                Column::Str(rows.iter().map(|p| p.answer.to_string()).collect()),
+                Column::Str(rows.iter().map(|p| p.answer().to_string()).collect()),
             ),
         ],
     )?;
@@ -193,7 +192,7 @@ pub fn prepare_arith(
     let all = problems(max_operand);
     let mut sets: [Vec<&Problem>; 3] = Default::default();
     for p in &all {
-        sets[set_of(seed, &p.text) as usize].push(p);
+        sets[set_of(seed, &p.text()) as usize].push(p);
     }
     let order = |set: &[&Problem], stream: &str| -> Vec<usize> {
         shuffled(set.len(), seed_for(seed, stream, 0))
@@ -248,21 +247,21 @@ mod tests {
         let all = problems(20);
         // 21 × 21 sums and 21 · 22 / 2 differences.
         assert_eq!(all.len(), 441 + 231);
-        assert!(all.iter().all(|p| p.answer >= 0));
-        let sets: Vec<u8> = all.iter().map(|p| set_of(7, &p.text)).collect();
+        assert!(all.iter().all(|p| p.answer() >= 0));
+        let sets: Vec<u8> = all.iter().map(|p| set_of(7, &p.text())).collect();
         let held = sets.iter().filter(|&&s| s == 0).count();
         assert!(held > 30 && held < 110, "about 10 % held out: {held}");
         // Deterministic in the seed, different across seeds.
         assert_eq!(
             sets,
-            all.iter().map(|p| set_of(7, &p.text)).collect::<Vec<_>>()
+            all.iter().map(|p| set_of(7, &p.text())).collect::<Vec<_>>()
         );
         assert_ne!(
             sets,
-            all.iter().map(|p| set_of(8, &p.text)).collect::<Vec<_>>()
+            all.iter().map(|p| set_of(8, &p.text())).collect::<Vec<_>>()
         );
-        let p = all.iter().find(|p| p.text == "17-9").unwrap();
-        assert_eq!(p.answer, 8);
+        let p = all.iter().find(|p| p.text() == "17-9").unwrap();
+        assert_eq!(p.answer(), 8);
     }
 
     #[test]
@@ -277,8 +276,9 @@ mod tests {
         );
         assert_eq!(worked(3, 3, false), "3-3-0=0, answer 0");
         let p = Problem {
-            text: "12+34".into(),
-            answer: 46,
+            a: 12,
+            b: 34,
+            add: true,
         };
         assert_eq!(p.corpus_line(false), "12+34=46");
         assert_eq!(p.corpus_line(true), "12+34: 2+4+0=6, 1+3+0=4, answer 46");
@@ -287,9 +287,9 @@ mod tests {
         for p in problems(120) {
             let w = p.solution(true);
             assert!(
-                w.ends_with(&format!("answer {}", p.answer)),
+                w.ends_with(&format!("answer {}", p.answer())),
                 "{}: {w}",
-                p.text
+                p.text()
             );
             for step in w.split(", ").filter(|s| !s.starts_with("answer")) {
                 let (lhs, rhs) = step.split_once('=').unwrap();
@@ -299,8 +299,8 @@ mod tests {
                 } else {
                     n[0] - n[1] - n[2]
                 };
-                assert_eq!(value.to_string(), rhs, "{}: {step}", p.text);
-                assert!((0..=19).contains(&value), "{}: {step}", p.text);
+                assert_eq!(value.to_string(), rhs, "{}: {step}", p.text());
+                assert!((0..=19).contains(&value), "{}: {step}", p.text());
             }
         }
     }
