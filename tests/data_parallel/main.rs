@@ -1,0 +1,159 @@
+//! Data-parallel training over c10d's Gloo on this CPU, as real subprocesses: ranks of half
+//! the batch train as one process with all of it (pretraining, SFT, reward model, DPO, GRPO and
+//! PPO, launched by hand and by torchrun: `same_as_one_process`), a bad environment is one
+//! line, a killed rank stops the others and a rerun resumes, and stages without data
+//! parallelism refuse a world above one (`failures`), and `temper run` launches the ranks
+//! itself or exports them to Slurm (`launching`). The helpers below compare two runs.
+
+#[path = "../common.rs"]
+mod common;
+mod failures;
+mod launching;
+mod same_as_one_process;
+
+use std::path::Path;
+
+use common::*;
+use tch::Tensor;
+
+pub(crate) fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub(crate) fn train_losses(out: &Path) -> Vec<(u64, f64)> {
+    metrics(out)
+        .iter()
+        .filter(|r| r["split"] == "train")
+        .map(|r| (r["step"].as_u64().unwrap(), r["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+/// Every logged loss (train and eval) within 1e-5 step by step, and the final weights too.
+pub(crate) fn assert_same_run(one: &Path, two: &Path) {
+    let (a, b) = (train_losses(one), train_losses(two));
+    assert_eq!(a.len(), b.len(), "logged steps");
+    for ((step, x), (_, y)) in a.iter().zip(&b) {
+        assert!(
+            (x - y).abs() < 1e-5,
+            "step {step}: loss {x} (one process) vs {y} (two ranks)"
+        );
+    }
+    let evals = |d: &Path| -> Vec<f64> {
+        metrics(d)
+            .iter()
+            .filter(|r| r["split"] == "eval")
+            .filter_map(|r| r["loss"].as_f64())
+            .collect()
+    };
+    let (a, b) = (evals(one), evals(two));
+    assert_eq!(a.len(), b.len(), "evaluations");
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() < 1e-5, "eval loss {x} vs {y}");
+    }
+    let d = max_weight_diff(one, two);
+    assert!(d < 1e-5, "final weights differ by {d:e}");
+}
+
+pub(crate) fn max_weight_diff(a: &Path, b: &Path) -> f64 {
+    max_diff_in(a, b, "checkpoint/model.safetensors")
+}
+
+/// The largest difference between two runs' weights in `file`, GPT-2's key bias aside.
+pub(crate) fn max_diff_in(a: &Path, b: &Path, file: &str) -> f64 {
+    let read = |d: &Path| -> std::collections::BTreeMap<String, Tensor> {
+        Tensor::read_safetensors(d.join(file))
+            .unwrap()
+            .into_iter()
+            .collect()
+    };
+    let (a, b) = (read(a), read(b));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    // The key bias (the middle third of GPT-2's c_attn bias) has an exactly zero gradient —
+    // softmax ignores a constant added to every key's score — so its "gradient" is float noise
+    // of ~1e-10 that AdamW divides by its own tiny second moment: its updates are noise of
+    // ~1e-5 in any two runs whose sums differ in rounding (here: each rank pads its rows to its
+    // own length). It carries no signal, so it is left out.
+    let comparable = |k: &str, t: &Tensor| {
+        if k.ends_with("attn.c_attn.bias") {
+            let d = t.size()[0] / 3;
+            let t = t.copy();
+            let _ = t.narrow(0, d, d).fill_(0.0);
+            t
+        } else {
+            t.shallow_clone()
+        }
+    };
+    let (name, d) = a
+        .iter()
+        .map(|(k, t)| {
+            let diff = comparable(k, t) - comparable(k, &b[k]);
+            (k, diff.abs().max().double_value(&[]))
+        })
+        .fold(
+            (None, 0.0),
+            |m, (k, d)| if d > m.1 { (Some(k), d) } else { m },
+        );
+    eprintln!("largest weight difference {d:e} in {name:?}");
+    d
+}
+
+/// Starts the two ranks of a data-parallel run of `stage` on `port`, as torchrun would (its
+/// environment variables); a rank waits at most `timeout_s` for the other.
+pub(crate) fn start_ranks(
+    stage: &str,
+    cfg: &Path,
+    out: &Path,
+    port: u16,
+    timeout_s: u32,
+) -> Vec<std::process::Child> {
+    (0..2)
+        .map(|rank| {
+            std::process::Command::new(bin(stage))
+                .args([
+                    "--config",
+                    cfg.to_str().unwrap(),
+                    "--out",
+                    out.to_str().unwrap(),
+                ])
+                .env("RANK", rank.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .env("TEMPER_DIST_TIMEOUT", timeout_s.to_string())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// Every iteration's `keys` equal within `tolerance` (relative above 1) in the one-process run
+/// and the two-rank run, which both logged `rows` iterations.
+pub(crate) fn assert_same_metrics(
+    one: &Path,
+    two: &Path,
+    rows: usize,
+    keys: &[&str],
+    tolerance: f64,
+    name: &str,
+) {
+    let (a, b) = (metrics(one), metrics(two));
+    assert_eq!(a.len(), rows, "{name}: one row per iteration");
+    assert_eq!(a.len(), b.len(), "{name}: rows");
+    for (x, y) in a.iter().zip(&b) {
+        for k in keys {
+            let (u, v) = (x[k].as_f64().unwrap(), y[k].as_f64().unwrap());
+            assert!(
+                (u - v).abs() < tolerance * u.abs().max(1.0),
+                "{name} step {}: {k} {u} (one process) vs {v} (two ranks)",
+                x["step"]
+            );
+        }
+    }
+}
