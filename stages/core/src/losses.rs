@@ -1,5 +1,5 @@
 //! Losses as small pure tensor functions: the language-modelling loss on padded batches (checked
-//! against transformers in tests/parity.rs) and the preference losses, tested against values
+//! against transformers in tests/parity/) and the preference losses, tested against values
 //! computed by hand.
 
 use tch::{Kind, Tensor};

@@ -127,7 +127,7 @@ fn draws(seeds: &[u64], steps: i64, device: Device) -> Tensor {
 
 /// Logits (B, V) with everything outside top-k / nucleus top-p set to -inf: top-k first, then
 /// the smallest set of the remaining tokens whose probability reaches p (as transformers'
-/// TopK and TopP logits processors, checked in tests/parity.rs).
+/// TopK and TopP logits processors, checked in tests/parity/sampling.rs).
 pub fn truncate(logits: &Tensor, top_k: Option<i64>, top_p: Option<f64>) -> Tensor {
     let mut logits = logits.shallow_clone();
     let v = logits.size()[1];

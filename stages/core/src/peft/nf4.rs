@@ -8,7 +8,7 @@
 //!
 //! Rounding follows bitsandbytes' reference path (scale by the reciprocal of the maximum, clamp
 //! to ±1, bucket by the midpoints between levels), so the codes match its `quantize_4bit`
-//! bit for bit on the same input (checked against it in tests/peft.rs).
+//! bit for bit on the same input (checked against it in tests/qlora.rs).
 
 use tch::{Device, Kind, Tensor};
 

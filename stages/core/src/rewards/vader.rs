@@ -5,7 +5,7 @@
 //! the special-case idioms, "but" (× 0.5 before, × 1.5 after, with the original's
 //! first-equal-value indexing kept), "!" and "?" amplification, and compound = s / √(s² + 15).
 //! Only the compound score is computed, and emoji are not replaced by their descriptions (the
-//! package's emoji lexicon is not shipped with the demo data). tests/parity.rs checks it
+//! package's emoji lexicon is not shipped with the demo data). tests/parity/ checks it
 //! against the package itself on real snippets. Nothing in the pipeline trains on this lexicon.
 
 use std::collections::HashMap;
