@@ -6,12 +6,15 @@
 #
 #   bash scripts/gpu_check.sh [OUT]      (OUT defaults to $OUT, else runs/gpu_check)
 #
-# 1. the tiny pipeline end to end on CUDA (configs/tiny.yaml with device: cuda);
+# 1. the tiny pipeline end to end on CUDA (configs/tiny.yaml with device: cuda), then NCCL:
+#    pretraining on the GPU in an NCCL group of one (TEMPER_DIST_BACKEND=nccl, every
+#    all-reduce, broadcast and barrier through ProcessGroupNCCL) against the same run without
+#    a group — the losses and weights must agree;
 # 2. `bench.sh gpu`: GPT-2 small (L12 d768, T1024, B16, bf16 autocast) training tokens/s of
 #    temper and PyTorch eager / torch.compile, and generation vs Hugging Face `generate`;
 # 3. the tiny pipeline on that machine's CPU, and the final numbers of both side by side.
-# Results go to a few files in OUT (machine.txt, tiny_cuda.log, bench_gpu.txt, tiny_cpu.log,
-# summary.txt), written as each part ends, so a run cut short still reports what finished;
+# Results go to a few files in OUT (machine.txt, tiny_cuda.log, nccl.log, bench_gpu.txt,
+# tiny_cpu.log, summary.txt), written as each part ends, so a run cut short still reports what finished;
 # work folders go under WORK (default /tmp/temper_gpu_check). Sized for 8 minutes on one H200.
 set -uo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -45,6 +48,42 @@ tiny() { # device, timeout
 
 # 1. The tiny pipeline on CUDA.
 tiny cuda 150
+# 1b. NCCL: one process through ProcessGroupNCCL against the same process without a group.
+cat > "$work/nccl_pretrain.yaml" <<YAML
+tokenizer: $work/tiny_cuda/stages/tokenizer/tokenizer.json
+data: [$repo/tests/fixtures/tiny/corpus.txt]
+model: {arch: gpt2, n_layer: 2, n_head: 2, d_model: 64, max_position: 64}
+block_size: 64
+steps: 20
+batch_size: 8
+optim: {lr: 3.0e-3, warmup_steps: 10}
+eval_every: 20
+save_every: 10
+log_every: 5
+device: cuda
+YAML
+{
+  rm -rf "$work/nccl_plain" "$work/nccl_group"
+  timeout 60 "$bin/temper-pretrain" --config "$work/nccl_pretrain.yaml" --out "$work/nccl_plain"
+  echo "plain: exit $?"
+  TEMPER_DIST_BACKEND=nccl MASTER_ADDR=127.0.0.1 MASTER_PORT=29533 TEMPER_DIST_TIMEOUT=60 \
+    timeout 90 "$bin/temper-pretrain" --config "$work/nccl_pretrain.yaml" --out "$work/nccl_group"
+  echo "nccl group of one: exit $?"
+  "$python" - "$work" <<'PY'
+import json, pathlib, sys
+from safetensors.torch import load_file
+work = pathlib.Path(sys.argv[1])
+loss = lambda d: [json.loads(l)["loss"] for l in (work / d / "metrics.jsonl").open()
+                  if json.loads(l).get("split") == "train"]
+a, b = load_file(work / "nccl_plain/checkpoint/model.safetensors"), load_file(
+    work / "nccl_group/checkpoint/model.safetensors")
+dw = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+dl = max(abs(x - y) for x, y in zip(loss("nccl_plain"), loss("nccl_group")))
+print(f"NCCL group of one vs no group on CUDA: largest loss difference {dl:.2e}, "
+      f"largest weight difference {dw:.2e} ({'same' if dl < 1e-5 and dw < 1e-4 else 'DIFFERENT'})")
+PY
+} > "$out/nccl.log" 2>&1
+tail -1 "$out/nccl.log" | tee -a "$out/summary.txt"
 # 2. The benchmark, both sides in one run.
 TEMPER_BIN="$bin" PYTHON="$python" timeout 240 bash scripts/bench.sh gpu > "$out/bench_gpu.txt" 2>&1
 echo "bench.sh gpu: exit $?" | tee -a "$out/summary.txt"

@@ -2,8 +2,9 @@
 # Installs what temper needs to build and run: a Python venv with torch 2.11.0 (whose bundled
 # libtorch tch 0.24 links against) plus the reference packages the goldens and load checks use
 # (transformers, peft, trl, bitsandbytes, vaderSentiment, tensorboard), Debian's chromium for
-# the report's browser test (the Rust code needs none of them) and Debian's libgloo-dev, whose
-# headers the c10d shim compiles against.
+# the report's browser test (the Rust code needs none of them), and the headers the c10d shim
+# compiles against: Debian's libgloo-dev (Gloo) and CUDA 13's crt and cccl wheels (NCCL, whose
+# nccl.h comes with torch's own nvidia-nccl).
 # The venv lives in a cache keyed by the torch version, outside the clone, so a fresh clone
 # (CI) reuses it; `.libtorch` in the repo is a symlink to the wheel's torch/ folder, which
 # `.cargo/config.toml` points LIBTORCH and the binaries' rpath at. Idempotent: a second run
@@ -13,10 +14,13 @@ set -euo pipefail
 TORCH_VERSION=2.11.0
 # Reference packages, pinned; changing one changes the stamp, so the next run installs it.
 REFERENCE="transformers==4.57.1 peft==0.21.2 trl==1.16.0 bitsandbytes==0.50.2 vaderSentiment==3.3.2 tensorboard==2.20.0"
+# Headers only (3 MB), for ProcessGroupNCCL.hpp: stages/core/build.rs compiles NCCL in when
+# they are there, and temper runs without a GPU either way.
+NCCL_HEADERS="nvidia-cuda-crt==13.0.* nvidia-cuda-cccl==13.0.*"
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cache=${TEMPER_CACHE:-$HOME/.cache/temper}
 venv=$cache/torch-$TORCH_VERSION/venv
-stamp=$venv/.temper-ready-$(echo "$TORCH_VERSION $REFERENCE" | sha256sum | cut -c1-16)
+stamp=$venv/.temper-ready-$(echo "$TORCH_VERSION $REFERENCE $NCCL_HEADERS" | sha256sum | cut -c1-16)
 
 if [ ! -f "$stamp" ]; then
   echo "setup: installing into $venv (torch $TORCH_VERSION, ~4.6 GB on first run)" >&2
@@ -24,8 +28,8 @@ if [ ! -f "$stamp" ]; then
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
   # --no-cache-dir: pip's wheel cache would hold a second copy of torch's ~4 GB on disk.
   "$venv/bin/python" -m pip install -q --no-cache-dir --upgrade pip
-  # shellcheck disable=SC2086 # REFERENCE is a list of requirements
-  "$venv/bin/python" -m pip install -q --no-cache-dir "torch==$TORCH_VERSION" $REFERENCE safetensors numpy
+  # shellcheck disable=SC2086 # REFERENCE and NCCL_HEADERS are lists of requirements
+  "$venv/bin/python" -m pip install -q --no-cache-dir "torch==$TORCH_VERSION" $REFERENCE $NCCL_HEADERS safetensors numpy
   "$venv/bin/python" -c "import torch, transformers, peft, trl, vaderSentiment; assert torch.__version__.startswith('$TORCH_VERSION'), torch.__version__"
   touch "$stamp"
 fi

@@ -6,6 +6,7 @@ fn main() {
     temper_link::emit_libtorch_link_args();
     println!("cargo:rerun-if-changed=csrc/shim.cpp");
     println!("cargo:rerun-if-changed=csrc/dist.cpp");
+    println!("cargo:rerun-if-changed=csrc/nccl.cpp");
     let Some(libtorch) = std::env::var_os("LIBTORCH").map(PathBuf::from) else {
         panic!("LIBTORCH is not set: run scripts/setup.sh, which installs torch 2.11.0");
     };
@@ -19,11 +20,45 @@ fn main() {
     if !std::path::Path::new("/usr/include/gloo/config.h").exists() {
         panic!("gloo's headers are missing (/usr/include/gloo): run scripts/setup.sh, which installs Debian's libgloo-dev");
     }
-    shim_build(&include)
-        .define("USE_C10D_GLOO", None)
+    let mut dist = shim_build(&include);
+    dist.define("USE_C10D_GLOO", None)
         .define("USE_DISTRIBUTED", None)
         .file("csrc/dist.cpp")
-        .compile("temper_dist");
+        .file("csrc/nccl.cpp");
+    let nccl = nccl_headers(&libtorch);
+    if let Some(dirs) = &nccl {
+        dist.define("TEMPER_WITH_NCCL", None).includes(dirs);
+    } else {
+        println!(
+            "cargo:warning=building without NCCL (libtorch has no CUDA, or its headers are missing: run scripts/setup.sh); data parallelism on GPUs will refuse to start"
+        );
+    }
+    dist.compile("temper_dist");
+    if nccl.is_some() {
+        // ProcessGroupNCCL and CUDA's device calls live in these two; both ship in the wheel.
+        println!("cargo:rustc-link-lib=dylib=torch_cuda");
+        println!("cargo:rustc-link-lib=dylib=c10_cuda");
+    }
+}
+
+/// The include folders ProcessGroupNCCL.hpp needs beyond libtorch's: nccl.h (the wheel's
+/// nvidia-nccl) and CUDA 13's runtime, crt and cccl headers (the nvidia-cuda-crt and
+/// nvidia-cuda-cccl wheels scripts/setup.sh installs beside it). None where libtorch has no
+/// CUDA or a header is missing.
+fn nccl_headers(libtorch: &std::path::Path) -> Option<Vec<PathBuf>> {
+    if !libtorch.join("lib/libtorch_cuda.so").exists() {
+        return None;
+    }
+    // torch/ sits in site-packages beside nvidia/.
+    let nvidia = libtorch.canonicalize().ok()?.parent()?.join("nvidia");
+    let dirs = vec![nvidia.join("nccl/include"), nvidia.join("cu13/include")];
+    let needed = [
+        dirs[0].join("nccl.h"),
+        dirs[1].join("cuda_runtime_api.h"),
+        dirs[1].join("crt/host_config.h"),
+        dirs[1].join("nv/target"),
+    ];
+    needed.iter().all(|f| f.exists()).then_some(dirs)
 }
 
 /// A C++17 build against libtorch's headers, with the ABI the wheel was built with.

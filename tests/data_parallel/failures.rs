@@ -18,6 +18,20 @@ fn a_bad_distributed_environment_exits_2_with_one_line_and_writes_nothing() {
             vec![("RANK", "0"), ("WORLD_SIZE", "2")],
             "MASTER_ADDR is not set",
         ),
+        (
+            vec![
+                ("RANK", "0"),
+                ("WORLD_SIZE", "2"),
+                ("MASTER_ADDR", "127.0.0.1"),
+                ("TEMPER_DIST_BACKEND", "nccl"),
+            ],
+            // The config trains on the CPU (no `device`), so even a GPU machine refuses.
+            "TEMPER_DIST_BACKEND=nccl needs a GPU",
+        ),
+        (
+            vec![("TEMPER_DIST_BACKEND", "mpi")],
+            "use gloo, nccl or auto",
+        ),
     ] {
         let out = dir.path().join("out");
         let res = std::process::Command::new(bin("temper-pretrain"))

@@ -68,6 +68,32 @@ fn two_gloo_ranks_of_half_the_batch_train_as_one_process_with_all_of_it() {
     );
 }
 
+/// A named backend with an address runs one process through the collectives (all-reduce,
+/// broadcast, barrier) in a group of one: how `scripts/gpu_check.sh` tries NCCL on one GPU.
+/// Here, with Gloo, it trains as the process without a group.
+#[test]
+fn a_group_of_one_trains_as_the_process_without_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(dir.path());
+    let cfg = pretrain_config(dir.path(), &tok, 20, "");
+    let plain = dir.path().join("plain");
+    assert_ok(&run_stage("temper-pretrain", &cfg, &plain), "no group");
+    let grouped = dir.path().join("grouped");
+    let out = std::process::Command::new(bin("temper-pretrain"))
+        .args(["--config", cfg.to_str().unwrap(), "--out"])
+        .arg(&grouped)
+        .env("TEMPER_DIST_BACKEND", "gloo")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", free_port().to_string())
+        .env("TEMPER_DIST_TIMEOUT", "60")
+        .output()
+        .unwrap();
+    assert_ok(&out, "a Gloo group of one");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("gloo rendezvous at 127.0.0.1"), "{log}");
+    assert_same_run(&plain, &grouped);
+}
+
 #[test]
 fn sft_reward_and_dpo_on_two_ranks_match_one_process_even_when_a_rank_gets_no_rows() {
     let dir = tempfile::tempdir().unwrap();

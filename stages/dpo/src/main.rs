@@ -13,15 +13,15 @@ mod reference;
 use std::path::Path;
 
 use serde_json::json;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 use temper_core::dist::{Placement, Ranks, World};
 use temper_core::peft::Reference;
 use temper_core::preference::{PairLogps, PreferenceLoss};
 use temper_core::sample::{generate, SamplingConfig};
 use temper_core::scoring::{decode_replies, response_logprobs};
 use temper_core::{
-    load_checkpoint, load_with_tokenizer, resolve_device, resume_or_start, save_state,
-    with_autocast, LoadSpec, Loaded, Precision, Transformer,
+    load_checkpoint, load_with_tokenizer, resume_or_start, save_state, with_autocast, LoadSpec,
+    Loaded, Precision, Transformer,
 };
 use temper_data::{
     seed_for, seeds_for, shuffled, ChatTemplate, Epochs, Example, LoadOptions, RenderedPair,
@@ -72,9 +72,8 @@ struct Setup {
     kl_prompts: Vec<Vec<i64>>,
 }
 
-fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
+fn prepare(cfg: &ConfigFile<Config>, device: Device) -> Result<Setup, StageError> {
     let c = &cfg.value;
-    let device = resolve_device(c.device).map_err(invalid)?;
     tch::manual_seed(c.seed as i64);
     let mut m = load_with_tokenizer(&c.policy, LoadSpec::CAUSAL_LM, device).map_err(invalid)?;
     m.tune(c.peft.as_ref(), c.steps as usize)
@@ -193,11 +192,14 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
             cfg.path.display()
         )));
     }
-    let s = prepare(&cfg)?;
+    let device = placement
+        .device(cfg.value.device)
+        .map_err(|e| invalid(anyhow::anyhow!(e)))?;
+    let s = prepare(&cfg, device)?;
     if args.validate {
         return cfg.print_resolved();
     }
-    let world = World::join_placed(placement).map_err(|e| invalid(anyhow::anyhow!(e)))?;
+    let world = World::join_placed(placement, device).map_err(|e| invalid(anyhow::anyhow!(e)))?;
 
     let c = &cfg.value;
     let stores = s.m.stores();

@@ -17,12 +17,12 @@ mod update;
 use std::time::Instant;
 
 use anyhow::Context;
-use tch::Kind;
+use tch::{Device, Kind};
 use temper_core::dist::{Placement, Ranks, World};
 use temper_core::peft::Reference;
 use temper_core::{
-    load_checkpoint, load_with_tokenizer, resolve_device, resume_or_start, save_state, LoadSpec,
-    Loaded, SamplingConfig, Transformer,
+    load_checkpoint, load_with_tokenizer, resume_or_start, save_state, LoadSpec, Loaded,
+    SamplingConfig, Transformer,
 };
 use temper_data::{pass_batch, seeds_for, ChatTemplate, LoadOptions, Overlong, PromptRecord};
 use temper_stage::{
@@ -63,9 +63,8 @@ impl Setup {
     }
 }
 
-fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
+fn prepare(cfg: &ConfigFile<Config>, device: Device) -> Result<Setup, StageError> {
     let c = &cfg.value;
-    let device = resolve_device(c.device).map_err(invalid)?;
     tch::manual_seed(c.seed as i64);
     let mut policy =
         load_with_tokenizer(&c.policy, LoadSpec::CAUSAL_LM, device).map_err(invalid)?;
@@ -128,11 +127,14 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     // Data parallel (torchrun / Slurm): `prompts_per_iteration` prompts per rank; a bad
     // environment stops here, before anything is read.
     let placement = Placement::from_env().map_err(|e| invalid(anyhow::anyhow!(e)))?;
-    let mut s = prepare(&cfg)?;
+    let device = placement
+        .device(cfg.value.device)
+        .map_err(|e| invalid(anyhow::anyhow!(e)))?;
+    let mut s = prepare(&cfg, device)?;
     if args.validate {
         return cfg.print_resolved();
     }
-    let world = World::join_placed(placement).map_err(|e| invalid(anyhow::anyhow!(e)))?;
+    let world = World::join_placed(placement, device).map_err(|e| invalid(anyhow::anyhow!(e)))?;
     let c = &cfg.value;
     let ranks = Ranks::open(&world, &args.out, "grpo")?;
     if world.is_main() {

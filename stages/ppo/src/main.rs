@@ -18,7 +18,7 @@ use std::time::Instant;
 use anyhow::Context;
 use serde_json::{json, Value};
 use tch::nn::VarStore;
-use tch::Tensor;
+use tch::{Device, Tensor};
 use temper_core::checkpoint::SaveDtype;
 use temper_core::checkpoint::ScoreHead;
 use temper_core::dist::{Placement, Ranks, World};
@@ -26,8 +26,8 @@ use temper_core::peft::{PeftConfig, Reference, Tuning};
 use temper_core::rewards::ProgramRewards;
 use temper_core::rl::{self, RewardStats};
 use temper_core::{
-    load_checkpoint, load_with_tokenizer, resolve_device, resume_or_start, save_state, AdamW,
-    LoadSpec, Loaded, Precision, SamplingConfig, Transformer,
+    load_checkpoint, load_with_tokenizer, resume_or_start, save_state, AdamW, LoadSpec, Loaded,
+    Precision, SamplingConfig, Transformer,
 };
 use temper_data::{pass_batch, seed_for, seeds_for, ChatTemplate, LoadOptions, Overlong};
 use temper_stage::{
@@ -107,11 +107,13 @@ fn optimizers(c: &Config, actor: &Loaded, critic: &Critic) -> (AdamW, Option<Ada
     }
 }
 
-fn prepare(cfg: &ConfigFile<Config>) -> Result<(Setup, ProgramRewards), StageError> {
+fn prepare(
+    cfg: &ConfigFile<Config>,
+    device: Device,
+) -> Result<(Setup, ProgramRewards), StageError> {
     let c = &cfg.value;
     let program = ProgramRewards::new(&c.rewards)
         .map_err(|(i, e)| cfg.error(&format!("rewards.{i}"), e.to_string()))?;
-    let device = resolve_device(c.device).map_err(invalid)?;
     tch::manual_seed(c.seed as i64);
     let mut actor = load_with_tokenizer(&c.policy, LoadSpec::CAUSAL_LM, device).map_err(invalid)?;
     actor
@@ -244,11 +246,14 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     // Data parallel (torchrun / Slurm): `batch_size` prompts per rank; a bad environment stops
     // here, before anything is read.
     let placement = Placement::from_env().map_err(|e| invalid(anyhow::anyhow!(e)))?;
-    let (s, mut program) = prepare(&cfg)?;
+    let device = placement
+        .device(cfg.value.device)
+        .map_err(|e| invalid(anyhow::anyhow!(e)))?;
+    let (s, mut program) = prepare(&cfg, device)?;
     if args.validate {
         return cfg.print_resolved();
     }
-    let world = World::join_placed(placement).map_err(|e| invalid(anyhow::anyhow!(e)))?;
+    let world = World::join_placed(placement, device).map_err(|e| invalid(anyhow::anyhow!(e)))?;
 
     let c = &cfg.value;
     let stores: Vec<&VarStore> = s

@@ -16,8 +16,8 @@ use temper_core::model::MemorySaving;
 use temper_core::peft::{PeftConfig, Tuning};
 use temper_core::schedule::check_optim;
 use temper_core::{
-    load_checkpoint, resolve_device, resume_or_start, save_state, DeviceSpec, Heads, LoadSpec,
-    ModelShape, OptimSettings, Precision, Transformer,
+    load_checkpoint, resume_or_start, save_state, DeviceSpec, Heads, LoadSpec, ModelShape,
+    OptimSettings, Precision, Transformer,
 };
 use temper_data::stream::{build_stream, StreamSettings, TokenStream};
 use temper_data::tokenizer::{EOS, PAD};
@@ -183,7 +183,7 @@ struct Setup {
     evals: Vec<(String, Vec<u32>)>,
 }
 
-fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
+fn prepare(cfg: &ConfigFile<Config>, device: Device) -> Result<Setup, StageError> {
     let c = &cfg.value;
     let tokenizer_path = match &c.init {
         Some(init) if init.join("tokenizer.json").exists() => init.join("tokenizer.json"),
@@ -191,7 +191,6 @@ fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
     };
     let tok = TextTokenizer::load(&tokenizer_path).map_err(invalid)?;
     let (eos, pad) = (tok.require(EOS).map_err(invalid)?, tok.id(PAD).unwrap_or(0));
-    let device = resolve_device(c.device).map_err(invalid)?;
     tch::manual_seed(c.seed as i64);
     let (mut vs, mut model) = match (&c.init, &c.model) {
         (Some(init), _) => load_checkpoint(init, LoadSpec::CAUSAL_LM, device).map_err(invalid)?,
@@ -289,11 +288,14 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     // alone writes (the others log into a scratch folder). A bad environment stops here,
     // before anything is read or written.
     let placement = Placement::from_env().map_err(|e| invalid(anyhow::anyhow!(e)))?;
-    let s = prepare(&cfg)?;
+    let device = placement
+        .device(cfg.value.device)
+        .map_err(|e| invalid(anyhow::anyhow!(e)))?;
+    let s = prepare(&cfg, device)?;
     if args.validate {
         return cfg.print_resolved();
     }
-    let world = World::join_placed(placement).map_err(|e| invalid(anyhow::anyhow!(e)))?;
+    let world = World::join_placed(placement, device).map_err(|e| invalid(anyhow::anyhow!(e)))?;
 
     let c = &cfg.value;
     let ranks = Ranks::open(&world, &args.out, "pretrain")?;

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 use temper_core::checkpoint::ScoreHead;
 use temper_core::checkpoint::{check_save, SaveOptions};
 use temper_core::dist::{Placement, Ranks, World};
@@ -15,8 +15,8 @@ use temper_core::losses::bradley_terry_loss;
 use temper_core::peft::PeftConfig;
 use temper_core::schedule::check_optim;
 use temper_core::{
-    load_with_tokenizer, resolve_device, resume_or_start, save_state, with_autocast, BatchTensors,
-    DeviceSpec, LoadSpec, Loaded, OptimSettings, Precision, ScorePooling, ScoreSign,
+    load_with_tokenizer, resume_or_start, save_state, with_autocast, BatchTensors, DeviceSpec,
+    LoadSpec, Loaded, OptimSettings, Precision, ScorePooling, ScoreSign,
 };
 use temper_data::{
     seed_for, shuffled, ChatTemplate, Epochs, Example, Fields, LoadOptions, Overlong, RenderedPair,
@@ -123,9 +123,8 @@ struct Setup {
     eval: Vec<Pair>,
 }
 
-fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
+fn prepare(cfg: &ConfigFile<Config>, device: Device) -> Result<Setup, StageError> {
     let c = &cfg.value;
-    let device = resolve_device(c.device).map_err(invalid)?;
     tch::manual_seed(c.seed as i64);
     let spec = LoadSpec {
         lm_head: false,
@@ -198,11 +197,14 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     // Data parallel (torchrun / Slurm): `batch_size` pairs per rank; a bad environment stops
     // here, before anything is read.
     let placement = Placement::from_env().map_err(|e| invalid(anyhow::anyhow!(e)))?;
-    let s = prepare(&cfg)?;
+    let device = placement
+        .device(cfg.value.device)
+        .map_err(|e| invalid(anyhow::anyhow!(e)))?;
+    let s = prepare(&cfg, device)?;
     if args.validate {
         return cfg.print_resolved();
     }
-    let world = World::join_placed(placement).map_err(|e| invalid(anyhow::anyhow!(e)))?;
+    let world = World::join_placed(placement, device).map_err(|e| invalid(anyhow::anyhow!(e)))?;
 
     let c = &cfg.value;
     let stores = s.m.stores();

@@ -15,8 +15,8 @@ use temper_core::sample::{generate, SamplingConfig};
 use temper_core::schedule::check_optim;
 use temper_core::scoring::decode_replies;
 use temper_core::{
-    load_with_tokenizer, resolve_device, resume_or_start, save_state, BatchTensors, DeviceSpec,
-    LoadSpec, Loaded, OptimSettings, Precision,
+    load_with_tokenizer, resume_or_start, save_state, BatchTensors, DeviceSpec, LoadSpec, Loaded,
+    OptimSettings, Precision,
 };
 use temper_data::{
     length_grouped_batches, pack, seed_for, shuffled, ChatTemplate, Epochs, Example, Fields,
@@ -145,9 +145,8 @@ struct Setup {
     report: temper_data::LoadReport,
 }
 
-fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
+fn prepare(cfg: &ConfigFile<Config>, device: tch::Device) -> Result<Setup, StageError> {
     let c = &cfg.value;
-    let device = resolve_device(c.device).map_err(invalid)?;
     tch::manual_seed(c.seed as i64);
     let mut m = load_with_tokenizer(&c.init, LoadSpec::CAUSAL_LM, device).map_err(invalid)?;
     m.tune(c.peft.as_ref(), c.steps as usize)
@@ -215,11 +214,14 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     // Data parallel (torchrun / Slurm): `batch_size` rows per rank; a bad environment stops
     // here, before anything is read.
     let placement = Placement::from_env().map_err(|e| invalid(anyhow::anyhow!(e)))?;
-    let s = prepare(&cfg)?;
+    let device = placement
+        .device(cfg.value.device)
+        .map_err(|e| invalid(anyhow::anyhow!(e)))?;
+    let s = prepare(&cfg, device)?;
     if args.validate {
         return cfg.print_resolved();
     }
-    let world = World::join_placed(placement).map_err(|e| invalid(anyhow::anyhow!(e)))?;
+    let world = World::join_placed(placement, device).map_err(|e| invalid(anyhow::anyhow!(e)))?;
 
     let c = &cfg.value;
     let (model, device) = (&s.m.model, s.m.model.device());
