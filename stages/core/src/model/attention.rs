@@ -1,0 +1,141 @@
+//! One decoder layer's attention: fused (GPT-2) or split (Llama) projections, grouped-query
+//! heads, Qwen3's q/k norms, RoPE, the KV cache, and PyTorch's scaled-dot-product attention.
+
+use tch::nn;
+use tch::Tensor;
+
+use crate::config::{Arch, ModelConfig};
+use crate::kv_cache::KvCache;
+use crate::layers::{Linear, Mlp, Norm, Rope};
+
+/// Query/key/value projections: fused `c_attn` (GPT-2) or separate q/k/v (Llama).
+// One per layer, built once: boxing the larger variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
+pub(super) enum QkvProj {
+    Fused(Linear),
+    Split { q: Linear, k: Linear, v: Linear },
+}
+
+pub(super) struct Attention {
+    pub(super) qkv: QkvProj,
+    pub(super) out: Linear,
+    /// Qwen3: RMSNorm over each query and key head, before RoPE.
+    qk_norm: Option<(Norm, Norm)>,
+    n_head: i64,
+    n_kv_head: i64,
+    head_dim: i64,
+}
+
+impl Attention {
+    pub(super) fn new(p: nn::Path, cfg: &ModelConfig, proj_std: f64) -> Self {
+        let d = cfg.d_model;
+        let a = cfg.attn_dim();
+        let kv_dim = cfg.n_kv_head() * cfg.head_dim();
+        let (qkv, out) = match cfg.arch {
+            Arch::Gpt2 => (
+                QkvProj::Fused(Linear::new(p.sub("c_attn"), d, 3 * d, true, true, 0.02)),
+                Linear::new(p.sub("c_proj"), d, d, true, true, proj_std),
+            ),
+            Arch::Llama => {
+                let bias = cfg.qkv_bias();
+                (
+                    QkvProj::Split {
+                        q: Linear::new(p.sub("q_proj"), d, a, bias, false, 0.02),
+                        k: Linear::new(p.sub("k_proj"), d, kv_dim, bias, false, 0.02),
+                        v: Linear::new(p.sub("v_proj"), d, kv_dim, bias, false, 0.02),
+                    },
+                    Linear::new(p.sub("o_proj"), a, d, cfg.out_bias(), false, proj_std),
+                )
+            }
+        };
+        let qk_norm = cfg.qk_norm().then(|| {
+            let (hd, eps) = (cfg.head_dim(), cfg.norm_eps());
+            (
+                Norm::rms(p.sub("q_norm"), hd, eps),
+                Norm::rms(p.sub("k_norm"), hd, eps),
+            )
+        });
+        Self {
+            qkv,
+            out,
+            qk_norm,
+            n_head: cfg.n_head,
+            n_kv_head: cfg.n_kv_head(),
+            head_dim: cfg.head_dim(),
+        }
+    }
+
+    /// x: (B, T, C) → (B, T, C).
+    pub(super) fn forward(&self, x: &Tensor, ctx: &mut AttnContext, layer: usize) -> Tensor {
+        let (b, t, c) = x.size3().expect("hidden states are (B, T, C)");
+        let (q, k, v) = match &self.qkv {
+            QkvProj::Fused(lin) => {
+                let qkv = lin.forward(x).split(c, 2);
+                (
+                    qkv[0].shallow_clone(),
+                    qkv[1].shallow_clone(),
+                    qkv[2].shallow_clone(),
+                )
+            }
+            QkvProj::Split { q, k, v } => (q.forward(x), k.forward(x), v.forward(x)),
+        };
+        let heads = |z: Tensor, n: i64| z.view([b, t, n, self.head_dim]);
+        let (mut q, mut k) = (heads(q, self.n_head), heads(k, self.n_kv_head)); // (B, T, H, hd)
+        if let Some((q_norm, k_norm)) = &self.qk_norm {
+            q = q_norm.forward(&q);
+            k = k_norm.forward(&k);
+        }
+        let mut q = q.transpose(1, 2); // (B, H, T, hd)
+        let mut k = k.transpose(1, 2); // (B, Hkv, T, hd)
+        let v = heads(v, self.n_kv_head).transpose(1, 2);
+        if let Some((cos, sin)) = &ctx.rope {
+            q = Rope::apply(&q, cos, sin);
+            k = Rope::apply(&k, cos, sin);
+        }
+        let (mut k, mut v) = match ctx.cache.as_deref_mut() {
+            Some(cache) => cache.append(layer, &k, &v), // (B, Hkv, S, hd)
+            None => (k, v),
+        };
+        if self.n_kv_head != self.n_head {
+            let rep = self.n_head / self.n_kv_head;
+            let expand = |z: &Tensor| {
+                let s = z.size()[2];
+                z.unsqueeze(2)
+                    .expand([b, self.n_kv_head, rep, s, self.head_dim], false)
+                    .reshape([b, self.n_head, s, self.head_dim])
+            };
+            k = expand(&k);
+            v = expand(&v);
+        }
+        let y = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            ctx.mask.as_ref(),
+            0.0,
+            ctx.mask.is_none() && t > 1,
+            None,
+            false,
+        ); // (B, H, T, hd)
+        self.out.forward(
+            &y.transpose(1, 2)
+                .reshape([b, t, self.n_head * self.head_dim]),
+        )
+    }
+}
+
+/// What every layer's attention needs for one forward call.
+pub(super) struct AttnContext<'a> {
+    /// (B, 1, T, S) bool, true = may attend; None = plain causal over the whole sequence.
+    pub(super) mask: Option<Tensor>,
+    pub(super) rope: Option<(Tensor, Tensor)>,
+    pub(super) cache: Option<&'a mut KvCache>,
+}
+
+/// One decoder layer: attention and MLP, each after its norm.
+pub(super) struct Block {
+    pub(super) norm_attn: Norm,
+    pub(super) attn: Attention,
+    pub(super) norm_mlp: Norm,
+    pub(super) mlp: Mlp,
+}
