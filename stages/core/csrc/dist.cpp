@@ -40,12 +40,9 @@ namespace temper {
 c10::intrusive_ptr<c10d::Backend> make_nccl(const c10::intrusive_ptr<c10d::Store> &store,
                                             int rank, int world,
                                             std::chrono::milliseconds timeout, int device);
-bool has_nccl();
 } // namespace temper
 
 extern "C" {
-
-int temper_has_nccl() { return temper::has_nccl() ? 1 : 0; }
 
 // Rendezvous at host:port (rank 0 serves the store) and a process group of `world` ranks: Gloo
 // (backend 0) or NCCL (backend 1) with this rank on GPU `device`. Every wait (rendezvous,

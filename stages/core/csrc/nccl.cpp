@@ -48,12 +48,13 @@ c10::intrusive_ptr<c10d::Backend> make_nccl(const c10::intrusive_ptr<c10d::Store
 #endif
 }
 
-bool has_nccl() {
+} // namespace temper
+
+// 1 where this build compiled NCCL in (the Rust side's `nccl_built`).
+extern "C" int temper_has_nccl() {
 #ifdef TEMPER_WITH_NCCL
-  return true;
+  return 1;
 #else
-  return false;
+  return 0;
 #endif
 }
-
-} // namespace temper
