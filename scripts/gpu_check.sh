@@ -9,13 +9,18 @@
 # 1. the tiny pipeline end to end on CUDA (configs/tiny.yaml with device: cuda), then NCCL:
 #    pretraining on the GPU in an NCCL group of one (TEMPER_DIST_BACKEND=nccl, every
 #    all-reduce, broadcast and barrier through ProcessGroupNCCL) against the same run without
-#    a group — the losses and weights must agree;
+#    a group — the losses and weights must agree; then the parity ladder's model-core tests
+#    (forward, gradients, AdamW, KV cache, bf16, reward head, sampling, DPO) on CUDA against
+#    the same checked-in goldens, when the folder holds the parity test binary as `parity`
+#    (`cargo test --release --no-run --test parity` prints its path);
 # 2. `bench.sh gpu`: GPT-2 small (L12 d768, T1024, B16, bf16 autocast) training tokens/s of
 #    temper and PyTorch eager / torch.compile, and generation vs Hugging Face `generate`;
-# 3. the tiny pipeline on that machine's CPU, and the final numbers of both side by side.
-# Results go to a few files in OUT (machine.txt, tiny_cuda.log, nccl.log, bench_gpu.txt,
-# tiny_cpu.log, summary.txt), written as each part ends, so a run cut short still reports what finished;
-# work folders go under WORK (default /tmp/temper_gpu_check). Sized for 8 minutes on one H200.
+# 3. `bench_dp.sh` on that machine's 16 CPU cores: 1 process against 2 and 4 Gloo ranks;
+# 4. the tiny pipeline on that machine's CPU, and the final numbers of both side by side.
+# Results go to a few files in OUT (machine.txt, tiny_cuda.log, nccl.log, parity_cuda.log,
+# bench_gpu.txt, bench_dp.txt, tiny_cpu.log, summary.txt), written as each part ends, so a run
+# cut short still reports what finished; work folders go under WORK (default
+# /tmp/temper_gpu_check). Sized for 8 minutes on one H200.
 set -uo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
@@ -84,10 +89,24 @@ print(f"NCCL group of one vs no group on CUDA: largest loss difference {dl:.2e},
 PY
 } > "$out/nccl.log" 2>&1
 tail -1 "$out/nccl.log" | tee -a "$out/summary.txt"
+# 1c. The parity ladder's model-core half on CUDA, fp32, the CPU's tolerances.
+if [ -x "$bin/parity" ]; then
+  CARGO_MANIFEST_DIR="$repo/tests" TEMPER_TEST_DEVICE=cuda timeout 150 "$bin/parity" \
+    --nocapture forward:: sampling:: preference:: > "$out/parity_cuda.log" 2>&1
+  echo "parity tests on CUDA: exit $?, $(grep -E '^test result' "$out/parity_cuda.log" | tail -1)" |
+    tee -a "$out/summary.txt"
+else
+  echo "parity tests on CUDA: skipped (no $bin/parity)" | tee -a "$out/summary.txt"
+fi
 # 2. The benchmark, both sides in one run.
 TEMPER_BIN="$bin" PYTHON="$python" timeout 240 bash scripts/bench.sh gpu > "$out/bench_gpu.txt" 2>&1
 echo "bench.sh gpu: exit $?" | tee -a "$out/summary.txt"
-# 3. The same pipeline on this machine's CPU, and the two side by side.
+# 3. Data parallel on this machine's CPU cores: 2 and 4 Gloo ranks against one process.
+for n in 2 4; do
+  NPROC=$n ROUNDS=1 TEMPER_BIN="$bin" timeout 120 bash scripts/bench_dp.sh >> "$out/bench_dp.txt" 2>&1
+  echo "bench_dp.sh with $n ranks: exit $?" | tee -a "$out/summary.txt"
+done
+# 4. The same pipeline on this machine's CPU, and the two side by side.
 tiny cpu 120
 "$python" - "$work" <<'PY' 2>&1 | tee -a "$out/summary.txt"
 import json, pathlib, sys

@@ -115,7 +115,7 @@ fn saved_checkpoint_loads_in_transformers_with_the_same_logits() {
             "{family}: transformers check failed:\n{text}"
         );
         // And temper reads its own checkpoint back bit for bit.
-        let (_vs2, again) = load_checkpoint(dir.path(), LoadSpec::CAUSAL_LM, Device::Cpu).unwrap();
+        let (_vs2, again) = load_checkpoint(dir.path(), LoadSpec::CAUSAL_LM, device()).unwrap();
         let (_, l2) =
             tch::no_grad(|| again.forward(&g["input_ids"], Some(&g["attention_mask"]))).unwrap();
         let (_, l1) =
@@ -129,7 +129,7 @@ fn a_sharded_bf16_checkpoint_loads_with_transformers_logits() {
     // transformers' save_pretrained in bf16 with a 40 KB shard limit: two shards and an index.
     let dir = fixture("llama_sharded_bf16");
     let g = golden("llama_sharded_bf16");
-    let (_vs, model) = load_checkpoint(&dir, LoadSpec::CAUSAL_LM, Device::Cpu).unwrap();
+    let (_vs, model) = load_checkpoint(&dir, LoadSpec::CAUSAL_LM, device()).unwrap();
     let mask = &g["attention_mask"];
     let (_, logits) = tch::no_grad(|| model.forward(&g["input_ids"], Some(mask))).unwrap();
     let d = max_diff_on(&logits, &g["logits"], mask);

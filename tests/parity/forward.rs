@@ -61,7 +61,7 @@ fn kv_cache_decoding_matches_full_forward_and_transformers_greedy() {
         let g = golden(family);
         let (prompt, mask) = (&g["greedy_prompt_ids"], &g["greedy_prompt_mask"]);
         let (b, p) = prompt.size2().unwrap();
-        let mut cache = KvCache::new(&model.config, b, p + 16, Kind::Float, Device::Cpu);
+        let mut cache = KvCache::new(&model.config, b, p + 16, Kind::Float, device());
         let mut seq = prompt.shallow_clone();
         let mut seq_mask = mask.shallow_clone();
         let mut step_ids = prompt.shallow_clone();
@@ -154,7 +154,7 @@ fn bf16_autocast_stays_close_to_fp32() {
         let g = golden(family);
         let mask = &g["attention_mask"];
         let (_, fp32) = model.forward(&g["input_ids"], Some(mask)).unwrap();
-        let (_, bf16) = with_autocast(Device::Cpu, Precision::Bf16, || {
+        let (_, bf16) = with_autocast(device(), Precision::Bf16, || {
             model.forward(&g["input_ids"], Some(mask))
         })
         .unwrap()
@@ -226,11 +226,8 @@ fn reward_model_scores_match_sequence_classification() {
             lm_head: false,
             score: temper_core::ScoreHead::Load,
         };
-        let (_vs, model) = load_checkpoint(&dir, spec, Device::Cpu).expect("reward fixture loads");
-        let g: BTreeMap<String, Tensor> = Tensor::read_safetensors(dir.join("golden.safetensors"))
-            .unwrap()
-            .into_iter()
-            .collect();
+        let (_vs, model) = load_checkpoint(&dir, spec, device()).expect("reward fixture loads");
+        let g = read_golden(&dir.join("golden.safetensors"));
         let mask = &g["attention_mask"];
         let hidden = model
             .hidden_states(&g["input_ids"], Some(mask), None)

@@ -34,10 +34,7 @@ fn the_sentiment_judge_matches_the_vader_package() {
 }
 
 fn preference_golden() -> BTreeMap<String, Tensor> {
-    Tensor::read_safetensors(repo().join("tests/fixtures/preference/golden.safetensors"))
-        .unwrap()
-        .into_iter()
-        .collect()
+    read_golden(&repo().join("tests/fixtures/preference/golden.safetensors"))
 }
 
 #[test]
@@ -89,7 +86,8 @@ fn preference_losses_and_gradients_match_trl() {
                 // The pairs as unpaired examples: chosen desirable, rejected not.
                 let logratios = Tensor::cat(&[&p.chosen - &r.chosen, &p.rejected - &r.rejected], 0);
                 let desirable =
-                    Tensor::from_slice(&[true, true, true, true, false, false, false, false]);
+                    Tensor::from_slice(&[true, true, true, true, false, false, false, false])
+                        .to_device(device());
                 let mismatched = &g["kto_mismatched_logratios"];
                 let kl = pref::kto_kl(mismatched, &mismatched.zeros_like());
                 pref::kto(
@@ -139,7 +137,7 @@ fn dpo_on_a_real_forward_matches_the_reference_computation() {
     let (_r, reference) = load_checkpoint(
         &repo().join("tests/fixtures/preference/reference"),
         LoadSpec::CAUSAL_LM,
-        Device::Cpu,
+        device(),
     )
     .unwrap();
     let ids = &g["forward.ids"];
@@ -164,8 +162,8 @@ fn dpo_on_a_real_forward_matches_the_reference_computation() {
     let pair = |x: &Tensor| temper_core::preference::PairLogps {
         chosen: x.narrow(0, 0, 2),
         rejected: x.narrow(0, 2, 2),
-        chosen_len: Tensor::ones([2], (Kind::Float, Device::Cpu)),
-        rejected_len: Tensor::ones([2], (Kind::Float, Device::Cpu)),
+        chosen_len: Tensor::ones([2], (Kind::Float, device())),
+        rejected_len: Tensor::ones([2], (Kind::Float, device())),
     };
     let loss =
         temper_core::preference::dpo_sigmoid(&pair(&lp), &pair(&rlp), 0.2, 0.0).mean(Kind::Float);

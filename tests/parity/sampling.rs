@@ -37,7 +37,7 @@ fn sampling_is_seeded_per_sequence_and_stops_at_eos() {
     );
 
     // Returned log-probs are the model's at temperature 1 for the chosen tokens.
-    let (ids, mask) = left_pad(&prompts, 0, Device::Cpu);
+    let (ids, mask) = left_pad(&prompts, 0, device());
     let full = Tensor::cat(&[&ids, &all.tokens], 1);
     let full_mask = Tensor::cat(&[&mask, &all.mask.to_kind(Kind::Int64)], 1);
     let (_, logits) = model.forward(&full, Some(&full_mask)).unwrap();
