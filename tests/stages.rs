@@ -194,6 +194,75 @@ fn a_killed_run_resumes_to_exactly_the_uninterrupted_result() {
     );
 }
 
+/// A stage stopped after its final evaluation and save but before its summary (a signal at the
+/// last step, as `temper run` sends on Ctrl-C) leaves a state at the last step: the rerun writes
+/// the checkpoint and the same summary, final evaluation included.
+#[test]
+fn a_stage_stopped_after_its_last_save_resumes_to_the_same_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    sft_and_reward(dir.path());
+    let varying = ["wall_time_s", "peak_rss_mb", "tokens_per_s"];
+    // The stages as sft_and_reward ran them, SFT and reward with held-out data (pretraining
+    // holds its own out), so that each has a final evaluation.
+    for (stage, config, eval_data, eval_key) in [
+        ("temper-pretrain", "pretrain.yaml", None, "ppl"),
+        ("temper-sft", "sft.yaml", Some("sft.jsonl"), "loss"),
+        ("temper-reward", "rm.yaml", Some("pairs.jsonl"), "accuracy"),
+    ] {
+        let mut text = std::fs::read_to_string(dir.path().join(config)).unwrap();
+        if let Some(file) = eval_data {
+            text += &format!("eval_data: {}\n", tiny(file).display());
+        }
+        let cfg = write(&dir.path().join(format!("eval-{config}")), &text);
+        let whole = dir.path().join(format!("{stage}-whole"));
+        assert_ok(&run_stage(stage, &cfg, &whole), stage);
+        let stopped = dir.path().join(format!("{stage}-stopped"));
+        let copied = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(&whole)
+            .arg(&stopped)
+            .status()
+            .unwrap();
+        assert!(copied.success());
+        // What the stop leaves: the state of the last step, no checkpoint, no summary.
+        std::fs::remove_file(stopped.join("summary.json")).unwrap();
+        std::fs::remove_dir_all(stopped.join("checkpoint")).unwrap();
+        let last = summary(&whole)["steps"].as_u64();
+        assert_eq!(
+            saved_step(&stopped),
+            last,
+            "{stage}: no state at the last step"
+        );
+
+        assert_ok(
+            &run_stage(stage, &cfg, &stopped),
+            &format!("{stage} resumed"),
+        );
+        let fixed = |d: &Path| {
+            let mut v = summary(d);
+            v.as_object_mut()
+                .unwrap()
+                .retain(|k, _| !varying.contains(&k.as_str()));
+            v
+        };
+        assert!(
+            fixed(&stopped).get(eval_key).is_some(),
+            "{stage}: the resumed summary lost the final evaluation: {}",
+            fixed(&stopped)
+        );
+        assert_eq!(fixed(&whole), fixed(&stopped), "{stage}: summaries differ");
+        assert_eq!(
+            deterministic_metrics(&whole),
+            deterministic_metrics(&stopped)
+        );
+        let weights = |d: &Path| std::fs::read(d.join("checkpoint/model.safetensors")).unwrap();
+        assert!(
+            weights(&whole) == weights(&stopped),
+            "{stage}: weights differ"
+        );
+    }
+}
+
 #[test]
 fn a_nan_loss_stops_the_run_and_keeps_a_readable_state() {
     let dir = tempfile::tempdir().unwrap();

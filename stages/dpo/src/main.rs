@@ -323,8 +323,11 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     for (k, v) in s.m.param_fields() {
         summary.insert(k.into(), v.into());
     }
-    for (k, v) in last_eval.unwrap_or_default() {
-        summary.insert(k.to_string(), json!(v));
+    match last_eval {
+        Some(fields) => summary.extend(fields.into_iter().map(|(k, v)| (k.to_string(), json!(v)))),
+        // Resumed at the last step, after the final evaluation and save (stopped before the
+        // summary): the loop did not run, and the final evaluation is the one logged then.
+        None => summary.extend(log.eval_logged_at_resume()),
     }
     log.write_summary("ok", summary)?;
     Ok(())

@@ -424,6 +424,11 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         summary.insert(format!("{}loss", prefix(name)), (*loss).into());
         summary.insert(format!("{}ppl", prefix(name)), loss.exp().into());
     }
+    if last_eval.is_empty() {
+        // Resumed at the last step, after the final evaluation and save (stopped before the
+        // summary): the loop did not run, and the final evaluation is the one logged then.
+        summary.extend(log.eval_logged_at_resume());
+    }
     log.write_summary("ok", summary)?;
     Ok(())
 }

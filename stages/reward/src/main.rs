@@ -306,8 +306,11 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         summary.insert(k.into(), v.into());
     }
     summary.insert("train_pairs".into(), s.train.len().into());
-    for (k, v) in last_eval.unwrap_or_default() {
-        summary.insert(k, v.into());
+    match last_eval {
+        Some(fields) => summary.extend(fields.into_iter().map(|(k, v)| (k, v.into()))),
+        // Resumed at the last step, after the final evaluation and save (stopped before the
+        // summary): the loop did not run, and the final evaluation is the one logged then.
+        None => summary.extend(log.eval_logged_at_resume()),
     }
     log.write_summary("ok", summary)?;
     Ok(())

@@ -344,9 +344,14 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         "data".into(),
         serde_json::to_value(&s.report).context("report")?,
     );
-    if let Some(loss) = last_eval {
-        summary.insert("loss".into(), loss.into());
-        summary.insert("ppl".into(), loss.exp().into());
+    match last_eval {
+        Some(loss) => {
+            summary.insert("loss".into(), loss.into());
+            summary.insert("ppl".into(), loss.exp().into());
+        }
+        // Resumed at the last step, after the final evaluation and save (stopped before the
+        // summary): the loop did not run, and the final evaluation is the one logged then.
+        None => summary.extend(log.eval_logged_at_resume()),
     }
     log.write_summary("ok", summary)?;
     Ok(())

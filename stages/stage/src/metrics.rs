@@ -39,6 +39,9 @@ pub struct MetricsLog {
     tensorboard: Option<crate::tensorboard::EventFile>,
     started: Instant,
     elapsed_before: f64,
+    /// The evaluation rows logged at the step this run resumed from, merged (see
+    /// [`MetricsLog::eval_logged_at_resume`]).
+    resumed_eval: Summary,
 }
 
 fn append(path: &Path) -> anyhow::Result<File> {
@@ -64,6 +67,7 @@ impl MetricsLog {
             tensorboard: None,
             started: Instant::now(),
             elapsed_before: 0.0,
+            resumed_eval: Summary::new(),
         })
     }
 
@@ -74,7 +78,15 @@ impl MetricsLog {
 
     /// Continues a run from a saved state: rows after its step are dropped, the clock resumes.
     pub fn resume(&mut self, progress: &Progress) -> anyhow::Result<()> {
-        trim_jsonl(&self.out.join("metrics.jsonl"), progress.step)?;
+        let kept = trim_jsonl(&self.out.join("metrics.jsonl"), progress.step)?;
+        self.resumed_eval = kept
+            .iter()
+            .filter(|row| row["step"].as_u64() == Some(progress.step) && row["split"] == "eval")
+            .filter_map(Value::as_object)
+            .flat_map(|row| row.iter())
+            .filter(|(k, _)| !matches!(k.as_str(), "step" | "split" | "time_s"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         trim_jsonl(&self.out.join("samples.jsonl"), progress.step)?;
         self.metrics = append(&self.out.join("metrics.jsonl"))?;
         self.samples = None;
@@ -95,7 +107,16 @@ impl MetricsLog {
         self.metrics = append(&self.out.join("metrics.jsonl"))?;
         self.samples = None;
         self.tensorboard = None;
+        self.resumed_eval = Summary::new();
         Ok(())
+    }
+
+    /// The numbers of the evaluation logged at the step this run resumed from (every eval row
+    /// of that step, merged), empty if none was. A stage stopped after its final evaluation and
+    /// save but before its summary resumes at its last step and runs no loop: its summary takes
+    /// the final evaluation from here, as the uninterrupted run's took it from the evaluation.
+    pub fn eval_logged_at_resume(&self) -> Summary {
+        self.resumed_eval.clone()
     }
 
     /// Appends one row `{"step", "split", "time_s", ...fields}` and flushes it.
@@ -216,26 +237,30 @@ fn describe(fields: &[(&str, f64)]) -> String {
 }
 
 /// Keeps the lines of a JSONL file whose `step` is at most `step`.
-fn trim_jsonl(path: &Path, step: u64) -> anyhow::Result<()> {
+/// Keeps the rows of `path` at or before `step` (rewritten atomically) and returns them.
+fn trim_jsonl(path: &Path, step: u64) -> anyhow::Result<Vec<Value>> {
     if !path.exists() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let file = File::open(path).with_context(|| format!("reading {}", path.display()))?;
-    let kept: Vec<String> = BufReader::new(file)
+    let (lines, rows): (Vec<String>, Vec<Value>) = BufReader::new(file)
         .lines()
         .map_while(Result::ok)
-        .filter(|line| {
-            serde_json::from_str::<Value>(line)
-                .ok()
-                .and_then(|v| v.get("step").and_then(Value::as_u64))
-                .is_some_and(|s| s <= step)
+        .filter_map(|line| {
+            let row = serde_json::from_str::<Value>(&line).ok()?;
+            let kept = row
+                .get("step")
+                .and_then(Value::as_u64)
+                .is_some_and(|s| s <= step);
+            kept.then_some((line, row))
         })
-        .collect();
-    let mut text = kept.join("\n");
+        .unzip();
+    let mut text = lines.join("\n");
     if !text.is_empty() {
         text.push('\n');
     }
-    crate::atomic::write_atomic(path, text.as_bytes())
+    crate::atomic::write_atomic(path, text.as_bytes())?;
+    Ok(rows)
 }
 
 #[cfg(test)]
@@ -271,5 +296,29 @@ mod tests {
             .collect();
         assert_eq!(steps, [1, 2, 3, 4]);
         assert!(text.contains("\"x\":null"), "NaN is logged as null");
+    }
+
+    #[test]
+    fn a_resume_recalls_the_evaluation_logged_at_its_step() {
+        let d = tempfile::tempdir().unwrap();
+        let mut m = MetricsLog::open(d.path()).unwrap();
+        m.log_eval(5, &[("loss", 2.0)]).unwrap();
+        m.log_train(10, &[("loss", 1.5)]).unwrap();
+        // Two held-out streams evaluated at the last step, as pretraining logs them.
+        m.log_eval(10, &[("loss", 1.0), ("ppl", 1f64.exp())])
+            .unwrap();
+        m.log_eval(10, &[("domain/loss", 3.0)]).unwrap();
+        let at = |step| Progress {
+            step,
+            ..Progress::start("h")
+        };
+        m.resume(&at(10)).unwrap();
+        let recalled = m.eval_logged_at_resume();
+        assert_eq!(recalled.len(), 3, "{recalled:?}");
+        assert_eq!(recalled["loss"], 1.0);
+        assert_eq!(recalled["domain/loss"], 3.0);
+        // Resumed where nothing was evaluated: nothing to recall (the loop evaluates later).
+        m.resume(&at(7)).unwrap();
+        assert!(m.eval_logged_at_resume().is_empty());
     }
 }
