@@ -19,6 +19,8 @@ code=0
 ./target/release/temper status configs/demo.yaml
 ./target/release/temper metrics configs/demo.yaml
 ./target/release/temper compare configs/demo.yaml
+# The independent judge on the human-written held-out data: the reference for the judge rows.
+.venv/bin/python scripts/judge_reference.py data/demo
 ./target/release/temper report configs/demo.yaml
 case $code in
   0) ;;
