@@ -236,7 +236,6 @@ fn describe(fields: &[(&str, f64)]) -> String {
         .join(", ")
 }
 
-/// Keeps the lines of a JSONL file whose `step` is at most `step`.
 /// Keeps the rows of `path` at or before `step` (rewritten atomically) and returns them.
 fn trim_jsonl(path: &Path, step: u64) -> anyhow::Result<Vec<Value>> {
     if !path.exists() {
