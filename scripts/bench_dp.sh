@@ -6,7 +6,10 @@
 # on one rank's share of the cores (cores/N threads); the scaling efficiency is
 # tokens/s(N ranks) / (N × tokens/s(one process on cores/N threads)).
 #   bash scripts/bench_dp.sh            2 ranks, L4 d256 h4 T128, global batch 32, 40 steps
-# NPROC, ROUNDS (default 2), STEPS override. Set TEMPER_BIN to use prebuilt binaries.
+# The N ranks run twice per round: reducing gradient buckets while backward runs (the default)
+# and after it (TEMPER_DIST_OVERLAP=0), both with BUCKET_MB-MiB buckets (default 2, so that
+# this 4 M-parameter model makes several; a bigger model gets DDP's 25 by default).
+# NPROC, ROUNDS (default 2), STEPS, BUCKET_MB override. Set TEMPER_BIN to use prebuilt binaries.
 # One process uses every core (libtorch's default); each of N ranks gets cores/N threads, as
 # torchrun gives them.
 set -euo pipefail
@@ -15,6 +18,7 @@ cd "$repo"
 nproc=${NPROC:-2}
 rounds=${ROUNDS:-2}
 steps=${STEPS:-40}
+bucket_mb=${BUCKET_MB:-2}
 global=32
 if [ -z "${TEMPER_BIN:-}" ]; then
   bash scripts/setup.sh
@@ -55,37 +59,44 @@ tps = [r["tokens_per_s"] for r in rows if r.get("split") == "train"][1:]
 print(statistics.median(tps))
 PY
 }
-ones=() ; slices=() ; manys=()
+ones=() ; slices=() ; manys=() ; afters=()
 threads=$(( cores / nproc > 0 ? cores / nproc : 1 ))
+ranks() { # out overlap: the N ranks of one run
+  local port=$((29500 + RANDOM % 1000)) pids=() k p
+  for ((k = 0; k < nproc; k++)); do
+    RANK=$k LOCAL_RANK=$k WORLD_SIZE=$nproc MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
+      OMP_NUM_THREADS=$threads TEMPER_DIST_OVERLAP=$2 TEMPER_DIST_BUCKET_MB=$bucket_mb \
+      "$TEMPER_BIN/temper-pretrain" --config "$many" --out "$1" >/dev/null 2>&1 &
+    pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p"; done
+}
 for ((r = 1; r <= rounds; r++)); do
   echo "round $r/$rounds: 1 process × batch $global, then $nproc ranks × batch $((global / nproc))" >&2
-  rm -rf "$work/one" "$work/slice" "$work/many"
+  rm -rf "$work/one" "$work/slice" "$work/many" "$work/after"
   OMP_NUM_THREADS=$cores "$TEMPER_BIN/temper-pretrain" --config "$one" --out "$work/one" >/dev/null 2>&1
   ones+=("$(median_tps "$work/one")")
   OMP_NUM_THREADS=$threads "$TEMPER_BIN/temper-pretrain" --config "$one" --out "$work/slice" >/dev/null 2>&1
   slices+=("$(median_tps "$work/slice")")
-  port=$((29500 + RANDOM % 1000))
-  pids=()
-  for ((k = 0; k < nproc; k++)); do
-    RANK=$k LOCAL_RANK=$k WORLD_SIZE=$nproc MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
-      OMP_NUM_THREADS=$threads \
-      "$TEMPER_BIN/temper-pretrain" --config "$many" --out "$work/many" >/dev/null 2>&1 &
-    pids+=($!)
-  done
-  for p in "${pids[@]}"; do wait "$p"; done
+  ranks "$work/many" 1
   manys+=("$(median_tps "$work/many")")
+  ranks "$work/after" 0
+  afters+=("$(median_tps "$work/after")")
 done
-python3 - "$nproc" "$cores" "$threads" "${ones[*]}" "${slices[*]}" "${manys[*]}" <<'PY'
+python3 - "$nproc" "$cores" "$threads" "$bucket_mb" "${ones[*]}" "${slices[*]}" "${manys[*]}" "${afters[*]}" <<'PY'
 import statistics, sys
 n, cores, threads = (int(x) for x in sys.argv[1:4])
-runs = [[float(x) for x in a.split()] for a in sys.argv[4:7]]
-one, part, many = (statistics.median(r) for r in runs)
+bucket_mb = sys.argv[4]
+runs = [[float(x) for x in a.split()] for a in sys.argv[5:9]]
+one, part, many, after = (statistics.median(r) for r in runs)
 rows = [(f"1 process, {cores} threads", one, runs[0]),
         (f"1 process, {threads} thread(s)", part, runs[1]),
-        (f"{n} ranks, {threads} thread(s) each", many, runs[2])]
+        (f"{n} ranks, {threads} thread(s) each", many, runs[2]),
+        (f"  same, reduced after backward", after, runs[3])]
 print(f"data parallel on {cores} cores: L4 d256 h4 T128, global batch 32 (medians over rounds)")
 for name, v, r in rows:
-    print(f"  {name:<28} {v:8.0f} tokens/s   rounds {', '.join(f'{x:.0f}' for x in r)}")
+    print(f"  {name:<32} {v:8.0f} tokens/s   rounds {', '.join(f'{x:.0f}' for x in r)}")
 print(f"  {n} ranks vs 1 process on all cores: {many / one:.2f}x")
+print(f"  {bucket_mb} MiB buckets reduced during backward vs after it: {many / after:.2f}x")
 print(f"  scaling efficiency, {n} ranks / ({n} x 1 process on {threads} thread(s)): {many / (n * part):.2f}")
 PY

@@ -8,8 +8,10 @@
 #
 # 1. the tiny pipeline end to end on CUDA (configs/tiny.yaml with device: cuda), then NCCL:
 #    pretraining on the GPU in an NCCL group of one (TEMPER_DIST_BACKEND=nccl, every
-#    all-reduce, broadcast and barrier through ProcessGroupNCCL) against the same run without
-#    a group — the losses and weights must agree; then the parity ladder's model-core tests
+#    all-reduce, broadcast and barrier through ProcessGroupNCCL; gradients in 1 MiB buckets
+#    reduced while backward runs, TEMPER_DIST_OVERLAP=1, which is off by default on NCCL until
+#    this has passed) against the same run without a group — the losses and weights must
+#    agree; then the parity ladder's model-core tests
 #    (forward, gradients, AdamW, KV cache, bf16, reward head, sampling, DPO) on CUDA against
 #    the same checked-in goldens, when the folder holds the parity test binary as `parity`
 #    (`cargo test --release --no-run --test parity` prints its path);
@@ -72,7 +74,7 @@ YAML
   timeout 60 "$bin/temper-pretrain" --config "$work/nccl_pretrain.yaml" --out "$work/nccl_plain"
   echo "plain: exit $?"
   TEMPER_DIST_BACKEND=nccl MASTER_ADDR=127.0.0.1 MASTER_PORT=29533 TEMPER_DIST_TIMEOUT=60 \
-    timeout 90 "$bin/temper-pretrain" --config "$work/nccl_pretrain.yaml" --out "$work/nccl_group"
+    TEMPER_DIST_OVERLAP=1 TEMPER_DIST_BUCKET_MB=1 timeout 90 "$bin/temper-pretrain" --config "$work/nccl_pretrain.yaml" --out "$work/nccl_group"
   echo "nccl group of one: exit $?"
   "$python" - "$work" <<'PY'
 import json, pathlib, sys

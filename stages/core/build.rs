@@ -7,6 +7,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/shim.cpp");
     println!("cargo:rerun-if-changed=csrc/dist.cpp");
     println!("cargo:rerun-if-changed=csrc/nccl.cpp");
+    println!("cargo:rerun-if-changed=csrc/reducer.cpp");
     let Some(libtorch) = std::env::var_os("LIBTORCH").map(PathBuf::from) else {
         panic!("LIBTORCH is not set: run scripts/setup.sh, which installs torch 2.11.0");
     };
@@ -24,7 +25,8 @@ fn main() {
     dist.define("USE_C10D_GLOO", None)
         .define("USE_DISTRIBUTED", None)
         .file("csrc/dist.cpp")
-        .file("csrc/nccl.cpp");
+        .file("csrc/nccl.cpp")
+        .file("csrc/reducer.cpp");
     let nccl = nccl_headers(&libtorch);
     if let Some(dirs) = &nccl {
         dist.define("TEMPER_WITH_NCCL", None).includes(dirs);

@@ -125,12 +125,35 @@ pub(crate) fn start_ranks(
                 .env("MASTER_ADDR", "127.0.0.1")
                 .env("MASTER_PORT", port.to_string())
                 .env("TEMPER_DIST_TIMEOUT", timeout_s.to_string())
+                // 10 KiB gradient buckets: several even for the tiny models, so the reduction
+                // during backward (buckets launched in order as they fill) is exercised.
+                .env("TEMPER_DIST_BUCKET_MB", "0.01")
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::piped())
                 .spawn()
                 .unwrap()
         })
         .collect()
+}
+
+/// That a rank reduced some of its gradient buckets while backward ran: the stage's closing
+/// line "gradient averaging: N bucket(s) per step; E of T bucket reductions started while
+/// backward ran" with N > 1 and E > 0.
+pub(crate) fn assert_overlapped(out: &std::process::Output, what: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err
+        .lines()
+        .find(|l| l.contains("bucket reductions started while backward ran"))
+        .unwrap_or_else(|| panic!("{what}: no gradient-averaging line in its log:\n{err}"));
+    let number_after = |key: &str| -> u64 {
+        line.split(key)
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{what}: cannot read {key:?} in {line}"))
+    };
+    let (buckets, early) = (number_after("averaging: "), number_after("per step; "));
+    assert!(buckets > 1 && early > 0, "{what}: {line}");
 }
 
 /// Every iteration's `keys` equal within `tolerance` (relative above 1) in the one-process run

@@ -4,7 +4,8 @@ use std::path::Path;
 
 use crate::common::*;
 use crate::{
-    assert_same_metrics, assert_same_run, free_port, max_diff_in, max_weight_diff, start_ranks,
+    assert_overlapped, assert_same_metrics, assert_same_run, free_port, max_diff_in,
+    max_weight_diff, start_ranks,
 };
 
 #[test]
@@ -26,7 +27,9 @@ fn two_gloo_ranks_of_half_the_batch_train_as_one_process_with_all_of_it() {
     // Two ranks of batch 4.
     let two = dir.path().join("two");
     for c in start_ranks("temper-pretrain", &half, &two, free_port(), 120) {
-        assert_ok(&c.wait_with_output().unwrap(), "a rank of two");
+        let out = c.wait_with_output().unwrap();
+        assert_ok(&out, "a rank of two");
+        assert_overlapped(&out, "a rank of two");
     }
     assert_same_run(&one, &two);
     // Rank 0 alone wrote: the same files as the single process, and the same token count.
@@ -125,7 +128,9 @@ fn sft_reward_and_dpo_on_two_ranks_match_one_process_even_when_a_rank_gets_no_ro
         free_port(),
         120,
     ) {
-        assert_ok(&c.wait_with_output().unwrap(), "an SFT rank of two");
+        let out = c.wait_with_output().unwrap();
+        assert_ok(&out, "an SFT rank of two");
+        assert_overlapped(&out, "an SFT rank of two");
     }
     assert_same_run(&one, &two);
     assert_eq!(summary(&one)["tokens"], summary(&two)["tokens"]);
@@ -160,7 +165,9 @@ fn sft_reward_and_dpo_on_two_ranks_match_one_process_even_when_a_rank_gets_no_ro
         free_port(),
         120,
     ) {
-        assert_ok(&c.wait_with_output().unwrap(), "a reward rank of two");
+        let out = c.wait_with_output().unwrap();
+        assert_ok(&out, "a reward rank of two");
+        assert_overlapped(&out, "a reward rank of two");
     }
     assert_same_run(&rm_one, &rm_two);
     let (a, b) = (summary(&rm_one), summary(&rm_two));
@@ -186,7 +193,9 @@ fn sft_reward_and_dpo_on_two_ranks_match_one_process_even_when_a_rank_gets_no_ro
         free_port(),
         120,
     ) {
-        assert_ok(&c.wait_with_output().unwrap(), "a DPO rank of two");
+        let out = c.wait_with_output().unwrap();
+        assert_ok(&out, "a DPO rank of two");
+        assert_overlapped(&out, "a DPO rank of two");
     }
     assert_same_run(&dpo_one, &dpo_two);
     let accuracy = |d: &Path| summary(d)["rewards/accuracies"].as_f64().unwrap();

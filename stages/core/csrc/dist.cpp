@@ -40,6 +40,11 @@ namespace temper {
 c10::intrusive_ptr<c10d::Backend> make_nccl(const c10::intrusive_ptr<c10d::Store> &store,
                                             int rank, int world,
                                             std::chrono::milliseconds timeout, int device);
+
+// The process group of a handle from temper_pg_new (for reducer.cpp).
+c10::intrusive_ptr<c10d::Backend> group_backend(void *group) {
+  return static_cast<Group *>(group)->pg;
+}
 } // namespace temper
 
 extern "C" {

@@ -213,6 +213,8 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         resume_or_start(out, &mut log, &stores, &mut [&mut opt], &cfg.hash)
     })?;
     world.broadcast_(&opt.parameters())?;
+    // Gradients averaged over the ranks in buckets, reduced while the last backward runs.
+    let sync = world.grad_sync(&opt.parameters())?;
     // Rank 0 computes (or finds) the reference's log-probs and writes them; the others read.
     let global_batch = c.batch_size * world.size();
     let cache = ranks.resume(&world, |out| {
@@ -269,6 +271,9 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
                 return Err(e.into());
             }
             let weight = share * world.size() as f64 / accum as f64;
+            if micro + 1 == accum {
+                sync.arm_last_backward();
+            }
             (s.m.tuning.regularised(b.loss) * weight).backward();
             step_loss += value * share / accum as f64;
             let shared: Vec<(&'static str, f64)> =
@@ -279,7 +284,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
             }
         }
         // The mean gradient over the global batch; every rank then takes the same step.
-        world.average_(&opt.gradients())?;
+        sync.finish()?;
         let mut local = vec![step_loss, step_tokens as f64];
         local.extend(step_metrics.iter().map(|(_, v)| *v));
         let sums = world.sum_values(&local)?;

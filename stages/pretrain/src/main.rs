@@ -309,6 +309,8 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         resume_or_start(out, &mut log, &stores, &mut [&mut opt], &cfg.hash)
     })?;
     world.broadcast_(&opt.parameters())?;
+    // Gradients averaged over the ranks in buckets, reduced while the last backward runs.
+    let sync = world.grad_sync(&opt.parameters())?;
     let every = Cadence::new(c.log_every, c.eval_every, c.save_every, c.steps);
     let (b, t, accum) = (c.batch_size, c.block_size, c.optim.grad_accum);
     let (rank, n_ranks) = (world.rank(), world.size());
@@ -352,6 +354,9 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
                 let loss = s.model.lm_loss(&ids, None, &ids.ones_like(), c.precision)?;
                 let value = loss.double_value(&[]);
                 if value.is_finite() {
+                    if micro + 1 == accum {
+                        sync.arm_last_backward();
+                    }
                     (s.tuning.regularised(loss) / accum as f64).backward();
                 }
                 value
@@ -365,7 +370,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
             step_loss += value / accum as f64;
         }
         // The mean gradient over the global batch; every rank then takes the same step.
-        world.average_(&opt.gradients())?;
+        sync.finish()?;
         let step_loss = world.mean(step_loss)?;
         let grad_norm = opt.update_then(c.optim.grad_clip, lr, || s.tuning.after_update())?;
         progress.step += 1;

@@ -218,6 +218,8 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         resume_or_start(out, &mut log, &stores, &mut [&mut opt], &cfg.hash)
     })?;
     world.broadcast_(&opt.parameters())?;
+    // Gradients averaged over the ranks in buckets, reduced while the last backward runs.
+    let sync = world.grad_sync(&opt.parameters())?;
     let every = Cadence::new(c.log_every, c.eval_every, c.save_every, c.steps);
     // Micro-batch k of the run is batch k % n of epoch k / n: a function of the step alone.
     // With several ranks a batch holds batch_size × ranks pairs and each rank takes its share.
@@ -260,13 +262,16 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
             // gradient is the whole batch's mean, as one process would compute it.
             let share = mine.len() as f64 / global.len() as f64;
             let weight = share * world.size() as f64 / accum as f64;
+            if micro + 1 == accum {
+                sync.arm_last_backward();
+            }
             (s.m.tuning.regularised(loss) * weight).backward();
             step_loss += value * share / accum as f64;
             step_acc += out.accuracy() * share / accum as f64;
             step_tokens += out.tokens;
         }
         opt.ensure_gradients();
-        world.average_(&opt.gradients())?;
+        sync.finish()?;
         let sums = world.sum_values(&[step_loss, step_acc, step_tokens as f64])?;
         let (step_loss, step_acc, step_tokens) = (sums[0], sums[1], sums[2] as u64);
         progress.tokens_seen += step_tokens;

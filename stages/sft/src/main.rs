@@ -236,6 +236,8 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         resume_or_start(out, &mut log, &stores, &mut [&mut opt], &cfg.hash)
     })?;
     world.broadcast_(&opt.parameters())?;
+    // Gradients averaged over the ranks in buckets, reduced while the last backward runs.
+    let sync = world.grad_sync(&opt.parameters())?;
     let every = Cadence::new(c.log_every, c.eval_every, c.save_every, c.steps);
     let lengths: Vec<usize> = s.train.iter().map(Example::len).collect();
     // Micro-batch k of the run is batch k % n of epoch k / n: a function of the step alone.
@@ -285,6 +287,9 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
                 let loss = model.lm_loss(ids, attn, mask, c.precision)?;
                 let value = loss.double_value(&[]);
                 if value.is_finite() {
+                    if micro + 1 == accum {
+                        sync.arm_last_backward();
+                    }
                     (s.m.tuning.regularised(loss) * weight).backward();
                 }
                 value
@@ -300,7 +305,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         }
         // The mean gradient over the global batch; every rank then takes the same step.
         opt.ensure_gradients();
-        world.average_(&opt.gradients())?;
+        sync.finish()?;
         let sums = world.sum_values(&[step_loss, step_tokens as f64])?;
         let (step_loss, step_tokens) = (sums[0], sums[1] as u64);
         progress.tokens_seen += step_tokens;

@@ -6,10 +6,12 @@
 //! rank 0 serves a `TCPStore` rendezvous and every rank joins a process group — Gloo on CPU,
 //! NCCL on GPUs with one GPU per rank — whose collectives are torch's own.
 
+mod grad_sync;
 mod placement;
 mod ranks;
 mod world;
 
+pub use grad_sync::GradSync;
 pub use placement::{timeout, Backend, Placement};
 pub use ranks::Ranks;
 pub use world::{nccl_built, World};

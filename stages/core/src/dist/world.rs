@@ -39,9 +39,9 @@ pub fn nccl_built() -> bool {
 /// This process's ranks and, with more than one, the process group joining them.
 pub struct World {
     pub placement: Placement,
-    group: Option<*mut c_void>,
+    pub(super) group: Option<*mut c_void>,
     /// Where collective buffers live: host memory for Gloo, the rank's GPU for NCCL.
-    comm: Device,
+    pub(super) comm: Device,
 }
 
 // SAFETY: the c10d process group is thread-safe for the calls made here, which the stage makes
@@ -58,7 +58,7 @@ impl Drop for World {
     }
 }
 
-fn dist_error(what: &str) -> CoreError {
+pub(super) fn dist_error(what: &str) -> CoreError {
     CoreError::Device(format!("{what}: {}", crate::ffi::last_error()))
 }
 
@@ -241,15 +241,30 @@ impl World {
         Ok(())
     }
 
-    /// The mean over ranks of every tensor (one all-reduce for all of them).
+    /// The mean over ranks of every tensor: one all-reduce per bucket of about
+    /// `TEMPER_DIST_BUCKET_MB` (the tensors in order), so the copies take one bucket of memory,
+    /// not a second copy of everything. (A training step's gradients go through
+    /// [`World::grad_sync`], which also overlaps the reduction with backward.)
     pub fn average_(&self, tensors: &[Tensor]) -> Result<()> {
         if self.group.is_none() || tensors.is_empty() {
             return Ok(());
         }
-        let mut flat = flatten(tensors, self.comm);
-        self.sum_(&mut flat)?;
-        let flat = flat / self.size() as f64;
-        unflatten(&flat, tensors);
+        let cap = super::grad_sync::bucket_bytes().map_err(CoreError::Device)?;
+        let mut start = 0;
+        while start < tensors.len() {
+            let mut end = start + 1;
+            let mut bytes = tensors[start].numel() as i64 * 4;
+            while end < tensors.len() && bytes + tensors[end].numel() as i64 * 4 <= cap {
+                bytes += tensors[end].numel() as i64 * 4;
+                end += 1;
+            }
+            let bucket = &tensors[start..end];
+            let mut flat = flatten(bucket, self.comm);
+            self.sum_(&mut flat)?;
+            let flat = flat / self.size() as f64;
+            unflatten(&flat, bucket);
+            start = end;
+        }
         Ok(())
     }
 
@@ -343,10 +358,10 @@ fn unflatten(flat: &Tensor, tensors: &[Tensor]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn free_port() -> u16 {
+    pub(in crate::dist) fn free_port() -> u16 {
         std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
