@@ -115,15 +115,7 @@ impl Placement {
         let device = resolve_device(spec).map_err(|e| e.to_string())?;
         let device = match device {
             Device::Cuda(_) if self.master.is_some() => {
-                let count = tch::Cuda::device_count() as usize;
-                if self.local_rank >= count {
-                    return Err(format!(
-                        "LOCAL_RANK {} needs GPU cuda:{}, but libtorch sees {count} GPU(s) on this \
-                         node: start at most {count} ranks per node (nproc)",
-                        self.local_rank, self.local_rank
-                    ));
-                }
-                Device::Cuda(self.local_rank)
+                gpu_of(self.local_rank, tch::Cuda::device_count() as usize)?
             }
             d => d,
         };
@@ -148,6 +140,18 @@ impl Placement {
     }
 }
 
+/// The GPU of local rank `local_rank` on a node where libtorch sees `count`: `cuda:LOCAL_RANK`,
+/// or, with more ranks per node than GPUs, the one line that says so.
+fn gpu_of(local_rank: usize, count: usize) -> std::result::Result<Device, String> {
+    if local_rank >= count {
+        return Err(format!(
+            "LOCAL_RANK {local_rank} needs GPU cuda:{local_rank}, but libtorch sees {count} GPU(s) \
+             on this node: start at most {count} ranks per node (nproc)"
+        ));
+    }
+    Ok(Device::Cuda(local_rank))
+}
+
 /// How long a rank waits for the others (rendezvous, each collective): `TEMPER_DIST_TIMEOUT`
 /// seconds, default 300. A rank that died makes the others fail after this long.
 pub fn timeout() -> Duration {
@@ -162,6 +166,20 @@ pub fn timeout() -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_local_rank_takes_its_own_gpu_and_one_too_many_is_refused() {
+        assert_eq!(gpu_of(0, 2), Ok(Device::Cuda(0)));
+        assert_eq!(gpu_of(1, 2), Ok(Device::Cuda(1)));
+        let err = gpu_of(2, 2).unwrap_err();
+        assert!(
+            err.contains("LOCAL_RANK 2 needs GPU cuda:2")
+                && err.contains("sees 2 GPU(s)")
+                && err.contains("at most 2 ranks per node"),
+            "{err}"
+        );
+        assert!(gpu_of(0, 0).is_err(), "no GPU at all");
+    }
 
     fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
         let map: std::collections::HashMap<String, String> = pairs
