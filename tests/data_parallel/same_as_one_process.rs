@@ -279,7 +279,9 @@ fn grpo_on_two_ranks_matches_one_process_with_the_whole_rollout() {
         let two = dir.path().join(format!("{name}_two"));
         let cfg = config(2, &format!("{name}_half.yaml"), extra);
         for c in start_ranks("temper-grpo", &cfg, &two, free_port(), 120) {
-            assert_ok(&c.wait_with_output().unwrap(), "a GRPO rank of two");
+            let out = c.wait_with_output().unwrap();
+            assert_ok(&out, "a GRPO rank of two");
+            assert_overlapped(&out, "a GRPO rank of two");
         }
         assert_same_metrics(&one, &two, 6, GRPO_KEYS, tolerance, name);
         let d = max_weight_diff(&one, &two);
@@ -318,7 +320,9 @@ fn ppo_on_two_ranks_matches_one_process_with_the_whole_batch() {
         let two = dir.path().join(format!("ppo_{name}_two"));
         let cfg = config(8, &format!("ppo_{name}_half.yaml"), extra);
         for c in start_ranks("temper-ppo", &cfg, &two, free_port(), 120) {
-            assert_ok(&c.wait_with_output().unwrap(), "a PPO rank of two");
+            let out = c.wait_with_output().unwrap();
+            assert_ok(&out, "a PPO rank of two");
+            assert_overlapped(&out, "a PPO rank of two");
         }
         assert_same_metrics(&one, &two, 5, PPO_KEYS, 1e-5, name);
         let d = max_weight_diff(&one, &two);

@@ -147,6 +147,8 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         resume_or_start(out, &mut log, &stores, &mut [&mut opt], &cfg.hash)
     })?;
     world.broadcast_(&opt.parameters())?;
+    // Gradients averaged over the ranks in buckets, reduced while each backward runs.
+    let sync = world.grad_sync(&opt.parameters())?;
     let every = Cadence::new(Every::new(1), c.sample_every, c.save_every, c.iterations);
     let bar = ranks.progress_bar(c.iterations, progress.step);
     let g = c.num_generations;
@@ -201,6 +203,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         let part = update::Part {
             iteration: iter,
             world: &world,
+            sync: &sync,
             offset: mine.start,
             rows: rows.len(),
         };

@@ -4,7 +4,7 @@
 use serde_json::json;
 use tch::{Kind, Tensor};
 use temper_core::critic_free::{self, ClipSettings, Whole};
-use temper_core::dist::World;
+use temper_core::dist::{GradSync, World};
 use temper_core::sample::{generate, Joined};
 use temper_core::scoring::{decode_prompts, response_logprobs};
 use temper_core::{rl, with_autocast, AdamW};
@@ -122,6 +122,8 @@ pub struct Optimized {
 pub struct Part<'w> {
     pub iteration: u64,
     pub world: &'w World,
+    /// The policy optimizer's gradient averaging over the ranks.
+    pub sync: &'w GradSync,
     /// The first of this rank's rows in the whole rollout, and the whole rollout's rows.
     pub offset: usize,
     pub rows: usize,
@@ -228,13 +230,13 @@ pub fn optimize(
                 // A NaN stops below, before any update writes it into the weights.
                 if local[0].is_finite() {
                     let scaled = if ranks > 1 { loss * ranks as f64 } else { loss };
+                    part.sync.arm_last_backward();
                     s.policy.tuning.regularised(scaled).backward();
                 }
             }
             // The whole minibatch's loss, and its token means of the rest.
             let [value, clipfrac, entropy, kl] = if ranks > 1 {
-                opt.ensure_gradients();
-                world.average_(&opt.gradients())?;
+                part.sync.finish()?;
                 let [l, cf, e, k] = local;
                 let g = world.sum_values(&[l, cf * tokens, e * tokens, k * tokens, tokens])?;
                 let per_token = |v: f64| v / g[4].max(1.0);

@@ -21,7 +21,7 @@ use tch::nn::VarStore;
 use tch::{Device, Tensor};
 use temper_core::checkpoint::SaveDtype;
 use temper_core::checkpoint::ScoreHead;
-use temper_core::dist::{Placement, Ranks, World};
+use temper_core::dist::{GradSync, Placement, Ranks, World};
 use temper_core::peft::{PeftConfig, Reference, Tuning};
 use temper_core::rewards::ProgramRewards;
 use temper_core::rl::{self, RewardStats};
@@ -279,6 +279,12 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     for opt in std::iter::once(&actor_opt).chain(critic_opt.as_ref()) {
         world.broadcast_(&opt.parameters())?;
     }
+    // Gradients averaged over the ranks in buckets, reduced while each backward runs.
+    let actor_sync = world.grad_sync(&actor_opt.parameters())?;
+    let critic_sync = match &critic_opt {
+        Some(opt) => Some(world.grad_sync(&opt.parameters())?),
+        None => None,
+    };
     let kl_control = c.kl.control();
     let mut kl_coef = extra(&progress, "kl_coef").unwrap_or(kl_control.initial_coef());
     let mut stats: RewardStats = extra(&progress, "reward_stats").unwrap_or_default();
@@ -323,7 +329,8 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         }
 
         // 5. PPO epochs over shuffled minibatches (of the whole rollout).
-        let settings = optimize_settings(c, iter, &world, mine.start, rows);
+        let syncs = (&actor_sync, critic_sync.as_ref());
+        let settings = optimize_settings(c, iter, &world, syncs, mine.start, rows);
         s.actor.tuning.set_training(true);
         s.critic.tuning.set_training(true);
         let m = rollout::optimize(
@@ -433,11 +440,14 @@ fn optimize_settings<'w>(
     c: &Config,
     iter: u64,
     world: &'w World,
+    (actor_sync, critic_sync): (&'w GradSync, Option<&'w GradSync>),
     offset: usize,
     rows: usize,
 ) -> rollout::OptimizeSettings<'w> {
     rollout::OptimizeSettings {
         world,
+        actor_sync,
+        critic_sync,
         offset,
         rows,
         epochs: c.ppo_epochs,

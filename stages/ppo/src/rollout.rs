@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 use tch::{Kind, Tensor};
-use temper_core::dist::World;
+use temper_core::dist::{GradSync, World};
 use temper_core::peft::{Reference, Tuning};
 use temper_core::rewards::{ProgramRewards, ProgramScores, ReplyText};
 use temper_core::rl;
@@ -133,6 +133,10 @@ pub struct OptimizeSettings<'w> {
     /// Data parallel: the ranks, where this rank's rows start in the whole rollout, and the
     /// whole rollout's rows (one process: 0 and all of them).
     pub world: &'w World,
+    /// The actor's (with `optimizer: shared`, the actor's and critic's) and the critic's
+    /// gradient averaging over the ranks.
+    pub actor_sync: &'w GradSync,
+    pub critic_sync: Option<&'w GradSync>,
     pub offset: usize,
     pub rows: usize,
     pub epochs: usize,
@@ -235,26 +239,30 @@ pub fn optimize(
             let grad_norm = match critic_opt.as_deref_mut() {
                 Some(copt) => {
                     if let Some(l) = &l {
+                        s.actor_sync.arm_last_backward();
                         tuning
                             .regularised(weigh(l.objective.shallow_clone()))
                             .backward();
                     }
-                    sum_gradients(world, actor_opt)?;
+                    s.actor_sync.finish()?;
                     let g = actor_opt
                         .update_then(s.actor_clip, s.actor_lr, || tuning.after_update())?;
+                    let critic_sync = s.critic_sync.expect("a critic optimizer has its sync");
                     if let Some(l) = &l {
+                        critic_sync.arm_last_backward();
                         weigh(l.value_loss.shallow_clone()).backward();
                     }
-                    sum_gradients(world, copt)?;
+                    critic_sync.finish()?;
                     copt.update(s.critic_clip, s.critic_lr)?;
                     g
                 }
                 None => {
                     if let Some(l) = &l {
                         let loss = &l.objective + &l.value_loss * s.vf_coef;
+                        s.actor_sync.arm_last_backward();
                         tuning.regularised(weigh(loss)).backward();
                     }
-                    sum_gradients(world, actor_opt)?;
+                    s.actor_sync.finish()?;
                     actor_opt.update_then(s.actor_clip, s.actor_lr, || tuning.after_update())?
                 }
             };
@@ -282,16 +290,6 @@ pub fn optimize(
         value_clipfrac,
         grad_norm,
     })
-}
-
-/// Data parallel: every rank's weighted gradients averaged into each (a rank without rows of
-/// this minibatch joins with zeros). One process: nothing to do.
-fn sum_gradients(world: &World, opt: &mut AdamW) -> anyhow::Result<()> {
-    if world.size() > 1 {
-        opt.ensure_gradients();
-        world.average_(&opt.gradients())?;
-    }
-    Ok(())
 }
 
 /// One minibatch's losses (rows `idx` of the rollout), under autocast.
