@@ -2,7 +2,7 @@
 //! train data-parallel. Each is one line and loses nothing.
 
 use crate::common::*;
-use crate::{free_port, max_weight_diff, start_ranks};
+use crate::{free_port, max_weight_diff, start_ranks, start_ranks_in};
 
 #[test]
 fn a_bad_distributed_environment_exits_2_with_one_line_and_writes_nothing() {
@@ -128,6 +128,22 @@ fn a_killed_rank_fails_the_other_and_a_rerun_resumes_to_the_same_weights() {
     );
     let resumed_from = saved().unwrap();
     assert!(resumed_from < 40, "{resumed_from}");
+
+    // A rank that does not see the stage folder (a node without the shared filesystem) would
+    // start afresh while rank 0 resumes: both stop, naming it, and the saved state stays.
+    let elsewhere = dir.path().join("elsewhere");
+    for c in start_ranks_in("temper-pretrain", &cfg, [&out, &elsewhere], free_port(), 20) {
+        let o = c.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "a rank trained on: {err}");
+        assert!(
+            err.contains(&format!(
+                "rank(s) 1 resumed a different state than rank 0 (rank 0: step {resumed_from}"
+            )),
+            "{err}"
+        );
+    }
+    assert_eq!(saved(), Some(resumed_from));
 
     for c in start_ranks("temper-pretrain", &cfg, &out, free_port(), 20) {
         assert_ok(&c.wait_with_output().unwrap(), "resumed rank");

@@ -110,6 +110,18 @@ pub(crate) fn start_ranks(
     port: u16,
     timeout_s: u32,
 ) -> Vec<std::process::Child> {
+    start_ranks_in(stage, cfg, [out, out], port, timeout_s)
+}
+
+/// `start_ranks` with each rank given its own `--out` (as on nodes that do not share one
+/// filesystem).
+pub(crate) fn start_ranks_in(
+    stage: &str,
+    cfg: &Path,
+    outs: [&Path; 2],
+    port: u16,
+    timeout_s: u32,
+) -> Vec<std::process::Child> {
     (0..2)
         .map(|rank| {
             std::process::Command::new(bin(stage))
@@ -117,7 +129,7 @@ pub(crate) fn start_ranks(
                     "--config",
                     cfg.to_str().unwrap(),
                     "--out",
-                    out.to_str().unwrap(),
+                    outs[rank].to_str().unwrap(),
                 ])
                 .env("RANK", rank.to_string())
                 .env("LOCAL_RANK", rank.to_string())

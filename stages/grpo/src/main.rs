@@ -146,7 +146,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         let stores = s.policy.stores();
         resume_or_start(out, &mut log, &stores, &mut [&mut opt], &cfg.hash)
     })?;
-    world.broadcast_(&opt.parameters())?;
+    world.start_together(progress.step, &opt.parameters())?;
     // Gradients averaged over the ranks in buckets, reduced while each backward runs.
     let sync = world.grad_sync(&opt.parameters())?;
     let every = Cadence::new(Every::new(1), c.sample_every, c.save_every, c.iterations);

@@ -277,7 +277,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         })?
     };
     for opt in std::iter::once(&actor_opt).chain(critic_opt.as_ref()) {
-        world.broadcast_(&opt.parameters())?;
+        world.start_together(progress.step, &opt.parameters())?;
     }
     // Gradients averaged over the ranks in buckets, reduced while each backward runs.
     let actor_sync = world.grad_sync(&actor_opt.parameters())?;

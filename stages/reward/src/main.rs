@@ -217,7 +217,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     let mut progress = ranks.resume(&world, |out| {
         resume_or_start(out, &mut log, &stores, &mut [&mut opt], &cfg.hash)
     })?;
-    world.broadcast_(&opt.parameters())?;
+    world.start_together(progress.step, &opt.parameters())?;
     // Gradients averaged over the ranks in buckets, reduced while the last backward runs.
     let sync = world.grad_sync(&opt.parameters())?;
     let every = Cadence::new(c.log_every, c.eval_every, c.save_every, c.steps);

@@ -241,6 +241,57 @@ impl World {
         Ok(())
     }
 
+    /// The start of training on every rank: checks that all ranks resumed the same run — the
+    /// same step and the same weights, which they do when every rank reads the same `state/` —
+    /// then copies rank 0's `params` to all. A rank that found another state (a node without
+    /// the shared filesystem started afresh, or read an older save) fails every rank with one
+    /// line naming it, instead of training a silently diverged model.
+    pub fn start_together(&self, step: u64, params: &[Tensor]) -> Result<()> {
+        if self.group.is_none() {
+            return Ok(());
+        }
+        // What each rank resumed: its step and two sums over its weights, compared as fp32
+        // (the broadcast's precision) with rank 0's. A fresh start compares the step alone:
+        // the broadcast below is what makes fresh weights equal.
+        let (sum, abs) = if step == 0 {
+            (0.0, 0.0)
+        } else {
+            tch::no_grad(|| {
+                params.iter().fold((0.0, 0.0), |(s, a), p| {
+                    let p = p.to_kind(Kind::Double);
+                    (
+                        s + p.sum(Kind::Double).double_value(&[]),
+                        a + p.abs().sum(Kind::Double).double_value(&[]),
+                    )
+                })
+            })
+        };
+        let mine = Tensor::from_slice(&[step as f64, sum, abs]).to_kind(Kind::Float);
+        let rank0 = mine.copy();
+        self.broadcast_(&[rank0.shallow_clone()])?;
+        let differs = if mine.equal(&rank0) { 0.0 } else { 1.0 };
+        let sent = Vec::<f32>::try_from(&rank0)?;
+        // Every rank learns how many differ, and which (a sum of one-hot flags), so all stop.
+        let mut flags = vec![0.0; self.size()];
+        flags[self.rank()] = differs;
+        let flags = self.sum_values(&flags)?;
+        let odd: Vec<String> = (0..self.size())
+            .filter(|&r| flags[r] > 0.0)
+            .map(|r| r.to_string())
+            .collect();
+        if !odd.is_empty() {
+            return Err(CoreError::Device(format!(
+                "rank(s) {} resumed a different state than rank 0 (rank 0: step {}; this rank \
+                 {}: step {step}): every rank must read the same stage folder — put it on a \
+                 filesystem all nodes share",
+                odd.join(", "),
+                sent[0],
+                self.rank()
+            )));
+        }
+        self.broadcast_(params)
+    }
+
     /// The mean over ranks of every tensor: one all-reduce per bucket of about
     /// `TEMPER_DIST_BUCKET_MB` (the tensors in order), so the copies take one bucket of memory,
     /// not a second copy of everything. (A training step's gradients go through
@@ -417,6 +468,59 @@ pub(super) mod tests {
             assert_eq!(c, [0.0; 5]);
             assert_eq!(g, [1.0; 3], "mean of 0 and 2");
             assert_eq!(sums, [1.0, 2.0]);
+        }
+    }
+
+    #[test]
+    fn ranks_that_resumed_different_states_all_stop_naming_the_odd_one() {
+        let port = free_port();
+        let run = |port: u16, step_of_rank1: u64, weight_of_rank1: f64| {
+            let ranks: Vec<_> = (0..2)
+                .map(|rank| {
+                    std::thread::spawn(move || {
+                        let placement = Placement {
+                            rank,
+                            world: 2,
+                            local_rank: rank,
+                            master: Some(("127.0.0.1".into(), port)),
+                            backend: None,
+                        };
+                        let world =
+                            World::join(placement, Duration::from_secs(60), Device::Cpu).unwrap();
+                        let (step, w) = match rank {
+                            0 => (10, 0.5),
+                            _ => (step_of_rank1, weight_of_rank1),
+                        };
+                        let p = Tensor::full([4], w, (Kind::Float, Device::Cpu));
+                        let r = world.start_together(step, &[p.shallow_clone()]);
+                        (
+                            r.map_err(|e| e.to_string()),
+                            Vec::<f32>::try_from(p).unwrap(),
+                        )
+                    })
+                })
+                .collect();
+            ranks
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .collect::<Vec<_>>()
+        };
+        // The same state: both go on, with rank 0's weights.
+        for (r, w) in run(port, 10, 0.5) {
+            assert!(r.is_ok(), "{r:?}");
+            assert_eq!(w, [0.5; 4]);
+        }
+        // Rank 1 started afresh (step 0, other weights): both stop, naming rank 1.
+        for (r, _) in run(free_port(), 0, 0.25) {
+            let err = r.unwrap_err();
+            assert!(
+                err.contains("rank(s) 1 resumed a different state than rank 0 (rank 0: step 10"),
+                "{err}"
+            );
+        }
+        // The same step but other weights (an older save of the same run): stopped too.
+        for (r, _) in run(free_port(), 10, 0.25) {
+            assert!(r.unwrap_err().contains("rank(s) 1 resumed"));
         }
     }
 
