@@ -8,6 +8,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/dist.cpp");
     println!("cargo:rerun-if-changed=csrc/nccl.cpp");
     println!("cargo:rerun-if-changed=csrc/reducer.cpp");
+    println!("cargo:rerun-if-changed=csrc/guarded.h");
     let Some(libtorch) = std::env::var_os("LIBTORCH").map(PathBuf::from) else {
         panic!("LIBTORCH is not set: run scripts/setup.sh, which installs torch 2.11.0");
     };

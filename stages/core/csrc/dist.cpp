@@ -11,7 +11,7 @@
 #include <string>
 #include <vector>
 
-extern "C" void temper_set_error(const char *message);
+#include "guarded.h"
 
 namespace {
 
@@ -24,15 +24,6 @@ bool is_loopback(const std::string &host) {
   return host == "localhost" || host.rfind("127.", 0) == 0 || host == "::1";
 }
 
-template <typename F> int guarded(F f) {
-  try {
-    f();
-    return 0;
-  } catch (const std::exception &e) {
-    temper_set_error(e.what());
-    return -1;
-  }
-}
 
 } // namespace
 
@@ -55,7 +46,7 @@ extern "C" {
 void *temper_pg_new(const char *host, int port, int rank, int world, long timeout_ms,
                     int backend, int device) {
   Group *group = nullptr;
-  int rc = guarded([&] {
+  int rc = temper::guarded([&] {
     auto timeout = std::chrono::milliseconds(timeout_ms);
     c10d::TCPStoreOptions opts;
     opts.port = static_cast<std::uint16_t>(port);
@@ -86,7 +77,7 @@ void temper_pg_free(void *group) { delete static_cast<Group *>(group); }
 
 // Sums `tensor` over the ranks, in place.
 int temper_pg_allreduce_sum(void *group, at::Tensor *tensor) {
-  return guarded([&] {
+  return temper::guarded([&] {
     std::vector<at::Tensor> tensors{*tensor};
     static_cast<Group *>(group)->pg->allreduce(tensors)->wait();
   });
@@ -94,7 +85,7 @@ int temper_pg_allreduce_sum(void *group, at::Tensor *tensor) {
 
 // Copies rank `root`'s `tensor` to every rank, in place.
 int temper_pg_broadcast(void *group, at::Tensor *tensor, int root) {
-  return guarded([&] {
+  return temper::guarded([&] {
     std::vector<at::Tensor> tensors{*tensor};
     c10d::BroadcastOptions opts;
     opts.rootRank = root;
@@ -103,7 +94,7 @@ int temper_pg_broadcast(void *group, at::Tensor *tensor, int root) {
 }
 
 int temper_pg_barrier(void *group) {
-  return guarded([&] { static_cast<Group *>(group)->pg->barrier()->wait(); });
+  return temper::guarded([&] { static_cast<Group *>(group)->pg->barrier()->wait(); });
 }
 
 } // extern "C"

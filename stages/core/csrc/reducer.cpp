@@ -26,7 +26,7 @@
 #include <string>
 #include <vector>
 
-extern "C" void temper_set_error(const char *message);
+#include "guarded.h"
 
 namespace temper {
 c10::intrusive_ptr<c10d::Backend> group_backend(void *group);
@@ -172,15 +172,6 @@ struct Hook : torch::autograd::PostAccumulateGradHook {
   void operator()(const torch::autograd::Variable &) override { reducer->mark(index); }
 };
 
-template <typename F> int guarded(F f) {
-  try {
-    f();
-    return 0;
-  } catch (const std::exception &e) {
-    temper_set_error(e.what());
-    return -1;
-  }
-}
 
 } // namespace
 
@@ -191,7 +182,7 @@ extern "C" {
 void *temper_reducer_new(void *group, at::Tensor **params, int n, int comm_device,
                          long bucket_bytes) {
   std::shared_ptr<Reducer> *handle = nullptr;
-  int rc = guarded([&] {
+  int rc = temper::guarded([&] {
     std::vector<at::Tensor> ps;
     for (int k = 0; k < n; ++k) ps.push_back(*params[k]);
     at::Device comm = comm_device < 0 ? at::Device(at::kCPU)
@@ -227,7 +218,7 @@ void temper_reducer_arm(void *handle) {
 
 // The mean over the ranks of every gradient, in place.
 int temper_reducer_finish(void *handle) {
-  return guarded([&] { (*static_cast<std::shared_ptr<Reducer> *>(handle))->finish(); });
+  return temper::guarded([&] { (*static_cast<std::shared_ptr<Reducer> *>(handle))->finish(); });
 }
 
 int temper_reducer_buckets(void *handle) {

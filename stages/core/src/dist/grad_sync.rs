@@ -198,22 +198,9 @@ impl GradSync {
 
 #[cfg(test)]
 mod tests {
-    use super::super::world::tests::free_port;
-    use super::super::Placement;
+    use super::super::world::tests::{free_port, join_local};
     use super::*;
-    use std::time::Duration;
     use tch::{Device, Kind};
-
-    fn join(rank: usize, world: usize, port: u16) -> World {
-        let placement = Placement {
-            rank,
-            world,
-            local_rank: rank,
-            master: Some(("127.0.0.1".into(), port)),
-            backend: None,
-        };
-        World::join(placement, Duration::from_secs(60), Device::Cpu).unwrap()
-    }
 
     fn params() -> Vec<Tensor> {
         [vec![3], vec![2, 2], vec![5]]
@@ -249,7 +236,7 @@ mod tests {
         let ranks: Vec<_> = (0..2)
             .map(|rank| {
                 std::thread::spawn(move || {
-                    let world = join(rank, 2, port);
+                    let world = join_local(rank, 2, port);
                     // Every parameter its own bucket (8 bytes), overlap on.
                     let p = params();
                     let sync = world.grad_sync_with(&p, 8, true).unwrap();
@@ -288,7 +275,7 @@ mod tests {
             let hs: Vec<_> = (0..2)
                 .map(|rank| {
                     s.spawn(move || {
-                        let world = join(rank, 2, port);
+                        let world = join_local(rank, 2, port);
                         let p = params();
                         let sync = world.grad_sync_with(&p, 1 << 20, true).unwrap();
                         step(rank, &p, || sync.arm_last_backward());
@@ -312,7 +299,7 @@ mod tests {
 
     #[test]
     fn a_second_gradient_after_arming_is_an_error_not_a_wrong_mean() {
-        let world = join(0, 1, free_port());
+        let world = join_local(0, 1, free_port());
         let p = params();
         let sync = world.grad_sync_with(&p, 8, true).unwrap();
         sync.arm_last_backward();

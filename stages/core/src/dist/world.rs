@@ -420,21 +420,25 @@ pub(super) mod tests {
             .port()
     }
 
+    /// Rank `rank` of `world` Gloo ranks on this machine, meeting at `port`.
+    pub(in crate::dist) fn join_local(rank: usize, world: usize, port: u16) -> World {
+        let placement = Placement {
+            rank,
+            world,
+            local_rank: rank,
+            master: Some(("127.0.0.1".into(), port)),
+            backend: None,
+        };
+        World::join(placement, Duration::from_secs(60), Device::Cpu).unwrap()
+    }
+
     #[test]
     fn two_ranks_sum_broadcast_and_average_through_gloo() {
         let port = free_port();
         let ranks: Vec<_> = (0..2)
             .map(|rank| {
                 std::thread::spawn(move || {
-                    let placement = Placement {
-                        rank,
-                        world: 2,
-                        local_rank: rank,
-                        master: Some(("127.0.0.1".into(), port)),
-                        backend: None,
-                    };
-                    let world =
-                        World::join(placement, Duration::from_secs(60), Device::Cpu).unwrap();
+                    let world = join_local(rank, 2, port);
                     let mut t =
                         Tensor::full([4], rank as f64 + 1.0, (Kind::Float, tch::Device::Cpu));
                     world.sum_(&mut t).unwrap();
@@ -478,15 +482,7 @@ pub(super) mod tests {
             let ranks: Vec<_> = (0..2)
                 .map(|rank| {
                     std::thread::spawn(move || {
-                        let placement = Placement {
-                            rank,
-                            world: 2,
-                            local_rank: rank,
-                            master: Some(("127.0.0.1".into(), port)),
-                            backend: None,
-                        };
-                        let world =
-                            World::join(placement, Duration::from_secs(60), Device::Cpu).unwrap();
+                        let world = join_local(rank, 2, port);
                         let (step, w) = match rank {
                             0 => (10, 0.5),
                             _ => (step_of_rank1, weight_of_rank1),
