@@ -17,11 +17,7 @@ use common::*;
 use tch::Tensor;
 
 pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    temper_core::dist::port_for_tests()
 }
 
 pub(crate) fn train_losses(out: &Path) -> Vec<(u64, f64)> {

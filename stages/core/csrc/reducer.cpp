@@ -19,6 +19,7 @@
 #include <torch/csrc/autograd/variable.h>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 
+#include <algorithm>
 #include <deque>
 #include <memory>
 #include <mutex>
@@ -68,10 +69,15 @@ struct Reducer {
       : pg(std::move(pg)), comm(comm), world(this->pg->getSize()), params(std::move(ps)) {
     bucket_of.resize(params.size());
     ready.assign(params.size(), false);
+    // The first bucket (the last layers) is capped at 1 MiB, as DDP's first_bucket_bytes_cap:
+    // its gradients are ready soonest, and a small bucket starts communication early even when
+    // the whole model would fit in one bucket.
+    const long first_bytes = std::min(bucket_bytes, 1L << 20);
     long filled = 0;
     for (size_t k = params.size(); k-- > 0;) {
       long bytes = params[k].numel() * 4; // reduced in fp32
-      if (buckets.empty() || (filled > 0 && filled + bytes > bucket_bytes)) {
+      long cap = buckets.size() <= 1 ? first_bytes : bucket_bytes;
+      if (buckets.empty() || (filled > 0 && filled + bytes > cap)) {
         buckets.emplace_back();
         filled = 0;
       }

@@ -312,6 +312,18 @@ mod tests {
     }
 
     #[test]
+    fn the_first_bucket_is_small_so_that_communication_starts_early() {
+        let world = join_local(0, 1, free_port());
+        // Three 1.2 MB parameters under 25 MiB buckets: the last one alone in a first bucket
+        // capped at 1 MiB (as DDP), the other two together.
+        let p: Vec<Tensor> = (0..3)
+            .map(|_| Tensor::zeros([300_000], (Kind::Float, Device::Cpu)).set_requires_grad(true))
+            .collect();
+        let sync = world.grad_sync_with(&p, 25 << 20, true).unwrap();
+        assert_eq!(sync.buckets(), 2);
+    }
+
+    #[test]
     fn bad_settings_are_refused_with_the_variable_named() {
         // Read through the functions the stages use, with values that cannot be sizes.
         for (bad, key) in [

@@ -15,3 +15,22 @@ pub use grad_sync::GradSync;
 pub use placement::{timeout, Backend, Placement};
 pub use ranks::Ranks;
 pub use world::{nccl_built, World};
+
+/// A free port for a rendezvous on this machine, for tests that start ranks in parallel: taken
+/// below the kernel's ephemeral range (32768 and up on Linux), where the listening sockets Gloo
+/// opens for its own connections land, and never the same twice in one process. (A port picked
+/// by binding port 0 and released can be handed straight to such a socket, and a rendezvous
+/// client that connects to it hangs.)
+#[doc(hidden)]
+pub fn port_for_tests() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(97);
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = 20_000 + (start.wrapping_add(n) % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}

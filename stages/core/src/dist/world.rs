@@ -413,11 +413,7 @@ pub(super) mod tests {
     use super::*;
 
     pub(in crate::dist) fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
+        super::super::port_for_tests()
     }
 
     /// Rank `rank` of `world` Gloo ranks on this machine, meeting at `port`.
