@@ -292,30 +292,16 @@ impl World {
         self.broadcast_(params)
     }
 
-    /// The mean over ranks of every tensor: one all-reduce per bucket of about
-    /// `TEMPER_DIST_BUCKET_MB` (the tensors in order), so the copies take one bucket of memory,
-    /// not a second copy of everything. (A training step's gradients go through
-    /// [`World::grad_sync`], which also overlaps the reduction with backward.)
+    /// The mean over ranks of every tensor (one all-reduce for all of them). A training
+    /// step's gradients go through [`World::grad_sync`] instead, in buckets.
     pub fn average_(&self, tensors: &[Tensor]) -> Result<()> {
         if self.group.is_none() || tensors.is_empty() {
             return Ok(());
         }
-        let cap = super::grad_sync::bucket_bytes().map_err(CoreError::Device)?;
-        let mut start = 0;
-        while start < tensors.len() {
-            let mut end = start + 1;
-            let mut bytes = tensors[start].numel() as i64 * 4;
-            while end < tensors.len() && bytes + tensors[end].numel() as i64 * 4 <= cap {
-                bytes += tensors[end].numel() as i64 * 4;
-                end += 1;
-            }
-            let bucket = &tensors[start..end];
-            let mut flat = flatten(bucket, self.comm);
-            self.sum_(&mut flat)?;
-            let flat = flat / self.size() as f64;
-            unflatten(&flat, bucket);
-            start = end;
-        }
+        let mut flat = flatten(tensors, self.comm);
+        self.sum_(&mut flat)?;
+        let flat = flat / self.size() as f64;
+        unflatten(&flat, tensors);
         Ok(())
     }
 
