@@ -45,6 +45,15 @@ void temper_autocast_exit(int device, int prev) {
   at::autocast::set_autocast_dtype(type, static_cast<at::ScalarType>(prev >> 1));
 }
 
+// Switches autocast on `device` on or off without touching the nesting count, so the cast-weight
+// cache outlives the switch; returns the previous setting (0/1) for the caller to restore.
+int temper_autocast_set(int device, int enabled) {
+  auto type = device == 1 ? at::kCUDA : at::kCPU;
+  int prev = at::autocast::is_autocast_enabled(type) ? 1 : 0;
+  at::autocast::set_autocast_enabled(type, enabled != 0);
+  return prev;
+}
+
 // One AdamW update of `n` parameters in place. The tensors are tch's `at::Tensor*`.
 // Returns 0, or -1 with temper_last_error() set.
 int temper_fused_adamw(at::Tensor **params, at::Tensor **grads, at::Tensor **exp_avgs,

@@ -81,13 +81,11 @@ pub fn resolve_device(spec: DeviceSpec) -> Result<Device> {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
-    /// The default: every result in this project's README was measured in fp32, and on this
-    /// kind of CPU bf16 decoding is slower than fp32 (see "Benchmarks").
-    #[default]
     Fp32,
     Bf16,
-    /// bf16 where the hardware computes it natively — CUDA, or a CPU with AVX512-BF16 or
-    /// AMX — and fp32 elsewhere; the choice is logged once.
+    /// The default: bf16 where the hardware computes it natively — CUDA, or a CPU with
+    /// AVX512-BF16 or AMX — and fp32 elsewhere; the choice is logged once.
+    #[default]
     Auto,
 }
 
@@ -159,6 +157,22 @@ pub fn with_autocast<T>(device: Device, precision: Precision, f: impl FnOnce() -
     }
     let _restore = Restore(device_code, prev);
     Ok(f())
+}
+
+/// Runs `f` with autocast off on the CPU (for ops that must see the precision they are given),
+/// restoring the previous setting afterwards, panics included. The cast-weight cache survives.
+pub(crate) fn outside_cpu_autocast<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: plain C calls on libtorch's thread-local autocast flag, paired on this thread.
+    let prev = unsafe { ffi::temper_autocast_set(0, 0) };
+    struct Restore(i32);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: as above.
+            unsafe { ffi::temper_autocast_set(0, self.0) };
+        }
+    }
+    let _restore = Restore(prev);
+    f()
 }
 
 /// Refuses a job whose estimated memory exceeds the machine's (CPU: physical memory). On CUDA

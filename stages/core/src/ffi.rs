@@ -8,6 +8,7 @@ extern "C" {
     fn temper_last_error() -> *const c_char;
     pub(crate) fn temper_autocast_enter(device: c_int, bf16: c_int) -> c_int;
     pub(crate) fn temper_autocast_exit(device: c_int, prev: c_int);
+    pub(crate) fn temper_autocast_set(device: c_int, enabled: c_int) -> c_int;
     pub(crate) fn temper_fused_adamw(
         params: *const *const C_tensor,
         grads: *const *const C_tensor,

@@ -80,7 +80,7 @@ impl KvCache {
         let t = k.size()[2];
         let (kc, vc) = &mut self.layers[layer];
         if self.len == 0 && kc.kind() != k.kind() {
-            // The first keys set the cache's precision (bf16 under autocast): attention then
+            // The first keys set the cache's precision (bf16 under autocast): decoding then
             // reads the cache as it is, instead of converting all of it at every step.
             *kc = kc.to_kind(k.kind());
             *vc = vc.to_kind(v.kind());

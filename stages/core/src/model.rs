@@ -323,7 +323,10 @@ impl Transformer {
                 "this model was built without an LM head".into(),
             ));
         }
-        Ok(hidden.matmul(&self.lm_head.as_ref().unwrap_or(&self.embed).tr()))
+        // `linear` takes the (V, C) weight itself: autocast caches its bf16 copy for the whole
+        // region, where a transposed view (`matmul(w.tr())`) is cast again at every call,
+        // which in decoding meant converting the whole vocabulary matrix at every token.
+        Ok(hidden.linear(self.lm_head.as_ref().unwrap_or(&self.embed), None::<Tensor>))
     }
 
     /// Scalar head output (B, T) from hidden states (B, T, C).

@@ -30,6 +30,9 @@ struct Config {
     /// A pipeline-wide default the orchestrator passes to every stage; merging draws nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     seed: Option<u64>,
+    /// Also a pipeline-wide default: merging computes in the weights' own precision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    precision: Option<temper_core::Precision>,
 }
 
 fn main() {

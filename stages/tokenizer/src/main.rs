@@ -32,6 +32,8 @@ struct Config {
     device: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     seed: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    precision: Option<String>,
 }
 
 fn default_min_frequency() -> u64 {
