@@ -109,14 +109,15 @@ pub fn pretrain_config(dir: &Path, tokenizer: &Path, steps: u64, extra: &str) ->
     )
 }
 
-/// The fixture tokenizer and a model pretrained `steps` steps on it in `dir/pretrain`.
-pub fn pretrained(dir: &Path, steps: u64) -> (PathBuf, PathBuf) {
+/// The fixture tokenizer and a model pretrained `steps` steps on it in `dir/pretrain`, with
+/// `extra` config lines.
+pub fn pretrained(dir: &Path, steps: u64, extra: &str) -> (PathBuf, PathBuf) {
     let tok = tokenizer(dir);
     let pre = dir.join("pretrain");
     assert_ok(
         &run_stage(
             "temper-pretrain",
-            &pretrain_config(dir, &tok, steps, ""),
+            &pretrain_config(dir, &tok, steps, extra),
             &pre,
         ),
         "pretrain",

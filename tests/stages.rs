@@ -345,7 +345,7 @@ fn validate_rejects_a_bad_config_naming_the_key() {
 #[test]
 fn an_adalora_stage_killed_mid_schedule_resumes_to_the_same_allocation() {
     let dir = tempfile::tempdir().unwrap();
-    let (tok, pre) = pretrained(dir.path(), 20);
+    let (tok, pre) = pretrained(dir.path(), 20, "");
     // Continued pretraining with AdaLoRA: pruning between updates 4 and 30, every 3rd; big
     // batches so that the run can be killed midway.
     let cfg = write(
