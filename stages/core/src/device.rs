@@ -186,3 +186,32 @@ pub fn check_memory(device: Device, bytes: f64, what: &str) -> std::result::Resu
         None => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Kind, Tensor};
+
+    fn matmul_kind() -> Kind {
+        let a = Tensor::ones([2, 2], (Kind::Float, Device::Cpu));
+        a.matmul(&a).kind()
+    }
+
+    #[test]
+    fn outside_cpu_autocast_runs_in_the_given_precision_and_restores_autocast_even_on_panic() {
+        with_autocast(Device::Cpu, Precision::Bf16, || {
+            assert_eq!(matmul_kind(), Kind::BFloat16, "autocast is on");
+            assert_eq!(outside_cpu_autocast(matmul_kind), Kind::Float);
+            assert_eq!(matmul_kind(), Kind::BFloat16, "restored after");
+            let panicked = std::panic::catch_unwind(|| {
+                outside_cpu_autocast(|| panic!("inside"));
+            });
+            assert!(panicked.is_err());
+            assert_eq!(matmul_kind(), Kind::BFloat16, "restored after a panic");
+        })
+        .unwrap();
+        // Outside any autocast region it changes nothing, and leaves autocast off.
+        assert_eq!(outside_cpu_autocast(matmul_kind), Kind::Float);
+        assert_eq!(matmul_kind(), Kind::Float);
+    }
+}

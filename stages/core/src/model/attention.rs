@@ -177,3 +177,56 @@ pub(super) struct Block {
     pub(super) norm_mlp: Norm,
     pub(super) mlp: Mlp,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::{with_autocast, Precision};
+
+    #[test]
+    fn cpu_attention_under_bf16_autocast_is_fp32_attention_on_the_converted_inputs() {
+        tch::manual_seed(5);
+        let o = (Kind::BFloat16, Device::Cpu);
+        // Grouped-query heads (4 query, 2 key/value) and a padding mask.
+        let (q, k, v) = (
+            Tensor::randn([2, 4, 3, 8], o),
+            Tensor::randn([2, 2, 5, 8], o),
+            Tensor::randn([2, 2, 5, 8], o),
+        );
+        let mask = Tensor::ones([2, 1, 3, 5], (Kind::Bool, Device::Cpu));
+        let _ = mask.get(1).narrow(2, 0, 2).fill_(0);
+        let got = with_autocast(Device::Cpu, Precision::Bf16, || {
+            cpu_attention(&q, &k, &v, Some(&mask))
+        })
+        .unwrap();
+        assert_eq!(
+            got.kind(),
+            Kind::BFloat16,
+            "returned in the values' precision"
+        );
+        let (k32, v32) = expand_kv(&k.to_kind(Kind::Float), &v.to_kind(Kind::Float), 4);
+        let want = Tensor::scaled_dot_product_attention(
+            &q.to_kind(Kind::Float),
+            &k32,
+            &v32,
+            Some(&mask),
+            0.0,
+            false,
+            None,
+            false,
+        );
+        // Bit for bit the fp32 result rounded once to bf16: not bf16 attention.
+        assert!(got.equal(&want.to_kind(Kind::BFloat16)));
+        let bf16 = Tensor::scaled_dot_product_attention(
+            &q,
+            &k.repeat_interleave_self_int(2, 1, None),
+            &v.repeat_interleave_self_int(2, 1, None),
+            Some(&mask),
+            0.0,
+            false,
+            None,
+            false,
+        );
+        assert!(!got.equal(&bf16), "bf16 attention gives other numbers");
+    }
+}
