@@ -463,10 +463,10 @@ fn activation_checkpointing_and_a_chunked_loss_train_as_the_plain_step() {
 }
 
 #[test]
-fn precision_auto_says_what_it_chose_for_this_machine() {
+fn without_a_precision_key_auto_decides_and_says_what_it_chose_for_this_machine() {
     let dir = tempfile::tempdir().unwrap();
     let tok = tokenizer(dir.path());
-    let cfg = pretrain_config(dir.path(), &tok, 2, "precision: auto\n");
+    let cfg = pretrain_config(dir.path(), &tok, 2, "");
     let out_dir = dir.path().join("out");
     let out = std::process::Command::new(bin("temper-pretrain"))
         .args(["--config", cfg.to_str().unwrap(), "--out"])
