@@ -63,23 +63,18 @@ fn precomputed_reference_trains_exactly_as_computed_and_resumes_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let (sft, _) = sft_and_reward(dir.path());
     // The cache is computed in batches of other pairs (other padding, other GEMM shapes) than
-    // the training batches, so the two runs agree to float rounding, not bit for bit: in fp32
-    // (bf16 autocast, the default here, rounds those shapes apart by ~3e-4).
+    // the training batches, so the two runs agree to float rounding, not bit for bit: in fp32.
     let on_the_fly = dir.path().join("fly");
     assert_ok(
         &run_stage(
             "temper-dpo",
-            &dpo_config(dir.path(), &sft, "fly", "precision: fp32\n"),
+            &dpo_config(dir.path(), &sft, "fly", FP32),
             &on_the_fly,
         ),
         "fly",
     );
-    let cfg = dpo_config(
-        dir.path(),
-        &sft,
-        "pre",
-        "precompute_reference: true\nprecision: fp32\n",
-    );
+    let extra = format!("precompute_reference: true\n{FP32}");
+    let cfg = dpo_config(dir.path(), &sft, "pre", &extra);
     let pre = dir.path().join("pre");
     assert_ok(&run_stage("temper-dpo", &cfg, &pre), "precomputed");
     assert!(pre.join("reference_logps.safetensors").exists());

@@ -8,11 +8,8 @@ use crate::{
     max_weight_diff, start_ranks,
 };
 
-/// These tests check data parallelism's arithmetic, which matches one process to ~1e-6 only in
-/// fp32: under bf16 autocast (the default on a CPU with AVX512-BF16) a whole batch's and a half
-/// batch's matrix products round differently, 3e-5 to 6e-4 in the logged losses. Bf16
-/// data-parallel runs are exercised by the launching and failure tests.
-const FP32: &str = "precision: fp32\n";
+// Data parallelism's arithmetic matches one process only in fp32 (`FP32`); bf16 data-parallel
+// runs are exercised by the launching and failure tests.
 
 #[test]
 fn two_gloo_ranks_of_half_the_batch_train_as_one_process_with_all_of_it() {

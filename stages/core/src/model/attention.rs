@@ -97,21 +97,7 @@ impl Attention {
             Some(cache) => cache.append(layer, &k, &v), // (B, Hkv, S, hd)
             None => (k, v),
         };
-        let y = if x.device() == Device::Cpu {
-            cpu_attention(&q, &k, &v, ctx.mask.as_ref())
-        } else {
-            let (k, v) = expand_kv(&k, &v, self.n_head);
-            Tensor::scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                ctx.mask.as_ref(),
-                0.0,
-                ctx.mask.is_none() && t > 1,
-                None,
-                false,
-            )
-        }; // (B, H, T, hd)
+        let y = attention(&q, &k, &v, ctx.mask.as_ref()); // (B, H, T, hd)
         self.out.forward(
             &y.transpose(1, 2)
                 .reshape([b, t, self.n_head * self.head_dim]),
@@ -119,33 +105,45 @@ impl Attention {
     }
 }
 
-/// Attention on a CPU, computed in fp32 whatever the autocast precision: without AMX, PyTorch's
-/// bf16 attention there is slower than its fp32 one — at the bench's training shape 14.4
-/// against 11.8 ms per layer forward and backward, and for a decode step's single query, which
-/// it sends through MKL's bf16 matrix-vector product, 165 against 40 µs per layer. The KV cache
-/// stays in its own precision (bf16 under autocast: half the memory) and is converted at each
-/// call; that conversion measured as fast as keeping an fp32 cache.
+/// PyTorch's scaled-dot-product attention, with grouped-query heads repeated. On a CPU it is
+/// computed in fp32 whatever the autocast precision: without AMX, PyTorch's bf16 attention
+/// there is slower than its fp32 one, most of all for a decode step's single query, which it
+/// sends through MKL's bf16 matrix-vector product (`scripts/bench.sh` measures the effect on
+/// generation). The KV cache stays in its own precision (bf16 under autocast: half the memory)
+/// and is converted at each call.
 ///
 /// q (B, H, T, hd); k, v (B, Hkv, S, hd); mask (B or 1, 1, T, S) bool, true = may attend, or
 /// None for plain causal attention. Returns (B, H, T, hd) in the values' precision.
-fn cpu_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Tensor {
+fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Tensor {
     let (_, h, t, _) = q.size4().expect("queries are (B, H, T, hd)");
-    let fp32 = |z: &Tensor| z.to_kind(Kind::Float); // no copy when already fp32
-    let (k32, v32) = expand_kv(&fp32(k), &fp32(v), h);
-    // Autocast would cast the fp32 inputs back to bf16.
-    let y = outside_cpu_autocast(|| {
+    let cpu = q.device() == Device::Cpu;
+    // No copy when already fp32, or off the CPU.
+    let cast = |z: &Tensor| {
+        if cpu {
+            z.to_kind(Kind::Float)
+        } else {
+            z.shallow_clone()
+        }
+    };
+    let (k_all, v_all) = expand_kv(&cast(k), &cast(v), h);
+    let attend = || {
         Tensor::scaled_dot_product_attention(
-            &fp32(q),
-            &k32,
-            &v32,
+            &cast(q),
+            &k_all,
+            &v_all,
             mask,
             0.0,
             mask.is_none() && t > 1,
             None,
             false,
         )
-    });
-    y.to_kind(v.kind())
+    };
+    if cpu {
+        // Autocast would cast the fp32 inputs back to bf16.
+        outside_cpu_autocast(attend).to_kind(v.kind())
+    } else {
+        attend()
+    }
 }
 
 /// Keys and values (B, Hkv, S, hd) repeated for grouped-query attention to `n_head` heads.
@@ -184,7 +182,7 @@ mod tests {
     use crate::device::{with_autocast, Precision};
 
     #[test]
-    fn cpu_attention_under_bf16_autocast_is_fp32_attention_on_the_converted_inputs() {
+    fn attention_on_a_cpu_under_bf16_autocast_is_fp32_attention_on_the_converted_inputs() {
         tch::manual_seed(5);
         let o = (Kind::BFloat16, Device::Cpu);
         // Grouped-query heads (4 query, 2 key/value) and a padding mask.
@@ -196,7 +194,7 @@ mod tests {
         let mask = Tensor::ones([2, 1, 3, 5], (Kind::Bool, Device::Cpu));
         let _ = mask.get(1).narrow(2, 0, 2).fill_(0);
         let got = with_autocast(Device::Cpu, Precision::Bf16, || {
-            cpu_attention(&q, &k, &v, Some(&mask))
+            attention(&q, &k, &v, Some(&mask))
         })
         .unwrap();
         assert_eq!(
