@@ -164,6 +164,51 @@ fn bad_rewards_and_settings_exit_cleanly_with_one_line() {
     let one_generation = std::fs::read_to_string(one_generation)
         .unwrap()
         .replace("num_generations: 4\n", "");
+    // Reward settings that need no model are refused by `--validate` too, at their key.
+    let rewards = |list: &str| {
+        format!(
+            "policy: {}\nprompts: {}\nrewards: {list}\nprompts_per_iteration: 2\niterations: 2\n",
+            sft.display(),
+            tiny("prompts.jsonl").display()
+        )
+    };
+    for (list, words) in [
+        (
+            "[{kind: regex, pattern: \"(\"}]",
+            "field `rewards.0.pattern`: pattern `(`",
+        ),
+        (
+            "[{kind: length, min: 5, max: 2}]",
+            "field `rewards.0.min`: 5 is above max 2",
+        ),
+        (
+            "[{kind: command, command: [surely-no-such-program-here]}]",
+            "program `surely-no-such-program-here` is not on PATH",
+        ),
+        (
+            "[{kind: command, command: [sh], inputs: [no-such-file.txt]}]",
+            "no-such-file.txt not found",
+        ),
+        (
+            "[{kind: length, min: 1, max: 4}, {kind: length, min: 2, max: 3}]",
+            "a second reward named `length`",
+        ),
+    ] {
+        let cfg = write(&dir.path().join("bad.yaml"), &rewards(list));
+        assert_refused("temper-grpo", &cfg, &dir.path().join("bad-out"), words);
+        let out = run(
+            "temper-grpo",
+            &[
+                "--validate",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--out",
+                "unused",
+            ],
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.code() == Some(2) && err.contains(words), "{err}");
+    }
     for (yaml, words) in [
         (
             missing_answer,

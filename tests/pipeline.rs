@@ -117,6 +117,20 @@ fn runs_caches_and_reruns_exactly_what_changed() {
         "{err}"
     );
 
+    // A manifest cut off mid-write (a full disk, say) is skipped and named, not fatal.
+    let damaged = w.join("manifests/99999999999-1.json");
+    std::fs::write(&damaged, "{\"pipeline\": \"tiny\", \"stag").unwrap();
+    let d = temper(w, &["diff", &tiny_yaml(), "--json"]);
+    assert_ok(&d, "diff beside a damaged manifest");
+    let err = String::from_utf8_lossy(&d.stderr);
+    assert!(
+        err.contains("skipping manifest") && err.contains("99999999999-1.json"),
+        "{err}"
+    );
+    let d: serde_json::Value = serde_json::from_str(&stdout(&d)).unwrap();
+    assert!(d["sft"]["params"]["optim.lr"].is_array(), "{d}");
+    std::fs::remove_file(&damaged).unwrap();
+
     // Back to the file's parameters; then --stage reward reruns only the reward model.
     assert_ok(&temper(w, &["run", &tiny_yaml()]), "restore");
     let only = temper(w, &["run", &tiny_yaml(), "--stage", "reward"]);
@@ -202,6 +216,26 @@ fn an_interrupted_stage_resumes_on_the_next_run() {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
+    // While it runs, status says so, with its step, rate and ETA.
+    let mut status_args = vec!["status", t.as_str()];
+    status_args.extend(slow);
+    let running = loop {
+        let st = stdout(&temper(w, &status_args));
+        let row = st
+            .lines()
+            .find(|l| l.starts_with("pretrain"))
+            .unwrap_or("")
+            .to_string();
+        if row.contains("running: step") || start.elapsed() > Duration::from_secs(120) {
+            break row;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        running.contains("running: step") && running.contains("/100 (") && running.contains("ETA"),
+        "{running}"
+    );
+    assert!(!running.contains("resumes"), "{running}");
     // Ctrl-C: temper stops its child, keeps the stage's state and exits 130.
     Command::new("kill")
         .args(["-INT", &child.id().to_string()])
@@ -213,8 +247,6 @@ fn an_interrupted_stage_resumes_on_the_next_run() {
         !w.join("stages/pretrain/checkpoint").exists(),
         "pretrain finished before the interrupt"
     );
-    let mut status_args = vec!["status", t.as_str()];
-    status_args.extend(slow);
     let st = temper(w, &status_args);
     assert!(
         stdout(&st).contains("interrupted; resumes"),
@@ -239,6 +271,121 @@ fn an_interrupted_stage_resumes_on_the_next_run() {
         log.contains("resuming from step"),
         "the stage did not resume:\n{log}"
     );
+
+    // Under the file's own settings pretraining is stale: --only needs its parents up to
+    // date, unless --with-parents, which brings the stale ones in.
+    let only = temper(w, &["run", t.as_str(), "--only", "ppo", "--dry-run"]);
+    let err = String::from_utf8_lossy(&only.stderr);
+    assert!(
+        !only.status.success() && err.contains("parent stage `pretrain` is stale"),
+        "{err}"
+    );
+    let with = temper(
+        w,
+        &[
+            "run",
+            t.as_str(),
+            "--only",
+            "ppo",
+            "--with-parents",
+            "--dry-run",
+        ],
+    );
+    assert_ok(&with, "--only with --with-parents");
+    let plan = stdout(&with);
+    assert!(
+        plan.contains("pretrain: would run (params changed")
+            && plan.contains("tokenizer: up to date")
+            && plan.contains("ppo: would run")
+            && plan.contains("eval: not selected"),
+        "{plan}"
+    );
+}
+
+/// `temper validate FILE`, killed if it takes over a minute (it once spun forever).
+fn validate_within_a_minute(file: &Path) -> Output {
+    let mut child = Command::new(bin("temper"))
+        .args(["validate", file.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(60) {
+            child.kill().unwrap();
+            panic!(
+                "temper validate {} did not return in a minute",
+                file.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn validate_checks_every_model_free_setting_and_names_what_waits_for_parents() {
+    let dir = tempfile::tempdir().unwrap();
+    // A repeated matrix value: one line naming it, at once.
+    let twice = tiny_variant(dir.path(), |t| {
+        t.replace(
+            "  reward:\n    uses: reward\n",
+            "  reward:\n    uses: reward\n    matrix: {seed: [1, 1]}\n",
+        )
+    });
+    let out = validate_within_a_minute(&twice);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("stage `reward`: matrix key `seed` lists `1` twice"),
+        "{err}"
+    );
+    // Settings that need no model are refused before any stage runs, at their line.
+    for (edit, words) in [
+        (
+            "      samples: 2\n      peft: {method: lora, r: 0}\n",
+            "with.peft.r: must be a positive rank",
+        ),
+        (
+            "      samples: 2\n      peft: {method: freeze, top_layers: 0}\n",
+            "with.peft.top_layers: must be at least 1",
+        ),
+    ] {
+        let bad = tiny_variant(dir.path(), |t| t.replace("      samples: 2\n", edit));
+        let out = validate_within_a_minute(&bad);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains("stage `sft`") && err.contains(words), "{err}");
+        let line = std::fs::read_to_string(&bad)
+            .unwrap()
+            .lines()
+            .position(|l| l.contains("peft:"))
+            .unwrap()
+            + 1;
+        assert!(
+            err.contains(&format!("tiny.yaml:{line}:")),
+            "line {line}: {err}"
+        );
+        let run = temper(&dir.path().join("w"), &["run", bad.to_str().unwrap()]);
+        assert_eq!(run.status.code(), Some(2));
+        assert!(
+            !dir.path().join("w/stages/tokenizer").exists(),
+            "nothing ran before the refusal"
+        );
+    }
+    // A valid file: the checks that read a parent's output are named as waiting for it.
+    let ok = tiny_variant(dir.path(), |t| t);
+    let out = validate_within_a_minute(&ok);
+    assert_ok(&out, "validate");
+    let text = stdout(&out);
+    assert!(text.contains("valid (6 stages)"), "{text}");
+    assert!(
+        text.contains("sft: init — the model with its tokenizer and chat template")
+            && text.contains("PEFT target modules"),
+        "{text}"
+    );
+    assert!(text.contains("ppo: policy, reward_model"), "{text}");
 }
 
 fn invalid_case(yaml: &str, expect: &str) {

@@ -32,11 +32,17 @@ fn nf4_codes_and_double_quantised_maxima_match_bitsandbytes() {
     let g = peft_golden("nf4");
     let levels = Tensor::from_slice(&NF4_LEVELS);
     assert_eq!(max_diff(&levels, &g["nf4_code"]), 0.0, "the NF4 levels");
+    // Each level is a linspace point times a power of ten: two fp32 roundings, which
+    // PyTorch's kernel levels (vectorised or not) may each take the other way.
     let map = Tensor::from_slice(&dynamic_map());
-    assert_eq!(
-        max_diff(&map, &g["dynamic_map"]),
-        0.0,
-        "the dynamic 8-bit map"
+    let want = &g["dynamic_map"];
+    let rounding = want.abs().to_kind(Kind::Double) * (2.0 * f32::EPSILON as f64);
+    let excess = ((&map - want).abs().to_kind(Kind::Double) - rounding)
+        .max()
+        .double_value(&[]);
+    assert!(
+        excess <= 0.0,
+        "the dynamic 8-bit map differs beyond two roundings"
     );
 
     let w = &g["weight"];

@@ -466,15 +466,36 @@ fn without_a_precision_key_auto_decides_and_says_what_it_chose_for_this_machine(
     let dir = tempfile::tempdir().unwrap();
     let tok = tokenizer(dir.path());
     let cfg = pretrain_config(dir.path(), &tok, 2, "");
-    let out_dir = dir.path().join("out");
-    let out = std::process::Command::new(bin("temper-pretrain"))
-        .args(["--config", cfg.to_str().unwrap(), "--out"])
-        .arg(&out_dir)
-        .env("TEMPER_LOG", "info")
-        .output()
-        .unwrap();
-    assert_ok(&out, "precision: auto");
-    let said = String::from_utf8_lossy(&out.stderr);
+    let run = |name: &str, forced: Option<&str>| {
+        let mut cmd = std::process::Command::new(bin("temper-pretrain"));
+        cmd.args(["--config", cfg.to_str().unwrap(), "--out"])
+            .arg(dir.path().join(name))
+            .env("TEMPER_LOG", "info")
+            .env_remove(temper_stage::AUTO_PRECISION_VAR);
+        if let Some(f) = forced {
+            cmd.env(temper_stage::AUTO_PRECISION_VAR, f);
+        }
+        let out = cmd.output().unwrap();
+        assert_ok(&out, "precision: auto");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // The test script's second pass forces the other precision; each says it was forced.
+    for (forced, words) in [
+        ("fp32", "precision auto: fp32 (TEMPER_AUTO_PRECISION=fp32)"),
+        (
+            "bf16",
+            "precision auto: bf16 autocast (TEMPER_AUTO_PRECISION=bf16)",
+        ),
+    ] {
+        let said = run(forced, Some(forced));
+        assert!(said.contains(words), "expected `{words}` in:\n{said}");
+    }
+    let said = run("odd", Some("fp16"));
+    assert!(
+        said.contains("TEMPER_AUTO_PRECISION=`fp16` ignored"),
+        "{said}"
+    );
+    let said = run("out", None);
     let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let native = flags
         .split_whitespace()

@@ -140,7 +140,15 @@ fn baseline(
         None => {
             let mut out = BTreeMap::new();
             for m in manifests(&p.workdir) {
-                for (stage, side) in manifest_sides(p, &m)? {
+                // A damaged manifest (cut off by a full disk, say) costs its own entries only.
+                let sides = match manifest_sides(p, &m) {
+                    Ok(sides) => sides,
+                    Err(e) => {
+                        eprintln!("temper: warning: skipping manifest {e}");
+                        continue;
+                    }
+                };
+                for (stage, side) in sides {
                     if now.get(&stage).is_some_and(|n| n.key != side.key) {
                         out.insert(stage, side); // later manifests overwrite earlier ones
                     }

@@ -25,8 +25,9 @@ const MARGIN: f64 = 12.0;
 const LEGEND_H: f64 = 26.0;
 
 /// State classes in legend order: (class, label, fill).
-const STATES: [(&str, &str, &str); 6] = [
+const STATES: [(&str, &str, &str); 7] = [
     ("done", "up to date", "#c7e9c0"),
+    ("running", "running", "#9ecae1"),
     ("stale", "stale", "#fdd49e"),
     ("resumes", "interrupted, resumes", "#fdae6b"),
     ("failed", "failed", "#fc9272"),
@@ -38,6 +39,8 @@ const STATES: [(&str, &str, &str); 6] = [
 pub fn state_class(state: &str) -> &'static str {
     if state.starts_with("up to date") {
         "done"
+    } else if state.starts_with("running") {
+        "running"
     } else if state.starts_with("gated") {
         "gated"
     } else if state.starts_with("failed") {
@@ -230,6 +233,7 @@ mod tests {
         assert_eq!(state_class("gated: reward.accuracy 0.5 < 0.7"), "gated");
         assert_eq!(state_class("failed (exit 3); resumes"), "failed");
         assert_eq!(state_class("interrupted; resumes"), "resumes");
+        assert_eq!(state_class("running: step 3/10 (30 %)"), "running");
         assert_eq!(state_class("stale: output missing: x"), "stale");
         assert_eq!(fit("abcdef", 4), "abc…");
         assert!(draw(&[node("<x>", &[], "never run")]).contains("&lt;x&gt;"));

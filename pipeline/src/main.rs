@@ -72,11 +72,11 @@ enum Cmd {
         /// Rerun this stage and everything downstream of it.
         #[arg(long)]
         from: Option<String>,
-        /// Run only this stage, and only if it is stale (its parents must be up to date): what
-        /// each job of `temper export slurm` runs.
+        /// Run only this stage, and only if it is stale (its parents must be up to date, unless
+        /// --with-parents): what each job of `temper export slurm` runs.
         #[arg(long, conflicts_with_all = ["stage", "from"])]
         only: Option<String>,
-        /// With --stage or --from: also run stale parents.
+        /// With --stage, --from or --only: also run the stages upstream of it that are stale.
         #[arg(long)]
         with_parents: bool,
         /// Rerun every stage, up to date or not.

@@ -34,7 +34,8 @@ fn merge(a: &Assignment, b: &Assignment) -> Assignment {
     out
 }
 
-fn render(v: &Value) -> String {
+/// A value as it appears in a branch name.
+pub fn render(v: &Value) -> String {
     let s = match v {
         Value::String(s) => s.clone(),
         Value::Null => "none".into(),
@@ -157,6 +158,11 @@ pub fn expand(stages: Vec<Stage>) -> anyhow::Result<Vec<Stage>> {
             }
         }
         for (assignment, name) in &mine {
+            anyhow::ensure!(
+                !out.iter().any(|s: &Stage| s.name == *name),
+                "stage `{}`: two branches are both named `{name}`; give the matrix values that make them names that differ",
+                st.group
+            );
             out.push(branch(&st, assignment, name, &branches)?);
         }
         branches.insert(st.group.clone(), mine);

@@ -24,13 +24,28 @@ pub fn validate_all(p: &Pipeline) -> anyhow::Result<i32> {
         .filter(|n| decide(&resolved[*n], p, &lock, &mut cache).0 != Decision::Skip)
         .cloned()
         .collect();
-    let problems = validate_stages(p, &resolved, &names, &stale)?;
-    if problems.is_empty() {
+    let checked = validate_stages(p, &resolved, &names, &stale)?;
+    if checked.problems.is_empty() {
         println!("{}: valid ({} stages)", p.file.display(), p.stages.len());
+        if !checked.pending.is_empty() {
+            println!(
+                "checked when the stage starts (it reads what an upstream stage has yet to write):"
+            );
+            for st in p.topo_order() {
+                if let Some(fields) = checked.pending.get(&st.name) {
+                    println!(
+                        "  {}: {} — {}",
+                        st.name,
+                        fields.join(", "),
+                        st.uses.content_checks()
+                    );
+                }
+            }
+        }
         return Ok(0);
     }
-    eprintln!("temper: error: {} problem(s):", problems.len());
-    for pr in problems {
+    eprintln!("temper: error: {} problem(s):", checked.problems.len());
+    for pr in checked.problems {
         eprintln!("  {pr}");
     }
     Ok(crate::exec::EXIT_INVALID)
@@ -129,7 +144,9 @@ pub fn status_rows(p: &Pipeline) -> anyhow::Result<Vec<Vec<String>>> {
     for st in p.topo_order() {
         let (d, why) = decide(&resolved[&st.name], p, &lock, &mut cache);
         let (done, attempt) = (lock.done(&st.name), lock.attempt(&st.name));
+        let running = running_state(&p.stage_attempt(&st.name));
         let mut state = match (&d, done) {
+            _ if running.is_some() => running.clone().unwrap_or_default(),
             (Decision::Skip, _) => "up to date".to_string(),
             (_, _) if lock.gated(&st.name).is_some() => {
                 format!("gated: {}", lock.gated(&st.name).unwrap_or_default())
@@ -141,7 +158,7 @@ pub fn status_rows(p: &Pipeline) -> anyhow::Result<Vec<Vec<String>>> {
             (Decision::Fresh, None) if attempt.is_none() => "never run".to_string(),
             (Decision::Fresh, _) => format!("stale: {why}"),
         };
-        if let (Some(a), Decision::Fresh) = (attempt, &d) {
+        if let (Some(a), Decision::Fresh, None) = (attempt, &d, &running) {
             state.push_str(&format!(
                 "; a newer run {} ({})",
                 match a.status {
@@ -156,12 +173,16 @@ pub fn status_rows(p: &Pipeline) -> anyhow::Result<Vec<Vec<String>>> {
             .filter(|_| d == Decision::Resume)
             .or(done)
             .or(attempt);
-        let (when, took) = match last {
-            Some(r) => (
+        let (when, took) = match (last, &running) {
+            (Some(r), None) => (
                 ago(r.started),
                 r.duration_s.map_or("-".into(), |d| format!("{d:.1}s")),
             ),
-            None => ("-".into(), "-".into()),
+            (_, Some(_)) => (
+                attempt.map_or("-".into(), |a| format!("started {}", ago(a.started))),
+                "-".into(),
+            ),
+            (None, None) => ("-".into(), "-".into()),
         };
         rows.push(vec![
             st.name.clone(),
@@ -173,6 +194,40 @@ pub fn status_rows(p: &Pipeline) -> anyhow::Result<Vec<Vec<String>>> {
         ]);
     }
     Ok(rows)
+}
+
+/// "running: step 40/60 (67 %), 2.1 steps/s, ETA 10s" while a live process holds the stage's
+/// attempt folder; None when nothing runs there.
+fn running_state(attempt: &std::path::Path) -> Option<String> {
+    temper_stage::folder::holder(attempt)?;
+    let Some(r) = temper_stage::progress::Running::read(attempt) else {
+        return Some("running: starting".into());
+    };
+    let rate = if r.steps_per_s >= 1.0 {
+        format!("{:.1} steps/s", r.steps_per_s)
+    } else if r.steps_per_s > 0.0 {
+        format!("{:.1} s/step", 1.0 / r.steps_per_s)
+    } else {
+        "no step yet".into()
+    };
+    let percent = 100.0 * r.step as f64 / r.total.max(1) as f64;
+    let eta = r
+        .eta_s
+        .map_or(String::new(), |s| format!(", ETA {}", duration(s)));
+    Some(format!(
+        "running: step {}/{} ({percent:.0} %), {rate}{eta}",
+        r.step, r.total
+    ))
+}
+
+/// `42s`, `3m 05s`, `2h 10m`.
+pub fn duration(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m {:02}s", s / 60, s % 60),
+        _ => format!("{}h {:02}m", s / 3600, s % 3600 / 60),
+    }
 }
 
 pub const STATUS_HEADER: [&str; 6] = ["stage", "kind", "state", "last run", "took", "metrics"];

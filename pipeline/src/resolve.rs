@@ -15,8 +15,9 @@ use std::path::{Component, Path, PathBuf};
 
 use serde_json::Value as Json;
 use serde_yaml::{Mapping, Value};
-use temper_stage::kinds::{normalize, visit_pattern, PathRole};
-use temper_stage::StageKind;
+use temper_stage::adapter::adapter_base;
+use temper_stage::kinds::{find_on_path, normalize, visit_paths, Found};
+use temper_stage::{StageKind, AUTO_PRECISION_VAR};
 
 use crate::hash::{hash_file, hash_path, HashCache};
 use crate::schema::{references, Pipeline, Stage};
@@ -113,14 +114,22 @@ fn substitute_all(v: &mut Value, p: &Pipeline, refs: &mut BTreeMap<String, Vec<P
     }
 }
 
-/// Rewrites the stage's declared path parameters in `config` (references already substituted)
-/// relative to the configs folder; returns the same config with absolute paths, and the
-/// input paths as written → absolute, without those an upstream stage produces.
+/// What an input of the key is: a file or folder, or a program run from `PATH`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum InputPath {
+    Path(PathBuf),
+    Program(String),
+}
+
+/// Writes the stage's config: references substituted, its paths (as [`visit_paths`] finds
+/// them) relative to the configs folder; returns the same config with absolute paths, and
+/// the inputs the key covers — as written → what to hash — without those an upstream stage
+/// produces (its key covers them).
 fn rewrite_paths(
     stage: &Stage,
     p: &Pipeline,
-    config: &mut Value,
-) -> (Value, BTreeMap<String, PathBuf>) {
+    upstream: &mut BTreeMap<String, Vec<PathBuf>>,
+) -> (Value, Value, BTreeMap<String, InputPath>) {
     let configs = configs_dir(p);
     let absolute = |s: &str| {
         normalize(&if Path::new(s).is_absolute() {
@@ -129,42 +138,75 @@ fn rewrite_paths(
             p.base.join(s)
         })
     };
-    // The values as written, to key inputs by what the user typed; visited in the same order.
-    let mut written = Vec::new();
-    let mut raw = Value::Mapping(stage.params.clone());
-    for (pattern, role) in stage.uses.paths() {
-        visit_pattern(&mut raw, pattern, &mut |_, s| {
-            written.push((*role, s.clone()))
-        });
-    }
+    // Paths are found in the parameters as written (relative to the pipeline's folder),
+    // then substituted; the two copies are visited alike, so they find the same paths.
+    let mut config = Value::Mapping(stage.params.clone());
     let mut config_abs = config.clone();
-    for (pattern, _) in stage.uses.paths() {
-        visit_pattern(&mut config_abs, pattern, &mut |_, s| {
-            if !s.is_empty() {
-                *s = absolute(s).to_string_lossy().into_owned();
-            }
-        });
-    }
-    let mut input_paths = BTreeMap::new();
-    let mut i = 0;
-    for (pattern, _) in stage.uses.paths() {
-        visit_pattern(config, pattern, &mut |_, s| {
-            let (role, as_written) = &written[i];
-            i += 1;
-            if s.is_empty() {
-                return;
-            }
-            let abs = absolute(s);
-            if *role == PathRole::Input && !as_written.contains("${") {
-                input_paths.insert(as_written.clone(), abs.clone());
-            }
-            *s = relative_to(&abs, &configs)
-                .unwrap_or(abs)
+    let mut inputs = BTreeMap::new();
+    visit_paths(stage.uses, &mut config_abs, &p.base, &mut |found, _, s| {
+        if found != Found::Program && !s.is_empty() {
+            *s = absolute(&substitute(s, p, &mut BTreeMap::new()))
                 .to_string_lossy()
                 .into_owned();
-        });
+        }
+    });
+    visit_paths(stage.uses, &mut config, &p.base, &mut |found, _, s| {
+        if s.is_empty() {
+            return;
+        }
+        let from_upstream = s.contains("${");
+        match found {
+            Found::Program => {
+                inputs.insert(s.clone(), InputPath::Program(s.clone()));
+                return;
+            }
+            Found::Input if !from_upstream => {
+                inputs.insert(s.clone(), InputPath::Path(absolute(s)));
+            }
+            Found::Input | Found::Cache => {}
+        }
+        let abs = absolute(&substitute(s, p, upstream));
+        *s = relative_to(&abs, &configs)
+            .unwrap_or(abs)
+            .to_string_lossy()
+            .into_owned();
+    });
+    substitute_all(&mut config, p, upstream);
+    substitute_all(&mut config_abs, p, &mut BTreeMap::new());
+    (config, config_abs, inputs)
+}
+
+/// The content hash of one input. An adapter's base, when it lies outside the adapter's
+/// folder, is read with it and so hashed with it. A folder holding the workdir is refused:
+/// its content changes with every run, so the stage could never be up to date.
+fn hash_input(input: &InputPath, p: &Pipeline, cache: &mut HashCache) -> anyhow::Result<String> {
+    let path = match input {
+        InputPath::Program(name) => match find_on_path(name) {
+            Some(file) => return Ok(hash_file(&file, cache)?),
+            None => return Ok("missing".into()),
+        },
+        InputPath::Path(path) => path,
+    };
+    if !path.exists() {
+        // The stage's own check reports it; the key still changes when it appears.
+        return Ok("missing".into());
     }
-    (config_abs, input_paths)
+    anyhow::ensure!(
+        !(path.is_dir() && p.workdir.starts_with(path)),
+        "{} holds the workdir {}, whose content changes with every run; name the files the stage reads instead",
+        path.display(),
+        p.workdir.display()
+    );
+    let own = hash_path(path, cache)?;
+    let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+    match adapter_base(path).filter(|base| !base.starts_with(&real)) {
+        Some(base) => Ok(
+            blake3::hash(format!("{own} {}", hash_path(&base, cache)?).as_bytes())
+                .to_hex()
+                .to_string(),
+        ),
+        None => Ok(own),
+    }
 }
 
 pub fn resolve(
@@ -181,20 +223,12 @@ pub fn resolve(
             binary.display()
         )
     })?;
-    let mut config = Value::Mapping(stage.params.clone());
     let mut upstream = BTreeMap::new();
-    substitute_all(&mut config, p, &mut upstream);
-    let (config_abs, input_paths) = rewrite_paths(stage, p, &mut config);
+    let (config, config_abs, input_paths) = rewrite_paths(stage, p, &mut upstream);
     let mut inputs = BTreeMap::new();
-    for (as_written, abs) in &input_paths {
-        let h = if abs.exists() {
-            hash_path(abs, cache).map_err(|e| {
-                anyhow::anyhow!("stage `{}`: input {}: {e}", stage.name, abs.display())
-            })?
-        } else {
-            // The stage's own check reports it; the key still changes when it appears.
-            "missing".to_string()
-        };
+    for (as_written, input) in &input_paths {
+        let h = hash_input(input, p, cache)
+            .map_err(|e| anyhow::anyhow!("stage `{}`: input `{as_written}`: {e}", stage.name))?;
         inputs.insert(as_written.clone(), h);
     }
     let mut key_params = stage.params.clone();
@@ -207,7 +241,12 @@ pub fn resolve(
         .iter()
         .map(|n| (n.clone(), keys.get(n).cloned().unwrap_or_default()))
         .collect();
-    let key_src = serde_json::json!({"kind": stage.uses.name(), "binary": binary_hash, "params": params, "inputs": inputs, "parents": parents});
+    let mut key_src = serde_json::json!({"kind": stage.uses.name(), "binary": binary_hash, "params": params, "inputs": inputs, "parents": parents});
+    // What `precision: auto` is forced to, when it is (the stages read it from the
+    // environment); unset, the key is as it always was.
+    if let Ok(forced) = std::env::var(AUTO_PRECISION_VAR) {
+        key_src["auto_precision"] = forced.into();
+    }
     let key = blake3::hash(key_src.to_string().as_bytes()).to_hex()[..24].to_string();
     let (Value::Mapping(config), Value::Mapping(config_abs)) = (config, config_abs) else {
         unreachable!("a mapping stays a mapping")

@@ -253,7 +253,18 @@ fn parse_stage(
         let key = k.as_str().unwrap_or_default().to_string();
         match v.as_sequence() {
             Some(values) if !values.is_empty() && !key.is_empty() => {
-                matrix.push((key, values.clone()))
+                // Two values that name the same branch would be one stage twice.
+                let mut seen = BTreeSet::new();
+                match values
+                    .iter()
+                    .find(|v| !seen.insert(crate::matrix::render(v)))
+                {
+                    Some(twice) => problems.push(problem(format!(
+                        "stage `{name}`: matrix key `{key}` lists `{}` twice; each value makes one branch",
+                        crate::matrix::render(twice)
+                    ))),
+                    None => matrix.push((key, values.clone())),
+                }
             }
             _ => problems.push(problem(format!(
                 "stage `{name}`: matrix key `{key}` needs a non-empty list of values"
@@ -419,10 +430,14 @@ impl Pipeline {
     }
 
     /// Stages in dependency order (parents first), ties in file order.
+    /// Parents before children. The file's checks refuse cycles, dangling references and
+    /// duplicate names before a pipeline exists; should one slip through, the stages it
+    /// strands are left out rather than looped over forever.
     pub fn topo_order(&self) -> Vec<&Stage> {
         let mut done: BTreeSet<&str> = BTreeSet::new();
         let mut order = Vec::new();
-        while order.len() < self.stages.len() {
+        loop {
+            let before = order.len();
             for s in &self.stages {
                 if !done.contains(s.name.as_str())
                     && s.parents.iter().all(|p| done.contains(p.as_str()))
@@ -431,8 +446,10 @@ impl Pipeline {
                     order.push(s);
                 }
             }
+            if order.len() == before {
+                return order;
+            }
         }
-        order
     }
 
     /// Every stage downstream of `name` (not including it).
@@ -547,7 +564,7 @@ mod tests {
     fn bad_matrices_and_gates_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("p.yaml");
-        let yaml = "name: p\nworkdir: w\nstages:\n  a: {uses: sft, matrix: {seed: []}}\n  b: {uses: ppo, gate: [\"a.accuracy >> 1\"]}\n  c: {uses: ppo, gate: [\"z.loss < 1\"]}\n";
+        let yaml = "name: p\nworkdir: w\nstages:\n  a: {uses: sft, matrix: {seed: []}}\n  b: {uses: ppo, gate: [\"a.accuracy >> 1\"]}\n  c: {uses: ppo, gate: [\"z.loss < 1\"]}\n  d: {uses: sft, matrix: {seed: [1, 2, 1], optim.lr: [1, \"1\"]}}\n";
         std::fs::write(&file, yaml).unwrap();
         let e = load(&file).unwrap_err().to_string();
         assert!(
@@ -556,9 +573,45 @@ mod tests {
         );
         assert!(e.contains("gate `a.accuracy >> 1`"), "{e}");
         assert!(
+            e.contains("stage `d`: matrix key `seed` lists `1` twice"),
+            "{e}"
+        );
+        assert!(
+            e.contains("stage `d`: matrix key `optim.lr` lists `1` twice"),
+            "a number and a string that name the same branch: {e}"
+        );
+        assert!(
             e.contains("stage `c` refers to `z`, which is not a stage"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn topo_order_ends_even_on_a_graph_the_checks_would_refuse() {
+        let stage = |name: &str, parents: &[&str]| Stage {
+            name: name.into(),
+            group: name.into(),
+            uses: StageKind::Sft,
+            params: Mapping::new(),
+            parents: parents.iter().map(|p| p.to_string()).collect(),
+            matrix: Vec::new(),
+            gates: Vec::new(),
+            resources: Default::default(),
+        };
+        let p = Pipeline {
+            name: "p".into(),
+            file: "p.yaml".into(),
+            base: "/".into(),
+            workdir: "/w".into(),
+            stages: vec![
+                stage("a", &[]),
+                stage("a", &[]),
+                stage("b", &["c"]),
+                stage("c", &["b"]),
+            ],
+        };
+        let names: Vec<&str> = p.topo_order().iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["a"]);
     }
 
     #[test]

@@ -80,6 +80,15 @@ fn place(p: &Pipeline, text: &str, stage: &str, config: &Path, stderr: &str) -> 
     }
 }
 
+/// What the stages' own checks found.
+#[derive(Debug, Default)]
+pub struct Checked {
+    pub problems: Vec<StageProblem>,
+    /// Stage → its fields whose paths an upstream stage has yet to write: the checks that read
+    /// them ([`temper_stage::StageKind::content_checks`]) run when the stage starts.
+    pub pending: BTreeMap<String, Vec<String>>,
+}
+
 /// Runs `--validate` of each of `names`; `rebuilt` are stages that will run before them, whose
 /// outputs count as pending even where old ones exist. Returns every problem found.
 pub fn validate_stages(
@@ -87,7 +96,7 @@ pub fn validate_stages(
     resolved: &BTreeMap<String, Resolved>,
     names: &[String],
     rebuilt: &BTreeSet<String>,
-) -> anyhow::Result<Vec<StageProblem>> {
+) -> anyhow::Result<Checked> {
     let text = std::fs::read_to_string(&p.file).unwrap_or_default();
     let scratch = std::env::temp_dir().join(format!("temper-validate-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
@@ -117,7 +126,7 @@ pub fn validate_stages(
         jobs.push((name.clone(), cfg, cmd));
     }
     // Two at a time: each loads libtorch, and this machine class has two cores.
-    let mut problems = Vec::new();
+    let mut checked = Checked::default();
     for chunk in jobs.chunks_mut(2) {
         let outputs: Vec<_> = std::thread::scope(|scope| {
             let handles: Vec<_> = chunk
@@ -132,12 +141,21 @@ pub fn validate_stages(
                 .map_err(|e| anyhow::anyhow!("stage `{name}`: cannot start its binary: {e}"))?;
             if !out.status.success() {
                 let stderr = String::from_utf8_lossy(&out.stderr);
-                problems.push(place(p, &text, name, cfg, &stderr));
+                checked.problems.push(place(p, &text, name, cfg, &stderr));
+                continue;
+            }
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            if let Some(fields) = stdout
+                .lines()
+                .find_map(|l| l.strip_prefix(temper_stage::cli::PENDING_LINE))
+            {
+                let fields = fields.split(", ").map(str::to_string).collect();
+                checked.pending.insert(name.clone(), fields);
             }
         }
     }
     let _ = std::fs::remove_dir_all(&scratch);
-    Ok(problems)
+    Ok(checked)
 }
 
 #[cfg(test)]

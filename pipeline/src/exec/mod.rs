@@ -74,18 +74,20 @@ fn select(p: &Pipeline, opts: &RunOptions, order: &[String]) -> Selection {
         (None, None) if opts.force => order.iter().cloned().collect(),
         _ => BTreeSet::new(),
     };
-    let eligible = if let Some(only) = &opts.only {
-        p.named(only).into_iter().collect()
-    } else if opts.stage.is_none() && opts.from.is_none() {
-        order.iter().cloned().collect()
-    } else if opts.with_parents {
-        forced
+    let chosen: BTreeSet<String> = match &opts.only {
+        Some(only) => p.named(only).into_iter().collect(),
+        None if opts.stage.is_none() && opts.from.is_none() => order.iter().cloned().collect(),
+        None => forced.clone(),
+    };
+    // --with-parents adds every stage upstream of the chosen ones; each runs only if stale.
+    let eligible = if opts.with_parents {
+        chosen
             .iter()
-            .flat_map(|f| ancestors(p, f))
-            .chain(forced.iter().cloned())
+            .flat_map(|c| ancestors(p, c))
+            .chain(chosen.iter().cloned())
             .collect()
     } else {
-        forced.clone()
+        chosen
     };
     Selection { forced, eligible }
 }
@@ -184,7 +186,7 @@ fn preflight(
         check_foreign(p, name)?;
     }
     let rebuilt: BTreeSet<String> = may_run.iter().cloned().collect();
-    let problems = validate_stages(p, resolved, &may_run, &rebuilt)?;
+    let problems = validate_stages(p, resolved, &may_run, &rebuilt)?.problems;
     if problems.is_empty() {
         return Ok(None);
     }

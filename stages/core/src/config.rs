@@ -513,6 +513,12 @@ pub struct ModelShape {
 }
 
 impl ModelShape {
+    /// The shape's own consistency (positive sizes, heads that divide the width, keys of the
+    /// right layout), before the tokenizer that sets the vocabulary exists.
+    pub fn check(&self) -> Result<()> {
+        self.resolve(1, 0, 0).map(|_| ())
+    }
+
     /// The full model config, with what the tokenizer decides filled in.
     pub fn resolve(&self, tokenizer_vocab: usize, eos: u32, pad: u32) -> Result<ModelConfig> {
         let vocab_size = self.vocab_size.unwrap_or(tokenizer_vocab as i64);

@@ -101,10 +101,16 @@ impl Precision {
         let cuda = device.is_cuda();
         let chosen = if cuda { &ON_CUDA } else { &ON_CPU };
         let (bf16, _) = *chosen.get_or_init(|| {
-            let choice = match (cuda, cpu_bf16()) {
-                (true, _) => (true, "CUDA"),
-                (false, Some(flag)) => (true, flag),
-                (false, None) => (false, "this CPU has neither avx512_bf16 nor amx_bf16"),
+            let forced = std::env::var(temper_stage::AUTO_PRECISION_VAR).ok();
+            if let Some(other) = forced.as_deref().filter(|f| !matches!(*f, "fp32" | "bf16")) {
+                tracing::warn!("TEMPER_AUTO_PRECISION=`{other}` ignored: it takes fp32 or bf16");
+            }
+            let choice = match (forced.as_deref(), cuda, cpu_bf16()) {
+                (Some("bf16"), _, _) => (true, "TEMPER_AUTO_PRECISION=bf16"),
+                (Some("fp32"), _, _) => (false, "TEMPER_AUTO_PRECISION=fp32"),
+                (_, true, _) => (true, "CUDA"),
+                (_, false, Some(flag)) => (true, flag),
+                (_, false, None) => (false, "this CPU has neither avx512_bf16 nor amx_bf16"),
             };
             tracing::info!(
                 "precision auto: {} ({})",

@@ -48,7 +48,7 @@ impl SaveDtype {
     /// files); fp32 when it says nothing or something else.
     pub fn of_checkpoint(dir: &Path) -> SaveDtype {
         // An adapter's weights are stored as its base's are.
-        let dir = &crate::peft::files::base_dir(dir, None).unwrap_or_else(|_| dir.to_path_buf());
+        let dir = &crate::peft::files::base_dir(dir).unwrap_or_else(|_| dir.to_path_buf());
         let value: Option<serde_json::Value> = std::fs::read_to_string(dir.join(CONFIG_FILE))
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok());

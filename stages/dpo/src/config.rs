@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use temper_core::checkpoint::{check_save, SaveOptions};
-use temper_core::peft::PeftConfig;
+use temper_core::peft::{check_peft, PeftConfig};
 use temper_core::preference::PreferenceLoss;
 use temper_core::schedule::check_optim;
 use temper_core::{DeviceSpec, OptimSettings, Precision};
@@ -112,6 +112,7 @@ fn default_optim() -> OptimSettings {
 /// Range checks and the inputs' presence; nothing is read yet.
 pub(crate) fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError> {
     let c = &cfg.value;
+    check_peft(cfg, "peft", c.peft.as_ref())?;
     check_optim(cfg, "optim", &c.optim)?;
     check_save(cfg, &c.save)?;
     cfg.ensure(c.steps >= 1, "steps", "must be at least 1")?;

@@ -230,7 +230,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     };
     let every = Cadence::new(c.log_every, c.eval_every, c.save_every, c.steps);
     let mut batches = Epochs::new(epoch_batches(s.train.len(), global_batch, c));
-    let bar = ranks.progress_bar(c.steps, progress.step);
+    let mut bar = ranks.progress(c.steps, progress.step);
     let mut throughput = Throughput::new();
     let mut last_eval = None;
     if progress.step == 0 {
@@ -297,8 +297,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         let grad_norm = opt.update_then(c.optim.grad_clip, lr, || s.m.tuning.after_update())?;
         progress.step += 1;
         let step = progress.step;
-        bar.set_position(step);
-        bar.set_message(format!("loss {step_loss:.4}"));
+        bar.set(step, format!("loss {step_loss:.4}"));
         if every.log_due(step) {
             let mut fields = step_fields(
                 step_loss,
@@ -318,7 +317,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         }
         every.stop_if_asked(step)?;
     }
-    bar.finish_and_clear();
+    bar.finish();
     if !world.is_main() {
         return ranks.finish();
     }

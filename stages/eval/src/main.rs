@@ -164,6 +164,10 @@ fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError
     }
     if let Some(e) = &c.exact_match {
         cfg.ensure(e.k >= 1, "exact_match.k", "must be at least 1")?;
+        if let Some(p) = &e.pattern {
+            temper_core::rewards::functions::compile_pattern(p)
+                .map_err(|why| cfg.error("exact_match.pattern", why))?;
+        }
         cfg.ensure(
             e.k == 1 || c.temperature > 0.0,
             "temperature",

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use temper_core::checkpoint::{check_save, SaveOptions};
 use temper_core::critic_free::{Aggregation, RatioLevel, Scale};
-use temper_core::peft::PeftConfig;
-use temper_core::rewards::functions::{reward_paths, RewardSpec};
+use temper_core::peft::{check_peft, PeftConfig};
+use temper_core::rewards::functions::{check_rewards, RewardSpec};
 use temper_core::schedule::check_optim;
 use temper_core::{DeviceSpec, OptimSettings, Precision};
 use temper_data::Fields;
@@ -158,6 +158,7 @@ impl Config {
 /// Range checks and the inputs' presence; nothing is read yet.
 pub fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError> {
     let c = &cfg.value;
+    check_peft(cfg, "peft", c.peft.as_ref())?;
     check_optim(cfg, "optim", &c.optim)?;
     check_save(cfg, &c.save)?;
     for (field, v) in [
@@ -219,23 +220,11 @@ pub fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageE
     )?;
     cfg.ensure(c.beta.is_finite() && c.beta >= 0.0, "beta", "must be ≥ 0")?;
     cfg.ensure(!c.rewards.is_empty(), "rewards", "list at least one reward")?;
-    for (i, r) in c.rewards.iter().enumerate() {
-        cfg.ensure(
-            r.weight().is_finite(),
-            &format!("rewards.{i}.weight"),
-            "must be a finite number",
-        )?;
-    }
     inputs.checkpoint(cfg, "policy", &c.policy, true)?;
     if let Some(r) = &c.reference {
         inputs.checkpoint(cfg, "reference", r, false)?;
     }
     inputs.file(cfg, "prompts", &c.prompts)?;
-    for (kind, path) in reward_paths(&c.rewards) {
-        match kind {
-            "model" => inputs.checkpoint(cfg, "rewards.path", path, true)?,
-            _ => inputs.file(cfg, "rewards.path", path)?,
-        };
-    }
+    check_rewards(cfg, inputs, &c.rewards, None)?;
     Ok(())
 }

@@ -150,7 +150,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     // Gradients averaged over the ranks in buckets, reduced while each backward runs.
     let sync = world.grad_sync(&opt.parameters())?;
     let every = Cadence::new(Every::new(1), c.sample_every, c.save_every, c.iterations);
-    let bar = ranks.progress_bar(c.iterations, progress.step);
+    let mut bar = ranks.progress(c.iterations, progress.step);
     let g = c.num_generations;
     while progress.step < c.iterations {
         let iter = progress.step;
@@ -217,8 +217,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         fields.push(("time/train_s".into(), train_start.elapsed().as_secs_f64()));
         let named: Vec<(&str, f64)> = fields.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         log.log_train(step, &named)?;
-        bar.set_position(step);
-        bar.set_message(format!("reward {:.3}", scored.mean()));
+        bar.set(step, format!("reward {:.3}", scored.mean()));
         if every.eval_due(step) {
             log.log_samples(&update::sample_records(&s, &ro, &scored, step)?)?;
         }
@@ -227,7 +226,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         }
         every.stop_if_asked(step)?;
     }
-    bar.finish_and_clear();
+    bar.finish();
     if !world.is_main() {
         return ranks.finish();
     }

@@ -76,14 +76,8 @@ impl RewardSet {
                     Scorer::Model(Box::new(model))
                 }
             };
-            let name = spec.name();
-            cfg.ensure(
-                !entries.iter().any(|e| e.name == name),
-                &field,
-                format!("a second reward named `{name}`: give one a `name`"),
-            )?;
             entries.push(Entry {
-                name,
+                name: spec.name(),
                 weight: spec.weight(),
                 scorer,
             });

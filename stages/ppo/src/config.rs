@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use temper_core::checkpoint::{check_save, SaveOptions};
-use temper_core::peft::PeftConfig;
-use temper_core::rewards::functions::{reward_paths, RewardSpec};
+use temper_core::peft::{check_peft, PeftConfig};
+use temper_core::rewards::functions::{check_rewards, RewardSpec};
 use temper_core::rl::{KlControl, KlEstimator};
 use temper_core::schedule::check_optim;
 use temper_core::{DeviceSpec, OptimSettings, Precision};
@@ -214,6 +214,8 @@ fn default_optim() -> OptimSettings {
 /// Range checks and the inputs' presence; nothing is read yet.
 pub fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError> {
     let c = &cfg.value;
+    check_peft(cfg, "peft", c.peft.as_ref())?;
+    check_peft(cfg, "critic_peft", c.critic_peft.as_ref())?;
     check_optim(cfg, "optim", &c.optim)?;
     check_save(cfg, &c.save)?;
     check_optim(cfg, "critic_optim", &c.critic_optim)?;
@@ -284,20 +286,16 @@ pub fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageE
         inputs.checkpoint(cfg, "reward_model", rm, true)?;
     }
     inputs.file(cfg, "prompts", &c.prompts)?;
-    for (i, r) in c.rewards.iter().enumerate() {
-        cfg.ensure(
-            !matches!(r, RewardSpec::Model { .. }),
-            &format!("rewards.{i}.kind"),
-            "PPO's reward model is `reward_model` (its critic starts from it); list only program rewards here",
-        )?;
-        cfg.ensure(
-            r.weight().is_finite(),
-            &format!("rewards.{i}.weight"),
-            "must be a finite number",
-        )?;
-    }
-    for (_, path) in reward_paths(&c.rewards) {
-        inputs.file(cfg, "rewards.path", path)?;
-    }
+    cfg.ensure(
+        !matches!(c.critic_peft, Some(PeftConfig::Adalora(_))),
+        "critic_peft.method",
+        "adalora trains only the actor here (the critic's updates have no rank schedule); give the critic lora",
+    )?;
+    check_rewards(
+        cfg,
+        inputs,
+        &c.rewards,
+        Some("PPO's reward model is `reward_model` (its critic starts from it); list only program rewards here"),
+    )?;
     Ok(())
 }

@@ -22,7 +22,7 @@ use tch::{Device, Tensor};
 use temper_core::checkpoint::SaveDtype;
 use temper_core::checkpoint::ScoreHead;
 use temper_core::dist::{GradSync, Placement, Ranks, World};
-use temper_core::peft::{PeftConfig, Reference, Tuning};
+use temper_core::peft::{Reference, Tuning};
 use temper_core::rewards::ProgramRewards;
 use temper_core::rl::{self, RewardStats};
 use temper_core::{
@@ -174,11 +174,6 @@ fn prepare(
         }
     }
     .map_err(invalid)?;
-    cfg.ensure(
-        !matches!(c.critic_peft, Some(PeftConfig::Adalora(_))),
-        "critic_peft.method",
-        "adalora trains only the actor here (the critic's updates have no rank schedule); give the critic lora",
-    )?;
     let critic_tuning =
         temper_core::peft::apply(&mut critic_model, &mut critic_vs, c.critic_peft.as_ref())
             .map_err(|e| cfg.error(&e.field.replacen("peft", "critic_peft", 1), e.message))?;
@@ -290,7 +285,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     let mut stats: RewardStats = extra(&progress, "reward_stats").unwrap_or_default();
     let models = s.models(c.precision);
     let every = Cadence::new(Every::new(1), c.sample_every, c.save_every, c.iterations);
-    let bar = ranks.progress_bar(c.iterations, progress.step);
+    let mut bar = ranks.progress(c.iterations, progress.step);
     while progress.step < c.iterations {
         let iter = progress.step;
         // 1. A batch of prompts (a seeded pass over the prompt set) and the actor's replies.
@@ -369,7 +364,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         let fields = whole::iteration_fields(&ro, &all, &stepped, train_s);
         let named: Vec<(&str, f64)> = fields.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         log.log_train(step, &named)?;
-        bar.set_position(step);
+        bar.set(step, "");
         if every.eval_due(step) {
             let tok = &s.actor.tokenizer;
             log.log_samples(&rollout::sample_records(tok, &stops, &ro, &kl, step)?)?;
@@ -385,7 +380,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         }
         every.stop_if_asked(step)?;
     }
-    bar.finish_and_clear();
+    bar.finish();
     if !world.is_main() {
         return ranks.finish();
     }

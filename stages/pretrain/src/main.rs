@@ -13,7 +13,7 @@ use temper_core::checkpoint::{check_save, SaveDtype, SaveOptions};
 use temper_core::device::check_memory;
 use temper_core::dist::{Placement, Ranks, World};
 use temper_core::model::MemorySaving;
-use temper_core::peft::{PeftConfig, Tuning};
+use temper_core::peft::{check_peft, PeftConfig, Tuning};
 use temper_core::schedule::check_optim;
 use temper_core::{
     load_checkpoint, resume_or_start, save_state, DeviceSpec, Heads, LoadSpec, ModelShape,
@@ -134,6 +134,7 @@ fn main() {
 /// Range checks and the inputs' presence; nothing is read yet.
 fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError> {
     let c = &cfg.value;
+    check_peft(cfg, "peft", c.peft.as_ref())?;
     c.memory_saving().check(cfg, c.peft.as_ref())?;
     check_optim(cfg, "optim", &c.optim)?;
     check_save(cfg, &c.save)?;
@@ -156,6 +157,17 @@ fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError
         "peft",
         "needs `init`: parameter-efficient methods adapt an existing model",
     )?;
+    if let Some(shape) = &c.model {
+        shape.check().map_err(|e| cfg.error("model", e))?;
+        cfg.ensure(
+            c.block_size as i64 <= shape.max_position,
+            "block_size",
+            format!(
+                "exceeds the model's {} positions (`model.max_position`)",
+                shape.max_position
+            ),
+        )?;
+    }
     inputs.file(cfg, "tokenizer", &c.tokenizer)?;
     for f in &c.data {
         inputs.file(cfg, "data", f)?;
@@ -318,7 +330,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     // Block k of the run is block order[k % n] of epoch k / n: a function of the step alone,
     // so a resumed run reads exactly the batches an uninterrupted one would.
     let mut blocks = Epochs::new(|e| shuffled(n_blocks, seed_for(c.seed, "epoch", e)));
-    let bar = ranks.progress_bar(c.steps, progress.step);
+    let mut bar = ranks.progress(c.steps, progress.step);
     let mut throughput = Throughput::new();
     let mut last_eval = BTreeMap::new();
     if progress.step == 0 {
@@ -378,8 +390,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         progress.tokens_seen += tokens;
         throughput.add(tokens);
         let step = progress.step;
-        bar.set_position(step);
-        bar.set_message(format!("loss {step_loss:.4}"));
+        bar.set(step, format!("loss {step_loss:.4}"));
         if every.log_due(step) {
             let mut fields = step_fields(
                 step_loss,
@@ -399,7 +410,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         }
         every.stop_if_asked(step)?;
     }
-    bar.finish_and_clear();
+    bar.finish();
     if !world.is_main() {
         return ranks.finish();
     }

@@ -12,7 +12,7 @@ use temper_core::checkpoint::ScoreHead;
 use temper_core::checkpoint::{check_save, SaveOptions};
 use temper_core::dist::{Placement, Ranks, World};
 use temper_core::losses::bradley_terry_loss;
-use temper_core::peft::PeftConfig;
+use temper_core::peft::{check_peft, PeftConfig};
 use temper_core::schedule::check_optim;
 use temper_core::{
     load_with_tokenizer, resume_or_start, save_state, with_autocast, BatchTensors, DeviceSpec,
@@ -101,6 +101,7 @@ type Pair = RenderedPair;
 /// Range checks and the inputs' presence; nothing is read yet.
 fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError> {
     let c = &cfg.value;
+    check_peft(cfg, "peft", c.peft.as_ref())?;
     check_optim(cfg, "optim", &c.optim)?;
     check_save(cfg, &c.save)?;
     cfg.ensure(c.steps >= 1, "steps", "must be at least 1")?;
@@ -229,7 +230,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         let order = shuffled(n, seed_for(c.seed, "epoch", e));
         order.chunks(global_batch).map(<[usize]>::to_vec).collect()
     });
-    let bar = ranks.progress_bar(c.steps, progress.step);
+    let mut bar = ranks.progress(c.steps, progress.step);
     let mut throughput = Throughput::new();
     let mut last_eval = None;
     if progress.step == 0 {
@@ -279,8 +280,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         let grad_norm = opt.update_then(c.optim.grad_clip, lr, || s.m.tuning.after_update())?;
         progress.step += 1;
         let step = progress.step;
-        bar.set_position(step);
-        bar.set_message(format!("loss {step_loss:.4} acc {step_acc:.2}"));
+        bar.set(step, format!("loss {step_loss:.4} acc {step_acc:.2}"));
         if every.log_due(step) {
             let mut fields = step_fields(
                 step_loss,
@@ -300,7 +300,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         }
         every.stop_if_asked(step)?;
     }
-    bar.finish_and_clear();
+    bar.finish();
     if !world.is_main() {
         return ranks.finish();
     }

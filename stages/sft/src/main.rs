@@ -10,7 +10,7 @@ use serde_json::json;
 use temper_core::checkpoint::{check_save, SaveOptions};
 use temper_core::dist::{Placement, Ranks, World};
 use temper_core::model::MemorySaving;
-use temper_core::peft::PeftConfig;
+use temper_core::peft::{check_peft, PeftConfig};
 use temper_core::sample::{generate, SamplingConfig};
 use temper_core::schedule::check_optim;
 use temper_core::scoring::decode_replies;
@@ -110,6 +110,7 @@ fn main() {
 /// Range checks and the inputs' presence; nothing is read yet.
 fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError> {
     let c = &cfg.value;
+    check_peft(cfg, "peft", c.peft.as_ref())?;
     c.memory_saving().check(cfg, c.peft.as_ref())?;
     check_optim(cfg, "optim", &c.optim)?;
     check_save(cfg, &c.save)?;
@@ -246,7 +247,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     let mut batches = Epochs::new(|e| {
         length_grouped_batches(&lengths, global_batch, seed_for(c.seed, "epoch", e))
     });
-    let bar = ranks.progress_bar(c.steps, progress.step);
+    let mut bar = ranks.progress(c.steps, progress.step);
     let mut throughput = Throughput::new();
     let mut last_eval = None;
     if progress.step == 0 {
@@ -313,8 +314,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         let grad_norm = opt.update_then(c.optim.grad_clip, lr, || s.m.tuning.after_update())?;
         progress.step += 1;
         let step = progress.step;
-        bar.set_position(step);
-        bar.set_message(format!("loss {step_loss:.4}"));
+        bar.set(step, format!("loss {step_loss:.4}"));
         if every.log_due(step) {
             let mut fields = step_fields(
                 step_loss,
@@ -334,7 +334,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
         }
         every.stop_if_asked(step)?;
     }
-    bar.finish_and_clear();
+    bar.finish();
     if !world.is_main() {
         return ranks.finish();
     }

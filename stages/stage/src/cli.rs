@@ -40,6 +40,10 @@ pub fn stage_main(
     main_with(name, || run(&args))
 }
 
+/// How `--validate` ends its output when some input is pending: this prefix, then the fields
+/// whose content checks wait for the run (`temper validate` lists them).
+pub const PENDING_LINE: &str = "pending: ";
+
 /// The start every stage shares: read the config, run its range and input checks. None when
 /// the stage should stop here: an input is pending (an upstream stage will write it), so the
 /// checks that need its content wait for the run. The stage then loads what it needs and,
@@ -55,6 +59,7 @@ pub fn checked_config<T: serde::de::DeserializeOwned + serde::Serialize>(
     crate::folder::check(&args.out)?;
     if inputs.any_pending() {
         cfg.print_resolved()?;
+        println!("{PENDING_LINE}{}", inputs.pending_fields().join(", "));
         return Ok(None);
     }
     Ok(Some(cfg))

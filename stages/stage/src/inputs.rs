@@ -16,7 +16,8 @@ pub enum Availability {
 
 pub struct Inputs {
     pending: Vec<PathBuf>,
-    any_pending: bool,
+    /// The fields whose paths were pending, in the order checked.
+    pending_fields: Vec<String>,
 }
 
 impl Inputs {
@@ -26,7 +27,7 @@ impl Inputs {
                 .iter()
                 .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
                 .collect(),
-            any_pending: false,
+            pending_fields: Vec::new(),
         }
     }
 
@@ -38,7 +39,19 @@ impl Inputs {
 
     /// Whether some input checked so far is pending: content checks must wait for the run.
     pub fn any_pending(&self) -> bool {
-        self.any_pending
+        !self.pending_fields.is_empty()
+    }
+
+    /// The fields whose paths an upstream stage will write.
+    pub fn pending_fields(&self) -> &[String] {
+        &self.pending_fields
+    }
+
+    fn pend(&mut self, field: &str) -> Availability {
+        if !self.pending_fields.iter().any(|f| f == field) {
+            self.pending_fields.push(field.to_string());
+        }
+        Availability::Pending
     }
 
     /// A file the stage reads.
@@ -50,8 +63,7 @@ impl Inputs {
     ) -> Result<Availability, StageError> {
         // Pending wins over an old copy on disk: the upstream stage is about to replace it.
         if self.is_pending(path) {
-            self.any_pending = true;
-            return Ok(Availability::Pending);
+            return Ok(self.pend(field));
         }
         if path.is_file() {
             return Ok(Availability::Present);
@@ -64,6 +76,22 @@ impl Inputs {
         Err(cfg.error(field, format!("{} {why}", path.display())))
     }
 
+    /// A file or a folder the stage reads, whichever it is.
+    pub fn path<T>(
+        &mut self,
+        cfg: &ConfigFile<T>,
+        field: &str,
+        path: &Path,
+    ) -> Result<Availability, StageError> {
+        if self.is_pending(path) {
+            return Ok(self.pend(field));
+        }
+        if path.exists() {
+            return Ok(Availability::Present);
+        }
+        Err(cfg.error(field, format!("{} not found", path.display())))
+    }
+
     /// A folder that must hold `files` (a checkpoint: config.json, model.safetensors, …).
     pub fn folder<T>(
         &mut self,
@@ -73,8 +101,7 @@ impl Inputs {
         files: &[&str],
     ) -> Result<Availability, StageError> {
         if self.is_pending(path) {
-            self.any_pending = true;
-            return Ok(Availability::Pending);
+            return Ok(self.pend(field));
         }
         if !path.is_dir() {
             return Err(cfg.error(field, format!("{} is not a folder", path.display())));

@@ -31,9 +31,26 @@ pub enum StageKind {
 pub enum PathRole {
     /// Read by the stage: its content is part of the stage's cache key.
     Input,
+    /// A command line `[program, args…]` the stage runs (a `command` reward). The program is
+    /// an input: a path when it has a `/`, else the file `PATH` finds for it. So is every
+    /// argument that names an existing file or folder (relative to the config's folder);
+    /// anything else on the line is a plain value, part of the key as written.
+    Command,
     /// Where the stage keeps reusable work (a token cache): never hashed, and not part of the
     /// key, since where a cache lives cannot change a result.
     Cache,
+}
+
+/// A path found in a config, and what it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Found {
+    /// A file or folder the stage reads.
+    Input,
+    /// A cache location.
+    Cache,
+    /// A program named without a folder: run from `PATH`, so the file `PATH` finds is what
+    /// the stage runs.
+    Program,
 }
 
 impl StageKind {
@@ -109,6 +126,9 @@ impl StageKind {
                 ("policy", Input),
                 ("reward_model", Input),
                 ("prompts", Input),
+                ("rewards.path", Input),
+                ("rewards.command", Command),
+                ("rewards.inputs", Input),
             ],
             StageKind::Dpo => &[
                 ("policy", Input),
@@ -121,6 +141,8 @@ impl StageKind {
                 ("reference", Input),
                 ("prompts", Input),
                 ("rewards.path", Input),
+                ("rewards.command", Command),
+                ("rewards.inputs", Input),
             ],
             StageKind::Merge => &[("adapter", Input)],
             StageKind::Eval => &[
@@ -130,6 +152,30 @@ impl StageKind {
                 ("prompts", Input),
                 ("lexicon", Input),
             ],
+        }
+    }
+
+    /// The checks a `--validate` leaves for the run when a path is pending (an upstream
+    /// stage has not written it yet): what reading its content is needed for.
+    pub fn content_checks(self) -> &'static str {
+        match self {
+            StageKind::Tokenizer => "the corpus's text",
+            StageKind::Pretrain => {
+                "the tokenizer against the model, the data's tokens, PEFT target modules and layers, memory"
+            }
+            StageKind::Sft | StageKind::Reward => {
+                "the model with its tokenizer and chat template, the examples rendered and their lengths, PEFT target modules and layers, memory"
+            }
+            StageKind::Dpo => {
+                "the policy and reference against one tokenizer, the pairs rendered, PEFT target modules and layers, memory"
+            }
+            StageKind::Ppo | StageKind::Grpo => {
+                "the policy, reference and reward models against one tokenizer, the prompts and the fields each reward reads, PEFT target modules and layers, memory"
+            }
+            StageKind::Merge => "the adapter against its base",
+            StageKind::Eval => {
+                "the policies, reference and reward model against one tokenizer, the prompts and the fields the judges read"
+            }
         }
     }
 
@@ -149,21 +195,90 @@ impl fmt::Display for StageKind {
     }
 }
 
-/// Calls `f(dotted key path, string)` for every string at a position `pattern` matches.
-pub fn visit_pattern(value: &mut Value, pattern: &str, f: &mut dyn FnMut(&str, &mut String)) {
-    let parts: Vec<&str> = pattern.split('.').collect();
-    visit(value, &parts, String::new(), f);
+/// Calls `f(what, position, value)` for every path in a `kind` config: the strings at its
+/// declared path keys, and on its command lines the program and the arguments that are paths
+/// (an argument is one when it names an existing file or folder, absolute or relative to
+/// `base`, the config's folder). Positions name list items: `rewards[1].command[2]`.
+///
+/// This is the one place that decides what a path is: the orchestrator (hashing, rewriting)
+/// and the stage (resolving) both call it, so they cannot disagree.
+pub fn visit_paths(
+    kind: StageKind,
+    config: &mut Value,
+    base: &Path,
+    f: &mut dyn FnMut(Found, &str, &mut String),
+) {
+    for (pattern, role) in kind.paths() {
+        let parts: Vec<&str> = pattern.split('.').collect();
+        visit(config, &parts, String::new(), &mut |at, node| match role {
+            PathRole::Input | PathRole::Cache => {
+                let found = if *role == PathRole::Input {
+                    Found::Input
+                } else {
+                    Found::Cache
+                };
+                match node {
+                    Value::String(s) => f(found, at, s),
+                    Value::Sequence(items) => {
+                        for (i, item) in items.iter_mut().enumerate() {
+                            if let Value::String(s) = item {
+                                f(found, &format!("{at}[{i}]"), s);
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            PathRole::Command => {
+                let Value::Sequence(items) = node else { return };
+                for (i, item) in items.iter_mut().enumerate() {
+                    let Value::String(s) = item else { continue };
+                    let found = if i == 0 {
+                        if s.contains('/') {
+                            Some(Found::Input)
+                        } else {
+                            (!s.is_empty()).then_some(Found::Program)
+                        }
+                    } else {
+                        names_existing_path(s, base).then_some(Found::Input)
+                    };
+                    if let Some(found) = found {
+                        f(found, &format!("{at}[{i}]"), s);
+                    }
+                }
+            }
+        });
+    }
 }
 
-fn visit(value: &mut Value, parts: &[&str], at: String, f: &mut dyn FnMut(&str, &mut String)) {
+/// Whether a command-line argument names an existing file or folder. Options (`-x`,
+/// `--flag=value`) never do: a file an option names belongs under the reward's `inputs:`.
+fn names_existing_path(arg: &str, base: &Path) -> bool {
+    if arg.is_empty() || arg.starts_with('-') {
+        return false;
+    }
+    let p = Path::new(arg);
+    if p.is_absolute() {
+        p.exists()
+    } else {
+        base.join(p).exists()
+    }
+}
+
+/// Calls `f(position, node)` on every node at the end of `parts`; lists on the way are
+/// walked item by item.
+fn visit(value: &mut Value, parts: &[&str], at: String, f: &mut dyn FnMut(&str, &mut Value)) {
+    if parts.is_empty() {
+        f(&at, value);
+        return;
+    }
     match value {
         Value::Sequence(items) => {
-            for item in items {
-                visit(item, parts, at.clone(), f);
+            for (i, item) in items.iter_mut().enumerate() {
+                visit(item, parts, format!("{at}[{i}]"), f);
             }
         }
-        Value::String(s) if parts.is_empty() => f(&at, s),
-        Value::Mapping(m) if !parts.is_empty() => {
+        Value::Mapping(m) => {
             for (k, v) in m.iter_mut() {
                 let Some(k) = k.as_str() else { continue };
                 if parts[0] == "*" || parts[0] == k {
@@ -180,18 +295,28 @@ fn visit(value: &mut Value, parts: &[&str], at: String, f: &mut dyn FnMut(&str, 
     }
 }
 
-/// Makes the kind's relative path parameters absolute against `base` (the config file's
-/// folder), in place.
+/// Makes the kind's relative paths absolute against `base` (the config file's folder), in
+/// place. A program run from `PATH` stays a name.
 pub fn resolve_paths(kind: StageKind, config: &mut Value, base: &Path) {
-    for (pattern, _) in kind.paths() {
-        visit_pattern(config, pattern, &mut |_, s| {
-            if !s.is_empty() && Path::new(s.as_str()).is_relative() {
-                *s = normalize(&base.join(s.as_str()))
-                    .to_string_lossy()
-                    .into_owned();
-            }
-        });
-    }
+    visit_paths(kind, config, base, &mut |found, _, s| {
+        if found != Found::Program && !s.is_empty() && Path::new(s.as_str()).is_relative() {
+            *s = normalize(&base.join(s.as_str()))
+                .to_string_lossy()
+                .into_owned();
+        }
+    });
+}
+
+/// The file `PATH` finds for a program named without a folder, as a shell would run it.
+pub fn find_on_path(program: &str) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|p| {
+            p.metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
 }
 
 /// `a/b/../c` → `a/c`, without touching the file system (the path may not exist yet).
@@ -229,18 +354,71 @@ mod tests {
         .unwrap();
         assert_eq!(v, out, "only path keys change; `arch: gpt2` stays a value");
         let mut seen = Vec::new();
-        visit_pattern(&mut v, "eval_data.*.files", &mut |k, s| {
-            seen.push((k.to_string(), s.clone()))
-        });
+        visit_paths(
+            StageKind::Pretrain,
+            &mut v,
+            Path::new("/"),
+            &mut |found, at, s| seen.push((found, at.to_string(), s.clone())),
+        );
+        let at = |found, at: &str, s: &str| (found, at.to_string(), s.to_string());
         assert_eq!(
             seen,
-            [(
-                "eval_data.gen.files".to_string(),
-                "/base/configs/c.txt".to_string()
-            )]
+            [
+                at(Found::Input, "tokenizer", "/base/configs/t.json"),
+                at(Found::Input, "data[0]", "/base/configs/a.txt"),
+                at(Found::Input, "data[1]", "/base/configs/b.txt"),
+                at(
+                    Found::Input,
+                    "eval_data.gen.files[0]",
+                    "/base/configs/c.txt"
+                ),
+                at(Found::Cache, "cache_dir", "/base/configs/cache"),
+            ]
         );
         assert_eq!(StageKind::Pretrain.volatile_keys(), ["cache_dir"]);
         assert_eq!(StageKind::parse("ppo"), Some(StageKind::Ppo));
         assert_eq!(normalize(Path::new("a/b/../c/./d")), Path::new("a/c/d"));
+    }
+
+    #[test]
+    fn command_lines_hold_paths_only_where_a_file_exists() {
+        let base = tempfile::tempdir().unwrap();
+        std::fs::write(base.path().join("score.py"), "print(1)").unwrap();
+        std::fs::create_dir(base.path().join("judge")).unwrap();
+        let mut v: Value = serde_yaml::from_str(
+            "rewards:\n  - {kind: length, min: 1, max: 2}\n  - {kind: command, command: [python3, score.py, judge, -v, --model=judge, not_there.py]}\n  - {kind: command, command: [bin/run.sh, \"print(1)\"], inputs: [extra.json]}\n  - {kind: lexicon, path: lex.txt}\n",
+        )
+        .unwrap();
+        let mut seen = Vec::new();
+        visit_paths(StageKind::Grpo, &mut v, base.path(), &mut |found, at, s| {
+            seen.push((found, at.to_string(), s.clone()))
+        });
+        let at = |found, at: &str, s: &str| (found, at.to_string(), s.to_string());
+        assert_eq!(
+            seen,
+            [
+                at(Found::Input, "rewards[3].path", "lex.txt"),
+                at(Found::Program, "rewards[1].command[0]", "python3"),
+                at(Found::Input, "rewards[1].command[1]", "score.py"),
+                at(Found::Input, "rewards[1].command[2]", "judge"),
+                at(Found::Input, "rewards[2].command[0]", "bin/run.sh"),
+                at(Found::Input, "rewards[2].inputs[0]", "extra.json"),
+            ],
+            "options, missing files and inline code stay values"
+        );
+        resolve_paths(StageKind::Ppo, &mut v, base.path());
+        let command = &v["rewards"][1]["command"];
+        assert_eq!(
+            command[0],
+            Value::from("python3"),
+            "a PATH program stays a name"
+        );
+        assert_eq!(
+            command[1],
+            Value::from(base.path().join("score.py").to_str().unwrap())
+        );
+        assert_eq!(command[5], Value::from("not_there.py"));
+        assert!(find_on_path("sh").is_some_and(|p| p.is_absolute()));
+        assert_eq!(find_on_path("surely-no-such-program-here"), None);
     }
 }

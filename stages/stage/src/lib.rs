@@ -8,6 +8,7 @@
 //! summary files ([`metrics`]), training cadences ([`cadence`]) and signal handling
 //! ([`signals`]). Tensors, models and optimizer state live in temper-core.
 
+pub mod adapter;
 pub mod atomic;
 pub mod cadence;
 pub mod cli;
@@ -35,4 +36,10 @@ pub use folder::StageFolder;
 pub use inputs::{Availability, Inputs};
 pub use kinds::StageKind;
 pub use metrics::{step_fields, MetricsLog, Summary};
-pub use progress::{progress_bar, Progress};
+pub use progress::{progress_bar, Progress, StepProgress};
+
+/// Overrides what `precision: auto` resolves to (`fp32` or `bf16`), whatever the hardware:
+/// the test script runs the suite once in the precision auto picks and once in the other.
+/// `temper` makes its value part of every stage's cache key, so results of one precision are
+/// never taken for the other's.
+pub const AUTO_PRECISION_VAR: &str = "TEMPER_AUTO_PRECISION";

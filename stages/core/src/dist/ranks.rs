@@ -62,13 +62,9 @@ impl Ranks {
         }
     }
 
-    /// A progress bar on rank 0; hidden on the others.
-    pub fn progress_bar(&self, total: u64, done: u64) -> indicatif::ProgressBar {
-        if self.main {
-            temper_stage::progress_bar(total, done)
-        } else {
-            indicatif::ProgressBar::hidden()
-        }
+    /// The loop's progress, shown and reported by rank 0; hidden on the others.
+    pub fn progress(&self, total: u64, done: u64) -> temper_stage::StepProgress {
+        temper_stage::StepProgress::new(self.main.then_some(self.out.as_path()), total, done)
     }
 
     /// Ends a rank other than 0: its scratch logs go.

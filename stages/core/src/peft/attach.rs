@@ -58,7 +58,6 @@ pub(super) fn attach_adalora(
     device: tch::Device,
     c: &AdaloraConfig,
 ) -> Result<(VarStore, Arc<Switch>, Allocator), PeftError> {
-    c.check()?;
     let targeted = adapted_layers(model, &c.target_modules, &c.layers)?;
     let adapters = VarStore::new(device);
     let switch = Switch::new();
@@ -101,20 +100,8 @@ pub(super) fn attach_lora(
     device: tch::Device,
     c: &LoraConfig,
 ) -> Result<(VarStore, Arc<Switch>), PeftError> {
-    if c.r <= 0 {
-        return Err(bad("r", "must be a positive rank"));
-    }
-    if !(0.0..1.0).contains(&c.dropout) {
-        return Err(bad("dropout", "must be in [0, 1)"));
-    }
     let targeted = adapted_layers(model, &c.target_modules, &c.layers)?;
     if c.init == LoraInit::Pissa {
-        if c.dora {
-            return Err(bad(
-                "init",
-                "pissa cannot be combined with dora (the magnitude would be taken from the residual weight); use one of them",
-            ));
-        }
         let (d_in, d_out) = model
             .block_linears()
             .iter()

@@ -109,6 +109,61 @@ impl PeftConfig {
         )
     }
 
+    /// Every check of the settings that needs no model: each stage's config check runs it
+    /// ([`check_peft`]), so `--validate` reports it at its line before any stage runs, and
+    /// [`super::apply`] runs it again for configs built in code. The checks against the model
+    /// (target modules, layer counts, the model's width and positions) are `apply`'s.
+    pub fn check_settings(&self) -> Result<(), PeftError> {
+        match self {
+            PeftConfig::Lora(c) | PeftConfig::Qlora(c) => {
+                if c.r <= 0 {
+                    return Err(bad("r", "must be a positive rank"));
+                }
+                if !(0.0..1.0).contains(&c.dropout) {
+                    return Err(bad("dropout", "must be in [0, 1)"));
+                }
+                if c.alpha.is_some_and(|a| !a.is_finite()) {
+                    return Err(bad("alpha", "must be a finite number"));
+                }
+                if c.init == LoraInit::Pissa && c.dora {
+                    return Err(bad(
+                        "init",
+                        "pissa cannot be combined with dora (the magnitude would be taken from the residual weight); use one of them",
+                    ));
+                }
+                Ok(())
+            }
+            PeftConfig::Adalora(c) => c.check(),
+            PeftConfig::Prompt(c) => virtual_tokens_in_range(c.num_virtual_tokens),
+            PeftConfig::Prefix(c) => {
+                virtual_tokens_in_range(c.num_virtual_tokens)?;
+                if c.encoder_hidden_size.is_some() && !c.projection {
+                    return Err(bad(
+                        "encoder_hidden_size",
+                        "only used with `projection: true`",
+                    ));
+                }
+                positive_hidden(c.encoder_hidden_size)
+            }
+            PeftConfig::Ptuning(c) => {
+                virtual_tokens_in_range(c.num_virtual_tokens)?;
+                positive_hidden(c.encoder_hidden_size)
+            }
+            PeftConfig::Adapter(c) if c.reduction < 1 => Err(bad(
+                "reduction",
+                "must be at least 1 (the model's width over the bottleneck's)",
+            )),
+            PeftConfig::Freeze(c) if c.trainable.is_empty() && c.top_layers.is_none() => Err(bad(
+                "trainable",
+                "freeze needs `trainable` patterns or `top_layers`",
+            )),
+            PeftConfig::Freeze(c) if c.top_layers == Some(0) => {
+                Err(bad("top_layers", "must be at least 1"))
+            }
+            PeftConfig::Adapter(_) | PeftConfig::Freeze(_) | PeftConfig::Head => Ok(()),
+        }
+    }
+
     /// The adapter settings of `lora` and `qlora`.
     pub fn lora(&self) -> Option<&LoraConfig> {
         match self {
@@ -282,7 +337,7 @@ impl TryFrom<PeftSpec> for PeftConfig {
                 s.method.name()
             ))
         };
-        Ok(match s.method {
+        let config = match s.method {
             Lora | Qlora => {
                 let c = LoraConfig {
                     r: s.r
@@ -342,7 +397,43 @@ impl TryFrom<PeftSpec> for PeftConfig {
                 top_layers: s.top_layers,
             }),
             Head => PeftConfig::Head,
-        })
+        };
+        Ok(config)
+    }
+}
+
+/// A stage's `peft`-like key (`peft`, `critic_peft`) checked with [`PeftConfig::check_settings`],
+/// the problem named at its key in the stage's config.
+pub fn check_peft<T>(
+    cfg: &temper_stage::ConfigFile<T>,
+    key: &str,
+    peft: Option<&PeftConfig>,
+) -> Result<(), temper_stage::StageError> {
+    match peft.map(PeftConfig::check_settings) {
+        Some(Err(e)) => Err(cfg.error(&e.field.replacen("peft", key, 1), e.message)),
+        _ => Ok(()),
+    }
+}
+
+/// Virtual tokens beyond this many are almost certainly a typo (PEFT's examples use 8–32).
+const MAX_VIRTUAL_TOKENS: i64 = 1024;
+
+fn virtual_tokens_in_range(n: i64) -> Result<(), PeftError> {
+    if (1..=MAX_VIRTUAL_TOKENS).contains(&n) {
+        Ok(())
+    } else {
+        Err(bad(
+            "num_virtual_tokens",
+            format!("must be in 1..={MAX_VIRTUAL_TOKENS}"),
+        ))
+    }
+}
+
+fn positive_hidden(h: Option<i64>) -> Result<(), PeftError> {
+    if h.is_some_and(|h| h <= 0) {
+        Err(bad("encoder_hidden_size", "must be positive"))
+    } else {
+        Ok(())
     }
 }
 
@@ -419,5 +510,40 @@ mod tests {
         let p = parse("{method: prompt, num_virtual_tokens: 8, init_text: hi}").unwrap();
         let text = serde_yaml::to_string(&p).unwrap();
         assert_eq!(parse(&text).unwrap(), p, "{text}");
+    }
+
+    #[test]
+    fn settings_that_need_no_model_are_checked_alone() {
+        let problem = |yaml: &str| parse(yaml).unwrap().check_settings().err().map(|e| e.field);
+        for (yaml, field) in [
+            ("{method: lora, r: 0}", "peft.r"),
+            ("{method: qlora, r: 4, dropout: 1.0}", "peft.dropout"),
+            ("{method: lora, r: 4, dora: true, init: pissa}", "peft.init"),
+            ("{method: adalora, init_r: 4, target_r: 4}", "peft.target_r"),
+            (
+                "{method: prompt, num_virtual_tokens: 0}",
+                "peft.num_virtual_tokens",
+            ),
+            (
+                "{method: prefix, num_virtual_tokens: 4, encoder_hidden_size: 8}",
+                "peft.encoder_hidden_size",
+            ),
+            (
+                "{method: ptuning, num_virtual_tokens: 4, encoder_hidden_size: -1}",
+                "peft.encoder_hidden_size",
+            ),
+            ("{method: adapter, reduction: 0}", "peft.reduction"),
+            ("{method: freeze}", "peft.trainable"),
+            ("{method: freeze, top_layers: 0}", "peft.top_layers"),
+        ] {
+            assert_eq!(problem(yaml).as_deref(), Some(field), "{yaml}");
+        }
+        for yaml in [
+            "{method: lora, r: 4, dropout: 0.1}",
+            "{method: freeze, top_layers: 1}",
+            "{method: head}",
+        ] {
+            assert_eq!(problem(yaml), None, "{yaml}");
+        }
     }
 }

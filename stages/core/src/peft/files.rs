@@ -28,9 +28,9 @@ use crate::config::ModelConfig;
 use crate::error::{CoreError, Result};
 use crate::model::Transformer;
 
-pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+pub use temper_stage::adapter::ADAPTER_CONFIG;
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
-pub const TEMPER_ADAPTER: &str = "temper_adapter.json";
+pub use temper_stage::adapter::TEMPER_ADAPTER;
 
 /// Whether `dir` holds an adapter rather than a full checkpoint.
 pub fn is_adapter(dir: &Path) -> bool {
@@ -418,7 +418,7 @@ pub fn load_adapter_checkpoint(
         return super::prompt::load_checkpoint(dir, spec, device);
     }
     let c = read_adapter_config(dir)?;
-    let base = base_dir(dir, c.base_model_name_or_path.as_deref())?;
+    let base = base_dir(dir)?;
     let config = adapter_model_config(dir)?;
     // A reward model's head travels with its adapter.
     let has_score = c.modules_to_save.iter().flatten().any(|m| m == "score");
@@ -441,15 +441,8 @@ pub fn load_adapter_checkpoint(
 pub fn adapter_model_config(dir: &Path) -> Result<ModelConfig> {
     if dir.join(TEMPER_ADAPTER).exists() {
         temper_config(dir)
-    } else if super::prompt::is_prompt_adapter(dir) {
-        let base = base_dir(dir, super::prompt::named_base(dir)?.as_deref())?;
-        ModelConfig::from_hf_json(&base.join(CONFIG_FILE))
     } else {
-        let base = base_dir(
-            dir,
-            read_adapter_config(dir)?.base_model_name_or_path.as_deref(),
-        )?;
-        ModelConfig::from_hf_json(&base.join(CONFIG_FILE))
+        ModelConfig::from_hf_json(&base_dir(dir)?.join(CONFIG_FILE))
     }
 }
 
@@ -470,37 +463,21 @@ fn temper_config(dir: &Path) -> Result<ModelConfig> {
     crate::hf_config::from_value(config.clone(), &path)
 }
 
-/// Where an adapter's base lives: temper's relative pointer, else PEFT's
-/// `base_model_name_or_path` when that is a local folder (absolute, or relative to the
-/// adapter's folder or the working directory).
-pub(crate) fn base_dir(dir: &Path, named: Option<&str>) -> Result<PathBuf> {
-    let path = dir.join(TEMPER_ADAPTER);
-    if let Ok(text) = std::fs::read_to_string(&path) {
-        if let Some(base) = serde_json::from_str::<Value>(&text)
-            .ok()
-            .and_then(|v| v.get("base").and_then(Value::as_str).map(PathBuf::from))
-        {
-            let full = dir.join(base);
-            if full.is_dir() {
-                return Ok(full);
-            }
-        }
+/// Where an adapter's base lives ([`temper_stage::adapter::adapter_base`]), or an error
+/// saying why it cannot be found.
+pub(crate) fn base_dir(dir: &Path) -> Result<PathBuf> {
+    if let Some(base) = temper_stage::adapter::adapter_base(dir) {
+        return Ok(base);
     }
-    match named {
-        // A relative path is read from the adapter's folder first, then the working directory.
-        Some(b) if dir.join(b).is_dir() => Ok(dir.join(b)),
-        Some(b) if Path::new(b).is_dir() => Ok(PathBuf::from(b)),
-        Some(b) => Err(config_err(
-            &dir.join(ADAPTER_CONFIG),
-            "base_model_name_or_path",
-            format!("`{b}` is not a local folder; temper does not download models — point it at the base checkpoint's folder"),
-        )),
-        None => Err(config_err(
-            &dir.join(ADAPTER_CONFIG),
-            "base_model_name_or_path",
-            "missing: the adapter does not say which base it applies to",
-        )),
-    }
+    let message = match temper_stage::adapter::peft_base_name(dir) {
+        Some(b) => format!("`{b}` is not a local folder; temper does not download models — point it at the base checkpoint's folder"),
+        None => "missing: the adapter does not say which base it applies to".to_string(),
+    };
+    Err(config_err(
+        &dir.join(ADAPTER_CONFIG),
+        "base_model_name_or_path",
+        message,
+    ))
 }
 
 /// `target` relative to the folder `from` (both made absolute first).

@@ -37,7 +37,7 @@ use tch::Tensor;
 pub use adalora::{budget_schedule, AdaloraConfig, Allocator, RUNNING};
 pub use bottleneck::{Activation, Adapter, Bottleneck, BottleneckConfig};
 pub(crate) use config::bad;
-pub use config::{FreezeConfig, LoraBias, LoraConfig, LoraInit, PeftConfig, PeftError};
+pub use config::{check_peft, FreezeConfig, LoraBias, LoraConfig, LoraInit, PeftConfig, PeftError};
 pub use files::{is_adapter, load_adapter, merge_adapters, read_adapter_config, AdapterConfig};
 pub use lora::{Lora, Switch};
 pub use nf4::{dynamic_map, Absmax, Nf4Weight, NF4_LEVELS};
@@ -272,6 +272,7 @@ pub fn apply(
     let Some(config) = config else {
         return Ok(Tuning::full());
     };
+    config.check_settings()?;
     let virtual_tokens = matches!(
         config,
         PeftConfig::Prompt(_) | PeftConfig::Ptuning(_) | PeftConfig::Prefix(_)
@@ -342,15 +343,9 @@ pub fn apply(
             tuning.switch = Some(switch);
         }
         PeftConfig::Freeze(c) => {
-            if c.trainable.is_empty() && c.top_layers.is_none() {
-                return Err(bad(
-                    "trainable",
-                    "freeze needs `trainable` patterns or `top_layers`",
-                ));
-            }
             let n_layer = model.config.n_layer as usize;
             if let Some(k) = c.top_layers {
-                if k == 0 || k > n_layer {
+                if k > n_layer {
                     return Err(bad(
                         "top_layers",
                         format!("must be in 1..={n_layer} (the model's blocks)"),

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module, VarStore};
 use tch::{Device, Kind, Tensor};
 
-use super::{bad, PeftError, Switch};
+use super::{PeftError, Switch};
 use crate::config::ModelConfig;
 use crate::model::Transformer;
 
@@ -98,21 +98,12 @@ pub(crate) fn attach(
 ) -> Result<(VarStore, Arc<Switch>), PeftError> {
     let n = c.num_virtual_tokens;
     super::prompt::check_virtual_tokens(model, n)?;
-    if c.encoder_hidden_size.is_some() && !c.projection {
-        return Err(bad(
-            "encoder_hidden_size",
-            "only used with `projection: true`",
-        ));
-    }
     let cfg = &model.config;
     let width = kv_width(cfg);
     let out = cfg.n_layer * 2 * width;
     let store = VarStore::new(device);
     let source = if c.projection {
         let hidden = c.encoder_hidden_size.unwrap_or(width);
-        if hidden <= 0 {
-            return Err(bad("encoder_hidden_size", "must be positive"));
-        }
         let p = store.root().sub("prefix");
         // PEFT's PrefixEncoder: nn.Embedding (N(0, 1)), then Linear → tanh → Linear.
         let embedding = p.sub("embedding").randn("weight", &[n, width], 0.0, 1.0);

@@ -22,20 +22,11 @@ use crate::checkpoint::{load_checkpoint_as, LoadSpec, ScoreHead};
 use crate::error::{CoreError, Result};
 use crate::model::Transformer;
 
-/// Virtual tokens beyond this many are almost certainly a typo (PEFT's examples use 8–32).
-const MAX_VIRTUAL_TOKENS: i64 = 1024;
-
 /// A number of virtual tokens (prompt, P- or prefix tuning) the model has room for.
 pub(crate) fn check_virtual_tokens(
     model: &Transformer,
     n: i64,
 ) -> std::result::Result<(), PeftError> {
-    if !(1..=MAX_VIRTUAL_TOKENS).contains(&n) {
-        return Err(bad(
-            "num_virtual_tokens",
-            format!("must be in 1..={MAX_VIRTUAL_TOKENS}"),
-        ));
-    }
     if n + 1 > model.config.max_position {
         return Err(bad(
             "num_virtual_tokens",
@@ -213,13 +204,6 @@ fn read_config(dir: &Path) -> Result<Value> {
         source,
     })?;
     serde_json::from_str(&text).map_err(|source| CoreError::Json { path, source })
-}
-
-/// PEFT's `base_model_name_or_path` of a prompt adapter.
-pub(crate) fn named_base(dir: &Path) -> Result<Option<String>> {
-    Ok(read_config(dir)?["base_model_name_or_path"]
-        .as_str()
-        .map(String::from))
 }
 
 /// Writes `adapter_config.json`, `adapter_model.safetensors` (one tensor,
@@ -441,7 +425,7 @@ pub(crate) fn load_checkpoint(
     spec: LoadSpec,
     device: Device,
 ) -> Result<(VarStore, Transformer)> {
-    let base = base_dir(dir, named_base(dir)?.as_deref())?;
+    let base = base_dir(dir)?;
     let config = super::files::adapter_model_config(dir)?;
     let bottleneck = super::bottleneck::is_bottleneck_adapter(dir);
     // A reward model's head travels with its bottleneck adapters: the base has none.

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module, RNN};
 use tch::Tensor;
 
-use super::{bad, PeftError};
+use super::PeftError;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -61,9 +61,6 @@ impl Encoder {
     /// Builds the encoder for virtual tokens of width `d` under `p`.
     pub(crate) fn new(p: &nn::Path, d: i64, c: &PtuningConfig) -> Result<Self, PeftError> {
         let h = c.encoder_hidden_size.unwrap_or(d);
-        if h <= 0 {
-            return Err(bad("encoder_hidden_size", "must be positive"));
-        }
         let lin =
             |name: &str, i, o| nn::linear(p.sub("mlp_head").sub(name), i, o, Default::default());
         Ok(match c.encoder {

@@ -10,6 +10,8 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use temper_stage::{ConfigFile, Inputs, StageError};
+
 use crate::config::ScoreSign;
 use crate::error::{CoreError, Result};
 use crate::rewards::command::CommandReward;
@@ -76,7 +78,13 @@ pub enum RewardSpec {
     /// A user program started once and fed one JSON object per line on stdin
     /// (`{"prompt", "reply", …the example's fields}`); it answers one number per line.
     Command {
+        /// The program and its arguments. The program and every argument naming an existing
+        /// file or folder are part of the stage's cache key, by content.
         command: Vec<String>,
+        /// Other files or folders the program reads (a module its script imports, a judge
+        /// model, a file an option names): part of the cache key by content, like the command.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        inputs: Vec<PathBuf>,
         #[serde(default = "default_timeout")]
         timeout_s: f64,
         #[serde(default = "one")]
@@ -155,8 +163,7 @@ pub const DEFAULT_ANSWER_PATTERN: &str = r"-?\d+(?:\.\d+)?";
 impl TextReward {
     /// Builds the reward a spec describes; None for a model reward. Errors name the problem.
     pub fn new(spec: &RewardSpec) -> Result<Option<TextReward>> {
-        let regex =
-            |p: &str| Regex::new(p).map_err(|e| CoreError::Shape(format!("pattern `{p}`: {e}")));
+        let regex = |p: &str| compile_pattern(p).map_err(CoreError::Shape);
         Ok(Some(match spec {
             RewardSpec::Model { .. } => return Ok(None),
             RewardSpec::ExactMatch { field, pattern, .. } => TextReward::ExactMatch {
@@ -243,16 +250,106 @@ pub fn same_answer(got: &str, expected: &Value) -> bool {
     }
 }
 
-/// Paths a reward list reads (model checkpoints, lexicons), for input checks.
-pub fn reward_paths(specs: &[RewardSpec]) -> Vec<(&'static str, &Path)> {
-    specs
-        .iter()
-        .filter_map(|s| match s {
-            RewardSpec::Model { path, .. } => Some(("model", path.as_path())),
-            RewardSpec::Lexicon { path, .. } => Some(("lexicon", path.as_path())),
-            _ => None,
+/// The first entry whose metric name an earlier entry already has, with why that is refused:
+/// each reward is logged as `reward/<name>`, so two of one name would be one curve.
+pub fn repeated_name(specs: &[RewardSpec]) -> Option<(usize, String)> {
+    specs.iter().enumerate().find_map(|(i, spec)| {
+        let name = spec.name();
+        specs[..i].iter().any(|s| s.name() == name).then(|| {
+            (
+                i,
+                format!("a second reward named `{name}`: give one a `name`"),
+            )
         })
-        .collect()
+    })
+}
+
+/// A reward's answer or format pattern, compiled; the error quotes it.
+pub fn compile_pattern(p: &str) -> std::result::Result<Regex, String> {
+    Regex::new(p).map_err(|e| format!("pattern `{p}`: {e}"))
+}
+
+/// What a `rewards:` list must satisfy before anything loads, each problem named at its key
+/// (`rewards.1.pattern`): finite weights, patterns that compile, a length range that is one,
+/// a command with a program that exists and a positive timeout, and every file present
+/// (pending where an upstream stage writes it). A `model` reward is refused with the reason
+/// `refuse_models` gives, where it gives one.
+pub fn check_rewards<T>(
+    cfg: &ConfigFile<T>,
+    inputs: &mut Inputs,
+    rewards: &[RewardSpec],
+    refuse_models: Option<&str>,
+) -> std::result::Result<(), StageError> {
+    for (i, r) in rewards.iter().enumerate() {
+        let at = |key: &str| format!("rewards.{i}.{key}");
+        cfg.ensure(
+            r.weight().is_finite(),
+            &at("weight"),
+            "must be a finite number",
+        )?;
+        match r {
+            RewardSpec::Model { path, .. } => {
+                if let Some(why) = refuse_models {
+                    return Err(cfg.error(&at("kind"), why));
+                }
+                inputs.checkpoint(cfg, &at("path"), path, true)?;
+            }
+            RewardSpec::ExactMatch {
+                pattern: Some(p), ..
+            }
+            | RewardSpec::Regex { pattern: p, .. } => {
+                compile_pattern(p).map_err(|e| cfg.error(&at("pattern"), e))?;
+            }
+            RewardSpec::ExactMatch { pattern: None, .. } => {}
+            RewardSpec::Length {
+                min, max, penalty, ..
+            } => {
+                cfg.ensure(min <= max, &at("min"), format!("{min} is above max {max}"))?;
+                cfg.ensure(
+                    penalty.is_finite() && *penalty >= 0.0,
+                    &at("penalty"),
+                    "must be ≥ 0",
+                )?;
+            }
+            RewardSpec::Lexicon { path, .. } => {
+                inputs.file(cfg, &at("path"), path)?;
+            }
+            RewardSpec::Command {
+                command,
+                timeout_s,
+                inputs: read,
+                ..
+            } => {
+                let Some(program) = command.first() else {
+                    return Err(cfg.error(
+                        &at("command"),
+                        "is empty: give the program and its arguments",
+                    ));
+                };
+                cfg.ensure(
+                    timeout_s.is_finite() && *timeout_s > 0.0,
+                    &at("timeout_s"),
+                    format!("must be positive, got {timeout_s}"),
+                )?;
+                if program.contains('/') {
+                    inputs.file(cfg, &at("command"), Path::new(program))?;
+                } else {
+                    cfg.ensure(
+                        temper_stage::kinds::find_on_path(program).is_some(),
+                        &at("command"),
+                        format!("program `{program}` is not on PATH"),
+                    )?;
+                }
+                for path in read {
+                    inputs.path(cfg, &at("inputs"), path)?;
+                }
+            }
+        }
+    }
+    if let Some((i, why)) = repeated_name(rewards) {
+        return Err(cfg.error(&format!("rewards.{i}"), why));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -40,6 +40,9 @@ impl ProgramRewards {
     /// Builds every entry; `model` entries are refused (the caller scores models). An error
     /// comes with the entry's index, so the stage can name `rewards.<i>`.
     pub fn new(specs: &[RewardSpec]) -> std::result::Result<Self, (usize, CoreError)> {
+        if let Some((i, why)) = super::functions::repeated_name(specs) {
+            return Err((i, CoreError::Shape(why)));
+        }
         let mut entries: Vec<Entry> = Vec::new();
         for (i, spec) in specs.iter().enumerate() {
             let reward = TextReward::new(spec).map_err(|e| (i, e))?.ok_or_else(|| {
@@ -48,13 +51,8 @@ impl ProgramRewards {
                     CoreError::Shape("a reward model is not a program reward".into()),
                 )
             })?;
-            let name = spec.name();
-            if entries.iter().any(|e| e.name == name) {
-                let why = format!("a second reward named `{name}`: give one a `name`");
-                return Err((i, CoreError::Shape(why)));
-            }
             entries.push(Entry {
-                name,
+                name: spec.name(),
                 weight: spec.weight(),
                 reward,
             });
