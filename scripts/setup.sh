@@ -14,7 +14,7 @@ set -euo pipefail
 TORCH_VERSION=2.11.0
 # Reference packages, pinned; changing one changes the stamp, so the next run installs it.
 REFERENCE="transformers==4.57.1 peft==0.21.2 trl==1.16.0 bitsandbytes==0.50.2 vaderSentiment==3.3.2 tensorboard==2.20.0"
-# Headers only (3 MB), for ProcessGroupNCCL.hpp: stages/core/build.rs compiles NCCL in when
+# Headers only (3 MB), for ProcessGroupNCCL.hpp: crates/core/build.rs compiles NCCL in when
 # they are there, and temper runs without a GPU either way.
 NCCL_HEADERS="nvidia-cuda-crt==13.0.* nvidia-cuda-cccl==13.0.*"
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

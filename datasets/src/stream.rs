@@ -4,7 +4,7 @@
 //! disk under a key of (input contents, tokenizer, settings), so a rerun does not re-tokenize.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -94,8 +94,8 @@ pub fn held_out(text: &str, fraction: f64, salt: &str) -> bool {
 }
 
 /// Builds (or loads from `cache_dir`) the stream of `files`.
-pub fn build_stream(
-    files: &[PathBuf],
+pub fn build_stream<P: AsRef<Path>>(
+    files: &[P],
     tok: &TextTokenizer,
     settings: &StreamSettings,
     cache_dir: Option<&Path>,
@@ -121,6 +121,7 @@ pub fn build_stream(
     let eos = tok.require(EOS)?;
     let mut docs = Vec::new();
     for path in files {
+        let path = path.as_ref();
         let parser = RecordParser {
             path,
             fields: &settings.fields,
@@ -159,7 +160,7 @@ pub fn build_stream(
             "the training split of {} holds less than one block of {} tokens",
             files
                 .iter()
-                .map(|f| f.display().to_string())
+                .map(|f| f.as_ref().display().to_string())
                 .collect::<Vec<_>>()
                 .join(", "),
             settings.block_size
@@ -178,7 +179,11 @@ pub fn build_stream(
     Ok(stream)
 }
 
-fn cache_key(files: &[PathBuf], tok: &TextTokenizer, settings: &StreamSettings) -> Result<String> {
+fn cache_key<P: AsRef<Path>>(
+    files: &[P],
+    tok: &TextTokenizer,
+    settings: &StreamSettings,
+) -> Result<String> {
     let mut h = blake3::Hasher::new();
     h.update(&CACHE_FORMAT.to_le_bytes());
     h.update(
@@ -186,7 +191,7 @@ fn cache_key(files: &[PathBuf], tok: &TextTokenizer, settings: &StreamSettings) 
             .expect("settings serialise")
             .as_bytes(),
     );
-    for path in std::iter::once(&tok.path).chain(files) {
+    for path in std::iter::once(tok.path.as_path()).chain(files.iter().map(AsRef::as_ref)) {
         let mut file = std::fs::File::open(path).map_err(DataError::io(path))?;
         let mut fh = blake3::Hasher::new();
         std::io::copy(&mut file, &mut fh).map_err(DataError::io(path))?;

@@ -1,29 +1,14 @@
 //! temper: runs an alignment pipeline (tokenizer → pretrain → SFT → reward → PPO → eval)
 //! declared as a DAG in one YAML file, skipping stages whose inputs did not change.
 
-mod compare;
-mod diff;
-mod exec;
-mod folders;
-mod gate;
-mod graph_svg;
-mod hash;
-mod html;
-mod launch;
-mod lock;
-mod matrix;
 mod plan;
-mod plot;
-mod report;
-mod resolve;
-mod samples;
-mod schema;
-mod slurm;
-mod validate;
+mod run;
+mod spec;
+mod views;
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
 #[command(
@@ -57,39 +42,62 @@ struct Cli {
     command: Cmd,
 }
 
+/// `temper run`'s arguments.
+#[derive(Args)]
+struct RunArgs {
+    /// The pipeline YAML.
+    file: PathBuf,
+    /// Stages to run at once.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    jobs: u64,
+    /// Rerun only this stage (its parents must be up to date, unless --with-parents).
+    #[arg(long, conflicts_with = "from")]
+    stage: Option<String>,
+    /// Rerun this stage and everything downstream of it.
+    #[arg(long)]
+    from: Option<String>,
+    /// Run only this stage, and only if it is stale (its parents must be up to date, unless
+    /// --with-parents): what each job of `temper export slurm` runs.
+    #[arg(long, conflicts_with_all = ["stage", "from"])]
+    only: Option<String>,
+    /// With --stage, --from or --only: also run the stages upstream of it that are stale.
+    #[arg(long)]
+    with_parents: bool,
+    /// Rerun every stage, up to date or not.
+    #[arg(long)]
+    force: bool,
+    /// With --stage or --from: start over instead of resuming an unfinished run (the way
+    /// out of a state that cannot be resumed).
+    #[arg(long)]
+    fresh: bool,
+    /// Print what would run and why; run and write nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+impl RunArgs {
+    fn options(&self) -> anyhow::Result<run::RunOptions> {
+        anyhow::ensure!(
+            !self.fresh || self.stage.is_some() || self.from.is_some(),
+            "--fresh applies to the stages named by --stage or --from"
+        );
+        Ok(run::RunOptions {
+            jobs: self.jobs as usize,
+            stage: self.stage.clone(),
+            from: self.from.clone(),
+            only: self.only.clone(),
+            with_parents: self.with_parents,
+            force: self.force,
+            fresh: self.fresh,
+            dry_run: self.dry_run,
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run every stale stage in dependency order (independent stages in parallel).
-    Run {
-        /// The pipeline YAML.
-        file: PathBuf,
-        /// Stages to run at once.
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
-        jobs: u64,
-        /// Rerun only this stage (its parents must be up to date, unless --with-parents).
-        #[arg(long, conflicts_with = "from")]
-        stage: Option<String>,
-        /// Rerun this stage and everything downstream of it.
-        #[arg(long)]
-        from: Option<String>,
-        /// Run only this stage, and only if it is stale (its parents must be up to date, unless
-        /// --with-parents): what each job of `temper export slurm` runs.
-        #[arg(long, conflicts_with_all = ["stage", "from"])]
-        only: Option<String>,
-        /// With --stage, --from or --only: also run the stages upstream of it that are stale.
-        #[arg(long)]
-        with_parents: bool,
-        /// Rerun every stage, up to date or not.
-        #[arg(long)]
-        force: bool,
-        /// With --stage or --from: start over instead of resuming an unfinished run (the way
-        /// out of a state that cannot be resumed).
-        #[arg(long)]
-        fresh: bool,
-        /// Print what would run and why; run and write nothing.
-        #[arg(long)]
-        dry_run: bool,
-    },
+    Run(RunArgs),
     /// Check the file (keys, kinds, references, cycles) and every stage's config with the
     /// stage's own parser, reporting every problem at once with its line.
     Validate { file: PathBuf },
@@ -210,59 +218,36 @@ fn main() {
                 "temper: error: {}",
                 temper_stage::cli::one_line(&format!("{e:#}"))
             );
-            exec::EXIT_INVALID
+            run::EXIT_INVALID
         }
     };
     std::process::exit(code);
 }
 
+/// The pipeline in `file`, with the command line's overrides and --workdir applied.
+fn load(cli: &Cli, file: &std::path::Path) -> anyhow::Result<spec::Pipeline> {
+    let mut p = spec::load_with(file, &cli.overrides)?;
+    if let Some(w) = &cli.workdir {
+        p.workdir = spec::normalize(&std::env::current_dir()?.join(w));
+        if let Some(problem) = spec::workdir_problem(&p.workdir, &p.base) {
+            anyhow::bail!("--workdir: {problem}");
+        }
+    }
+    Ok(p)
+}
+
 fn run() -> anyhow::Result<i32> {
     let cli = Cli::parse();
-    let load = |file: &std::path::Path| -> anyhow::Result<schema::Pipeline> {
-        let mut p = schema::load_with(file, &cli.overrides)?;
-        if let Some(w) = &cli.workdir {
-            p.workdir = schema::normalize(&std::env::current_dir()?.join(w));
-            if let Some(problem) = schema::workdir_problem(&p.workdir, &p.base) {
-                anyhow::bail!("--workdir: {problem}");
-            }
-        }
-        Ok(p)
-    };
+    let load = |file: &std::path::Path| load(&cli, file);
     match &cli.command {
-        Cmd::Run {
-            file,
-            jobs,
-            stage,
-            from,
-            only,
-            with_parents,
-            force,
-            fresh,
-            dry_run,
-        } => {
-            anyhow::ensure!(
-                !*fresh || stage.is_some() || from.is_some(),
-                "--fresh applies to the stages named by --stage or --from"
-            );
-            let p = load(file)?;
+        Cmd::Run(args) => {
+            let opts = args.options()?;
+            let p = load(&args.file)?;
             temper_stage::signals::install();
-            let opts = exec::RunOptions {
-                jobs: *jobs as usize,
-                stage: stage.clone(),
-                from: from.clone(),
-                only: only.clone(),
-                with_parents: *with_parents,
-                force: *force,
-                fresh: *fresh,
-                dry_run: *dry_run,
-            };
-            exec::run(&p, &opts)
+            run::run(&p, &opts)
         }
-        Cmd::Validate { file } => report::validate_all(&load(file)?),
-        Cmd::Status { file } => {
-            report::status(&load(file)?)?;
-            Ok(0)
-        }
+        Cmd::Validate { file } => plan::validate::validate_all(&load(file)?),
+        Cmd::Status { file } => views::status::status(&load(file)?).map(|_| 0),
         Cmd::Metrics {
             file,
             stage,
@@ -270,15 +255,14 @@ fn run() -> anyhow::Result<i32> {
             last,
             json,
         } => {
-            report::metrics(&load(file)?, stage.as_deref(), *split, *last, *json)?;
-            Ok(0)
+            views::metrics::metrics(&load(file)?, stage.as_deref(), *split, *last, *json).map(|_| 0)
         }
         Cmd::Compare { file, json } => {
-            compare::print(&load(file)?, *json);
+            views::compare::print(&load(file)?, *json);
             Ok(0)
         }
         Cmd::Report { file, out } => {
-            let path = html::write_report(&load(file)?, out.as_deref())?;
+            let path = views::report::write_report(&load(file)?, out.as_deref())?;
             println!("report: {}", path.display());
             Ok(0)
         }
@@ -286,12 +270,9 @@ fn run() -> anyhow::Result<i32> {
             file,
             against,
             json,
-        } => {
-            diff::diff(&load(file)?, against.as_deref(), *json)?;
-            Ok(0)
-        }
+        } => views::diff::diff(&load(file)?, against.as_deref(), *json).map(|_| 0),
         Cmd::Tensorboard { file } => {
-            report::tensorboard(&load(file)?);
+            views::metrics::tensorboard(&load(file)?);
             Ok(0)
         }
         Cmd::Export {
@@ -299,26 +280,33 @@ fn run() -> anyhow::Result<i32> {
             file,
             out,
             sbatch,
-        } => {
-            let p = load(file)?;
-            let how = slurm::Invocation {
-                temper: std::env::current_exe()?,
-                workdir: cli.workdir.as_deref(),
-                overrides: &cli.overrides,
-                sbatch,
-            };
-            let out = slurm::export(&p, &how, out.as_deref())?;
-            println!(
-                "wrote {} Slurm job scripts and submit.sh to {}; submit with: bash {}/submit.sh",
-                p.stages.len(),
-                out.display(),
-                out.display()
-            );
-            Ok(0)
-        }
+        } => export_slurm(&cli, &load(file)?, out.as_deref(), sbatch).map(|_| 0),
         Cmd::Dag { file, format } => {
-            report::dag(&load(file)?, *format);
+            views::graph::dag(&load(file)?, *format);
             Ok(0)
         }
     }
+}
+
+/// `temper export slurm`: the job scripts and submit.sh, and how to submit them.
+fn export_slurm(
+    cli: &Cli,
+    p: &spec::Pipeline,
+    out: Option<&std::path::Path>,
+    sbatch: &[String],
+) -> anyhow::Result<()> {
+    let how = run::slurm::Invocation {
+        temper: std::env::current_exe()?,
+        workdir: cli.workdir.as_deref(),
+        overrides: &cli.overrides,
+        sbatch,
+    };
+    let out = run::slurm::export(p, &how, out)?;
+    println!(
+        "wrote {} Slurm job scripts and submit.sh to {}; submit with: bash {}/submit.sh",
+        p.stages.len(),
+        out.display(),
+        out.display()
+    );
+    Ok(())
 }

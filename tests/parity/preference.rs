@@ -5,7 +5,7 @@ use super::*;
 #[test]
 fn the_sentiment_judge_matches_the_vader_package() {
     let dir = repo().join("tests/fixtures/vader");
-    let judge = temper_core::rewards::SentimentJudge::load(&dir.join("lexicon.txt")).unwrap();
+    let judge = temper_rewards::SentimentJudge::load(&dir.join("lexicon.txt")).unwrap();
     let golden = std::fs::read_to_string(dir.join("golden.jsonl")).unwrap();
     let mut worst = (0.0, String::new());
     let mut n = 0;

@@ -1,8 +1,6 @@
 //! temper-dpo's configuration: the keys, their defaults, and the range checks made before
 //! anything is read.
 
-use std::path::PathBuf;
-
 use serde::{Deserialize, Serialize};
 use temper_core::checkpoint::{check_save, SaveOptions};
 use temper_core::peft::{check_peft, PeftConfig};
@@ -11,21 +9,23 @@ use temper_core::schedule::check_optim;
 use temper_core::{DeviceSpec, OptimSettings, Precision};
 use temper_data::{Fields, Overlong};
 use temper_stage::cadence::{every_10, every_100};
-use temper_stage::{ConfigFile, Every, Inputs, StageError};
+
+use crate::losses::LossSettings;
+use temper_stage::{ConfigFile, Every, InputPath, Inputs, StageError};
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Config {
     /// The checkpoint to train (usually SFT), with its tokenizer.json.
-    pub(crate) policy: PathBuf,
+    pub(crate) policy: InputPath,
     /// The frozen reference; defaults to `policy`'s starting checkpoint.
     #[serde(default)]
-    pub(crate) reference: Option<PathBuf>,
+    pub(crate) reference: Option<InputPath>,
     /// Preference pairs (prompt, chosen, rejected); for `kto` also unpaired rows (prompt,
     /// completion, label).
-    pub(crate) data: PathBuf,
+    pub(crate) data: InputPath,
     #[serde(default)]
-    pub(crate) eval_data: Option<PathBuf>,
+    pub(crate) eval_data: Option<InputPath>,
     #[serde(default)]
     pub(crate) fields: Fields,
     #[serde(default)]
@@ -163,4 +163,18 @@ pub(crate) fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(),
         inputs.file(cfg, "eval_data", e)?;
     }
     Ok(())
+}
+
+impl Config {
+    /// What the loss needs besides log-probs.
+    pub(crate) fn loss_settings(&self) -> LossSettings {
+        LossSettings {
+            loss: self.loss,
+            beta: self.beta,
+            label_smoothing: self.label_smoothing,
+            gamma: self.gamma,
+            desirable_weight: self.desirable_weight,
+            undesirable_weight: self.undesirable_weight,
+        }
+    }
 }

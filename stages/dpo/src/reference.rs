@@ -11,8 +11,9 @@ use temper_core::preference::PairLogps;
 use temper_data::{Epochs, RenderedPair};
 use temper_stage::progress_bar;
 
+use crate::config::Config;
 use crate::losses::pair_logps;
-use crate::{epoch_batches, load_reference, Config, Data, Setup};
+use crate::setup::{epoch_batches, load_reference, Data, Setup};
 
 /// The reference's completion log-probs of each pair, indexed like the data. Pairs the run
 /// never visits hold NaN, so reading one by mistake poisons the loss, which the stage's
@@ -77,7 +78,7 @@ pub fn reference_cache(
     let stamp_text = format!("{config_hash} global batch {global_batch}");
     let file = out.join("reference_logps.safetensors");
     let stamp = out.join("reference_logps.json");
-    let device = s.m.model.device();
+    let device = s.chat.m.model.device();
     let fresh = std::fs::read_to_string(&stamp)
         .ok()
         .is_some_and(|t| t.trim() == stamp_text);
@@ -133,7 +134,7 @@ fn compute(s: &Setup, c: &Config, batch: usize) -> anyhow::Result<BTreeMap<Strin
     let reference = match s.reference() {
         Some(r) => r,
         None => {
-            held = load_reference(c, s.m.model.device()).map_err(|e| e.error)?;
+            held = load_reference(c, s.chat.m.model.device()).map_err(|e| e.error)?;
             Reference::Model(&held)
         }
     };
@@ -153,7 +154,7 @@ fn compute(s: &Setup, c: &Config, batch: usize) -> anyhow::Result<BTreeMap<Strin
         let full = Tensor::full(
             [pairs.len() as i64],
             f64::NAN,
-            (Kind::Float, s.m.model.device()),
+            (Kind::Float, s.chat.m.model.device()),
         );
         let mut columns: Vec<Tensor> = FIELDS.iter().map(|_| full.copy()).collect();
         for chunk in wanted.chunks(c.batch_size.max(8)) {
@@ -163,7 +164,7 @@ fn compute(s: &Setup, c: &Config, batch: usize) -> anyhow::Result<BTreeMap<Strin
             }
             let refs: Vec<&RenderedPair> = chunk.iter().map(|&i| &pairs[i]).collect();
             let (lp, _) = tch::no_grad(|| {
-                reference.run(|r| pair_logps(r, &refs, s.template.pad, c.precision))
+                reference.run(|r| pair_logps(r, &refs, s.chat.template.pad, c.precision))
             })?;
             let at = Tensor::from_slice(&chunk.iter().map(|&i| i as i64).collect::<Vec<_>>())
                 .to_device(full.device());

@@ -4,13 +4,14 @@
 //! `pass@k` (some of k sampled replies is right) and `sample_accuracy` (the mean over those k).
 
 use serde::{Deserialize, Serialize};
-use temper_core::rewards::{RewardSpec, Scored, TextReward};
 use temper_core::sample::{generate, SamplingConfig};
 use temper_core::scoring::decode_replies;
 use temper_core::{with_autocast, Transformer};
 use temper_data::{seeds_for, PromptRecord};
+use temper_rewards::{RewardSpec, Scored, TextReward};
 
-use crate::{Config, Setup};
+use crate::config::Config;
+use crate::setup::Setup;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -71,13 +72,8 @@ impl ExactScorer {
         seeds: &[u64],
     ) -> anyhow::Result<Vec<f64>> {
         let sampling = SamplingConfig {
-            max_new_tokens: c.max_new_tokens,
-            temperature,
-            top_k: None,
             top_p: if temperature > 0.0 { c.top_p } else { None },
-            eos_token_id: Some(s.template.eos as i64),
-            also_stop: s.template.also_stop(),
-            pad_token_id: s.template.pad as i64,
+            ..SamplingConfig::chat(&s.template, c.max_new_tokens, temperature)
         };
         let ids: Vec<Vec<i64>> = s
             .prompts

@@ -7,99 +7,27 @@
 //! report.md (a table and side-by-side samples), samples.jsonl, metrics.jsonl, summary.json.
 //! It trains nothing, so it writes no checkpoint/.
 
+mod config;
 mod exact;
 mod measures;
+mod setup;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::PathBuf;
 
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tch::{Kind, Tensor};
-use temper_core::checkpoint::{check_vocab, ScoreHead};
-use temper_core::rewards::SentimentJudge;
 use temper_core::sample::{generate, Generation, SamplingConfig};
 use temper_core::scoring::{decode_replies, response_logprobs, reward_scores};
-use temper_core::{
-    load_checkpoint, resolve_device, with_autocast, DeviceSpec, LoadSpec, Precision, Transformer,
-};
-use temper_data::{
-    seeds_for, ChatTemplate, Fields, LoadOptions, Overlong, PromptRecord, TextTokenizer,
-};
+use temper_core::{load_checkpoint, with_autocast, LoadSpec, Transformer};
+use temper_data::seeds_for;
 use temper_stage::{
-    checked_config, invalid, ConfigFile, Inputs, MetricsLog, StageArgs, StageError, StageFolder,
-    StageKind,
+    checked_config, invalid, MetricsLog, StageArgs, StageError, StageFolder, StageKind,
 };
 
+use crate::config::{check, Config};
 use crate::measures::{policy_metrics, Replies};
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Config {
-    /// The policies to compare, by name: checkpoint folders, e.g. {sft: …, ppo: …, dpo: …}.
-    policies: BTreeMap<String, PathBuf>,
-    /// The policy the others are compared with (win-rates): one of `policies`' names.
-    baseline: String,
-    /// KL is measured against this checkpoint; defaults to the baseline's.
-    #[serde(default)]
-    reference: Option<PathBuf>,
-    /// Scores replies (score, win-rate); without one, no reward metrics.
-    #[serde(default)]
-    reward_model: Option<PathBuf>,
-    /// Exact-match accuracy against a prompt field (verifiable tasks): greedy accuracy,
-    /// pass@k and the mean accuracy of k samples at `temperature`.
-    #[serde(default)]
-    exact_match: Option<exact::ExactMatchEval>,
-    /// Held-out prompts (.jsonl or .parquet).
-    prompts: PathBuf,
-    #[serde(default)]
-    fields: Fields,
-    /// The prompt field naming the wanted sentiment (positive / negative), for the judge.
-    #[serde(default = "default_label")]
-    label_field: String,
-    /// The judge's lexicon (VADER's vader_lexicon.txt); without it, no judge metrics.
-    #[serde(default)]
-    lexicon: Option<PathBuf>,
-    #[serde(default = "default_max_prompts")]
-    max_prompts: usize,
-    #[serde(default = "default_batch")]
-    batch_size: usize,
-    #[serde(default = "default_max_new")]
-    max_new_tokens: i64,
-    #[serde(default = "default_temperature")]
-    temperature: f64,
-    #[serde(default)]
-    top_p: Option<f64>,
-    /// Side-by-side samples in report.md.
-    #[serde(default = "default_shown")]
-    show: usize,
-    #[serde(default)]
-    device: DeviceSpec,
-    #[serde(default)]
-    precision: Precision,
-    #[serde(default)]
-    seed: u64,
-}
-
-fn default_label() -> String {
-    "sentiment".into()
-}
-fn default_max_prompts() -> usize {
-    200
-}
-fn default_batch() -> usize {
-    32
-}
-fn default_max_new() -> i64 {
-    32
-}
-fn default_temperature() -> f64 {
-    0.7
-}
-fn default_shown() -> usize {
-    6
-}
+use crate::setup::{prepare, Setup};
 
 fn main() {
     temper_stage::stage_main(
@@ -109,200 +37,11 @@ fn main() {
     )
 }
 
-/// Range checks and the inputs' presence; nothing is read yet.
-fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError> {
-    let c = &cfg.value;
-    cfg.ensure(
-        !c.policies.is_empty(),
-        "policies",
-        "name at least one policy",
-    )?;
-    cfg.ensure(
-        c.policies.contains_key(&c.baseline),
-        "baseline",
-        format!(
-            "`{}` is not one of the policies ({})",
-            c.baseline,
-            c.policies.keys().cloned().collect::<Vec<_>>().join(", ")
-        ),
-    )?;
-    for name in c.policies.keys() {
-        cfg.ensure(
-            !name.is_empty()
-                && name
-                    .chars()
-                    .all(|ch| ch.is_ascii_alphanumeric() || "_-".contains(ch)),
-            "policies",
-            format!("policy name `{name}`: use letters, digits, `_` and `-`"),
-        )?;
-    }
-    cfg.ensure(c.max_prompts >= 1, "max_prompts", "must be at least 1")?;
-    cfg.ensure(c.batch_size >= 1, "batch_size", "must be at least 1")?;
-    cfg.ensure(
-        c.max_new_tokens >= 1,
-        "max_new_tokens",
-        "must be at least 1",
-    )?;
-    cfg.ensure(
-        c.temperature.is_finite() && c.temperature >= 0.0,
-        "temperature",
-        "must be ≥ 0 (0 is greedy)",
-    )?;
-    cfg.ensure(
-        c.top_p.is_none_or(|p| p > 0.0 && p <= 1.0),
-        "top_p",
-        "must be in (0, 1]",
-    )?;
-    for (name, dir) in &c.policies {
-        inputs.checkpoint(cfg, &format!("policies.{name}"), dir, true)?;
-    }
-    if let Some(r) = &c.reference {
-        inputs.checkpoint(cfg, "reference", r, false)?;
-    }
-    if let Some(r) = &c.reward_model {
-        inputs.checkpoint(cfg, "reward_model", r, false)?;
-    }
-    if let Some(e) = &c.exact_match {
-        cfg.ensure(e.k >= 1, "exact_match.k", "must be at least 1")?;
-        if let Some(p) = &e.pattern {
-            temper_core::rewards::functions::compile_pattern(p)
-                .map_err(|why| cfg.error("exact_match.pattern", why))?;
-        }
-        cfg.ensure(
-            e.k == 1 || c.temperature > 0.0,
-            "temperature",
-            "must be positive for pass@k with k > 1 (greedy replies are all the same)",
-        )?;
-    }
-    inputs.file(cfg, "prompts", &c.prompts)?;
-    if let Some(l) = &c.lexicon {
-        inputs.file(cfg, "lexicon", l)?;
-    }
-    Ok(())
-}
-
-/// The shared pieces: tokenizer, reference, reward model, judge and prompts. Policies are
-/// loaded one at a time, so memory holds one policy besides these.
-pub struct Setup {
-    tok: TextTokenizer,
-    template: ChatTemplate,
-    reference: Transformer,
-    reward: Option<Transformer>,
-    exact: Option<exact::ExactScorer>,
-    judge: Option<SentimentJudge>,
-    prompts: Vec<(Vec<u32>, PromptRecord)>,
-    labels: Vec<Option<String>>,
-    /// Each prompt's reward sign (the reward model's `temper_score_sign`; 1 without one).
-    signs: Vec<f64>,
-}
-
-fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
-    let c = &cfg.value;
-    let device = resolve_device(c.device).map_err(invalid)?;
-    let base_dir = &c.policies[&c.baseline];
-    let tokenizer = base_dir.join("tokenizer.json");
-    let tok = TextTokenizer::load(&tokenizer).map_err(invalid)?;
-    for (name, dir) in &c.policies {
-        let same = std::fs::read(dir.join("tokenizer.json")).ok() == std::fs::read(&tokenizer).ok();
-        cfg.ensure(
-            same,
-            &format!("policies.{name}"),
-            "uses a different tokenizer from the baseline; the policies must agree token for token",
-        )?;
-    }
-    let template = ChatTemplate::new(&tok).map_err(invalid)?;
-    let load = |dir: &PathBuf, spec| -> Result<Transformer, StageError> {
-        let (_, model) = load_checkpoint(dir, spec, device).map_err(invalid)?;
-        check_vocab(tok.vocab_size(), &model.config, dir).map_err(invalid)?;
-        Ok(model)
-    };
-    // Positions every policy has for prompt + reply (prompt tuning's virtual tokens take some).
-    let mut room = i64::MAX;
-    for dir in c.policies.values() {
-        // Config and vocabulary only: the weights are read when the policy's turn comes.
-        let config = temper_core::checkpoint::model_config(dir).map_err(invalid)?;
-        check_vocab(tok.vocab_size(), &config, dir).map_err(invalid)?;
-        let positions = config.max_position - temper_core::peft::virtual_tokens_of(dir);
-        cfg.ensure(
-            c.max_new_tokens < positions,
-            "max_new_tokens",
-            format!(
-                "must leave room for a prompt in {}'s {positions} positions",
-                dir.display(),
-            ),
-        )?;
-        room = room.min(positions);
-    }
-    let reference = load(
-        c.reference.as_ref().unwrap_or(base_dir),
-        LoadSpec::CAUSAL_LM,
-    )?;
-    let rm_spec = LoadSpec {
-        lm_head: false,
-        score: ScoreHead::Load,
-    };
-    let reward = c
-        .reward_model
-        .as_ref()
-        .map(|r| load(r, rm_spec))
-        .transpose()?;
-    let judge = c
-        .lexicon
-        .as_ref()
-        .map(|l| SentimentJudge::load(l))
-        .transpose()
-        .map_err(invalid)?;
-    let opts = LoadOptions {
-        tokenizer: &tok,
-        template: template.clone(),
-        fields: &c.fields,
-        max_len: (reference.config.max_position.min(room) - c.max_new_tokens) as usize,
-        overlong: Overlong::Skip,
-        train_on_prompt: false,
-    };
-    let (mut prompts, _) = opts.prompts(&c.prompts).map_err(invalid)?;
-    prompts.truncate(c.max_prompts);
-    let exact = c
-        .exact_match
-        .as_ref()
-        .map(|e| exact::ExactScorer::new(e, &prompts))
-        .transpose()
-        .map_err(|e| cfg.error("exact_match", e))?;
-    let signs = match reward.as_ref().and_then(|r| r.config.score_sign.as_ref()) {
-        Some(sign) => prompts
-            .iter()
-            .map(|(_, r)| sign.sign(&r.meta))
-            .collect::<Result<Vec<f64>, _>>()
-            .map_err(|e| cfg.error("prompts", e))?,
-        None => vec![1.0; prompts.len()],
-    };
-    let labels = prompts
-        .iter()
-        .map(|(_, r)| {
-            r.meta
-                .get(&c.label_field)
-                .and_then(|v| v.as_str())
-                .map(str::to_owned)
-        })
-        .collect();
-    Ok(Setup {
-        tok,
-        template,
-        reference,
-        reward,
-        exact,
-        judge,
-        prompts,
-        labels,
-        signs,
-    })
-}
-
 fn run(args: &StageArgs) -> Result<(), StageError> {
     let Some(cfg) = checked_config::<Config>(args, StageKind::Eval, check)? else {
         return Ok(()); // an input is pending: the rest is checked when it exists
     };
-    temper_core::dist::World::require_single("eval").map_err(|e| invalid(anyhow::anyhow!(e)))?;
+    temper_core::dist::World::require_single("eval").map_err(invalid)?;
     let s = prepare(&cfg)?;
     if args.validate {
         return cfg.print_resolved();
@@ -367,13 +106,8 @@ fn order(c: &Config) -> Vec<&String> {
 /// One policy's replies to every prompt (the same seeds for every policy), scored.
 fn answer(s: &Setup, model: &Transformer, c: &Config) -> anyhow::Result<Replies> {
     let sampling = SamplingConfig {
-        max_new_tokens: c.max_new_tokens,
-        temperature: c.temperature,
-        top_k: None,
         top_p: c.top_p,
-        eos_token_id: Some(s.template.eos as i64),
-        also_stop: s.template.also_stop(),
-        pad_token_id: s.template.pad as i64,
+        ..SamplingConfig::chat(&s.template, c.max_new_tokens, c.temperature)
     };
     let ids: Vec<Vec<i64>> = s
         .prompts

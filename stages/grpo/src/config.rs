@@ -3,18 +3,17 @@
 //! `loss_type` → `loss_aggregation`, `importance_sampling_level` → `importance`,
 //! `num_iterations` → `updates_per_iteration`).
 
-use std::path::PathBuf;
-
 use serde::{Deserialize, Serialize};
 use temper_core::checkpoint::{check_save, SaveOptions};
 use temper_core::critic_free::{Aggregation, RatioLevel, Scale};
 use temper_core::peft::{check_peft, PeftConfig};
-use temper_core::rewards::functions::{check_rewards, RewardSpec};
+use temper_core::sample::{check_sampling, SamplingKeys};
 use temper_core::schedule::check_optim;
 use temper_core::{DeviceSpec, OptimSettings, Precision};
 use temper_data::Fields;
+use temper_rewards::{check_rewards, RewardSpec};
 use temper_stage::cadence::every_10;
-use temper_stage::{ConfigFile, Every, Inputs, StageError};
+use temper_stage::{ConfigFile, Every, InputPath, Inputs, StageError};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -33,13 +32,13 @@ pub enum Algorithm {
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// The checkpoint to train (SFT), with its tokenizer.json.
-    pub policy: PathBuf,
+    pub policy: InputPath,
     /// The KL anchor when `beta` > 0; defaults to `policy`'s starting weights.
     #[serde(default)]
-    pub reference: Option<PathBuf>,
+    pub reference: Option<InputPath>,
     /// Prompts (.jsonl or .parquet): `prompt` as text or messages, plus the fields rewards
     /// read (e.g. `answer`).
-    pub prompts: PathBuf,
+    pub prompts: InputPath,
     #[serde(default)]
     pub fields: Fields,
     /// What scores a reply: a list of `{kind: exact_match|regex|length|lexicon|command|model,
@@ -188,26 +187,14 @@ pub fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageE
             c.rollout_size()
         ),
     )?;
-    cfg.ensure(
-        c.max_new_tokens >= 1,
-        "max_new_tokens",
-        "must be at least 1",
-    )?;
-    cfg.ensure(
-        c.temperature.is_finite() && c.temperature > 0.0,
-        "temperature",
-        "must be positive (the group needs different replies)",
-    )?;
-    cfg.ensure(
-        c.top_k.is_none_or(|k| k >= 1),
-        "top_k",
-        "must be at least 1",
-    )?;
-    cfg.ensure(
-        c.top_p.is_none_or(|p| p > 0.0 && p <= 1.0),
-        "top_p",
-        "must be in (0, 1]",
-    )?;
+    let sampling = SamplingKeys {
+        max_new_tokens: c.max_new_tokens,
+        temperature: c.temperature,
+        top_k: c.top_k,
+        top_p: c.top_p,
+        needs_temperature: Some("the group needs different replies"),
+    };
+    check_sampling(cfg, sampling)?;
     cfg.ensure(
         c.epsilon > 0.0 && c.epsilon < 1.0,
         "epsilon",

@@ -5,18 +5,19 @@
 
 use tch::{Kind, Tensor};
 use temper_core::checkpoint::ScoreHead;
-use temper_core::rewards::program::score_replies;
-use temper_core::rewards::{ReplyText, RewardSpec, TextReward};
 use temper_core::scoring::{decode_prompts, decode_replies, reward_scores};
 use temper_core::{load_checkpoint, LoadSpec, Loaded, Transformer};
 use temper_data::{PromptRecord, TextTokenizer};
+use temper_rewards::program::score_replies;
+use temper_rewards::{ReplyText, RewardSpec, TextReward};
 use temper_stage::{invalid, ConfigFile, StageError};
 
 use crate::config::Config;
 use crate::update::Rollout;
 
 enum Scorer {
-    Text(TextReward),
+    /// In a cell: a `command` keeps its process and pipes between calls.
+    Text(std::cell::RefCell<TextReward>),
     Model(Box<Transformer>),
 }
 
@@ -55,7 +56,7 @@ impl RewardSet {
             let scorer = match TextReward::new(spec)
                 .map_err(|e| cfg.error(&field, e.to_string()))?
             {
-                Some(t) => Scorer::Text(t),
+                Some(t) => Scorer::Text(std::cell::RefCell::new(t)),
                 None => {
                     let RewardSpec::Model { path, .. } = spec else {
                         unreachable!("only model rewards have no text scorer")
@@ -94,7 +95,7 @@ impl RewardSet {
         for (row, (_, record)) in prompts.iter().enumerate() {
             for e in &self.entries {
                 let problem = match &e.scorer {
-                    Scorer::Text(t) => t.check_fields(&record.meta).err(),
+                    Scorer::Text(t) => t.borrow().check_fields(&record.meta).err(),
                     Scorer::Model(m) => m
                         .config
                         .score_sign
@@ -118,7 +119,7 @@ impl RewardSet {
     }
 
     pub fn score(
-        &mut self,
+        &self,
         records: &[&PromptRecord],
         ro: &Rollout,
         tok: &TextTokenizer,
@@ -142,9 +143,9 @@ impl RewardSet {
             .collect();
         let mut total = vec![0.0; b];
         let mut per_name = Vec::new();
-        for e in &mut self.entries {
-            let values: Vec<f64> = match &mut e.scorer {
-                Scorer::Text(t) => score_replies(t, &e.name, &texts)?,
+        for e in &self.entries {
+            let values: Vec<f64> = match &e.scorer {
+                Scorer::Text(t) => score_replies(&mut t.borrow_mut(), &e.name, &texts)?,
                 Scorer::Model(m) => {
                     let scores = tch::no_grad(|| reward_scores(m, &ro.joined))?;
                     let mut v = Vec::<f64>::try_from(scores.to_kind(Kind::Double))?;

@@ -8,12 +8,36 @@ use temper_core::dist::{GradSync, World};
 use temper_core::sample::{generate, Joined};
 use temper_core::scoring::{decode_prompts, response_logprobs};
 use temper_core::{rl, with_autocast, AdamW};
-use temper_data::{seed_for, shuffled};
+use temper_data::{pass_batch, seed_for, seeds_for, shuffled};
 use temper_stage::check_finite;
 
 use crate::config::{Algorithm, Config};
 use crate::rewards::Scored;
-use crate::{sampling, Setup};
+use crate::setup::{sampling, Setup};
+
+/// An iteration's rows: a seeded pass over the prompts (for every rank), each prompt
+/// repeated G times, with their sampling seeds, and this rank's range of them (whole groups).
+pub fn group_rows(
+    s: &Setup,
+    c: &Config,
+    world: &World,
+    iter: u64,
+) -> (Vec<usize>, Vec<u64>, std::ops::Range<usize>) {
+    let g = c.num_generations;
+    let picked = pass_batch(
+        s.prompts.len(),
+        c.prompts_per_iteration * world.size(),
+        c.seed,
+        iter,
+    );
+    let rows: Vec<usize> = picked
+        .iter()
+        .flat_map(|&i| std::iter::repeat_n(i, g))
+        .collect();
+    let seeds = seeds_for(c.seed, "rollout", iter, rows.len());
+    let mine = world.shard(picked.len());
+    (rows, seeds, mine.start * g..mine.end * g)
+}
 
 /// One rollout. B = prompts × G (a prompt's replies consecutive), N response columns.
 pub struct Rollout {
@@ -107,6 +131,67 @@ pub fn advantages(
     })
 }
 
+/// Step 3 of an iteration: the whole rollout's rewards gathered, this rank's advantages, and
+/// the loss mask — DAPO's dynamic sampling leaves out the groups where every reply scored the
+/// same, which carry no signal.
+pub fn scored_advantages(
+    c: &Config,
+    world: &World,
+    ro: &Rollout,
+    scored: &Scored,
+    rows: usize,
+    mine: std::ops::Range<usize>,
+) -> anyhow::Result<(Gathered, Tensor, Tensor)> {
+    let zero_std = critic_free::zero_std_groups(&scored.total, c.num_generations as i64);
+    let all = Gathered::new(world, ro, scored, &zero_std, rows)?;
+    let adv = advantages(c, &all.total, mine, ro, world)?;
+    let mask = if c.dynamic_sampling {
+        &ro.mask * zero_std.logical_not().to_kind(Kind::Float).unsqueeze(1)
+    } else {
+        ro.mask.shallow_clone()
+    };
+    Ok((all, adv, mask))
+}
+
+/// The clipped loss of the rollout's rows `idx` (with gradient), and their clip fraction,
+/// entropy and KL to the reference (k3, 0 without one).
+fn minibatch_loss(
+    s: &Setup,
+    c: &Config,
+    ro: &Rollout,
+    adv: &Tensor,
+    idx: &Tensor,
+    m: &Tensor,
+    settings: &ClipSettings,
+) -> anyhow::Result<(Tensor, [f64; 3])> {
+    let pick = |t: &Tensor| t.index_select(0, idx);
+    let out = with_autocast(idx.device(), c.precision, || -> anyhow::Result<_> {
+        let (logp, logits) = response_logprobs(
+            &s.policy.model,
+            &pick(&ro.joined.seq),
+            &pick(&ro.joined.attention),
+            ro.prompt_len,
+            &pick(&ro.tokens),
+            c.temperature,
+        )?;
+        let reference = ro.ref_logp.as_ref().map(pick);
+        let old = pick(&ro.old_logp);
+        let (loss, clipfrac) =
+            critic_free::clipped_loss(&logp, &old, reference.as_ref(), &pick(adv), m, settings);
+        let entropy = rl::entropy(&logits, m).detach();
+        let kl = match &reference {
+            Some(r) => {
+                (critic_free::k3(&logp, r) * m).sum(Kind::Float) / m.sum(Kind::Float).clamp_min(1.0)
+            }
+            None => Tensor::from(0.0f32),
+        };
+        Ok((loss, clipfrac, entropy, kl.detach()))
+    })??;
+    let (loss, clipfrac, entropy, kl) = out;
+    let scalar = |t: &Tensor| t.to_kind(Kind::Double).double_value(&[]);
+    Ok((loss, [scalar(&clipfrac), scalar(&entropy), scalar(&kl)]))
+}
+
 /// What the passes over a rollout measured (means over minibatch updates).
 pub struct Optimized {
     pub loss: f64,
@@ -179,8 +264,7 @@ pub fn optimize(
                 .map(|&i| (i - part.offset) as i64)
                 .collect();
             let idx = Tensor::from_slice(&rows).to_device(device);
-            let pick = |t: &Tensor| t.index_select(0, &idx);
-            let m = pick(mask);
+            let m = mask.index_select(0, &idx);
             let tokens = m.sum(Kind::Float).double_value(&[]);
             if ranks > 1 {
                 settings.whole = Some(Whole {
@@ -191,42 +275,9 @@ pub fn optimize(
             // [loss, clipfrac, entropy, kl] of this rank's rows; nothing when it has none.
             let mut local = [0.0; 4];
             if !rows.is_empty() {
-                let out = with_autocast(device, c.precision, || -> anyhow::Result<_> {
-                    let (logp, logits) = response_logprobs(
-                        &s.policy.model,
-                        &pick(&ro.joined.seq),
-                        &pick(&ro.joined.attention),
-                        ro.prompt_len,
-                        &pick(&ro.tokens),
-                        c.temperature,
-                    )?;
-                    let reference = ro.ref_logp.as_ref().map(pick);
-                    let (loss, clipfrac) = critic_free::clipped_loss(
-                        &logp,
-                        &pick(&ro.old_logp),
-                        reference.as_ref(),
-                        &pick(adv),
-                        &m,
-                        &settings,
-                    );
-                    let entropy = rl::entropy(&logits, &m).detach();
-                    let kl = match &reference {
-                        Some(r) => {
-                            (critic_free::k3(&logp, r) * &m).sum(Kind::Float)
-                                / m.sum(Kind::Float).clamp_min(1.0)
-                        }
-                        None => Tensor::from(0.0f32),
-                    };
-                    Ok((loss, clipfrac, entropy, kl.detach()))
-                })??;
-                let (loss, clipfrac, entropy, kl) = out;
-                let scalar = |t: &Tensor| t.to_kind(Kind::Double).double_value(&[]);
-                local = [
-                    loss.double_value(&[]),
-                    scalar(&clipfrac),
-                    scalar(&entropy),
-                    scalar(&kl),
-                ];
+                let (loss, [clipfrac, entropy, kl]) =
+                    minibatch_loss(s, c, ro, adv, &idx, &m, &settings)?;
+                local = [loss.double_value(&[]), clipfrac, entropy, kl];
                 // A NaN stops below, before any update writes it into the weights.
                 if local[0].is_finite() {
                     let scaled = if ranks > 1 { loss * ranks as f64 } else { loss };

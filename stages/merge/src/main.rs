@@ -3,15 +3,15 @@
 //! `peft: {method: lora}` feeds tools and stages that want plain weights:
 //! SFT with LoRA → merge → reward model is one pipeline.
 
-use std::path::PathBuf;
-
 use serde::{Deserialize, Serialize};
-use temper_core::checkpoint::{check_save, save_final_with, SaveDtype, SaveOptions, ScoreHead};
+use temper_core::checkpoint::{
+    check_save, save_full_checkpoint, SaveDtype, SaveOptions, ScoreHead,
+};
 use temper_core::peft::{is_adapter, read_adapter_config};
 use temper_core::{load_checkpoint, resolve_device, DeviceSpec, LoadSpec};
 use temper_stage::{
-    checked_config, invalid, ConfigFile, Inputs, MetricsLog, StageArgs, StageError, StageFolder,
-    StageKind,
+    checked_config, invalid, ConfigFile, InputPath, Inputs, MetricsLog, StageArgs, StageError,
+    StageFolder, StageKind,
 };
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -19,7 +19,7 @@ use temper_stage::{
 struct Config {
     /// A checkpoint folder holding a PEFT LoRA adapter (adapter_config.json,
     /// adapter_model.safetensors, tokenizer.json), e.g. `${sft.checkpoint}`.
-    adapter: PathBuf,
+    adapter: InputPath,
     /// Where to merge (the arithmetic is the same anywhere; a GPU only makes it faster).
     /// How the merged checkpoint is written: `dtype` (fp32, bf16, fp16; default the base's)
     /// and `max_shard_size` (`5GB`; default one file).
@@ -83,7 +83,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     cfg.write_resolved(&folder.path)?;
     let log = MetricsLog::open(&folder.path)?;
     let write = c.save.resolve(SaveDtype::of_checkpoint(&c.adapter));
-    save_final_with(
+    save_full_checkpoint(
         &folder.path,
         &model,
         &vs,
@@ -94,7 +94,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     summary.insert("params".into(), model.config.param_count().into());
     summary.insert(
         "adapter_mb".into(),
-        serde_json::json!(temper_stage::memory::dir_bytes(&c.adapter) as f64 / 1e6),
+        serde_json::json!(temper_stage::footprint::dir_bytes(&c.adapter) as f64 / 1e6),
     );
     log.write_summary("ok", summary)?;
     tracing::info!(

@@ -2,18 +2,17 @@
 //! (`cliprange`, `cliprange_value`, `vf_coef`, `gamma`, `lam`, `whiten_advantages`,
 //! `missing_eos_penalty`).
 
-use std::path::PathBuf;
-
 use serde::{Deserialize, Serialize};
 use temper_core::checkpoint::{check_save, SaveOptions};
 use temper_core::peft::{check_peft, PeftConfig};
-use temper_core::rewards::functions::{check_rewards, RewardSpec};
 use temper_core::rl::{KlControl, KlEstimator};
+use temper_core::sample::{check_sampling, SamplingKeys};
 use temper_core::schedule::check_optim;
 use temper_core::{DeviceSpec, OptimSettings, Precision};
 use temper_data::Fields;
+use temper_rewards::{check_rewards, RewardSpec};
 use temper_stage::cadence::every_10;
-use temper_stage::{ConfigFile, Every, Inputs, StageError};
+use temper_stage::{ConfigFile, Every, InputPath, Inputs, StageError};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -82,11 +81,11 @@ impl Default for KlSettings {
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// SFT checkpoint: the actor's start and the frozen reference.
-    pub policy: PathBuf,
+    pub policy: InputPath,
     /// Reward-model checkpoint (with `score.weight`); optional when `rewards` lists program
     /// rewards (then the critic starts from the policy: `critic_init: policy`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reward_model: Option<PathBuf>,
+    pub reward_model: Option<InputPath>,
     /// Program rewards added to the reward model's score, weighted (`length`, `regex`,
     /// `exact_match`, `lexicon`, `command`; the same list as temper-grpo's, without `model`):
     /// e.g. a `length` range so the actor cannot win by writing replies too short to judge,
@@ -94,7 +93,7 @@ pub struct Config {
     #[serde(default)]
     pub rewards: Vec<RewardSpec>,
     /// Prompts (.jsonl or .parquet): `prompt` as text or messages.
-    pub prompts: PathBuf,
+    pub prompts: InputPath,
     #[serde(default)]
     pub fields: Fields,
     #[serde(default)]
@@ -227,26 +226,14 @@ pub fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageE
     ] {
         cfg.ensure(v >= 1, field, "must be at least 1")?;
     }
-    cfg.ensure(
-        c.max_new_tokens >= 1,
-        "max_new_tokens",
-        "must be at least 1",
-    )?;
-    cfg.ensure(
-        c.temperature.is_finite() && c.temperature > 0.0,
-        "temperature",
-        "must be positive (PPO samples)",
-    )?;
-    cfg.ensure(
-        c.top_k.is_none_or(|k| k >= 1),
-        "top_k",
-        "must be at least 1",
-    )?;
-    cfg.ensure(
-        c.top_p.is_none_or(|p| p > 0.0 && p <= 1.0),
-        "top_p",
-        "must be in (0, 1]",
-    )?;
+    let sampling = SamplingKeys {
+        max_new_tokens: c.max_new_tokens,
+        temperature: c.temperature,
+        top_k: c.top_k,
+        top_p: c.top_p,
+        needs_temperature: Some("PPO samples"),
+    };
+    check_sampling(cfg, sampling)?;
     cfg.ensure(
         c.kl.coef.is_finite() && c.kl.coef >= 0.0,
         "kl.coef",

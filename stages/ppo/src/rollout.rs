@@ -7,7 +7,6 @@ use serde_json::{json, Value};
 use tch::{Kind, Tensor};
 use temper_core::dist::{GradSync, World};
 use temper_core::peft::{Reference, Tuning};
-use temper_core::rewards::{ProgramRewards, ProgramScores, ReplyText};
 use temper_core::rl;
 use temper_core::sample::{generate, SamplingConfig};
 use temper_core::scoring::{
@@ -15,6 +14,7 @@ use temper_core::scoring::{
 };
 use temper_core::{with_autocast, AdamW, Precision, Transformer};
 use temper_data::{seed_for, shuffled, ChatTemplate, TextTokenizer};
+use temper_rewards::{ProgramRewards, ProgramScores, ReplyText};
 use temper_stage::check_finite;
 
 pub struct Models<'a> {
@@ -231,41 +231,9 @@ pub fn optimize(
             check_finite(plv + vlv, s.iteration + 1, s.last_saved)?;
             // The loss each rank differentiates: its token share of the minibatch's mean,
             // times the ranks (the gradients are averaged).
-            let weigh = |t: Tensor| match ranks {
-                1 => t,
-                _ => t * (share * ranks as f64),
-            };
-            let tuning = m.actor_tuning;
-            let grad_norm = match critic_opt.as_deref_mut() {
-                Some(copt) => {
-                    if let Some(l) = &l {
-                        s.actor_sync.arm_last_backward();
-                        tuning
-                            .regularised(weigh(l.objective.shallow_clone()))
-                            .backward();
-                    }
-                    s.actor_sync.finish()?;
-                    let g = actor_opt
-                        .update_then(s.actor_clip, s.actor_lr, || tuning.after_update())?;
-                    let critic_sync = s.critic_sync.expect("a critic optimizer has its sync");
-                    if let Some(l) = &l {
-                        critic_sync.arm_last_backward();
-                        weigh(l.value_loss.shallow_clone()).backward();
-                    }
-                    critic_sync.finish()?;
-                    copt.update(s.critic_clip, s.critic_lr)?;
-                    g
-                }
-                None => {
-                    if let Some(l) = &l {
-                        let loss = &l.objective + &l.value_loss * s.vf_coef;
-                        s.actor_sync.arm_last_backward();
-                        tuning.regularised(weigh(loss)).backward();
-                    }
-                    s.actor_sync.finish()?;
-                    actor_opt.update_then(s.actor_clip, s.actor_lr, || tuning.after_update())?
-                }
-            };
+            let weight = (ranks > 1).then_some(share * ranks as f64);
+            let opts = (&mut *actor_opt, critic_opt.as_deref_mut());
+            let grad_norm = update(l.as_ref(), m, &s, weight, opts)?;
             let values = [
                 plv,
                 clipfrac,
@@ -302,6 +270,49 @@ struct MinibatchLosses {
     entropy: Tensor,
     value_loss: Tensor,
     value_clipfrac: Tensor,
+}
+
+/// A minibatch's backward passes and updates: the actor's, then the critic's with its own
+/// optimizer, or both losses through one shared optimizer. `l` is None on a rank that holds
+/// none of the minibatch (it still joins the gradient reductions); `weight` scales each
+/// rank's losses (None with one process). Returns the actor's gradient norm.
+fn update(
+    l: Option<&MinibatchLosses>,
+    m: &Models,
+    s: &OptimizeSettings,
+    weight: Option<f64>,
+    (actor_opt, critic_opt): (&mut AdamW, Option<&mut AdamW>),
+) -> anyhow::Result<f64> {
+    let weigh = |t: Tensor| match weight {
+        None => t,
+        Some(w) => t * w,
+    };
+    let tuning = m.actor_tuning;
+    let Some(copt) = critic_opt else {
+        if let Some(l) = l {
+            let loss = &l.objective + &l.value_loss * s.vf_coef;
+            s.actor_sync.arm_last_backward();
+            tuning.regularised(weigh(loss)).backward();
+        }
+        s.actor_sync.finish()?;
+        return Ok(actor_opt.update_then(s.actor_clip, s.actor_lr, || tuning.after_update())?);
+    };
+    if let Some(l) = l {
+        s.actor_sync.arm_last_backward();
+        tuning
+            .regularised(weigh(l.objective.shallow_clone()))
+            .backward();
+    }
+    s.actor_sync.finish()?;
+    let g = actor_opt.update_then(s.actor_clip, s.actor_lr, || tuning.after_update())?;
+    let critic_sync = s.critic_sync.expect("a critic optimizer has its sync");
+    if let Some(l) = l {
+        critic_sync.arm_last_backward();
+        weigh(l.value_loss.shallow_clone()).backward();
+    }
+    critic_sync.finish()?;
+    copt.update(s.critic_clip, s.critic_lr)?;
+    Ok(g)
 }
 
 fn minibatch_losses(

@@ -5,8 +5,8 @@
 
 use tch::{Kind, Tensor};
 use temper_core::dist::World;
-use temper_core::rewards::ProgramScores;
 use temper_core::rl;
+use temper_rewards::ProgramScores;
 
 use crate::config::Config;
 use crate::rollout::{OptimizeMetrics, Rollout};
@@ -36,11 +36,39 @@ pub struct Local<'a> {
     pub returns: &'a Tensor,
     pub program: Option<&'a ProgramScores>,
     pub has_reward_model: bool,
-    pub train_s: f64,
+}
+
+impl<'a> Local<'a> {
+    /// This rank's share of an iteration; its training time is added by the loop.
+    pub fn new(
+        ro: &'a Rollout,
+        score: &'a Tensor,
+        kl: &'a Tensor,
+        returns: &'a Tensor,
+        program: Option<&'a ProgramScores>,
+        has_reward_model: bool,
+    ) -> Self {
+        Self {
+            ro,
+            score,
+            kl,
+            returns,
+            program,
+            has_reward_model,
+        }
+    }
 }
 
 impl Whole {
-    pub fn new(world: &World, x: Local, rows: usize, c: &Config) -> anyhow::Result<Self> {
+    /// The whole batch's numbers from every rank's `Local`; `train_s` the seconds this
+    /// iteration's updates took.
+    pub fn new(
+        world: &World,
+        x: Local,
+        rows: usize,
+        train_s: f64,
+        c: &Config,
+    ) -> anyhow::Result<Self> {
         let all = |t: &Tensor| world.whole_batch(t, rows);
         let ro = x.ro;
         let lengths = ro.mask.sum_dim_intlist(1, false, Kind::Float);
@@ -48,7 +76,7 @@ impl Whole {
         let train_tokens = scalar(&ro.attention.sum(Kind::Float)) * c.ppo_epochs as f64;
         let rates = world.sum_values(&[
             scalar(&ro.mask.sum(Kind::Float)) / ro.generate_s,
-            train_tokens / x.train_s,
+            train_tokens / train_s,
         ])?;
         let mut per_name = Vec::new();
         for (name, values) in x.program.iter().flat_map(|p| &p.per_name) {
@@ -90,6 +118,17 @@ pub struct Stepped<'a> {
     pub kl_coef: f64,
     pub lr: f64,
     pub tokens_seen: u64,
+}
+
+impl<'a> Stepped<'a> {
+    pub fn new(m: &'a OptimizeMetrics, kl_coef: f64, lr: f64, tokens_seen: u64) -> Self {
+        Self {
+            m,
+            kl_coef,
+            lr,
+            tokens_seen,
+        }
+    }
 }
 
 /// The numbers of one iteration, in the metrics schema's names, with its time split

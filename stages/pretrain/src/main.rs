@@ -11,36 +11,36 @@ use tch::nn::VarStore;
 use tch::{Device, Tensor};
 use temper_core::checkpoint::{check_save, SaveDtype, SaveOptions};
 use temper_core::device::check_memory;
-use temper_core::dist::{Placement, Ranks, World};
+use temper_core::dist::GradSync;
 use temper_core::model::MemorySaving;
 use temper_core::peft::{check_peft, PeftConfig, Tuning};
 use temper_core::schedule::check_optim;
+use temper_core::train::{self, Stepped, TrainRun};
 use temper_core::{
-    load_checkpoint, resume_or_start, save_state, DeviceSpec, Heads, LoadSpec, ModelShape,
-    OptimSettings, Precision, Transformer,
+    load_checkpoint, DeviceSpec, Heads, LoadSpec, ModelShape, OptimSettings, Precision, Transformer,
 };
 use temper_data::stream::{build_stream, StreamSettings, TokenStream};
 use temper_data::tokenizer::{EOS, PAD};
 use temper_data::{seed_for, shuffled, Epochs, Fields, TextSplit, TextTokenizer};
 use temper_stage::cadence::{every_10, every_100};
 use temper_stage::{
-    check_finite, checked_config, invalid, step_fields, Cadence, ConfigFile, Every, Inputs,
-    MetricsLog, StageArgs, StageError, StageKind, Throughput,
+    invalid, CachePath, Cadence, ConfigFile, Every, InputPath, Inputs, MetricsLog, StageArgs,
+    StageError, StageKind, Summary,
 };
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Config {
     /// tokenizer.json (ignored in favour of the checkpoint's own when `init` holds one).
-    tokenizer: PathBuf,
+    tokenizer: InputPath,
     /// Training corpus: .txt, .jsonl or .parquet files with a text field.
-    data: Vec<PathBuf>,
+    data: Vec<InputPath>,
     /// Extra evaluation streams by name, e.g. general English while adapting to a domain.
     #[serde(default)]
     eval_data: BTreeMap<String, EvalStream>,
     /// Checkpoint folder to continue from; without it the model starts from `model:`.
     #[serde(default)]
-    init: Option<PathBuf>,
+    init: Option<InputPath>,
     /// Model shape for training from scratch (vocab_size defaults to the tokenizer's).
     #[serde(default)]
     model: Option<ModelShape>,
@@ -92,13 +92,13 @@ struct Config {
     /// Where tokenized corpora are cached (default ~/.cache/temper/tokens). Not part of the
     /// cache key: where a cache lives changes no result.
     #[serde(default)]
-    cache_dir: Option<PathBuf>,
+    cache_dir: Option<CachePath>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct EvalStream {
-    files: Vec<PathBuf>,
+    files: Vec<InputPath>,
     /// `heldout`: the documents the hash split holds out (use for a corpus also trained on);
     /// `all`: every document (use for a file that is held out as a whole).
     #[serde(default)]
@@ -199,7 +199,7 @@ fn prepare(cfg: &ConfigFile<Config>, device: Device) -> Result<Setup, StageError
     let c = &cfg.value;
     let tokenizer_path = match &c.init {
         Some(init) if init.join("tokenizer.json").exists() => init.join("tokenizer.json"),
-        _ => c.tokenizer.clone(),
+        _ => c.tokenizer.to_path_buf(),
     };
     let tok = TextTokenizer::load(&tokenizer_path).map_err(invalid)?;
     let (eos, pad) = (tok.require(EOS).map_err(invalid)?, tok.id(PAD).unwrap_or(0));
@@ -254,7 +254,10 @@ fn prepare(cfg: &ConfigFile<Config>, device: Device) -> Result<Setup, StageError
         text_split: c.text_split,
         fields: c.fields.clone(),
     };
-    let cache = c.cache_dir.clone().unwrap_or_else(default_cache_dir);
+    let cache = c
+        .cache_dir
+        .as_ref()
+        .map_or_else(default_cache_dir, |d| d.to_path_buf());
     let stream =
         build_stream(&c.data, &tok, &settings(c.val_fraction), Some(&cache)).map_err(invalid)?;
     let mut evals = vec![("eval".to_string(), stream.val.clone())];
@@ -293,52 +296,39 @@ fn default_cache_dir() -> PathBuf {
 }
 
 fn run(args: &StageArgs) -> Result<(), StageError> {
-    let Some(cfg) = checked_config::<Config>(args, StageKind::Pretrain, check)? else {
-        return Ok(()); // an input is pending: the rest is checked when it exists
-    };
     // Data parallel (torchrun / Slurm): every rank trains on its share of each batch; rank 0
-    // alone writes (the others log into a scratch folder). A bad environment stops here,
-    // before anything is read or written.
-    let placement = Placement::from_env().map_err(|e| invalid(anyhow::anyhow!(e)))?;
-    let device = placement
-        .device(cfg.value.device)
-        .map_err(|e| invalid(anyhow::anyhow!(e)))?;
-    let s = prepare(&cfg, device)?;
-    if args.validate {
-        return cfg.print_resolved();
-    }
-    let world = World::join_placed(placement, device).map_err(|e| invalid(anyhow::anyhow!(e)))?;
-
-    let c = &cfg.value;
-    let ranks = Ranks::open(&world, &args.out, "pretrain")?;
-    if world.is_main() {
-        cfg.write_resolved(&ranks.out)?;
-    }
-    let mut log = MetricsLog::open(&ranks.log_dir)?;
+    // alone writes (the others log into a scratch folder).
+    let prepare = |cfg: &ConfigFile<Config>, _: &_, device| prepare(cfg, device);
+    let Some(st) = train::start(args, StageKind::Pretrain, check, |c| c.device, prepare)? else {
+        return Ok(());
+    };
+    let (c, s) = (&st.cfg.value, &st.setup);
     let mut opt = s.tuning.optimizer(&s.vs, c.optim.adamw());
     let stores = s.tuning.stores(&s.vs);
-    let mut progress = ranks.resume(&world, |out| {
-        resume_or_start(out, &mut log, &stores, &mut [&mut opt], &cfg.hash)
-    })?;
-    world.start_together(progress.step, &opt.parameters())?;
-    // Gradients averaged over the ranks in buckets, reduced while the last backward runs.
-    let sync = world.grad_sync(&opt.parameters())?;
     let every = Cadence::new(c.log_every, c.eval_every, c.save_every, c.steps);
+    let mut run = TrainRun::open(
+        st.world,
+        &args.out,
+        &st.cfg,
+        &stores,
+        &mut [&mut opt],
+        every,
+    )?;
+    // Gradients averaged over the ranks in buckets, reduced while the last backward runs.
+    let sync = run.world.grad_sync(&opt.parameters())?;
     let (b, t, accum) = (c.batch_size, c.block_size, c.optim.grad_accum);
-    let (rank, n_ranks) = (world.rank(), world.size());
+    let (rank, n_ranks) = (run.world.rank(), run.world.size());
     let n_blocks = s.stream.train_blocks();
     // Block k of the run is block order[k % n] of epoch k / n: a function of the step alone,
     // so a resumed run reads exactly the batches an uninterrupted one would.
     let mut blocks = Epochs::new(|e| shuffled(n_blocks, seed_for(c.seed, "epoch", e)));
-    let mut bar = ranks.progress(c.steps, progress.step);
-    let mut throughput = Throughput::new();
-    let mut last_eval = BTreeMap::new();
-    if progress.step == 0 {
+    let mut last_eval = None;
+    if run.progress.step == 0 {
         // A baseline before any update (for continued pretraining: where the domain starts).
-        last_eval = evaluate(&s, c, &mut log, 0)?;
+        last_eval = evaluate(s, c, &mut run.log, 0)?;
     }
-    while progress.step < c.steps {
-        let step = progress.step;
+    while run.progress.step < c.steps {
+        let step = run.progress.step;
         let lr = c.optim.lr_at(step, c.steps);
         let mut step_loss = 0.0;
         s.tuning.set_training(true); // adapter dropout, when there is one
@@ -353,100 +343,63 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
             let ids = Tensor::from_slice(&ids)
                 .view([b as i64, t as i64])
                 .to_device(s.device);
-            let saving = c.memory_saving();
-            let value = if saving.any() {
-                let weight = 1.0 / accum as f64;
-                let mask = ids.ones_like();
-                let v = s
-                    .model
-                    .lm_loss_backward(&ids, None, &mask, c.precision, weight, saving)?;
-                s.tuning.backward_regulariser(weight);
-                v
-            } else {
-                let loss = s.model.lm_loss(&ids, None, &ids.ones_like(), c.precision)?;
-                let value = loss.double_value(&[]);
-                if value.is_finite() {
-                    if micro + 1 == accum {
-                        sync.arm_last_backward();
-                    }
-                    (s.tuning.regularised(loss) / accum as f64).backward();
-                }
-                value
-            };
-            if let Err(e) = check_finite(value, step + 1, step) {
-                if world.is_main() {
-                    save_state(&ranks.out, &log, &stores, &[&opt], &progress)?;
-                }
-                return Err(e.into());
-            }
-            step_loss += value / accum as f64;
+            let loss = micro_step(s, c, &sync, &ids, micro + 1 == accum)?;
+            run.guard(loss, &stores, &[&opt])?;
+            step_loss += loss / accum as f64;
         }
         // The mean gradient over the global batch; every rank then takes the same step.
         sync.finish()?;
-        let step_loss = world.mean(step_loss)?;
+        let loss = run.world.mean(step_loss)?;
         let grad_norm = opt.update_then(c.optim.grad_clip, lr, || s.tuning.after_update())?;
-        progress.step += 1;
-        let tokens = (b * t * n_ranks) as u64 * accum;
-        progress.tokens_seen += tokens;
-        throughput.add(tokens);
-        let step = progress.step;
-        bar.set(step, format!("loss {step_loss:.4}"));
-        if every.log_due(step) {
-            let mut fields = step_fields(
-                step_loss,
-                lr,
-                grad_norm,
-                progress.tokens_seen,
-                throughput.take(),
-            );
-            fields.push(("ppl", step_loss.exp()));
-            log.log_train(step, &fields)?;
+        let done = Stepped::new(loss, lr, grad_norm, (b * t * n_ranks) as u64 * accum);
+        let step = run.stepped(done, &[("ppl", loss.exp())], format!("loss {loss:.4}"))?;
+        if run.every.eval_due(step) {
+            last_eval = evaluate(s, c, &mut run.log, step)?;
         }
-        if every.eval_due(step) {
-            last_eval = evaluate(&s, c, &mut log, step)?;
-        }
-        if every.save_due(step) && world.is_main() {
-            save_state(&ranks.out, &log, &stores, &[&opt], &progress)?;
-        }
-        every.stop_if_asked(step)?;
+        run.save_when_due(&stores, &[&opt])?;
     }
-    bar.finish();
-    if !world.is_main() {
-        return ranks.finish();
-    }
-
+    let Some(done) = run.finish()? else {
+        return Ok(());
+    };
     // An adapter's base is the `init` folder, unless that was itself an adapter (merged).
-    let base = c
-        .init
-        .as_deref()
-        .filter(|i| !temper_core::peft::is_adapter(i));
-    let stored = c
-        .init
-        .as_deref()
-        .map_or(SaveDtype::F32, SaveDtype::of_checkpoint);
-    s.tuning.save_final(
-        &ranks.out,
-        &s.model,
-        &s.vs,
-        &s.tokenizer_path,
-        base,
-        c.save.resolve(stored),
-    )?;
-    let mut summary = log.summary_base(&progress);
-    for (k, v) in s.tuning.summary_fields(&s.vs) {
-        summary.insert(k.into(), v.into());
+    let init = c.init.as_deref();
+    let base = init.filter(|i| !temper_core::peft::is_adapter(i));
+    let stored = init.map_or(SaveDtype::F32, SaveDtype::of_checkpoint);
+    let write = c.save.resolve(stored);
+    let tuning = &s.tuning;
+    let dir = done.out.join("checkpoint");
+    tuning.save_into(&dir, &s.model, &s.vs, &s.tokenizer_path, base, write)?;
+    let summary = done.summary(tuning.summary_fields(&s.vs), last_eval);
+    done.write(summary)
+}
+
+/// One micro-batch's mean loss over the rows `ids` (B, T), backward done.
+fn micro_step(
+    s: &Setup,
+    c: &Config,
+    sync: &GradSync,
+    ids: &Tensor,
+    last: bool,
+) -> anyhow::Result<f64> {
+    let saving = c.memory_saving();
+    let weight = 1.0 / c.optim.grad_accum as f64;
+    let mask = ids.ones_like();
+    if saving.any() {
+        let v = s
+            .model
+            .lm_loss_backward(ids, None, &mask, c.precision, weight, saving)?;
+        s.tuning.backward_regulariser(weight);
+        return Ok(v);
     }
-    for (name, loss) in &last_eval {
-        summary.insert(format!("{}loss", prefix(name)), (*loss).into());
-        summary.insert(format!("{}ppl", prefix(name)), loss.exp().into());
+    let loss = s.model.lm_loss(ids, None, &mask, c.precision)?;
+    let value = loss.double_value(&[]);
+    if value.is_finite() {
+        if last {
+            sync.arm_last_backward();
+        }
+        (s.tuning.regularised(loss) / c.optim.grad_accum as f64).backward();
     }
-    if last_eval.is_empty() {
-        // Resumed at the last step, after the final evaluation and save (stopped before the
-        // summary): the loop did not run, and the final evaluation is the one logged then.
-        summary.extend(log.eval_logged_at_resume());
-    }
-    log.write_summary("ok", summary)?;
-    Ok(())
+    Ok(value)
 }
 
 /// Metric-name prefix of an evaluation stream: none for the corpus's own held-out part.
@@ -464,9 +417,9 @@ fn evaluate(
     c: &Config,
     log: &mut MetricsLog,
     step: u64,
-) -> anyhow::Result<BTreeMap<String, f64>> {
+) -> anyhow::Result<Option<Summary>> {
     s.tuning.set_training(false);
-    let mut out = BTreeMap::new();
+    let mut out = Summary::new();
     for (name, tokens) in &s.evals {
         let n = tokens.len() / c.block_size;
         let limit = if c.eval_batches == 0 {
@@ -499,9 +452,10 @@ fn evaluate(
                 (&format!("{p}ppl"), loss.exp()),
             ],
         )?;
-        out.insert(name.clone(), loss);
+        out.insert(format!("{p}loss"), loss.into());
+        out.insert(format!("{p}ppl"), loss.exp().into());
     }
-    Ok(out)
+    Ok((!out.is_empty()).then_some(out))
 }
 
 impl Config {

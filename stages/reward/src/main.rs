@@ -4,38 +4,35 @@
 //! −log σ(r_chosen − r_rejected − margin). The checkpoint holds backbone and head
 //! (`score.weight`), loadable by PPO as a reward model and as a critic.
 
-use std::path::PathBuf;
-
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
-use temper_core::checkpoint::ScoreHead;
-use temper_core::checkpoint::{check_save, SaveOptions};
-use temper_core::dist::{Placement, Ranks, World};
+use temper_core::chat_model::{ChatModel, ChatSettings};
+use temper_core::checkpoint::{check_save, SaveOptions, ScoreHead};
+use temper_core::dist::{GradSync, World};
 use temper_core::losses::bradley_terry_loss;
 use temper_core::peft::{check_peft, PeftConfig};
 use temper_core::schedule::check_optim;
+use temper_core::train::{self, Stepped, TrainRun};
 use temper_core::{
-    load_with_tokenizer, resume_or_start, save_state, with_autocast, BatchTensors, DeviceSpec,
-    LoadSpec, Loaded, OptimSettings, Precision, ScorePooling, ScoreSign,
+    with_autocast, BatchTensors, DeviceSpec, LoadSpec, OptimSettings, Precision, ScorePooling,
+    ScoreSign,
 };
-use temper_data::{
-    seed_for, shuffled, ChatTemplate, Epochs, Example, Fields, LoadOptions, Overlong, RenderedPair,
-};
+use temper_data::{seed_for, shuffled, Epochs, Example, Fields, Overlong, RenderedPair};
 use temper_stage::cadence::{every_10, every_100};
 use temper_stage::{
-    check_finite, checked_config, invalid, step_fields, Cadence, ConfigFile, Every, Inputs,
-    MetricsLog, StageArgs, StageError, StageKind, Throughput,
+    invalid, Cadence, ConfigFile, Every, InputPath, Inputs, MetricsLog, StageArgs, StageError,
+    StageKind, Summary,
 };
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Config {
     /// Checkpoint folder for the backbone (with its tokenizer.json).
-    init: PathBuf,
+    init: InputPath,
     /// Preference pairs: prompt, chosen, rejected (.jsonl or .parquet).
-    data: PathBuf,
+    data: InputPath,
     #[serde(default)]
-    eval_data: Option<PathBuf>,
+    eval_data: Option<InputPath>,
     #[serde(default)]
     fields: Fields,
     #[serde(default)]
@@ -118,8 +115,7 @@ fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError
 
 /// The model with its fresh head and the rendered pairs.
 struct Setup {
-    m: Loaded,
-    template: ChatTemplate,
+    chat: ChatModel,
     train: Vec<Pair>,
     eval: Vec<Pair>,
 }
@@ -127,39 +123,21 @@ struct Setup {
 fn prepare(cfg: &ConfigFile<Config>, device: Device) -> Result<Setup, StageError> {
     let c = &cfg.value;
     tch::manual_seed(c.seed as i64);
-    let spec = LoadSpec {
-        lm_head: false,
-        score: ScoreHead::Fresh,
+    let settings = ChatSettings {
+        init: &c.init,
+        spec: LoadSpec {
+            lm_head: false,
+            score: ScoreHead::Fresh,
+        },
+        peft: c.peft.as_ref(),
+        steps: c.steps,
+        max_len: c.max_len,
+        rows_per_batch: 2 * c.batch_size,
     };
-    let mut m = load_with_tokenizer(&c.init, spec, device).map_err(invalid)?;
-    m.model.config.score_pooling = c.pooling;
-    m.model.config.score_sign = c.score_sign_by.clone();
-    m.tune(c.peft.as_ref(), c.steps as usize)
-        .map_err(|e| cfg.error(&e.field, e.message))?;
-    let template = ChatTemplate::new(&m.tokenizer).map_err(invalid)?;
-    let max_len = c.max_len.unwrap_or(m.model.token_room() as usize);
-    cfg.ensure(
-        max_len as i64 <= m.model.token_room(),
-        "max_len",
-        format!(
-            "exceeds the {} positions the model has for tokens",
-            m.model.token_room()
-        ),
-    )?;
-    let estimate = m
-        .model
-        .config
-        .training_bytes(2 * c.batch_size as i64, max_len as i64);
-    temper_core::device::check_memory(device, estimate, "training at this batch_size and max_len")
-        .map_err(|msg| cfg.error("batch_size", msg))?;
-    let opts = LoadOptions {
-        tokenizer: &m.tokenizer,
-        template: template.clone(),
-        fields: &c.fields,
-        max_len,
-        overlong: c.overlong,
-        train_on_prompt: false,
-    };
+    let mut chat = ChatModel::load(cfg, settings, device)?;
+    chat.m.model.config.score_pooling = c.pooling;
+    chat.m.model.config.score_sign = c.score_sign_by.clone();
+    let opts = chat.load_options(&c.fields, c.overlong, false);
     let (train, report) = opts.pairs(&c.data).map_err(invalid)?;
     tracing::info!(
         "{}: {} pairs ({} truncated, {} skipped)",
@@ -183,142 +161,122 @@ fn prepare(cfg: &ConfigFile<Config>, device: Device) -> Result<Setup, StageError
             }
         }
     }
-    Ok(Setup {
-        m,
-        template,
-        train,
-        eval,
-    })
+    Ok(Setup { chat, train, eval })
 }
 
 fn run(args: &StageArgs) -> Result<(), StageError> {
-    let Some(cfg) = checked_config::<Config>(args, StageKind::Reward, check)? else {
-        return Ok(()); // an input is pending: the rest is checked when it exists
+    // Data parallel (torchrun / Slurm): `batch_size` pairs per rank.
+    let prepare = |cfg: &ConfigFile<Config>, _: &_, device| prepare(cfg, device);
+    let Some(st) = train::start(args, StageKind::Reward, check, |c| c.device, prepare)? else {
+        return Ok(());
     };
-    // Data parallel (torchrun / Slurm): `batch_size` pairs per rank; a bad environment stops
-    // here, before anything is read.
-    let placement = Placement::from_env().map_err(|e| invalid(anyhow::anyhow!(e)))?;
-    let device = placement
-        .device(cfg.value.device)
-        .map_err(|e| invalid(anyhow::anyhow!(e)))?;
-    let s = prepare(&cfg, device)?;
-    if args.validate {
-        return cfg.print_resolved();
-    }
-    let world = World::join_placed(placement, device).map_err(|e| invalid(anyhow::anyhow!(e)))?;
-
-    let c = &cfg.value;
-    let stores = s.m.stores();
-    let ranks = Ranks::open(&world, &args.out, "reward")?;
-    if world.is_main() {
-        cfg.write_resolved(&ranks.out)?;
-    }
-    let mut log = MetricsLog::open(&ranks.log_dir)?;
-    let mut opt = s.m.optimizer(c.optim.adamw());
-    let mut progress = ranks.resume(&world, |out| {
-        resume_or_start(out, &mut log, &stores, &mut [&mut opt], &cfg.hash)
-    })?;
-    world.start_together(progress.step, &opt.parameters())?;
-    // Gradients averaged over the ranks in buckets, reduced while the last backward runs.
-    let sync = world.grad_sync(&opt.parameters())?;
+    let (c, s) = (&st.cfg.value, &st.setup);
+    let m = &s.chat.m;
+    let stores = m.stores();
+    let mut opt = m.optimizer(c.optim.adamw());
     let every = Cadence::new(c.log_every, c.eval_every, c.save_every, c.steps);
+    let mut run = TrainRun::open(
+        st.world,
+        &args.out,
+        &st.cfg,
+        &stores,
+        &mut [&mut opt],
+        every,
+    )?;
+    // Gradients averaged over the ranks in buckets, reduced while the last backward runs.
+    let sync = run.world.grad_sync(&opt.parameters())?;
     // Micro-batch k of the run is batch k % n of epoch k / n: a function of the step alone.
     // With several ranks a batch holds batch_size × ranks pairs and each rank takes its share.
-    let n = s.train.len();
-    let global_batch = c.batch_size * world.size();
+    let (n, global_batch) = (s.train.len(), c.batch_size * run.world.size());
     let mut batches = Epochs::new(|e| {
         let order = shuffled(n, seed_for(c.seed, "epoch", e));
         order.chunks(global_batch).map(<[usize]>::to_vec).collect()
     });
-    let mut bar = ranks.progress(c.steps, progress.step);
-    let mut throughput = Throughput::new();
     let mut last_eval = None;
-    if progress.step == 0 {
+    if run.progress.step == 0 {
         // A baseline before any update: an untrained head is at chance.
-        last_eval = evaluate(&s, c, &world, &mut log, 0)?;
+        last_eval = evaluate(s, c, &run.world, &mut run.log, 0)?;
     }
-    while progress.step < c.steps {
-        let step = progress.step;
-        let lr = c.optim.lr_at(step, c.steps);
-        let accum = c.optim.grad_accum;
+    while run.progress.step < c.steps {
+        let step = run.progress.step;
+        let (lr, accum) = (c.optim.lr_at(step, c.steps), c.optim.grad_accum);
         let (mut step_loss, mut step_acc, mut step_tokens) = (0.0, 0.0, 0);
-        s.m.tuning.set_training(true); // adapter dropout, when there is one
+        m.tuning.set_training(true); // adapter dropout, when there is one
         for micro in 0..accum {
-            let global = batches.get(step * accum + micro);
-            let mine = &global[world.shard(global.len())];
-            if mine.is_empty() {
+            let batch = batches.get(step * accum + micro);
+            let Some(b) = micro_step(s, c, &run.world, &sync, batch, micro + 1 == accum)? else {
                 continue; // nothing of this batch here; the gradient all-reduce still joins
-            }
-            let pairs: Vec<&Pair> = mine.iter().map(|&i| &s.train[i]).collect();
-            let out = pair_scores(&s, &pairs, c.precision)?;
-            let loss = bradley_terry_loss(&out.chosen, &out.rejected, c.margin);
-            let value = loss.double_value(&[]);
-            if let Err(e) = check_finite(value, step + 1, step) {
-                if world.is_main() {
-                    save_state(&ranks.out, &log, &stores, &[&opt], &progress)?;
-                }
-                return Err(e.into());
-            }
-            // Each rank's mean counts by its share of the batch's pairs, so the averaged
-            // gradient is the whole batch's mean, as one process would compute it.
-            let share = mine.len() as f64 / global.len() as f64;
-            let weight = share * world.size() as f64 / accum as f64;
-            if micro + 1 == accum {
-                sync.arm_last_backward();
-            }
-            (s.m.tuning.regularised(loss) * weight).backward();
-            step_loss += value * share / accum as f64;
-            step_acc += out.accuracy() * share / accum as f64;
-            step_tokens += out.tokens;
+            };
+            run.guard(b.loss, &stores, &[&opt])?;
+            step_loss += b.loss * b.share / accum as f64;
+            step_acc += b.accuracy * b.share / accum as f64;
+            step_tokens += b.tokens;
         }
         opt.ensure_gradients();
         sync.finish()?;
-        let sums = world.sum_values(&[step_loss, step_acc, step_tokens as f64])?;
-        let (step_loss, step_acc, step_tokens) = (sums[0], sums[1], sums[2] as u64);
-        progress.tokens_seen += step_tokens;
-        throughput.add(step_tokens);
-        let grad_norm = opt.update_then(c.optim.grad_clip, lr, || s.m.tuning.after_update())?;
-        progress.step += 1;
-        let step = progress.step;
-        bar.set(step, format!("loss {step_loss:.4} acc {step_acc:.2}"));
-        if every.log_due(step) {
-            let mut fields = step_fields(
-                step_loss,
-                lr,
-                grad_norm,
-                progress.tokens_seen,
-                throughput.take(),
-            );
-            fields.push(("accuracy", step_acc));
-            log.log_train(step, &fields)?;
+        let sums = run
+            .world
+            .sum_values(&[step_loss, step_acc, step_tokens as f64])?;
+        let grad_norm = opt.update_then(c.optim.grad_clip, lr, || m.tuning.after_update())?;
+        let (loss, acc) = (sums[0], sums[1]);
+        let done = Stepped::new(loss, lr, grad_norm, sums[2] as u64);
+        let shown = format!("loss {loss:.4} acc {acc:.2}");
+        let step = run.stepped(done, &[("accuracy", acc)], shown)?;
+        if run.every.eval_due(step) {
+            last_eval = evaluate(s, c, &run.world, &mut run.log, step)?;
         }
-        if every.eval_due(step) {
-            last_eval = evaluate(&s, c, &world, &mut log, step)?;
-        }
-        if every.save_due(step) && world.is_main() {
-            save_state(&ranks.out, &log, &stores, &[&opt], &progress)?;
-        }
-        every.stop_if_asked(step)?;
+        run.save_when_due(&stores, &[&opt])?;
     }
-    bar.finish();
-    if !world.is_main() {
-        return ranks.finish();
-    }
-
-    s.m.save_final(&ranks.out, &c.save)?;
-    let mut summary = log.summary_base(&progress);
-    for (k, v) in s.m.param_fields() {
-        summary.insert(k.into(), v.into());
-    }
+    let Some(done) = run.finish()? else {
+        return Ok(());
+    };
+    m.save_final(&done.out, &c.save)?;
+    let mut summary = done.summary(m.param_fields(), last_eval);
     summary.insert("train_pairs".into(), s.train.len().into());
-    match last_eval {
-        Some(fields) => summary.extend(fields.into_iter().map(|(k, v)| (k, v.into()))),
-        // Resumed at the last step, after the final evaluation and save (stopped before the
-        // summary): the loop did not run, and the final evaluation is the one logged then.
-        None => summary.extend(log.eval_logged_at_resume()),
+    done.write(summary)
+}
+
+/// One micro-batch of pairs: its loss (backward done), accuracy, share of the batch and
+/// tokens; None when this rank holds none of it. Each rank's mean counts by its share of the
+/// batch's pairs, so the averaged gradient is the whole batch's mean, as one process would
+/// compute it.
+fn micro_step(
+    s: &Setup,
+    c: &Config,
+    world: &World,
+    sync: &GradSync,
+    global: &[usize],
+    last: bool,
+) -> anyhow::Result<Option<MicroBatch>> {
+    let mine = &global[world.shard(global.len())];
+    if mine.is_empty() {
+        return Ok(None);
     }
-    log.write_summary("ok", summary)?;
-    Ok(())
+    let pairs: Vec<&Pair> = mine.iter().map(|&i| &s.train[i]).collect();
+    let out = pair_scores(s, &pairs, c.precision)?;
+    let loss = bradley_terry_loss(&out.chosen, &out.rejected, c.margin);
+    let value = loss.double_value(&[]);
+    let share = mine.len() as f64 / global.len() as f64;
+    if value.is_finite() {
+        let weight = share * world.size() as f64 / c.optim.grad_accum as f64;
+        if last {
+            sync.arm_last_backward();
+        }
+        (s.chat.m.tuning.regularised(loss) * weight).backward();
+    }
+    Ok(Some(MicroBatch {
+        loss: value,
+        accuracy: out.accuracy(),
+        share,
+        tokens: out.tokens,
+    }))
+}
+
+struct MicroBatch {
+    loss: f64,
+    accuracy: f64,
+    share: f64,
+    tokens: u64,
 }
 
 struct PairScores {
@@ -339,13 +297,13 @@ impl PairScores {
 
 /// Scores both sides of each pair in one forward pass over a (2B, T) batch.
 fn pair_scores(s: &Setup, pairs: &[&Pair], precision: Precision) -> anyhow::Result<PairScores> {
-    let model = &s.m.model;
+    let model = &s.chat.m.model;
     let rows: Vec<&Example> = pairs
         .iter()
         .map(|p| &p.chosen)
         .chain(pairs.iter().map(|p| &p.rejected))
         .collect();
-    let b = BatchTensors::pad(&rows, s.template.pad, model.device());
+    let b = BatchTensors::pad(&rows, s.chat.template.pad, model.device());
     let scores = with_autocast(model.device(), precision, || -> anyhow::Result<Tensor> {
         let hidden = model.hidden_states(&b.ids, Some(&b.attention), None)?;
         Ok(model
@@ -381,12 +339,12 @@ fn evaluate(
     world: &World,
     log: &mut MetricsLog,
     step: u64,
-) -> anyhow::Result<Option<Vec<(String, f64)>>> {
-    s.m.tuning.set_training(false);
+) -> anyhow::Result<Option<Summary>> {
+    s.chat.m.tuning.set_training(false);
     if s.eval.is_empty() {
         return Ok(None);
     }
-    let device = s.m.model.device();
+    let device = s.chat.m.model.device();
     let (mut chosen, mut rejected) = (Vec::new(), Vec::new());
     for chunk in s.eval[world.shard(s.eval.len())].chunks(c.batch_size) {
         let pairs: Vec<&Pair> = chunk.iter().collect();
@@ -425,7 +383,9 @@ fn evaluate(
     }
     let refs: Vec<(&str, f64)> = fields.iter().map(|(k, v)| (k.as_str(), *v)).collect();
     log.log_eval(step, &refs)?;
-    Ok(Some(fields))
+    Ok(Some(
+        fields.into_iter().map(|(k, v)| (k, v.into())).collect(),
+    ))
 }
 
 /// Accuracy within each value of `field` (pairs without it are left out), in value order.

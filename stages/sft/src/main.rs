@@ -2,41 +2,37 @@
 //! assistant's replies (and their EOS) only, unless `train_on_prompt`; at each evaluation it
 //! logs the held-out loss and samples replies to a few held-out prompts into samples.jsonl.
 
-use std::path::PathBuf;
-
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use temper_core::chat_model::{ChatModel, ChatSettings};
 use temper_core::checkpoint::{check_save, SaveOptions};
-use temper_core::dist::{Placement, Ranks, World};
+use temper_core::dist::{GradSync, World};
 use temper_core::model::MemorySaving;
 use temper_core::peft::{check_peft, PeftConfig};
-use temper_core::sample::{generate, SamplingConfig};
+use temper_core::sample::{check_sampling, generate, SamplingConfig, SamplingKeys};
 use temper_core::schedule::check_optim;
 use temper_core::scoring::decode_replies;
-use temper_core::{
-    load_with_tokenizer, resume_or_start, save_state, BatchTensors, DeviceSpec, LoadSpec, Loaded,
-    OptimSettings, Precision,
-};
+use temper_core::train::{self, Stepped, TrainRun};
+use temper_core::{BatchTensors, DeviceSpec, LoadSpec, OptimSettings, Precision};
 use temper_data::{
-    length_grouped_batches, pack, seed_for, shuffled, ChatTemplate, Epochs, Example, Fields,
-    LoadOptions, Overlong,
+    length_grouped_batches, pack, seed_for, shuffled, Epochs, Example, Fields, Overlong,
 };
 use temper_stage::cadence::{every_10, every_100};
 use temper_stage::{
-    check_finite, checked_config, invalid, step_fields, Cadence, ConfigFile, Every, Inputs,
-    MetricsLog, StageArgs, StageError, StageKind, Throughput,
+    invalid, Cadence, ConfigFile, Every, InputPath, Inputs, MetricsLog, StageArgs, StageError,
+    StageKind, Summary,
 };
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Config {
     /// Checkpoint folder to fine-tune (with its tokenizer.json).
-    init: PathBuf,
+    init: InputPath,
     /// SFT examples: alpaca rows or `messages` lists (.jsonl or .parquet).
-    data: PathBuf,
+    data: InputPath,
     #[serde(default)]
-    eval_data: Option<PathBuf>,
+    eval_data: Option<InputPath>,
     #[serde(default)]
     fields: Fields,
     /// Longest example in tokens; defaults to the model's max_position.
@@ -117,16 +113,14 @@ fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError
     cfg.ensure(c.steps >= 1, "steps", "must be at least 1")?;
     cfg.ensure(c.batch_size >= 1, "batch_size", "must be at least 1")?;
     cfg.ensure(c.max_len != Some(0), "max_len", "must be at least 1")?;
-    cfg.ensure(
-        c.max_new_tokens >= 1,
-        "max_new_tokens",
-        "must be at least 1",
-    )?;
-    cfg.ensure(
-        c.temperature.is_finite() && c.temperature >= 0.0,
-        "temperature",
-        "must be ≥ 0 (0 is greedy)",
-    )?;
+    let sampling = SamplingKeys {
+        max_new_tokens: c.max_new_tokens,
+        temperature: c.temperature,
+        top_k: None,
+        top_p: None,
+        needs_temperature: None,
+    };
+    check_sampling(cfg, sampling)?;
     inputs.checkpoint(cfg, "init", &c.init, true)?;
     inputs.file(cfg, "data", &c.data)?;
     if let Some(e) = &c.eval_data {
@@ -137,8 +131,7 @@ fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError
 
 /// The model and the rendered data, cross-checked before anything is written.
 struct Setup {
-    m: Loaded,
-    template: ChatTemplate,
+    chat: ChatModel,
     train: Vec<Example>,
     eval: Vec<Example>,
     /// Held-out prompts to sample from at evaluations, with their reference replies.
@@ -149,33 +142,16 @@ struct Setup {
 fn prepare(cfg: &ConfigFile<Config>, device: tch::Device) -> Result<Setup, StageError> {
     let c = &cfg.value;
     tch::manual_seed(c.seed as i64);
-    let mut m = load_with_tokenizer(&c.init, LoadSpec::CAUSAL_LM, device).map_err(invalid)?;
-    m.tune(c.peft.as_ref(), c.steps as usize)
-        .map_err(|e| cfg.error(&e.field, e.message))?;
-    let template = ChatTemplate::new(&m.tokenizer).map_err(invalid)?;
-    let max_len = c.max_len.unwrap_or(m.model.token_room() as usize);
-    cfg.ensure(
-        max_len as i64 <= m.model.token_room(),
-        "max_len",
-        format!(
-            "exceeds the {} positions the model has for tokens",
-            m.model.token_room()
-        ),
-    )?;
-    let estimate = m
-        .model
-        .config
-        .training_bytes(c.batch_size as i64, max_len as i64);
-    temper_core::device::check_memory(device, estimate, "training at this batch_size and max_len")
-        .map_err(|msg| cfg.error("batch_size", msg))?;
-    let opts = LoadOptions {
-        tokenizer: &m.tokenizer,
-        template: template.clone(),
-        fields: &c.fields,
-        max_len,
-        overlong: c.overlong,
-        train_on_prompt: c.train_on_prompt,
+    let settings = ChatSettings {
+        init: &c.init,
+        spec: LoadSpec::CAUSAL_LM,
+        peft: c.peft.as_ref(),
+        steps: c.steps,
+        max_len: c.max_len,
+        rows_per_batch: c.batch_size,
     };
+    let chat = ChatModel::load(cfg, settings, device)?;
+    let opts = chat.load_options(&c.fields, c.overlong, c.train_on_prompt);
     let (mut train, report) = opts.sft(&c.data).map_err(invalid)?;
     tracing::info!(
         "{}: {} examples ({} truncated, {} skipped), mean {:.1} tokens",
@@ -188,8 +164,12 @@ fn prepare(cfg: &ConfigFile<Config>, device: tch::Device) -> Result<Setup, Stage
     if c.packing {
         let order = shuffled(train.len(), seed_for(c.seed, "packing", 0));
         let ordered: Vec<Example> = order.into_iter().map(|i| train[i].clone()).collect();
-        train = pack(&ordered, max_len);
-        tracing::info!("packed into {} rows of up to {max_len} tokens", train.len());
+        train = pack(&ordered, chat.max_len);
+        tracing::info!(
+            "packed into {} rows of up to {} tokens",
+            train.len(),
+            chat.max_len
+        );
     }
     let (eval, prompts) = match &c.eval_data {
         Some(p) => (
@@ -199,8 +179,7 @@ fn prepare(cfg: &ConfigFile<Config>, device: tch::Device) -> Result<Setup, Stage
         None => (Vec::new(), Vec::new()),
     };
     Ok(Setup {
-        m,
-        template,
+        chat,
         train,
         eval,
         prompts,
@@ -209,182 +188,154 @@ fn prepare(cfg: &ConfigFile<Config>, device: tch::Device) -> Result<Setup, Stage
 }
 
 fn run(args: &StageArgs) -> Result<(), StageError> {
-    let Some(cfg) = checked_config::<Config>(args, StageKind::Sft, check)? else {
-        return Ok(()); // an input is pending: the rest is checked when it exists
+    // Data parallel (torchrun / Slurm): `batch_size` rows per rank.
+    let prepare = |cfg: &ConfigFile<Config>, _: &_, device| prepare(cfg, device);
+    let Some(st) = train::start(args, StageKind::Sft, check, |c| c.device, prepare)? else {
+        return Ok(());
     };
-    // Data parallel (torchrun / Slurm): `batch_size` rows per rank; a bad environment stops
-    // here, before anything is read.
-    let placement = Placement::from_env().map_err(|e| invalid(anyhow::anyhow!(e)))?;
-    let device = placement
-        .device(cfg.value.device)
-        .map_err(|e| invalid(anyhow::anyhow!(e)))?;
-    let s = prepare(&cfg, device)?;
-    if args.validate {
-        return cfg.print_resolved();
-    }
-    let world = World::join_placed(placement, device).map_err(|e| invalid(anyhow::anyhow!(e)))?;
-
-    let c = &cfg.value;
-    let (model, device) = (&s.m.model, s.m.model.device());
-    let stores = s.m.stores();
-    let ranks = Ranks::open(&world, &args.out, "sft")?;
-    if world.is_main() {
-        cfg.write_resolved(&ranks.out)?;
-    }
-    let mut log = MetricsLog::open(&ranks.log_dir)?;
-    let mut opt = s.m.optimizer(c.optim.adamw());
-    let mut progress = ranks.resume(&world, |out| {
-        resume_or_start(out, &mut log, &stores, &mut [&mut opt], &cfg.hash)
-    })?;
-    world.start_together(progress.step, &opt.parameters())?;
-    // Gradients averaged over the ranks in buckets, reduced while the last backward runs.
-    let sync = world.grad_sync(&opt.parameters())?;
+    let (c, s) = (&st.cfg.value, &st.setup);
+    let m = &s.chat.m;
+    let stores = m.stores();
+    let mut opt = m.optimizer(c.optim.adamw());
     let every = Cadence::new(c.log_every, c.eval_every, c.save_every, c.steps);
+    let mut run = TrainRun::open(
+        st.world,
+        &args.out,
+        &st.cfg,
+        &stores,
+        &mut [&mut opt],
+        every,
+    )?;
+    // Gradients averaged over the ranks in buckets, reduced while the last backward runs.
+    let sync = run.world.grad_sync(&opt.parameters())?;
     let lengths: Vec<usize> = s.train.iter().map(Example::len).collect();
     // Micro-batch k of the run is batch k % n of epoch k / n: a function of the step alone.
     // With several ranks a batch holds batch_size × ranks rows and each rank takes its share.
-    let global_batch = c.batch_size * world.size();
+    let global_batch = c.batch_size * run.world.size();
     let mut batches = Epochs::new(|e| {
         length_grouped_batches(&lengths, global_batch, seed_for(c.seed, "epoch", e))
     });
-    let mut bar = ranks.progress(c.steps, progress.step);
-    let mut throughput = Throughput::new();
     let mut last_eval = None;
-    if progress.step == 0 {
+    if run.progress.step == 0 {
         // A baseline before any update, so the curve shows what fine-tuning changed.
-        last_eval = evaluate(&s, c, &world, &mut log, 0)?;
+        last_eval = evaluate(s, c, &run.world, &mut run.log, 0)?;
     }
-    while progress.step < c.steps {
-        let step = progress.step;
-        let lr = c.optim.lr_at(step, c.steps);
-        let accum = c.optim.grad_accum;
-        let mut step_loss = 0.0;
-        s.m.tuning.set_training(true); // adapter dropout, when there is one
-        let mut step_tokens = 0;
+    while run.progress.step < c.steps {
+        let step = run.progress.step;
+        let (lr, accum) = (c.optim.lr_at(step, c.steps), c.optim.grad_accum);
+        let (mut step_loss, mut step_tokens) = (0.0, 0);
+        m.tuning.set_training(true); // adapter dropout, when there is one
         for micro in 0..accum {
-            let global: Vec<&Example> = batches
-                .get(step * accum + micro)
-                .iter()
-                .map(|&i| &s.train[i])
-                .collect();
-            // Each rank's mean counts by its share of the batch's targets, so the averaged
-            // gradient is the whole batch's token mean, as one process would compute it.
-            let all_targets: usize = global.iter().map(|e| targets(e)).sum();
-            let rows = &global[world.shard(global.len())];
-            let share =
-                rows.iter().map(|e| targets(e)).sum::<usize>() as f64 / all_targets.max(1) as f64;
-            if rows.is_empty() || share == 0.0 {
+            let batch = batches.get(step * accum + micro);
+            let Some(b) = micro_step(s, c, &run.world, &sync, batch, micro + 1 == accum)? else {
                 continue; // nothing of this batch here; the gradient all-reduce still joins
-            }
-            let b = BatchTensors::pad(rows, s.template.pad, device);
-            let weight = share * world.size() as f64 / accum as f64;
-            let saving = c.memory_saving();
-            let (ids, attn, mask) = (&b.ids, Some(&b.attention), &b.loss_mask);
-            let value = if saving.any() {
-                let v = model.lm_loss_backward(ids, attn, mask, c.precision, weight, saving)?;
-                s.m.tuning.backward_regulariser(weight);
-                v
-            } else {
-                let loss = model.lm_loss(ids, attn, mask, c.precision)?;
-                let value = loss.double_value(&[]);
-                if value.is_finite() {
-                    if micro + 1 == accum {
-                        sync.arm_last_backward();
-                    }
-                    (s.m.tuning.regularised(loss) * weight).backward();
-                }
-                value
             };
-            if let Err(e) = check_finite(value, step + 1, step) {
-                if world.is_main() {
-                    save_state(&ranks.out, &log, &stores, &[&opt], &progress)?;
-                }
-                return Err(e.into());
-            }
-            step_loss += value * share / accum as f64;
+            run.guard(b.loss, &stores, &[&opt])?;
+            step_loss += b.loss * b.share / accum as f64;
             step_tokens += b.tokens;
         }
         // The mean gradient over the global batch; every rank then takes the same step.
         opt.ensure_gradients();
         sync.finish()?;
-        let sums = world.sum_values(&[step_loss, step_tokens as f64])?;
-        let (step_loss, step_tokens) = (sums[0], sums[1] as u64);
-        progress.tokens_seen += step_tokens;
-        throughput.add(step_tokens);
-        let grad_norm = opt.update_then(c.optim.grad_clip, lr, || s.m.tuning.after_update())?;
-        progress.step += 1;
-        let step = progress.step;
-        bar.set(step, format!("loss {step_loss:.4}"));
-        if every.log_due(step) {
-            let mut fields = step_fields(
-                step_loss,
-                lr,
-                grad_norm,
-                progress.tokens_seen,
-                throughput.take(),
-            );
-            fields.push(("ppl", step_loss.exp()));
-            log.log_train(step, &fields)?;
+        let sums = run.world.sum_values(&[step_loss, step_tokens as f64])?;
+        let grad_norm = opt.update_then(c.optim.grad_clip, lr, || m.tuning.after_update())?;
+        let (loss, done) = (
+            sums[0],
+            Stepped::new(sums[0], lr, grad_norm, sums[1] as u64),
+        );
+        let step = run.stepped(done, &[("ppl", loss.exp())], format!("loss {loss:.4}"))?;
+        if run.every.eval_due(step) {
+            last_eval = evaluate(s, c, &run.world, &mut run.log, step)?;
         }
-        if every.eval_due(step) {
-            last_eval = evaluate(&s, c, &world, &mut log, step)?;
-        }
-        if every.save_due(step) && world.is_main() {
-            save_state(&ranks.out, &log, &stores, &[&opt], &progress)?;
-        }
-        every.stop_if_asked(step)?;
+        run.save_when_due(&stores, &[&opt])?;
     }
-    bar.finish();
-    if !world.is_main() {
-        return ranks.finish();
-    }
-
-    s.m.save_final(&ranks.out, &c.save)?;
-    let mut summary = log.summary_base(&progress);
-    for (k, v) in s.m.param_fields() {
-        summary.insert(k.into(), v.into());
-    }
+    let Some(done) = run.finish()? else {
+        return Ok(());
+    };
+    m.save_final(&done.out, &c.save)?;
+    let report = serde_json::to_value(&s.report).context("report")?;
+    let mut summary = done.summary(m.param_fields(), last_eval);
     summary.insert("train_examples".into(), s.train.len().into());
-    summary.insert(
-        "data".into(),
-        serde_json::to_value(&s.report).context("report")?,
-    );
-    match last_eval {
-        Some(loss) => {
-            summary.insert("loss".into(), loss.into());
-            summary.insert("ppl".into(), loss.exp().into());
-        }
-        // Resumed at the last step, after the final evaluation and save (stopped before the
-        // summary): the loop did not run, and the final evaluation is the one logged then.
-        None => summary.extend(log.eval_logged_at_resume()),
-    }
-    log.write_summary("ok", summary)?;
-    Ok(())
+    summary.insert("data".into(), report);
+    done.write(summary)
 }
 
-/// Held-out loss (logged) and sampled replies (to samples.jsonl); None without eval data.
-/// With several ranks each scores its share of the held-out set and the sums are reduced;
-/// rank 0 alone samples.
+/// One micro-batch's loss (backward done), its share of the batch's targets and its tokens;
+/// None when this rank holds none of the batch. Each rank's mean counts by its share of the
+/// batch's targets, so the averaged gradient is the whole batch's token mean, as one process
+/// would compute it.
+fn micro_step(
+    s: &Setup,
+    c: &Config,
+    world: &World,
+    sync: &GradSync,
+    batch: &[usize],
+    last: bool,
+) -> anyhow::Result<Option<MicroBatch>> {
+    let global: Vec<&Example> = batch.iter().map(|&i| &s.train[i]).collect();
+    let all_targets: usize = global.iter().map(|e| targets(e)).sum();
+    let rows = &global[world.shard(global.len())];
+    let share = rows.iter().map(|e| targets(e)).sum::<usize>() as f64 / all_targets.max(1) as f64;
+    if rows.is_empty() || share == 0.0 {
+        return Ok(None);
+    }
+    let (model, tuning) = (&s.chat.m.model, &s.chat.m.tuning);
+    let b = BatchTensors::pad(rows, s.chat.template.pad, model.device());
+    let weight = share * world.size() as f64 / c.optim.grad_accum as f64;
+    let saving = c.memory_saving();
+    let (ids, attn, mask) = (&b.ids, Some(&b.attention), &b.loss_mask);
+    let loss = if saving.any() {
+        let v = model.lm_loss_backward(ids, attn, mask, c.precision, weight, saving)?;
+        tuning.backward_regulariser(weight);
+        v
+    } else {
+        let loss = model.lm_loss(ids, attn, mask, c.precision)?;
+        let value = loss.double_value(&[]);
+        if value.is_finite() {
+            if last {
+                sync.arm_last_backward();
+            }
+            (tuning.regularised(loss) * weight).backward();
+        }
+        value
+    };
+    Ok(Some(MicroBatch {
+        loss,
+        share,
+        tokens: b.tokens,
+    }))
+}
+
+struct MicroBatch {
+    loss: f64,
+    share: f64,
+    tokens: u64,
+}
+
+/// Held-out loss (logged) and sampled replies (to samples.jsonl); the summary's loss and
+/// perplexity, None without eval data. With several ranks each scores its share of the
+/// held-out set and the sums are reduced; rank 0 alone samples.
 fn evaluate(
     s: &Setup,
     c: &Config,
     world: &World,
     log: &mut MetricsLog,
     step: u64,
-) -> anyhow::Result<Option<f64>> {
+) -> anyhow::Result<Option<Summary>> {
     if s.eval.is_empty() {
         return Ok(None);
     }
-    s.m.tuning.set_training(false);
-    let device = s.m.model.device();
+    let m = &s.chat.m;
+    m.tuning.set_training(false);
+    let device = m.model.device();
     let batches = s.eval[world.shard(s.eval.len())]
         .chunks(c.batch_size)
         .map(|chunk| {
             let rows: Vec<&Example> = chunk.iter().collect();
-            let b = BatchTensors::pad(&rows, s.template.pad, device);
+            let b = BatchTensors::pad(&rows, s.chat.template.pad, device);
             (b.ids, Some(b.attention), b.loss_mask)
         });
-    let (total, weight) = s.m.model.lm_loss_sums(batches, c.precision)?;
+    let (total, weight) = m.model.lm_loss_sums(batches, c.precision)?;
     let sums = world.sum_values(&[total, weight])?;
     let loss = sums[0] / sums[1].max(1.0);
     log.log_eval(step, &[("loss", loss), ("ppl", loss.exp())])?;
@@ -392,38 +343,40 @@ fn evaluate(
         let records = sample_replies(s, c, step)?;
         log.log_samples(&records)?;
     }
-    Ok(Some(loss))
+    Ok(Some(
+        [
+            ("loss".to_string(), loss.into()),
+            ("ppl".into(), loss.exp().into()),
+        ]
+        .into_iter()
+        .collect(),
+    ))
 }
 
 /// One reply per held-out prompt, seeded by step and prompt, for samples.jsonl.
 fn sample_replies(s: &Setup, c: &Config, step: u64) -> anyhow::Result<Vec<serde_json::Value>> {
-    let model = &s.m.model;
+    let (m, template) = (&s.chat.m, &s.chat.template);
     let ids: Vec<Vec<i64>> = s
         .prompts
         .iter()
         .map(|(p, _)| p.iter().map(|&t| t as i64).collect())
         .collect();
-    let room = model.token_room() - ids.iter().map(Vec::len).max().unwrap_or(0) as i64;
+    let room = m.model.token_room() - ids.iter().map(Vec::len).max().unwrap_or(0) as i64;
     let sampling = SamplingConfig {
-        max_new_tokens: c.max_new_tokens.min(room).max(1),
-        temperature: c.temperature,
-        top_k: None,
         top_p: Some(0.95),
-        eos_token_id: Some(s.template.eos as i64),
-        also_stop: s.template.also_stop(),
-        pad_token_id: s.template.pad as i64,
+        ..SamplingConfig::chat(template, c.max_new_tokens.min(room).max(1), c.temperature)
     };
     let base = seed_for(c.seed, "sample", step);
     let seeds: Vec<u64> = (0..ids.len() as u64)
         .map(|i| seed_for(base, "prompt", i))
         .collect();
-    let g = generate(model, &ids, &sampling, &seeds)?;
-    let replies = decode_replies(&s.m.tokenizer, &g.tokens, &g.mask, &s.template.stop_ids())?;
+    let g = generate(&m.model, &ids, &sampling, &seeds)?;
+    let replies = decode_replies(&m.tokenizer, &g.tokens, &g.mask, &template.stop_ids())?;
     let mut out = Vec::new();
     for ((prompt, reference), reply) in s.prompts.iter().zip(replies) {
         out.push(json!({
             "step": step,
-            "prompt": s.m.tokenizer.decode(prompt)?,
+            "prompt": m.tokenizer.decode(prompt)?,
             "response": reply.text,
             "reference": reference,
             "ended_with_eos": reply.ended_with_eos,

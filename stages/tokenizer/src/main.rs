@@ -2,20 +2,22 @@
 //! template's special tokens on the configured corpus, checks an exact round trip, and writes
 //! `<out>/tokenizer.json`. No model, so no libtorch.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 use temper_data::tokenizer::save_tokenizer;
 use temper_data::{read_rows, train_bpe, Fields, RecordParser, TextSplit, TextTokenizer};
-use temper_stage::{ConfigFile, Inputs, MetricsLog, StageArgs, StageError, StageFolder, StageKind};
+use temper_stage::{
+    ConfigFile, InputPath, Inputs, MetricsLog, StageArgs, StageError, StageFolder, StageKind,
+};
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Config {
     /// Text files (.txt, .jsonl, .parquet) to learn merges from.
-    corpus: Vec<PathBuf>,
+    corpus: Vec<InputPath>,
     /// Entries in the vocabulary, special tokens and the 256 byte symbols included.
     vocab_size: usize,
     #[serde(default = "default_min_frequency")]

@@ -93,31 +93,55 @@ fn main() -> anyhow::Result<()> {
         ..Default::default()
     };
     let vs = tch::nn::VarStore::new(device);
-    let model = Transformer::new(
-        &vs.root(),
-        &cfg,
-        Heads {
-            lm: true,
-            score: false,
-        },
-    )?;
+    let heads = Heads {
+        lm: true,
+        score: false,
+    };
+    let model = Transformer::new(&vs.root(), &cfg, heads)?;
     let params: i64 = vs
         .trainable_variables()
         .iter()
         .map(|t| t.numel() as i64)
         .sum();
-    let mut opt = AdamW::new(
-        &vs,
-        AdamWConfig {
-            weight_decay: 0.0,
-            moments: if a.bf16_moments {
-                Moments::Bf16
-            } else {
-                Moments::Fp32
-            },
-            ..AdamWConfig::default()
-        },
+    let train_tps = median(train_rates(&a, &vs, &model, precision)?);
+    let generation = generation_rates(&a, &model, precision)?;
+    println!(
+        "{}",
+        json!({
+            "device": format!("{device:?}"), "precision": a.precision, "params": params, "threads": tch::get_num_threads(),
+            "shape": {"L": a.layers, "d": a.width, "h": a.heads, "V": a.vocab, "T": a.context, "B": a.batch},
+            "train_tok_per_s": train_tps,
+            "train_step_ms": 1e3 * (a.batch * a.context) as f64 / train_tps,
+            "train_tflops": 6.0 * params as f64 * train_tps / 1e12,
+            "activation_checkpointing": a.activation_checkpointing, "loss_chunk": a.loss_chunk,
+            "bf16_moments": a.bf16_moments,
+            "generate": {"B": a.gen_batch, "prompt": a.gen_prompt, "new": a.gen_new,
+                         "tok_per_s": if generation.is_empty() { f64::NAN } else { median(generation) }},
+        })
     );
+    Ok(())
+}
+
+/// Training tokens per second, one figure per repeat, after the warm-up steps: forward,
+/// loss, backward and an AdamW update on random tokens.
+fn train_rates(
+    a: &Args,
+    vs: &tch::nn::VarStore,
+    model: &Transformer,
+    precision: Precision,
+) -> anyhow::Result<Vec<f64>> {
+    let device = vs.device();
+    let moments = if a.bf16_moments {
+        Moments::Bf16
+    } else {
+        Moments::Fp32
+    };
+    let adamw = AdamWConfig {
+        weight_decay: 0.0,
+        moments,
+        ..AdamWConfig::default()
+    };
+    let mut opt = AdamW::new(vs, adamw);
     let x = Tensor::randint(a.vocab, [a.batch, a.context], (Kind::Int64, device));
     let ones = x.ones_like();
     let saving = MemorySaving {
@@ -141,16 +165,26 @@ fn main() -> anyhow::Result<()> {
         step()?;
     }
     sync(device);
-    let mut train = Vec::new();
+    let mut rates = Vec::new();
     for _ in 0..a.repeats {
         let t = Instant::now();
         for _ in 0..a.steps {
             step()?;
         }
         sync(device);
-        train.push((a.batch * a.context) as f64 * a.steps as f64 / t.elapsed().as_secs_f64());
+        rates.push((a.batch * a.context) as f64 * a.steps as f64 / t.elapsed().as_secs_f64());
     }
+    Ok(rates)
+}
 
+/// Generated tokens per second with the KV cache, one figure per repeat (none when no tokens
+/// are asked for), after one warm-up generation.
+fn generation_rates(
+    a: &Args,
+    model: &Transformer,
+    precision: Precision,
+) -> anyhow::Result<Vec<f64>> {
+    let device = model.device();
     let prompts: Vec<Vec<i64>> = (0..a.gen_batch)
         .map(|i| {
             (0..a.gen_prompt)
@@ -159,21 +193,16 @@ fn main() -> anyhow::Result<()> {
         })
         .collect();
     let sampling = SamplingConfig {
-        max_new_tokens: a.gen_new,
         temperature: 1.0,
-        top_k: None,
-        top_p: None,
-        eos_token_id: None,
-        also_stop: Vec::new(),
-        pad_token_id: 0,
+        ..SamplingConfig::greedy(a.gen_new)
     };
     let seeds: Vec<u64> = (0..a.gen_batch as u64).collect();
     let gen = || {
         with_autocast(device, precision, || {
-            generate(&model, &prompts, &sampling, &seeds)
+            generate(model, &prompts, &sampling, &seeds)
         })
     };
-    let mut generation = Vec::new();
+    let mut rates = Vec::new();
     if a.gen_new > 0 {
         gen()??;
     }
@@ -182,22 +211,7 @@ fn main() -> anyhow::Result<()> {
         let t = Instant::now();
         let g = gen()??;
         sync(device);
-        generation.push(g.tokens.numel() as f64 / t.elapsed().as_secs_f64());
+        rates.push(g.tokens.numel() as f64 / t.elapsed().as_secs_f64());
     }
-    let train_tps = median(train);
-    println!(
-        "{}",
-        json!({
-            "device": format!("{device:?}"), "precision": a.precision, "params": params, "threads": tch::get_num_threads(),
-            "shape": {"L": a.layers, "d": a.width, "h": a.heads, "V": a.vocab, "T": a.context, "B": a.batch},
-            "train_tok_per_s": train_tps,
-            "train_step_ms": 1e3 * (a.batch * a.context) as f64 / train_tps,
-            "train_tflops": 6.0 * params as f64 * train_tps / 1e12,
-            "activation_checkpointing": a.activation_checkpointing, "loss_chunk": a.loss_chunk,
-            "bf16_moments": a.bf16_moments,
-            "generate": {"B": a.gen_batch, "prompt": a.gen_prompt, "new": a.gen_new,
-                         "tok_per_s": if generation.is_empty() { f64::NAN } else { median(generation) }},
-        })
-    );
-    Ok(())
+    Ok(rates)
 }

@@ -314,75 +314,8 @@ fn write_prompts(path: &Path, rows: Vec<(String, String)>) -> Result<()> {
 pub fn prepare_demo(raw: &Path, out: &Path, seed: u64) -> Result<DemoCounts> {
     let mut counts = DemoCounts::default();
     let mut rng = SplitMix64(seed);
-
-    // General English: Brown (one document per file) and Shakespeare (chunks of a work).
-    let brown = sorted_files(&raw.join("brown"), |n| {
-        let b = n.as_bytes();
-        b.len() == 4
-            && b[0] == b'c'
-            && (b'a'..=b'r').contains(&b[1])
-            && b[2].is_ascii_digit()
-            && b[3].is_ascii_digit()
-    })?;
-    let plays = sorted_files(&raw.join("shakespeare/shksprdata/texts"), |n| {
-        n.ends_with("_gut.txt")
-    })?;
-    if brown.is_empty() || plays.is_empty() {
-        return Err(DataError::Invalid(format!(
-            "{}: Brown or Shakespeare files not found; run scripts/fetch_data.sh",
-            raw.display()
-        )));
-    }
-    let (mut texts, mut sources) = (Vec::new(), Vec::new());
-    for f in &brown {
-        texts.push(brown_text(&read(f)?));
-        sources.push("brown".to_string());
-    }
-    for f in &plays {
-        for doc in chunk(&read(f)?, 4000) {
-            texts.push(doc);
-            sources.push("shakespeare".to_string());
-        }
-    }
-    counts.brown_files = brown.len();
-    counts.shakespeare_works = plays.len();
-    counts.general_documents = texts.len();
-    counts.general_words = texts.iter().map(|t| t.split_whitespace().count()).sum();
-    write_parquet(
-        &out.join("general.parquet"),
-        &[
-            ("text", Column::Str(texts)),
-            ("source", Column::Str(sources)),
-        ],
-    )?;
-
-    // Domain: movie-review snippets with their mean human rating, split by snippet.
-    let snippets =
-        parse_snippets(&raw.join("vader/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"))?;
-    counts.snippets = snippets.len();
-    let (heldout, train): (Vec<Snippet>, Vec<Snippet>) = snippets
-        .into_iter()
-        .partition(|s| held_out(&s.text, HELDOUT_FRACTION, "temper-demo-snippets"));
-    counts.domain_train = train.len();
-    counts.domain_heldout = heldout.len();
-    for (name, part) in [
-        ("domain_train.parquet", &train),
-        ("domain_heldout.parquet", &heldout),
-    ] {
-        write_parquet(
-            &out.join(name),
-            &[
-                (
-                    "text",
-                    Column::Str(part.iter().map(|s| s.text.clone()).collect()),
-                ),
-                (
-                    "rating",
-                    Column::F64(part.iter().map(|s| s.rating).collect()),
-                ),
-            ],
-        )?;
-    }
+    write_general(raw, out, &mut counts)?;
+    let (train, heldout) = write_domain(raw, out, &mut counts)?;
 
     let sft_train = sft_rows(&train, &mut rng);
     let sft_eval = sft_rows(&heldout, &mut rng);
@@ -429,4 +362,74 @@ pub fn prepare_demo(raw: &Path, out: &Path, seed: u64) -> Result<DemoCounts> {
     )
     .map_err(DataError::io(&summary))?;
     Ok(counts)
+}
+
+/// General English for pretraining: Brown (one document per file) and Shakespeare (chunks
+/// of a work), in `general.parquet`.
+fn write_general(raw: &Path, out: &Path, counts: &mut DemoCounts) -> Result<()> {
+    let brown = sorted_files(&raw.join("brown"), |n| {
+        let b = n.as_bytes();
+        b.len() == 4
+            && b[0] == b'c'
+            && (b'a'..=b'r').contains(&b[1])
+            && b[2].is_ascii_digit()
+            && b[3].is_ascii_digit()
+    })?;
+    let plays = sorted_files(&raw.join("shakespeare/shksprdata/texts"), |n| {
+        n.ends_with("_gut.txt")
+    })?;
+    if brown.is_empty() || plays.is_empty() {
+        return Err(DataError::Invalid(format!(
+            "{}: Brown or Shakespeare files not found; run scripts/fetch_data.sh",
+            raw.display()
+        )));
+    }
+    let (mut texts, mut sources) = (Vec::new(), Vec::new());
+    for f in &brown {
+        texts.push(brown_text(&read(f)?));
+        sources.push("brown".to_string());
+    }
+    for f in &plays {
+        for doc in chunk(&read(f)?, 4000) {
+            texts.push(doc);
+            sources.push("shakespeare".to_string());
+        }
+    }
+    counts.brown_files = brown.len();
+    counts.shakespeare_works = plays.len();
+    counts.general_documents = texts.len();
+    counts.general_words = texts.iter().map(|t| t.split_whitespace().count()).sum();
+    write_parquet(
+        &out.join("general.parquet"),
+        &[
+            ("text", Column::Str(texts)),
+            ("source", Column::Str(sources)),
+        ],
+    )
+}
+
+/// The domain: movie-review snippets with their mean human rating, split by snippet into
+/// `domain_train.parquet` and `domain_heldout.parquet`; returns (train, held out).
+fn write_domain(
+    raw: &Path,
+    out: &Path,
+    counts: &mut DemoCounts,
+) -> Result<(Vec<Snippet>, Vec<Snippet>)> {
+    let snippets =
+        parse_snippets(&raw.join("vader/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"))?;
+    counts.snippets = snippets.len();
+    let (heldout, train): (Vec<Snippet>, Vec<Snippet>) = snippets
+        .into_iter()
+        .partition(|s| held_out(&s.text, HELDOUT_FRACTION, "temper-demo-snippets"));
+    counts.domain_train = train.len();
+    counts.domain_heldout = heldout.len();
+    for (name, part) in [
+        ("domain_train.parquet", &train),
+        ("domain_heldout.parquet", &heldout),
+    ] {
+        let text = Column::Str(part.iter().map(|s| s.text.clone()).collect());
+        let rating = Column::F64(part.iter().map(|s| s.rating).collect());
+        write_parquet(&out.join(name), &[("text", text), ("rating", rating)])?;
+    }
+    Ok((train, heldout))
 }
