@@ -173,6 +173,22 @@ stages:
       reward_model: models/rm
       prompts: data/prompts_eval.jsonl
       lexicon: data/lexicon.txt
+      judges:
+        - {kind: afinn, path: data/afinn.txt}
+        - {kind: command, command: [sh, data/score.sh], inputs: [data/helper.txt], name: script}
+        - {kind: command, command: [score-reward], name: program}
+      max_prompts: 4
+      max_new_tokens: 6
+  label:
+    uses: label
+    with:
+      policy: models/model
+      prompts: data/prompts.jsonl
+      labeller:
+        - {kind: afinn, path: data/afinn.txt}
+        - {kind: command, command: [sh, data/score.sh, data/weights.txt], inputs: [data/helper.txt], name: script}
+        - {kind: command, command: [score-reward], name: program}
+      num_generations: 2
       max_prompts: 4
       max_new_tokens: 6
 ";
@@ -204,6 +220,11 @@ fn changing_any_input_of_any_stage_kind_makes_it_stale_naming_that_input() {
     std::fs::copy(
         repo().join("tests/fixtures/vader/lexicon.txt"),
         data.join("lexicon.txt"),
+    )
+    .unwrap();
+    std::fs::copy(
+        repo().join("tests/fixtures/afinn/lexicon.txt"),
+        data.join("afinn.txt"),
     )
     .unwrap();
     // A reward script and the files it is given or reads, and a program found on PATH.

@@ -51,6 +51,32 @@ pub fn run_stage(name: &str, config: &Path, out: &Path) -> Output {
     )
 }
 
+/// `<stage> --validate --config <config> --out <out>`: the checks, nothing written.
+pub fn validate_stage(name: &str, config: &Path, out: &Path) -> Output {
+    run(
+        name,
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--validate",
+        ],
+    )
+}
+
+/// A reward model's score at each row's last real token, for the golden's inputs.
+pub fn golden_scores(
+    model: &temper_core::Transformer,
+    g: &std::collections::BTreeMap<String, tch::Tensor>,
+) -> tch::Tensor {
+    let mask = &g["attention_mask"];
+    let hidden = model
+        .hidden_states(&g["input_ids"], Some(mask), None)
+        .unwrap();
+    model.last_token_scores(&hidden, mask).unwrap()
+}
+
 pub fn assert_ok(out: &Output, what: &str) {
     assert!(
         out.status.success(),
@@ -297,5 +323,41 @@ pub fn wait_until_gone(needle: &str) {
             processes_mentioning(needle)
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Runs `scripts/<script>` with the project venv's Python (a reference package's check);
+/// panics with its output unless it succeeds, and returns that output.
+pub fn python_check(script: &str, args: &[&Path]) -> String {
+    let python = repo().join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} missing: run scripts/setup.sh",
+        python.display()
+    );
+    let out = Command::new(&python)
+        .arg(repo().join("scripts").join(script))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{script} failed:\n{text}");
+    text
+}
+
+/// Waits until `path` exists (a stage's first saved state, say), at most two minutes.
+pub fn wait_for(path: &Path, what: &str) {
+    let start = std::time::Instant::now();
+    while !path.exists() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(120),
+            "{what}: {} never appeared",
+            path.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }

@@ -208,14 +208,8 @@ fn an_interrupted_stage_resumes_on_the_next_run() {
         .unwrap();
     let t = tiny_yaml();
     let progress = w.join("stages/.pretrain.next/state/progress.json");
+    wait_for(&progress, "pretrain's first state");
     let start = Instant::now();
-    while !progress.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "pretrain never saved a state"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
     // While it runs, status says so, with its step, rate and ETA.
     let mut status_args = vec!["status", t.as_str()];
     status_args.extend(slow);

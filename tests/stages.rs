@@ -30,16 +30,7 @@ fn unigram_entropy(tokenizer: &Path) -> f64 {
 #[test]
 fn pretraining_loss_falls_well_below_the_unigram_entropy() {
     let dir = tempfile::tempdir().unwrap();
-    let tok = tokenizer(dir.path());
-    let out = dir.path().join("pretrain");
-    assert_ok(
-        &run_stage(
-            "temper-pretrain",
-            &pretrain_config(dir.path(), &tok, 80, ""),
-            &out,
-        ),
-        "pretrain",
-    );
+    let (tok, out) = pretrained(dir.path(), 80, "");
     let h = unigram_entropy(&tok);
     let eval = summary(&out)["loss"].as_f64().unwrap();
     assert!(
@@ -80,16 +71,7 @@ fn masked_targets_get_exactly_zero_gradient() {
 #[test]
 fn sft_learns_the_replies_and_reward_model_ranks_held_out_pairs() {
     let dir = tempfile::tempdir().unwrap();
-    let tok = tokenizer(dir.path());
-    let pre = dir.path().join("pretrain");
-    assert_ok(
-        &run_stage(
-            "temper-pretrain",
-            &pretrain_config(dir.path(), &tok, 60, ""),
-            &pre,
-        ),
-        "pretrain",
-    );
+    let (_, pre) = pretrained(dir.path(), 60, "");
 
     let sft_cfg = write(&dir.path().join("sft.yaml"), &format!(
         "init: {}\ndata: {}\neval_data: {}\nsteps: 60\nbatch_size: 8\noptim: {{lr: 2.0e-3, warmup_steps: 5}}\neval_every: 20\nsave_every: 20\nlog_every: 5\nsamples: 2\n",
@@ -308,16 +290,7 @@ fn validate_rejects_a_bad_config_naming_the_key() {
     let tok = tokenizer(dir.path());
     let cfg = pretrain_config(dir.path(), &tok, 10, "lerning_rate: 0.1\n");
     let out = dir.path().join("pretrain");
-    let res = run(
-        "temper-pretrain",
-        &[
-            "--config",
-            cfg.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--validate",
-        ],
-    );
+    let res = validate_stage("temper-pretrain", &cfg, &out);
     let stderr = String::from_utf8_lossy(&res.stderr);
     assert_eq!(res.status.code(), Some(2), "{stderr}");
     assert!(
@@ -328,16 +301,7 @@ fn validate_rejects_a_bad_config_naming_the_key() {
     assert!(!out.exists(), "--validate must not create outputs");
 
     let good = pretrain_config(dir.path(), &tok, 10, "");
-    let res = run(
-        "temper-pretrain",
-        &[
-            "--config",
-            good.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--validate",
-        ],
-    );
+    let res = validate_stage("temper-pretrain", &good, &out);
     assert_ok(&res, "--validate of a good config");
     assert!(!out.exists());
 }
@@ -443,16 +407,7 @@ fn activation_checkpointing_and_a_chunked_loss_train_as_the_plain_step() {
         ),
     );
     let scratch = dir.path().join("sft_out");
-    let out = run(
-        "temper-sft",
-        &[
-            "--config",
-            sft.to_str().unwrap(),
-            "--out",
-            scratch.to_str().unwrap(),
-            "--validate",
-        ],
-    );
+    let out = validate_stage("temper-sft", &sft, &scratch);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(

@@ -109,12 +109,17 @@ impl LoadOptions<'_> {
         Ok(items)
     }
 
-    /// SFT examples: the whole conversation, loss on assistant replies.
-    pub fn sft(&self, path: &Path) -> Result<(Vec<Example>, LoadReport)> {
-        let parser = RecordParser {
+    /// The parser of `path`'s records under this stage's field names.
+    fn parser<'p>(&'p self, path: &'p Path) -> RecordParser<'p> {
+        RecordParser {
             path,
             fields: self.fields,
-        };
+        }
+    }
+
+    /// SFT examples: the whole conversation, loss on assistant replies.
+    pub fn sft(&self, path: &Path) -> Result<(Vec<Example>, LoadReport)> {
+        let parser = self.parser(path);
         let mut report = LoadReport::default();
         let mut out = Vec::new();
         for row in read_rows(path, TextSplit::File)? {
@@ -132,10 +137,7 @@ impl LoadOptions<'_> {
     /// The prompts of SFT examples (the conversation before the final reply, rendered for
     /// generation) with that reply, for sampling responses at evaluation.
     pub fn sft_prompts(&self, path: &Path, limit: usize) -> Result<Vec<(Vec<u32>, String)>> {
-        let parser = RecordParser {
-            path,
-            fields: self.fields,
-        };
+        let parser = self.parser(path);
         let mut out = Vec::new();
         for row in read_rows(path, TextSplit::File)?.take(limit) {
             let row = row?;
@@ -156,10 +158,7 @@ impl LoadOptions<'_> {
     /// Preference pairs, each side rendered as prompt + reply + EOS. The loss mask marks the
     /// reply, whose last token is where the reward model reads its score.
     pub fn pairs(&self, path: &Path) -> Result<(Vec<RenderedPair>, LoadReport)> {
-        let parser = RecordParser {
-            path,
-            fields: self.fields,
-        };
+        let parser = self.parser(path);
         let mut report = LoadReport::default();
         let mut out = Vec::new();
         for row in read_rows(path, TextSplit::File)? {
@@ -206,10 +205,7 @@ impl LoadOptions<'_> {
     /// preference pairs is read as two examples per pair: the chosen reply desirable, the
     /// rejected one not.
     pub fn unpaired(&self, path: &Path) -> Result<(Vec<(Example, bool)>, LoadReport)> {
-        let parser = RecordParser {
-            path,
-            fields: self.fields,
-        };
+        let parser = self.parser(path);
         let mut report = LoadReport::default();
         let mut out = Vec::new();
         for row in read_rows(path, TextSplit::File)? {
@@ -240,10 +236,7 @@ impl LoadOptions<'_> {
 
     /// Prompts rendered for generation (ending in the assistant marker), with their records.
     pub fn prompts(&self, path: &Path) -> Result<(Vec<RenderedPrompt>, LoadReport)> {
-        let parser = RecordParser {
-            path,
-            fields: self.fields,
-        };
+        let parser = self.parser(path);
         let mut report = LoadReport::default();
         let mut out = Vec::new();
         for row in read_rows(path, TextSplit::File)? {

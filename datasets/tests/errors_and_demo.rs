@@ -155,6 +155,7 @@ fn prepare_demo_converts_a_raw_tree_without_leaking_held_out_snippets() {
         "shakespeare/shksprdata/texts",
         "vader/hutto_ICWSM_2014",
         "vader/vaderSentiment",
+        "afinn",
     ] {
         std::fs::create_dir_all(raw.join(sub)).unwrap();
     }
@@ -193,6 +194,7 @@ fn prepare_demo_converts_a_raw_tree_without_leaking_held_out_snippets() {
         "vader_lexicon.txt",
         "great\t3.1\t0.5\t[3]\n",
     );
+    write(&raw.join("afinn"), "AFINN-165.txt", "great\t3\nawful\t-3\n");
     let out = dir.path().join("demo");
     let run = std::process::Command::new(env!("CARGO_BIN_EXE_temper-data"))
         .args(["prepare-demo", "--seed", "7", "--raw"])
@@ -217,6 +219,11 @@ fn prepare_demo_converts_a_raw_tree_without_leaking_held_out_snippets() {
     assert!(
         n("domain_heldout") > 10 && n("rm_train") > 100 && n("sft_train") > 100,
         "{counts}"
+    );
+    // Both lexicons are copied as they are: VADER's and AFINN-165.
+    assert_eq!(
+        std::fs::read_to_string(out.join("afinn-165.txt")).unwrap(),
+        "great\t3\nawful\t-3\n"
     );
     let general = rows_of(&out.join("general.parquet"));
     assert_eq!(general[0]["text"], "The jury said \" no \".\n\nIt ended.");

@@ -51,6 +51,34 @@ fn a_bad_distributed_environment_exits_2_with_one_line_and_writes_nothing() {
         assert!(!out.exists(), "nothing written");
     }
 
+    // KTO's reference point is a batch estimate: refused on several ranks, at its key.
+    let kto = write(
+        &dir.path().join("kto.yaml"),
+        "policy: no-such-model\ndata: no-such.jsonl\nloss: kto\nsteps: 1\nbatch_size: 2\n",
+    );
+    let out = dir.path().join("kto-out");
+    let res = std::process::Command::new(bin("temper-dpo"))
+        .args([
+            "--config",
+            kto.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .envs([
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "127.0.0.1"),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("field `loss`: `kto` trains on one process only"),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing written");
+
     // `--validate` checks the placement but never waits for the other ranks: nobody else is
     // coming here, and it answers at once.
     let out = dir.path().join("validated");

@@ -48,16 +48,7 @@ fn validate_finds_a_typo_in_the_last_stage_of_a_never_run_pipeline() {
 #[test]
 fn zero_cadences_and_a_mismatched_tokenizer_exit_2_with_one_line() {
     let dir = tempfile::tempdir().unwrap();
-    let tok = tokenizer(dir.path());
-    let pre = dir.path().join("pretrain");
-    assert_ok(
-        &run_stage(
-            "temper-pretrain",
-            &pretrain_config(dir.path(), &tok, 10, ""),
-            &pre,
-        ),
-        "pretrain",
-    );
+    let (tok, pre) = pretrained(dir.path(), 10, "");
     let init = pre.join("checkpoint");
     let sft = format!(
         "init: {}\ndata: {}\nsteps: 5\nbatch_size: 4\n",
@@ -202,16 +193,7 @@ fn a_dry_run_writes_nothing() {
 #[test]
 fn bad_peft_blocks_exit_2_with_one_line_and_write_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let tok = tokenizer(dir.path());
-    let pre = dir.path().join("pretrain");
-    assert_ok(
-        &run_stage(
-            "temper-pretrain",
-            &pretrain_config(dir.path(), &tok, 4, ""),
-            &pre,
-        ),
-        "pretrain",
-    );
+    let (_, pre) = pretrained(dir.path(), 4, "");
     let sft = format!(
         "init: {}\ndata: {}\nsteps: 2\nbatch_size: 4\n",
         pre.join("checkpoint").display(),

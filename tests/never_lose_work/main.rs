@@ -73,13 +73,6 @@ fn start_slow_run(file: &Path) -> std::process::Child {
         .parent()
         .unwrap()
         .join("../runs/tiny/stages/.pretrain.next/state/progress.json");
-    let start = Instant::now();
-    while !progress.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "pretrain never saved a state"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for(&progress, "pretrain's first state");
     child
 }

@@ -64,12 +64,6 @@ fn a_misshapen_tensor_is_named_with_both_shapes() {
 /// transformers, which then computes the same logits. Runs the project venv's Python.
 #[test]
 fn saved_checkpoint_loads_in_transformers_with_the_same_logits() {
-    let python = repo().join(".venv/bin/python");
-    assert!(
-        python.exists(),
-        "{} missing: run scripts/setup.sh",
-        python.display()
-    );
     for family in FAMILIES {
         let (vs, model) = load(family);
         let g = golden(family);
@@ -100,20 +94,7 @@ fn saved_checkpoint_loads_in_transformers_with_the_same_logits() {
             dir.path().join("temper_logits.safetensors"),
         )
         .unwrap();
-        let out = std::process::Command::new(&python)
-            .arg(repo().join("scripts/check_hf_load.py"))
-            .arg(dir.path())
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            out.status.success(),
-            "{family}: transformers check failed:\n{text}"
-        );
+        super::common::python_check("check_hf_load.py", &[dir.path()]);
         // And temper reads its own checkpoint back bit for bit.
         let (_vs2, again) = load_checkpoint(dir.path(), LoadSpec::CAUSAL_LM, device()).unwrap();
         let (_, l2) =

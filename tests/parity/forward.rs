@@ -228,11 +228,7 @@ fn reward_model_scores_match_sequence_classification() {
         };
         let (_vs, model) = load_checkpoint(&dir, spec, device()).expect("reward fixture loads");
         let g = read_golden(&dir.join("golden.safetensors"));
-        let mask = &g["attention_mask"];
-        let hidden = model
-            .hidden_states(&g["input_ids"], Some(mask), None)
-            .unwrap();
-        let scores = model.last_token_scores(&hidden, mask).unwrap();
+        let scores = super::common::golden_scores(&model, &g);
         let d = (&scores - &g["scores"]).abs().max().double_value(&[]);
         eprintln!("{family}: max |score - {family}ForSequenceClassification| = {d:.2e}");
         assert!(d < 1e-5, "{family}: reward scores differ by {d}");

@@ -11,6 +11,9 @@
 //! is named; `sampling`: seeded sampling, stops, top-k/top-p; `preference`: the DPO family's
 //! losses against trl and the sentiment judge against the vader package.
 
+#[path = "../common.rs"]
+mod common;
+
 mod checkpoints;
 mod forward;
 mod preference;

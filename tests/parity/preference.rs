@@ -1,4 +1,5 @@
-//! The preference losses against trl, and the sentiment judge against the vader package.
+//! The preference losses against trl, and the sentiment judges against their reference
+//! packages (vaderSentiment, the npm `sentiment` package for AFINN-165).
 
 use super::*;
 
@@ -31,6 +32,34 @@ fn the_sentiment_judge_matches_the_vader_package() {
         worst.0,
         worst.1
     );
+}
+
+#[test]
+fn the_afinn_judge_matches_the_sentiment_package() {
+    // Integer valences summed: the score must match exactly, the comparative to f64 rounding.
+    let dir = repo().join("tests/fixtures/afinn");
+    let afinn = temper_rewards::Afinn::load(&dir.join("lexicon.txt")).unwrap();
+    let golden = std::fs::read_to_string(dir.join("golden.jsonl")).unwrap();
+    let (mut n, mut nonzero) = (0, 0);
+    for line in golden.lines() {
+        let row: serde_json::Value = serde_json::from_str(line).unwrap();
+        let text = row["text"].as_str().unwrap();
+        let got = afinn.score(text);
+        assert_eq!(
+            got.score,
+            row["score"].as_f64().unwrap(),
+            "score of {text:?}"
+        );
+        let want = row["comparative"].as_f64().unwrap();
+        assert!(
+            (got.comparative - want).abs() <= 1e-15,
+            "comparative of {text:?}: {} against {want}",
+            got.comparative
+        );
+        n += 1;
+        nonzero += usize::from(got.score != 0.0);
+    }
+    assert!(n > 400 && nonzero > 200, "{n} texts, {nonzero} scored");
 }
 
 fn preference_golden() -> BTreeMap<String, Tensor> {

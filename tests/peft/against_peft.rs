@@ -135,20 +135,15 @@ fn a_lora_reward_model_scores_as_peft_sequence_classification() {
         score: ScoreHead::Load,
     };
     let (_vs, model, _t) = with_adapter("gpt2_rm_lora", spec);
-    let mask = &g["attention_mask"];
-    let hidden = model
-        .hidden_states(&g["input_ids"], Some(mask), None)
-        .unwrap();
-    let scores = model.last_token_scores(&hidden, mask).unwrap();
-    let d = (&scores - &g["scores"]).abs().max().double_value(&[]);
+    let d = (common::golden_scores(&model, &g) - &g["scores"])
+        .abs()
+        .max()
+        .double_value(&[]);
     assert!(d < 1e-5, "LoRA reward scores differ by {d}");
     // Loaded as a checkpoint (base + adapter merged), the scores are the same.
     let dir = fixtures().join("peft/gpt2_rm_lora");
     let (_vs, merged) = load_checkpoint(&dir, spec, Device::Cpu).unwrap();
-    let hidden = merged
-        .hidden_states(&g["input_ids"], Some(mask), None)
-        .unwrap();
-    let d = (&merged.last_token_scores(&hidden, mask).unwrap() - &g["scores"])
+    let d = (common::golden_scores(&merged, &g) - &g["scores"])
         .abs()
         .max()
         .double_value(&[]);

@@ -6,6 +6,9 @@
 //! named; `in_stages`: every stage trains with adapters and `peft` loads what they saved;
 //! `pissa_and_adalora`: the two methods whose initialisation or rank changes as they train.
 
+#[path = "../common.rs"]
+mod common;
+
 mod against_peft;
 mod in_stages;
 mod pissa_and_adalora;
@@ -13,6 +16,7 @@ mod pissa_and_adalora;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use common::repo;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 use temper_core::peft::{self, LoraConfig, PeftConfig};
@@ -59,29 +63,8 @@ fn max_diff_on(a: &Tensor, b: &Tensor, mask: &Tensor) -> f64 {
         .double_value(&[])
 }
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// Runs a Python check script of the project venv; panics with its output on failure.
 fn python_check(script: &str, args: &[&Path]) {
-    let python = repo().join(".venv/bin/python");
-    assert!(
-        python.exists(),
-        "{} missing: run scripts/setup.sh",
-        python.display()
-    );
-    let out = std::process::Command::new(&python)
-        .arg(repo().join("scripts").join(script))
-        .args(args)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{script} failed:\n{text}");
+    let text = common::python_check(script, args);
     eprintln!("{}", text.lines().last().unwrap_or(""));
 }
 

@@ -95,6 +95,12 @@ impl Loaded {
         self.tuning.optimizer(&self.vs, config)
     }
 
+    /// What a training run keeps in its state and steps: the trained variables' stores and
+    /// their optimizer.
+    pub fn trained(&self, config: AdamWConfig) -> (Vec<&VarStore>, AdamW) {
+        (self.stores(), self.optimizer(config))
+    }
+
     /// Summary fields: trainable and total parameter counts (and QLoRA's memory saving).
     pub fn param_fields(&self) -> Vec<(&'static str, i64)> {
         self.tuning.summary_fields(&self.vs)

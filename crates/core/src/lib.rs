@@ -25,6 +25,7 @@ pub mod model;
 pub mod optim;
 pub mod peft;
 pub mod preference;
+pub mod reward_set;
 pub mod rl;
 pub mod safetensors;
 pub mod sample;

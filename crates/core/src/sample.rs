@@ -376,15 +376,7 @@ mod tests {
         };
         let model = crate::model::Transformer::new(&vs.root(), &cfg, heads).unwrap();
         let prompt = vec![3i64, 17, 5, 41];
-        let sampling = SamplingConfig {
-            max_new_tokens: 6,
-            temperature: 0.0,
-            top_k: None,
-            top_p: None,
-            eos_token_id: None,
-            also_stop: Vec::new(),
-            pad_token_id: 0,
-        };
+        let sampling = SamplingConfig::greedy(6);
         with_autocast(Device::Cpu, Precision::Bf16, || {
             // The cache takes the keys' precision on the first write.
             let mut cache = KvCache::new(&cfg, 1, 8, Kind::Float, Device::Cpu);

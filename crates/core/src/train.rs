@@ -15,7 +15,7 @@ use temper_stage::{
     Progress, StageArgs, StageError, StageKind, StepProgress, Summary, Throughput,
 };
 
-use crate::dist::{Placement, Ranks, World};
+use crate::dist::{GradSync, Placement, Ranks, World};
 use crate::optim::AdamW;
 use crate::state::{resume_or_start, save_state};
 use crate::DeviceSpec;
@@ -29,7 +29,7 @@ pub struct Started<C, S> {
 
 /// Reads and checks the config, places the process (data parallel under torchrun or Slurm: a
 /// bad environment is refused before anything is read), prepares the stage's inputs on its
-/// device (`prepare`, which sees the placement), and joins the process group. None when
+/// device (`prepare`), and joins the process group. None when
 /// there is nothing to train: an input is pending, or this is `--validate`, whose resolved
 /// config is then printed.
 pub fn start<C, S>(
@@ -37,7 +37,7 @@ pub fn start<C, S>(
     kind: StageKind,
     check: impl FnOnce(&ConfigFile<C>, &mut Inputs) -> Result<(), StageError>,
     device: impl FnOnce(&C) -> DeviceSpec,
-    prepare: impl FnOnce(&ConfigFile<C>, &Placement, Device) -> Result<S, StageError>,
+    prepare: impl FnOnce(&ConfigFile<C>, Device) -> Result<S, StageError>,
 ) -> Result<Option<Started<C, S>>, StageError>
 where
     C: DeserializeOwned + Serialize,
@@ -47,7 +47,7 @@ where
     };
     let placement = Placement::from_env().map_err(invalid)?;
     let device = placement.device(device(&cfg.value)).map_err(invalid)?;
-    let setup = prepare(&cfg, &placement, device)?;
+    let setup = prepare(&cfg, device)?;
     if args.validate {
         cfg.print_resolved()?;
         return Ok(None);
@@ -91,9 +91,26 @@ impl Stepped {
 
 impl TrainRun {
     /// Claims the stage folder (rank 0; the others log to scratch), saves the resolved config
-    /// beside the outputs, opens the log, and resumes `stores` and `opts` from `state/` (or
+    /// beside the outputs, opens the log, and resumes `stores` and `opt` from `state/` (or
     /// starts) — then checks that every rank stands at the same step with the same weights.
+    /// With the run comes `opt`'s gradient sync: the gradients averaged over the ranks in
+    /// buckets, reduced while the last backward runs.
     pub fn open<C: Serialize>(
+        world: World,
+        out: &Path,
+        cfg: &ConfigFile<C>,
+        stores: &[&VarStore],
+        opt: &mut AdamW,
+        every: Cadence,
+    ) -> Result<(Self, GradSync), StageError> {
+        let run = Self::open_with(world, out, cfg, stores, &mut [&mut *opt], every)?;
+        let sync = run.world.grad_sync(&opt.parameters())?;
+        Ok((run, sync))
+    }
+
+    /// [`TrainRun::open`] for several optimizers (PPO's actor and critic), whose gradient
+    /// syncs the caller makes.
+    pub fn open_with<C: Serialize>(
         world: World,
         out: &Path,
         cfg: &ConfigFile<C>,

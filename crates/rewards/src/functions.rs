@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use temper_stage::{CommandLine, ConfigFile, InputPath, Inputs, StageError};
 
+use crate::afinn::Afinn;
 use crate::command::CommandReward;
 use crate::error::{Result, RewardError};
 use crate::sign::ScoreSign;
@@ -75,6 +76,17 @@ pub enum RewardSpec {
         #[serde(default)]
         name: Option<String>,
     },
+    /// The AFINN-165 comparative score of the reply (valence sum over tokens), times an
+    /// optional sign from the prompt's label: a second lexicon, independent of VADER.
+    Afinn {
+        path: InputPath,
+        #[serde(default)]
+        sign_by: Option<ScoreSign>,
+        #[serde(default = "one")]
+        weight: f64,
+        #[serde(default)]
+        name: Option<String>,
+    },
     /// A user program started once and fed one JSON object per line on stdin
     /// (`{"prompt", "reply", …the example's fields}`); it answers one number per line.
     Command {
@@ -112,6 +124,7 @@ impl RewardSpec {
             | RewardSpec::Regex { weight, .. }
             | RewardSpec::Length { weight, .. }
             | RewardSpec::Lexicon { weight, .. }
+            | RewardSpec::Afinn { weight, .. }
             | RewardSpec::Command { weight, .. } => *weight,
         }
     }
@@ -124,6 +137,7 @@ impl RewardSpec {
             RewardSpec::Regex { name, .. } => (name, "regex"),
             RewardSpec::Length { name, .. } => (name, "length"),
             RewardSpec::Lexicon { name, .. } => (name, "lexicon"),
+            RewardSpec::Afinn { name, .. } => (name, "afinn"),
             RewardSpec::Command { name, .. } => (name, "command"),
         };
         name.clone().unwrap_or_else(|| kind.to_string())
@@ -152,6 +166,10 @@ pub enum TextReward {
     },
     Lexicon {
         judge: SentimentJudge,
+        sign: Option<ScoreSign>,
+    },
+    Afinn {
+        lexicon: Afinn,
         sign: Option<ScoreSign>,
     },
     Command(CommandReward),
@@ -189,6 +207,10 @@ impl TextReward {
                 judge: SentimentJudge::load(path)?,
                 sign: sign_by.clone(),
             },
+            RewardSpec::Afinn { path, sign_by, .. } => TextReward::Afinn {
+                lexicon: Afinn::load(path)?,
+                sign: sign_by.clone(),
+            },
             RewardSpec::Command {
                 command, timeout_s, ..
             } => TextReward::Command(CommandReward::start(command, *timeout_s)?),
@@ -204,7 +226,7 @@ impl TextReward {
             TextReward::ExactMatch { field, .. } if !fields.contains_key(field) => Err(format!(
                 "exact_match reads `{field}`, which the example lacks"
             )),
-            TextReward::Lexicon { sign: Some(s), .. } => {
+            TextReward::Lexicon { sign: Some(s), .. } | TextReward::Afinn { sign: Some(s), .. } => {
                 s.sign(fields).map(|_| ()).map_err(|e| e.to_string())
             }
             _ => Ok(()),
@@ -231,6 +253,13 @@ impl TextReward {
                     None => 1.0,
                 };
                 judge.judge(x.reply).compound * s
+            }
+            TextReward::Afinn { lexicon, sign } => {
+                let s = match sign {
+                    Some(s) => s.sign(x.fields)?,
+                    None => 1.0,
+                };
+                lexicon.score(x.reply).comparative * s
             }
             TextReward::Command(c) => c.score(x)?,
         })
@@ -269,19 +298,20 @@ pub fn compile_pattern(p: &str) -> std::result::Result<Regex, String> {
     Regex::new(p).map_err(|e| format!("pattern `{p}`: {e}"))
 }
 
-/// What a `rewards:` list must satisfy before anything loads, each problem named at its key
-/// (`rewards.1.pattern`): finite weights, patterns that compile, a length range that is one,
+/// What a list of rewards at `key` (`rewards:`, `labeller:`) must satisfy before anything
+/// loads, each problem named at its key (`rewards.1.pattern`): finite weights, patterns that compile, a length range that is one,
 /// a command with a program that exists and a positive timeout, and every file present
 /// (pending where an upstream stage writes it). A `model` reward is refused with the reason
 /// `refuse_models` gives, where it gives one.
 pub fn check_rewards<T>(
     cfg: &ConfigFile<T>,
     inputs: &mut Inputs,
+    key: &str,
     rewards: &[RewardSpec],
     refuse_models: Option<&str>,
 ) -> std::result::Result<(), StageError> {
     for (i, r) in rewards.iter().enumerate() {
-        let at = |key: &str| format!("rewards.{i}.{key}");
+        let at = |field: &str| format!("{key}.{i}.{field}");
         cfg.ensure(
             r.weight().is_finite(),
             &at("weight"),
@@ -311,7 +341,7 @@ pub fn check_rewards<T>(
                     "must be ≥ 0",
                 )?;
             }
-            RewardSpec::Lexicon { path, .. } => {
+            RewardSpec::Lexicon { path, .. } | RewardSpec::Afinn { path, .. } => {
                 inputs.file(cfg, &at("path"), path)?;
             }
             RewardSpec::Command {
@@ -347,7 +377,7 @@ pub fn check_rewards<T>(
         }
     }
     if let Some((i, why)) = repeated_name(rewards) {
-        return Err(cfg.error(&format!("rewards.{i}"), why));
+        return Err(cfg.error(&format!("{key}.{i}"), why));
     }
     Ok(())
 }

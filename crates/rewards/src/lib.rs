@@ -4,6 +4,7 @@
 //! into a reward for the sentiment a prompt asks for. Reward models, which read tensors, are
 //! scored by the stages through temper-core.
 
+pub mod afinn;
 pub mod command;
 pub mod error;
 pub mod functions;
@@ -11,6 +12,7 @@ pub mod program;
 pub mod sign;
 pub mod vader;
 
+pub use afinn::{Afinn, AfinnScore};
 pub use error::{Result, RewardError};
 pub use functions::{check_rewards, compile_pattern, RewardSpec, Scored, TextReward};
 pub use program::{ProgramRewards, ProgramScores, ReplyText};

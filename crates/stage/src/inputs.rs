@@ -61,19 +61,7 @@ impl Inputs {
         field: &str,
         path: &Path,
     ) -> Result<Availability, StageError> {
-        // Pending wins over an old copy on disk: the upstream stage is about to replace it.
-        if self.is_pending(path) {
-            return Ok(self.pend(field));
-        }
-        if path.is_file() {
-            return Ok(Availability::Present);
-        }
-        let why = if path.exists() {
-            "is not a file"
-        } else {
-            "not found"
-        };
-        Err(cfg.error(field, format!("{} {why}", path.display())))
+        self.present(cfg, field, path, Path::is_file, "is not a file")
     }
 
     /// A file or a folder the stage reads, whichever it is.
@@ -83,13 +71,28 @@ impl Inputs {
         field: &str,
         path: &Path,
     ) -> Result<Availability, StageError> {
+        self.present(cfg, field, path, Path::exists, "")
+    }
+
+    /// Pending, present when `right`, or refused: "not found", or `wrong` when it exists but
+    /// is not what the stage reads.
+    fn present<T>(
+        &mut self,
+        cfg: &ConfigFile<T>,
+        field: &str,
+        path: &Path,
+        right: fn(&Path) -> bool,
+        wrong: &str,
+    ) -> Result<Availability, StageError> {
+        // Pending wins over an old copy on disk: the upstream stage is about to replace it.
         if self.is_pending(path) {
             return Ok(self.pend(field));
         }
-        if path.exists() {
+        if right(path) {
             return Ok(Availability::Present);
         }
-        Err(cfg.error(field, format!("{} not found", path.display())))
+        let why = if path.exists() { wrong } else { "not found" };
+        Err(cfg.error(field, format!("{} {why}", path.display())))
     }
 
     /// A folder that must hold `files` (a checkpoint: config.json, model.safetensors, …).

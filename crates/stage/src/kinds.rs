@@ -24,6 +24,7 @@ pub enum StageKind {
     Grpo,
     Merge,
     Eval,
+    Label,
 }
 
 /// What a path parameter is to the cache.
@@ -65,7 +66,7 @@ pub enum Found {
 }
 
 impl StageKind {
-    pub const ALL: [StageKind; 9] = [
+    pub const ALL: [StageKind; 10] = [
         StageKind::Tokenizer,
         StageKind::Pretrain,
         StageKind::Sft,
@@ -75,6 +76,7 @@ impl StageKind {
         StageKind::Grpo,
         StageKind::Merge,
         StageKind::Eval,
+        StageKind::Label,
     ];
 
     pub fn name(self) -> &'static str {
@@ -88,6 +90,7 @@ impl StageKind {
             StageKind::Grpo => "grpo",
             StageKind::Merge => "merge",
             StageKind::Eval => "eval",
+            StageKind::Label => "label",
         }
     }
 
@@ -162,6 +165,16 @@ impl StageKind {
                 ("reward_model", Input),
                 ("prompts", Input),
                 ("lexicon", Input),
+                ("judges.path", Input),
+                ("judges.command", Command),
+                ("judges.inputs", Input),
+            ],
+            StageKind::Label => &[
+                ("policy", Input),
+                ("prompts", Input),
+                ("labeller.path", Input),
+                ("labeller.command", Command),
+                ("labeller.inputs", Input),
             ],
         }
     }
@@ -186,6 +199,9 @@ impl StageKind {
             StageKind::Merge => "the adapter against its base",
             StageKind::Eval => {
                 "the policies, reference and reward model against one tokenizer, the prompts and the fields the judges read"
+            }
+            StageKind::Label => {
+                "the policy and any labelling reward model against one tokenizer, the prompts and the fields the labeller reads"
             }
         }
     }

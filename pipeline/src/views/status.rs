@@ -15,7 +15,7 @@ pub fn key_metrics(out: &std::path::Path) -> String {
     let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
         return String::new();
     };
-    const KEYS: [&str; 9] = [
+    const KEYS: [&str; 11] = [
         "loss",
         "ppl",
         "general/ppl",
@@ -25,13 +25,16 @@ pub fn key_metrics(out: &std::path::Path) -> String {
         "kl/mean",
         "vocab_size",
         "chars_per_token",
+        "pairs/kept",
+        "score/mean",
     ];
-    // An evaluation's numbers are per policy: `ppo/win_rate`, `ppo/judge_agreement`.
+    // An evaluation's numbers are per policy: `ppo/win_rate`, `ppo/judge_agreement`,
+    // `ppo/afinn_agreement`.
     let per_policy = v
         .as_object()
         .into_iter()
         .flatten()
-        .filter(|(k, _)| k.ends_with("/win_rate") || k.ends_with("/judge_agreement"));
+        .filter(|(k, _)| k.ends_with("/win_rate") || k.ends_with("_agreement"));
     let keys: Vec<&str> = KEYS
         .iter()
         .copied()

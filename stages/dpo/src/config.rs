@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use temper_core::checkpoint::{check_save, SaveOptions};
+use temper_core::dist::Placement;
 use temper_core::peft::{check_peft, PeftConfig};
 use temper_core::preference::PreferenceLoss;
 use temper_core::schedule::check_optim;
@@ -112,6 +113,13 @@ fn default_optim() -> OptimSettings {
 /// Range checks and the inputs' presence; nothing is read yet.
 pub(crate) fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError> {
     let c = &cfg.value;
+    // KTO's reference point is a batch estimate, not a per-example mean.
+    let ranks = Placement::from_env().map_or(1, |p| p.world);
+    cfg.ensure(
+        !(ranks > 1 && c.loss == PreferenceLoss::Kto),
+        "loss",
+        "`kto` trains on one process only (its KL reference point is a batch estimate); run it without WORLD_SIZE > 1",
+    )?;
     check_peft(cfg, "peft", c.peft.as_ref())?;
     check_optim(cfg, "optim", &c.optim)?;
     check_save(cfg, &c.save)?;

@@ -94,19 +94,25 @@ pub fn evaluate(
         .chunks(c.batch_size)
         .map(<[usize]>::to_vec)
         .collect();
+    // Each batch's means weighted by its rows, summed, then divided once: an accuracy is then
+    // its count over the pairs exactly, whatever the batch size (one process or several).
     for idx in &chunks {
-        let w = idx.len() as f64 / s.eval.len() as f64;
+        let rows = idx.len() as f64;
         let cached = cache.map(|x| &x.eval);
         let b = tch::no_grad(|| data_loss(s, settings, c.precision, &s.eval, idx, cached))?;
-        loss += b.loss.double_value(&[]) * w;
+        loss += b.loss.double_value(&[]) * rows;
         if fields.is_empty() {
             fields.extend(b.metrics.iter().map(|(k, _)| (*k, 0.0)));
         }
         for ((_, acc), (_, v)) in fields.iter_mut().zip(&b.metrics) {
-            *acc += v * w;
+            *acc += v * rows;
         }
     }
-    fields.insert(0, ("loss", loss));
+    let n = s.eval.len() as f64;
+    for (_, v) in fields.iter_mut() {
+        *v /= n;
+    }
+    fields.insert(0, ("loss", loss / n));
     if !s.kl_prompts.is_empty() {
         let (kl, records) = kl_to_reference(s, c, step)?;
         fields.push(("kl_to_reference", kl));

@@ -38,19 +38,10 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     };
     let (c, s) = (&st.cfg.value, &st.setup);
     let m = &s.chat.m;
-    let stores = m.stores();
-    let mut opt = m.optimizer(c.optim.adamw());
+    let (stores, mut opt) = m.trained(c.optim.adamw());
     let every = Cadence::new(c.log_every, c.eval_every, c.save_every, c.steps);
-    let mut run = TrainRun::open(
-        st.world,
-        &args.out,
-        &st.cfg,
-        &stores,
-        &mut [&mut opt],
-        every,
-    )?;
     // Gradients averaged over the ranks in buckets, reduced while the last backward runs.
-    let sync = run.world.grad_sync(&opt.parameters())?;
+    let (mut run, sync) = TrainRun::open(st.world, &args.out, &st.cfg, &stores, &mut opt, every)?;
     // Rank 0 computes (or finds) the reference's log-probs and writes them; the others read.
     let (global_batch, main) = (c.batch_size * run.world.size(), run.world.is_main());
     let cache = run.ranks.resume(&run.world, |out| {

@@ -7,7 +7,6 @@ use std::path::Path;
 
 use tch::Device;
 use temper_core::chat_model::{ChatModel, ChatSettings};
-use temper_core::dist::Placement;
 use temper_core::peft::Reference;
 use temper_core::preference::PreferenceLoss;
 use temper_core::{load_checkpoint, LoadSpec, Transformer};
@@ -45,20 +44,9 @@ pub struct Setup {
 }
 
 /// The policy, its reference (when held) and the rendered data, checked before anything is
-/// written. KTO's reference point is a batch estimate, so it trains on one process only.
-pub fn prepare(
-    cfg: &ConfigFile<Config>,
-    placement: &Placement,
-    device: Device,
-) -> Result<Setup, StageError> {
+/// written.
+pub fn prepare(cfg: &ConfigFile<Config>, device: Device) -> Result<Setup, StageError> {
     let c = &cfg.value;
-    if placement.world > 1 && c.loss == PreferenceLoss::Kto {
-        return Err(invalid(anyhow::anyhow!(
-            "{}: loss `kto` trains on one process only (its KL reference point is a batch \
-             estimate); run it without WORLD_SIZE > 1",
-            cfg.path.display()
-        )));
-    }
     tch::manual_seed(c.seed as i64);
     let settings = ChatSettings {
         init: &c.policy,

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use temper_core::sample::{check_sampling, SamplingKeys};
 use temper_core::{DeviceSpec, Precision};
 use temper_data::Fields;
+use temper_rewards::{check_rewards, RewardSpec};
 use temper_stage::{ConfigFile, InputPath, Inputs, StageError};
 
 use crate::exact;
@@ -35,9 +36,18 @@ pub struct Config {
     /// The prompt field naming the wanted sentiment (positive / negative), for the judge.
     #[serde(default = "default_label")]
     pub label_field: String,
-    /// The judge's lexicon (VADER's vader_lexicon.txt); without it, no judge metrics.
+    /// The judge's lexicon (VADER's vader_lexicon.txt): a judge named `judge`.
     #[serde(default)]
     pub lexicon: Option<InputPath>,
+    /// More judges, each `{kind: lexicon|afinn|command, …, name}` as a reward is written;
+    /// each gives `<policy>/<name>_agreement` (overall and per sentiment) and, with a reward
+    /// model, `<policy>/rm_<name>_corr`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub judges: Vec<RewardSpec>,
+    /// Which signals each policy's training saw, by policy: judge names or `reward_model`
+    /// (e.g. `{ppo_onpolicy: [vader]}` when VADER labelled its pairs); marked in the report.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub trained_on: BTreeMap<String, Vec<String>>,
     #[serde(default = "default_max_prompts")]
     pub max_prompts: usize,
     #[serde(default = "default_batch")]
@@ -140,5 +150,13 @@ pub fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageE
     if let Some(l) = &c.lexicon {
         inputs.file(cfg, "lexicon", l)?;
     }
+    crate::judges::check(cfg)?;
+    check_rewards(
+        cfg,
+        inputs,
+        "judges",
+        &c.judges,
+        Some("the reward model is `reward_model`; a judge is a program no stage trained"),
+    )?;
     Ok(())
 }

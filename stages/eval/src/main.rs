@@ -1,14 +1,16 @@
 //! temper-eval: compares policies (SFT, PPO, DPO, …) on held-out prompts. Every policy answers
 //! every prompt with the same seeds; each reply is scored by the reward model, by its KL to the
-//! reference, and by an independent judge the pipeline never trained (VADER). Per policy it
-//! reports the RM score, the win-rate over the baseline, KL, reply length, EOS rate,
-//! distinct-1/2 and the judge's agreement with the wanted sentiment (overall and per
-//! sentiment) — the numbers that tell a real gain from reward hacking. Writes report.json,
+//! reference, and by judges the pipeline never trained (VADER, AFINN-165, a user's command).
+//! Per policy it reports the RM score, the win-rate over the baseline, KL, reply length, EOS
+//! rate, distinct-1/2 and each judge's agreement with the wanted sentiment (overall and per
+//! sentiment) — the numbers that tell a real gain from reward hacking — and marks the signals
+//! each policy's training saw (`trained_on`). Writes report.json,
 //! report.md (a table and side-by-side samples), samples.jsonl, metrics.jsonl, summary.json.
 //! It trains nothing, so it writes no checkpoint/.
 
 mod config;
 mod exact;
+mod judges;
 mod measures;
 mod setup;
 
@@ -67,10 +69,11 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     let base = &replies[&c.baseline];
     let mut summary = temper_stage::Summary::new();
     summary.insert("prompts".into(), s.prompts.len().into());
+    let judges: Vec<(&str, f64)> = s.judges.iter().map(|j| (j.name.as_str(), j.band)).collect();
     for name in order(c) {
         let r = &replies[name];
         let baseline = (name != &c.baseline).then_some(base);
-        for (k, v) in policy_metrics(name, r, baseline, &s.labels) {
+        for (k, v) in policy_metrics(name, r, baseline, &s.labels, &judges) {
             summary.insert(k, json!(v));
         }
         for (k, v) in exact_metrics.get(name).into_iter().flatten() {
@@ -86,7 +89,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     log.log_samples(&records)?;
     temper_stage::atomic::write_json(
         &folder.path.join("report.json"),
-        &json!({"summary": summary, "samples": records}),
+        &json!({"summary": summary, "samples": records, "trained_on": c.trained_on}),
     )?;
     temper_stage::atomic::write_atomic(
         &folder.path.join("report.md"),
@@ -121,13 +124,13 @@ fn answer(s: &Setup, model: &Transformer, c: &Config) -> anyhow::Result<Replies>
         scores: vec![],
         kl: vec![],
         eos: vec![],
-        judge: s.judge.as_ref().map(|_| Vec::new()),
+        judges: vec![Vec::new(); s.judges.len()],
     };
     let batches = ids
         .chunks(c.batch_size)
         .zip(seeds.chunks(c.batch_size))
         .zip(s.signs.chunks(c.batch_size));
-    for ((chunk, chunk_seeds), signs) in batches {
+    for (b, ((chunk, chunk_seeds), signs)) in batches.enumerate() {
         let g = with_autocast(model.device(), c.precision, || {
             generate(model, chunk, &sampling, chunk_seeds)
         })??;
@@ -138,11 +141,17 @@ fn answer(s: &Setup, model: &Transformer, c: &Config) -> anyhow::Result<Replies>
             .extend(scores.iter().zip(signs).map(|(x, sign)| x * sign));
         out.kl
             .extend(Vec::<f64>::try_from(kl.to_kind(Kind::Double))?);
-        for r in decode_replies(&s.tok, &g.tokens, &g.mask, &s.template.stop_ids())? {
-            if let (Some(j), Some(v)) = (&s.judge, out.judge.as_mut()) {
-                v.push(j.judge(&r.text).compound);
+        let replies = decode_replies(&s.tok, &g.tokens, &g.mask, &s.template.stop_ids())?;
+        for (i, r) in replies.into_iter().enumerate() {
+            let (prompt, record) = &s.prompts[b * c.batch_size + i];
+            let tokens = r.ids.len() + usize::from(r.ended_with_eos);
+            if !s.judges.is_empty() {
+                let prompt = s.tok.decode(prompt)?;
+                for (j, values) in s.judges.iter().zip(&mut out.judges) {
+                    values.push(j.score(&prompt, &r.text, tokens, &record.meta)?);
+                }
             }
-            out.tokens.push(r.ids.len() + usize::from(r.ended_with_eos));
+            out.tokens.push(tokens);
             out.eos.push(r.ended_with_eos);
             out.text.push(r.text);
         }
@@ -191,6 +200,18 @@ fn score(
     })
 }
 
+/// Whether policy `n`'s training saw the signal metric `m` measures: a judge it names in
+/// `trained_on` (its mean, agreement and correlation rows), or the reward model (score,
+/// win-rate).
+fn saw(c: &Config, n: &str, m: &str) -> bool {
+    c.trained_on.get(n).is_some_and(|seen| {
+        seen.iter().any(|j| match j.as_str() {
+            "reward_model" => m == "score" || m == "win_rate",
+            judge => m.starts_with(&format!("{judge}_")) || m == format!("rm_{judge}_corr"),
+        })
+    })
+}
+
 /// One record per prompt: the prompt, its label, and each policy's reply, score and verdict.
 fn sample_records(
     s: &Setup,
@@ -211,8 +232,8 @@ fn sample_records(
                 r.insert(name.clone(), x.text[i].clone().into());
                 r.insert(format!("{name}_score"), json!(x.scores.get(i)));
                 r.insert(format!("{name}_kl"), json!(x.kl[i]));
-                if let Some(j) = &x.judge {
-                    r.insert(format!("{name}_judge"), json!(j[i]));
+                for (j, values) in s.judges.iter().zip(&x.judges) {
+                    r.insert(format!("{name}_{}", j.name), json!(values[i]));
                 }
             }
             serde_json::Value::Object(r)
@@ -244,8 +265,18 @@ fn report_md(c: &Config, summary: &temper_stage::Summary, records: &[serde_json:
         let _ = write!(s, "\n| {m} |");
         for n in &names {
             let v = summary.get(&format!("{n}/{m}")).and_then(|v| v.as_f64());
-            let _ = write!(s, " {} |", v.map_or("-".into(), |x| format!("{x:.4}")));
+            let seen = if saw(c, n, m) { " †" } else { "" };
+            let _ = write!(
+                s,
+                " {}{seen} |",
+                v.map_or("-".into(), |x| format!("{x:.4}"))
+            );
         }
+    }
+    if !c.trained_on.is_empty() {
+        s.push_str(
+            "\n\n† the policy's training saw this signal: it is not an independent measure of it.",
+        );
     }
     s.push_str("\n\n## Samples\n");
     for r in records.iter().take(c.show) {

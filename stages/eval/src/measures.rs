@@ -13,8 +13,8 @@ pub struct Replies {
     /// Σ log π − log π_ref over the reply.
     pub kl: Vec<f64>,
     pub eos: Vec<bool>,
-    /// The judge's compound score of each reply, when there is a judge.
-    pub judge: Option<Vec<f64>>,
+    /// Each judge's value of each reply, in the order of the setup's judges.
+    pub judges: Vec<Vec<f64>>,
 }
 
 pub fn mean(v: &[f64]) -> f64 {
@@ -53,22 +53,31 @@ pub fn distinct_n(texts: &[String], n: usize) -> f64 {
     }
 }
 
-/// VADER's thresholds: positive ≥ 0.05, negative ≤ −0.05.
-pub fn agrees(compound: f64, wanted: &str) -> bool {
+/// Whether a judge's value says the wanted sentiment: positive above 0 and at least `band`,
+/// negative below 0 and at most −`band`, neutral otherwise (VADER's convention: band 0.05;
+/// AFINN and commands: the sign).
+pub fn agrees(value: f64, wanted: &str, band: f64) -> bool {
+    let positive = value > 0.0 && value >= band;
+    let negative = value < 0.0 && value <= -band;
     match wanted {
-        "positive" => compound >= 0.05,
-        "negative" => compound <= -0.05,
-        _ => compound.abs() < 0.05,
+        "positive" => positive,
+        "negative" => negative,
+        _ => !positive && !negative,
     }
 }
 
 /// Share of labelled prompts (or only those wanting `only`) whose reply the judge agrees with.
-pub fn agreement(compounds: &[f64], labels: &[Option<String>], only: Option<&str>) -> Option<f64> {
-    let hits: Vec<bool> = compounds
+pub fn agreement(
+    values: &[f64],
+    labels: &[Option<String>],
+    only: Option<&str>,
+    band: f64,
+) -> Option<f64> {
+    let hits: Vec<bool> = values
         .iter()
         .zip(labels)
         .filter(|(_, l)| only.is_none() || l.as_deref() == only)
-        .filter_map(|(c, l)| l.as_ref().map(|l| agrees(*c, l)))
+        .filter_map(|(c, l)| l.as_ref().map(|l| agrees(*c, l, band)))
         .collect();
     (!hits.is_empty()).then(|| hits.iter().filter(|&&a| a).count() as f64 / hits.len() as f64)
 }
@@ -129,38 +138,44 @@ pub fn pearson(xs: &[f64], ys: &[f64]) -> Option<f64> {
     (sxx > 0.0 && syy > 0.0).then(|| sxy / (sxx * syy).sqrt())
 }
 
-/// Every number of one policy, as (`<policy>/<metric>`, value).
+/// Every number of one policy, as (`<policy>/<metric>`, value); `judges` are each judge's
+/// name and dead band, in the order of `r.judges`.
 pub fn policy_metrics(
     name: &str,
     r: &Replies,
     baseline: Option<&Replies>,
     labels: &[Option<String>],
+    judges: &[(&str, f64)],
 ) -> Vec<(String, f64)> {
     let n = r.text.len().max(1) as f64;
     let scored = !r.scores.is_empty();
-    let mut out = vec![
-        ("kl", mean(&r.kl)),
-        ("len", r.tokens.iter().sum::<usize>() as f64 / n),
-        ("eos_rate", r.eos.iter().filter(|&&e| e).count() as f64 / n),
-        ("distinct_1", distinct_n(&r.text, 1)),
-        ("distinct_2", distinct_n(&r.text, 2)),
+    let mut out: Vec<(String, f64)> = vec![
+        ("kl".into(), mean(&r.kl)),
+        ("len".into(), r.tokens.iter().sum::<usize>() as f64 / n),
+        (
+            "eos_rate".into(),
+            r.eos.iter().filter(|&&e| e).count() as f64 / n,
+        ),
+        ("distinct_1".into(), distinct_n(&r.text, 1)),
+        ("distinct_2".into(), distinct_n(&r.text, 2)),
     ];
     if scored {
-        out.push(("score", mean(&r.scores)));
+        out.push(("score".into(), mean(&r.scores)));
         if let Some(b) = baseline {
-            out.push(("win_rate", win_rate(&r.scores, &b.scores)));
+            out.push(("win_rate".into(), win_rate(&r.scores, &b.scores)));
         }
     }
-    if let Some(j) = &r.judge {
-        out.extend(agreement(j, labels, None).map(|a| ("judge_agreement", a)));
-        for (key, label) in [
-            ("judge_agreement/positive", "positive"),
-            ("judge_agreement/negative", "negative"),
-        ] {
-            out.extend(agreement(j, labels, Some(label)).map(|a| (key, a)));
+    for ((judge, band), values) in judges.iter().zip(&r.judges) {
+        out.push((format!("{judge}_mean"), mean(values)));
+        let key = format!("{judge}_agreement");
+        out.extend(agreement(values, labels, None, *band).map(|a| (key.clone(), a)));
+        for label in ["positive", "negative"] {
+            let a = agreement(values, labels, Some(label), *band);
+            out.extend(a.map(|a| (format!("{key}/{label}"), a)));
         }
         if scored {
-            out.extend(rm_judge_corr(j, &r.scores, labels).map(|c| ("rm_judge_corr", c)));
+            let c = rm_judge_corr(values, &r.scores, labels);
+            out.extend(c.map(|c| (format!("rm_{judge}_corr"), c)));
         }
     }
     out.into_iter()
@@ -210,8 +225,15 @@ mod tests {
             None,
         ];
         let compounds = [0.3, 0.2, -0.9];
-        assert_eq!(agreement(&compounds, &labels, None), Some(0.5));
-        assert_eq!(agreement(&compounds, &labels, Some("negative")), Some(0.0));
-        assert_eq!(agreement(&compounds, &labels, Some("neutral")), None);
+        assert_eq!(agreement(&compounds, &labels, None, 0.05), Some(0.5));
+        assert_eq!(
+            agreement(&compounds, &labels, Some("negative"), 0.05),
+            Some(0.0)
+        );
+        assert_eq!(agreement(&compounds, &labels, Some("neutral"), 0.05), None);
+        // VADER's band against a sign: 0.03 is neutral to VADER, positive to AFINN.
+        assert!(!agrees(0.03, "positive", 0.05) && agrees(0.03, "neutral", 0.05));
+        assert!(agrees(0.03, "positive", 0.0) && !agrees(0.0, "positive", 0.0));
+        assert!(agrees(-0.05, "negative", 0.05) && agrees(0.0, "neutral", 0.0));
     }
 }

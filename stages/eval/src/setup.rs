@@ -8,11 +8,11 @@ use temper_core::chat_model::{load_prompts, prompt_signs, same_tokenizer, Prompt
 use temper_core::checkpoint::{check_vocab, ScoreHead};
 use temper_core::{load_checkpoint, resolve_device, LoadSpec, Transformer};
 use temper_data::{ChatTemplate, PromptRecord, TextTokenizer};
-use temper_rewards::SentimentJudge;
 use temper_stage::{invalid, ConfigFile, StageError};
 
 use crate::config::Config;
 use crate::exact;
+use crate::judges::Judge;
 
 /// The shared pieces: tokenizer, reference, reward model, judge and prompts. Policies are
 /// loaded one at a time, so memory holds one policy besides these.
@@ -22,7 +22,7 @@ pub struct Setup {
     pub reference: Transformer,
     pub reward: Option<Transformer>,
     pub exact: Option<exact::ExactScorer>,
-    pub judge: Option<SentimentJudge>,
+    pub judges: Vec<Judge>,
     pub prompts: Vec<(Vec<u32>, PromptRecord)>,
     pub labels: Vec<Option<String>>,
     /// Each prompt's reward sign (the reward model's `temper_score_sign`; 1 without one).
@@ -61,12 +61,7 @@ pub fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
         .as_deref()
         .map(|r| load(r, rm_spec))
         .transpose()?;
-    let judge = c
-        .lexicon
-        .as_ref()
-        .map(|l| SentimentJudge::load(l))
-        .transpose()
-        .map_err(invalid)?;
+    let judges = Judge::load_all(cfg)?;
     let room = reference.config.max_position.min(room);
     let settings = PromptSettings {
         file: &c.prompts,
@@ -98,7 +93,7 @@ pub fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
         reference,
         reward,
         exact,
-        judge,
+        judges,
         prompts,
         labels,
         signs,

@@ -212,6 +212,6 @@ pub fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageE
         inputs.checkpoint(cfg, "reference", r, false)?;
     }
     inputs.file(cfg, "prompts", &c.prompts)?;
-    check_rewards(cfg, inputs, &c.rewards, None)?;
+    check_rewards(cfg, inputs, "rewards", &c.rewards, None)?;
     Ok(())
 }

@@ -11,7 +11,6 @@
 //! whole rollout's.
 
 mod config;
-mod rewards;
 mod setup;
 mod update;
 
@@ -19,12 +18,12 @@ use std::time::Instant;
 
 use temper_core::train::{self, TrainRun};
 use temper_data::PromptRecord;
-use temper_stage::{Cadence, ConfigFile, Every, StageArgs, StageError, StageKind};
+use temper_stage::{Cadence, Every, StageArgs, StageError, StageKind};
 
-use crate::config::{check, Config};
-use crate::rewards::Scored;
+use crate::config::check;
 use crate::setup::Setup;
 use crate::update::Rollout;
+use temper_core::reward_set::Scored;
 
 fn main() {
     temper_stage::stage_main(
@@ -36,24 +35,14 @@ fn main() {
 
 fn run(args: &StageArgs) -> Result<(), StageError> {
     // Data parallel (torchrun / Slurm): `prompts_per_iteration` prompts per rank.
-    let prepare = |cfg: &ConfigFile<Config>, _: &_, device| setup::prepare(cfg, device);
-    let Some(st) = train::start(args, StageKind::Grpo, check, |c| c.device, prepare)? else {
+    let Some(st) = train::start(args, StageKind::Grpo, check, |c| c.device, setup::prepare)? else {
         return Ok(());
     };
     let (c, s) = (&st.cfg.value, &st.setup);
-    let stores = s.policy.stores();
-    let mut opt = s.policy.optimizer(c.optim.adamw());
+    let (stores, mut opt) = s.policy.trained(c.optim.adamw());
     let every = Cadence::new(Every::new(1), c.sample_every, c.save_every, c.iterations);
-    let mut run = TrainRun::open(
-        st.world,
-        &args.out,
-        &st.cfg,
-        &stores,
-        &mut [&mut opt],
-        every,
-    )?;
     // Gradients averaged over the ranks in buckets, reduced while each backward runs.
-    let sync = run.world.grad_sync(&opt.parameters())?;
+    let (mut run, sync) = TrainRun::open(st.world, &args.out, &st.cfg, &stores, &mut opt, every)?;
     while run.progress.step < c.iterations {
         let iter = run.progress.step;
         // 1. Prompts (a seeded pass over the set), each repeated G times, and the replies.
@@ -117,5 +106,6 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
 fn score(s: &Setup, rows: &[usize], ro: &Rollout) -> anyhow::Result<Scored> {
     let records: Vec<&PromptRecord> = rows.iter().map(|&i| &s.prompts[i].1).collect();
     let stops = s.template.stop_ids();
-    s.rewards.score(&records, ro, &s.policy.tokenizer, &stops)
+    s.rewards
+        .score(&records, &ro.replies(), &s.policy.tokenizer, &stops)
 }

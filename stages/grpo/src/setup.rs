@@ -5,6 +5,7 @@
 use tch::Device;
 use temper_core::chat_model::{load_prompts, PromptSettings};
 use temper_core::peft::Reference;
+use temper_core::reward_set::RewardSet;
 use temper_core::{
     load_checkpoint, load_with_tokenizer, LoadSpec, Loaded, SamplingConfig, Transformer,
 };
@@ -12,7 +13,6 @@ use temper_data::{ChatTemplate, PromptRecord};
 use temper_stage::{invalid, ConfigFile, StageError};
 
 use crate::config::Config;
-use crate::rewards::RewardSet;
 
 /// The policy, the reference when one is needed, the rewards and the rendered prompts.
 pub struct Setup {
@@ -64,8 +64,8 @@ pub fn prepare(cfg: &ConfigFile<Config>, device: Device) -> Result<Setup, StageE
     };
     let room = policy.model.token_room();
     let (prompts, _) = load_prompts(cfg, &policy.tokenizer, &template, room, prompt_settings)?;
-    let rewards = RewardSet::load(cfg, &policy, device)?;
-    rewards.check_prompts(cfg, &prompts)?;
+    let rewards = RewardSet::load(cfg, "rewards", &c.rewards, &policy, device)?;
+    rewards.check_prompts(cfg, &c.prompts, &prompts)?;
     tracing::info!(
         "{} × {} replies per iteration",
         c.prompts_per_iteration,

@@ -12,8 +12,8 @@ use temper_data::{pass_batch, seed_for, seeds_for, shuffled};
 use temper_stage::check_finite;
 
 use crate::config::{Algorithm, Config};
-use crate::rewards::Scored;
 use crate::setup::{sampling, Setup};
+use temper_core::reward_set::{ReplyBatch, Scored};
 
 /// An iteration's rows: a seeded pass over the prompts (for every rank), each prompt
 /// repeated G times, with their sampling seeds, and this rank's range of them (whole groups).
@@ -51,6 +51,19 @@ pub struct Rollout {
     pub old_logp: Tensor,         // (B, N) the sampling policy, at the sampling temperature
     pub ref_logp: Option<Tensor>, // (B, N) when beta > 0
     pub generate_s: f64,
+}
+
+impl Rollout {
+    /// The replies as the rewards read them.
+    pub fn replies(&self) -> ReplyBatch<'_> {
+        ReplyBatch {
+            joined: &self.joined,
+            prompt: &self.prompt,
+            prompt_mask: &self.prompt_mask,
+            tokens: &self.tokens,
+            mask: &self.mask,
+        }
+    }
 }
 
 pub fn rollout(s: &Setup, c: &Config, rows: &[usize], seeds: &[u64]) -> anyhow::Result<Rollout> {

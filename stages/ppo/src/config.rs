@@ -281,6 +281,7 @@ pub fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageE
     check_rewards(
         cfg,
         inputs,
+        "rewards",
         &c.rewards,
         Some("PPO's reward model is `reward_model` (its critic starts from it); list only program rewards here"),
     )?;

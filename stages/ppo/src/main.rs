@@ -23,7 +23,7 @@ use temper_core::rl::{self, RewardStats};
 use temper_core::train::{self, TrainRun};
 use temper_data::{pass_batch, seed_for, seeds_for};
 use temper_rewards::{ProgramRewards, ProgramScores};
-use temper_stage::{Cadence, ConfigFile, Every, Progress, StageArgs, StageError, StageKind};
+use temper_stage::{Cadence, Every, Progress, StageArgs, StageError, StageKind};
 
 use crate::config::{check, Config};
 use crate::setup::{sampling, Optimizers, Setup};
@@ -38,8 +38,8 @@ fn main() {
 
 fn run(args: &StageArgs) -> Result<(), StageError> {
     // Data parallel (torchrun / Slurm): `batch_size` prompts per rank.
-    let prepare = |cfg: &ConfigFile<Config>, _: &_, device| setup::prepare(cfg, device);
-    let Some(mut st) = train::start(args, StageKind::Ppo, check, |c| c.device, prepare)? else {
+    let Some(mut st) = train::start(args, StageKind::Ppo, check, |c| c.device, setup::prepare)?
+    else {
         return Ok(());
     };
     let (c, (s, program)) = (&st.cfg.value, &mut st.setup);
@@ -47,7 +47,7 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     let mut opts = Optimizers::new(c, &s.actor, &s.critic);
     let every = Cadence::new(Every::new(1), c.sample_every, c.save_every, c.iterations);
     let mut resumed = opts.all_mut();
-    let mut run = TrainRun::open(st.world, &args.out, &st.cfg, &stores, &mut resumed, every)?;
+    let mut run = TrainRun::open_with(st.world, &args.out, &st.cfg, &stores, &mut resumed, every)?;
     let (actor_sync, critic_sync) = opts.grad_syncs(&run.world)?;
     let kl_control = c.kl.control();
     let mut kl_coef = extra(&run.progress, "kl_coef").unwrap_or(kl_control.initial_coef());

@@ -298,24 +298,17 @@ fn default_cache_dir() -> PathBuf {
 fn run(args: &StageArgs) -> Result<(), StageError> {
     // Data parallel (torchrun / Slurm): every rank trains on its share of each batch; rank 0
     // alone writes (the others log into a scratch folder).
-    let prepare = |cfg: &ConfigFile<Config>, _: &_, device| prepare(cfg, device);
     let Some(st) = train::start(args, StageKind::Pretrain, check, |c| c.device, prepare)? else {
         return Ok(());
     };
     let (c, s) = (&st.cfg.value, &st.setup);
-    let mut opt = s.tuning.optimizer(&s.vs, c.optim.adamw());
-    let stores = s.tuning.stores(&s.vs);
+    let (stores, mut opt) = (
+        s.tuning.stores(&s.vs),
+        s.tuning.optimizer(&s.vs, c.optim.adamw()),
+    );
     let every = Cadence::new(c.log_every, c.eval_every, c.save_every, c.steps);
-    let mut run = TrainRun::open(
-        st.world,
-        &args.out,
-        &st.cfg,
-        &stores,
-        &mut [&mut opt],
-        every,
-    )?;
     // Gradients averaged over the ranks in buckets, reduced while the last backward runs.
-    let sync = run.world.grad_sync(&opt.parameters())?;
+    let (mut run, sync) = TrainRun::open(st.world, &args.out, &st.cfg, &stores, &mut opt, every)?;
     let (b, t, accum) = (c.batch_size, c.block_size, c.optim.grad_accum);
     let (rank, n_ranks) = (run.world.rank(), run.world.size());
     let n_blocks = s.stream.train_blocks();

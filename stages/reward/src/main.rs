@@ -166,25 +166,15 @@ fn prepare(cfg: &ConfigFile<Config>, device: Device) -> Result<Setup, StageError
 
 fn run(args: &StageArgs) -> Result<(), StageError> {
     // Data parallel (torchrun / Slurm): `batch_size` pairs per rank.
-    let prepare = |cfg: &ConfigFile<Config>, _: &_, device| prepare(cfg, device);
     let Some(st) = train::start(args, StageKind::Reward, check, |c| c.device, prepare)? else {
         return Ok(());
     };
     let (c, s) = (&st.cfg.value, &st.setup);
     let m = &s.chat.m;
-    let stores = m.stores();
-    let mut opt = m.optimizer(c.optim.adamw());
+    let (stores, mut opt) = m.trained(c.optim.adamw());
     let every = Cadence::new(c.log_every, c.eval_every, c.save_every, c.steps);
-    let mut run = TrainRun::open(
-        st.world,
-        &args.out,
-        &st.cfg,
-        &stores,
-        &mut [&mut opt],
-        every,
-    )?;
     // Gradients averaged over the ranks in buckets, reduced while the last backward runs.
-    let sync = run.world.grad_sync(&opt.parameters())?;
+    let (mut run, sync) = TrainRun::open(st.world, &args.out, &st.cfg, &stores, &mut opt, every)?;
     // Micro-batch k of the run is batch k % n of epoch k / n: a function of the step alone.
     // With several ranks a batch holds batch_size × ranks pairs and each rank takes its share.
     let (n, global_batch) = (s.train.len(), c.batch_size * run.world.size());

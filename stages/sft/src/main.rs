@@ -189,25 +189,15 @@ fn prepare(cfg: &ConfigFile<Config>, device: tch::Device) -> Result<Setup, Stage
 
 fn run(args: &StageArgs) -> Result<(), StageError> {
     // Data parallel (torchrun / Slurm): `batch_size` rows per rank.
-    let prepare = |cfg: &ConfigFile<Config>, _: &_, device| prepare(cfg, device);
     let Some(st) = train::start(args, StageKind::Sft, check, |c| c.device, prepare)? else {
         return Ok(());
     };
     let (c, s) = (&st.cfg.value, &st.setup);
     let m = &s.chat.m;
-    let stores = m.stores();
-    let mut opt = m.optimizer(c.optim.adamw());
+    let (stores, mut opt) = m.trained(c.optim.adamw());
     let every = Cadence::new(c.log_every, c.eval_every, c.save_every, c.steps);
-    let mut run = TrainRun::open(
-        st.world,
-        &args.out,
-        &st.cfg,
-        &stores,
-        &mut [&mut opt],
-        every,
-    )?;
     // Gradients averaged over the ranks in buckets, reduced while the last backward runs.
-    let sync = run.world.grad_sync(&opt.parameters())?;
+    let (mut run, sync) = TrainRun::open(st.world, &args.out, &st.cfg, &stores, &mut opt, every)?;
     let lengths: Vec<usize> = s.train.iter().map(Example::len).collect();
     // Micro-batch k of the run is batch k % n of epoch k / n: a function of the step alone.
     // With several ranks a batch holds batch_size × ranks rows and each rank takes its share.

@@ -9,7 +9,9 @@
 //!   so a reward model that ignores the instruction scores exactly chance
 //! - ppo_prompts            instructions with openings of training snippets
 //! - eval_prompts           instructions with openings of held-out snippets
-//! - vader_lexicon.txt      the independent judge's lexicon (not trained on by anything)
+//! - vader_lexicon.txt      VADER's lexicon, a sentiment judge or labeller
+//! - afinn-165.txt          AFINN-165, a second lexicon built independently of VADER: what
+//!   one of them labels for training, the other judges
 //!
 //! Every held-out file draws only on held-out snippets; no held-out snippet reaches a training
 //! file (checked before writing).
@@ -355,6 +357,8 @@ pub fn prepare_demo(raw: &Path, out: &Path, seed: u64) -> Result<DemoCounts> {
 
     let lexicon = raw.join("vader/vaderSentiment/vader_lexicon.txt");
     std::fs::copy(&lexicon, out.join("vader_lexicon.txt")).map_err(DataError::io(&lexicon))?;
+    let afinn = raw.join("afinn/AFINN-165.txt");
+    std::fs::copy(&afinn, out.join("afinn-165.txt")).map_err(DataError::io(&afinn))?;
     let summary = out.join("counts.json");
     std::fs::write(
         &summary,

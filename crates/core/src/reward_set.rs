@@ -1,19 +1,20 @@
-//! The stage's `rewards:` list, loaded once and applied to every rollout: program rewards
-//! read the decoded reply and the prompt's fields, reward models read the tokens (with their
-//! own pooling and sign). The reward of a reply is the weighted sum; each function's mean is
-//! logged as `reward/<name>`.
+//! A stage's list of rewards (GRPO's `rewards:`, the feedback stage's `labeller:`), loaded
+//! once and applied to every batch of replies: program rewards read the decoded reply and the
+//! prompt's fields, reward models read the tokens (with their own pooling and sign). The
+//! reward of a reply is the weighted sum; each function's values come back by name.
+
+use std::path::Path;
 
 use tch::{Kind, Tensor};
-use temper_core::checkpoint::ScoreHead;
-use temper_core::scoring::{decode_prompts, decode_replies, reward_scores};
-use temper_core::{load_checkpoint, LoadSpec, Loaded, Transformer};
 use temper_data::{PromptRecord, TextTokenizer};
 use temper_rewards::program::score_replies;
 use temper_rewards::{ReplyText, RewardSpec, TextReward};
 use temper_stage::{invalid, ConfigFile, StageError};
 
-use crate::config::Config;
-use crate::update::Rollout;
+use crate::checkpoint::ScoreHead;
+use crate::sample::Joined;
+use crate::scoring::{decode_prompts, decode_replies, reward_scores};
+use crate::{load_checkpoint, LoadSpec, Loaded, Transformer};
 
 enum Scorer {
     /// In a cell: a `command` keeps its process and pipes between calls.
@@ -31,9 +32,23 @@ pub struct RewardSet {
     entries: Vec<Entry>,
 }
 
-/// One rollout's rewards: the weighted total (B,) and each function's values.
+/// A batch of replies as the rewards read them: the left-padded prompts, the generated tokens,
+/// and both joined (what a reward model reads).
+pub struct ReplyBatch<'a> {
+    pub joined: &'a Joined,
+    /// (B, P) and its mask.
+    pub prompt: &'a Tensor,
+    pub prompt_mask: &'a Tensor,
+    /// (B, N) and its mask (1 on real reply tokens, EOS included).
+    pub tokens: &'a Tensor,
+    pub mask: &'a Tensor,
+}
+
+/// One batch's rewards: the weighted total (B,), each function's values, the replies' text.
 pub struct Scored {
     pub total: Tensor,
+    /// The same totals in f64, as summed (the tensor holds them in f32).
+    pub totals: Vec<f64>,
     pub per_name: Vec<(String, Vec<f64>)>,
     pub replies: Vec<String>,
 }
@@ -45,14 +60,18 @@ impl Scored {
 }
 
 impl RewardSet {
-    pub fn load(
-        cfg: &ConfigFile<Config>,
+    /// Loads `specs`, the config's list at `key`; errors name `<key>.<i>`. A reward model
+    /// must share the policy's tokenizer.
+    pub fn load<C>(
+        cfg: &ConfigFile<C>,
+        key: &str,
+        specs: &[RewardSpec],
         policy: &Loaded,
         device: tch::Device,
     ) -> Result<Self, StageError> {
         let mut entries: Vec<Entry> = Vec::new();
-        for (i, spec) in cfg.value.rewards.iter().enumerate() {
-            let field = format!("rewards.{i}");
+        for (i, spec) in specs.iter().enumerate() {
+            let field = format!("{key}.{i}");
             let scorer = match TextReward::new(spec)
                 .map_err(|e| cfg.error(&field, e.to_string()))?
             {
@@ -86,10 +105,12 @@ impl RewardSet {
         Ok(Self { entries })
     }
 
-    /// Every prompt has what every reward reads (an `answer` field, a sentiment label).
-    pub fn check_prompts(
+    /// Every prompt of `file` has what every reward reads (an `answer` field, a sentiment
+    /// label); the error names the row and the reward.
+    pub fn check_prompts<C>(
         &self,
-        cfg: &ConfigFile<Config>,
+        cfg: &ConfigFile<C>,
+        file: &Path,
         prompts: &[(Vec<u32>, PromptRecord)],
     ) -> Result<(), StageError> {
         for (row, (_, record)) in prompts.iter().enumerate() {
@@ -107,7 +128,7 @@ impl RewardSet {
                         "prompts",
                         format!(
                             "{} row {}: reward `{}`: {p}",
-                            cfg.value.prompts.display(),
+                            file.display(),
                             row + 1,
                             e.name
                         ),
@@ -118,15 +139,16 @@ impl RewardSet {
         Ok(())
     }
 
+    /// The rewards of `ro`'s replies; `records[i]` is the prompt of reply `i`.
     pub fn score(
         &self,
         records: &[&PromptRecord],
-        ro: &Rollout,
+        ro: &ReplyBatch,
         tok: &TextTokenizer,
         stops: &[u32],
     ) -> anyhow::Result<Scored> {
-        let replies = decode_replies(tok, &ro.tokens, &ro.mask, stops)?;
-        let prompts = decode_prompts(tok, &ro.prompt, &ro.prompt_mask)?;
+        let replies = decode_replies(tok, ro.tokens, ro.mask, stops)?;
+        let prompts = decode_prompts(tok, ro.prompt, ro.prompt_mask)?;
         let lengths = Vec::<f64>::try_from(
             ro.mask
                 .sum_dim_intlist(1, false, Kind::Float)
@@ -147,7 +169,7 @@ impl RewardSet {
             let values: Vec<f64> = match &e.scorer {
                 Scorer::Text(t) => score_replies(&mut t.borrow_mut(), &e.name, &texts)?,
                 Scorer::Model(m) => {
-                    let scores = tch::no_grad(|| reward_scores(m, &ro.joined))?;
+                    let scores = tch::no_grad(|| reward_scores(m, ro.joined))?;
                     let mut v = Vec::<f64>::try_from(scores.to_kind(Kind::Double))?;
                     if let Some(sign) = &m.config.score_sign {
                         for (x, r) in v.iter_mut().zip(records) {
@@ -175,6 +197,7 @@ impl RewardSet {
             total: Tensor::from_slice(&total)
                 .to_kind(Kind::Float)
                 .to_device(ro.mask.device()),
+            totals: total,
             per_name,
             replies: replies.into_iter().map(|r| r.text).collect(),
         })

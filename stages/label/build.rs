@@ -1,0 +1,3 @@
+fn main() {
+    temper_link::emit_libtorch_link_args();
+}
