@@ -71,6 +71,17 @@ pub struct SamplingKeys {
     pub needs_temperature: Option<&'static str>,
 }
 
+/// `max_new_tokens`' default in every stage that samples: 32 new tokens.
+pub fn default_max_new_tokens() -> i64 {
+    32
+}
+
+/// `temperature`'s default where a stage samples to learn (RL, labelling): 1, the policy's
+/// own distribution.
+pub fn full_temperature() -> f64 {
+    1.0
+}
+
 /// The sampling keys' ranges, each refused at its key: at least one new token, a temperature
 /// ≥ 0 (0 is greedy) or > 0 where the stage needs different replies, top-k ≥ 1, top-p in
 /// (0, 1].

@@ -71,7 +71,7 @@ pub(crate) struct Config {
     /// reference (0: none).
     #[serde(default = "default_kl_samples")]
     pub(crate) kl_samples: usize,
-    #[serde(default = "default_max_new")]
+    #[serde(default = "temper_core::sample::default_max_new_tokens")]
     pub(crate) max_new_tokens: i64,
     /// How the final checkpoint is written: `dtype` (fp32, bf16, fp16; default the init's)
     /// and `max_shard_size` (`5GB`; default one file).
@@ -95,9 +95,6 @@ fn default_weight() -> f64 {
     1.0
 }
 fn default_kl_samples() -> usize {
-    32
-}
-fn default_max_new() -> i64 {
     32
 }
 fn default_optim() -> OptimSettings {

@@ -52,7 +52,7 @@ pub struct Config {
     pub max_prompts: usize,
     #[serde(default = "default_batch")]
     pub batch_size: usize,
-    #[serde(default = "default_max_new")]
+    #[serde(default = "temper_core::sample::default_max_new_tokens")]
     pub max_new_tokens: i64,
     #[serde(default = "default_temperature")]
     pub temperature: f64,
@@ -76,9 +76,6 @@ fn default_max_prompts() -> usize {
     200
 }
 fn default_batch() -> usize {
-    32
-}
-fn default_max_new() -> i64 {
     32
 }
 fn default_temperature() -> f64 {

@@ -77,11 +77,11 @@ pub struct Config {
     /// Leave out of the loss the groups whose replies all scored the same (DAPO).
     #[serde(default)]
     pub dynamic_sampling: bool,
-    #[serde(default = "default_max_new")]
+    #[serde(default = "temper_core::sample::default_max_new_tokens")]
     pub max_new_tokens: i64,
     #[serde(default)]
     pub max_prompt_len: Option<usize>,
-    #[serde(default = "one_f")]
+    #[serde(default = "temper_core::sample::full_temperature")]
     pub temperature: f64,
     #[serde(default)]
     pub top_k: Option<i64>,
@@ -113,14 +113,8 @@ fn default_generations() -> usize {
 fn one() -> usize {
     1
 }
-fn one_f() -> f64 {
-    1.0
-}
 fn default_epsilon() -> f64 {
     0.2
-}
-fn default_max_new() -> i64 {
-    32
 }
 fn default_optim() -> OptimSettings {
     OptimSettings {

@@ -60,11 +60,11 @@ pub struct Config {
     /// Prompts per generation batch (each gives `num_generations` sequences).
     #[serde(default = "default_batch")]
     pub batch_size: usize,
-    #[serde(default = "default_max_new")]
+    #[serde(default = "temper_core::sample::default_max_new_tokens")]
     pub max_new_tokens: i64,
     #[serde(default)]
     pub max_prompt_len: Option<usize>,
-    #[serde(default = "default_temperature")]
+    #[serde(default = "temper_core::sample::full_temperature")]
     pub temperature: f64,
     #[serde(default)]
     pub top_k: Option<i64>,
@@ -86,12 +86,6 @@ fn default_generations() -> usize {
 }
 fn default_batch() -> usize {
     8
-}
-fn default_max_new() -> i64 {
-    32
-}
-fn default_temperature() -> f64 {
-    1.0
 }
 fn every_batch() -> Every {
     Every::new(1)

@@ -114,9 +114,9 @@ pub struct Config {
     pub minibatch_size: usize,
     #[serde(default = "default_ppo_epochs")]
     pub ppo_epochs: usize,
-    #[serde(default = "default_max_new")]
+    #[serde(default = "temper_core::sample::default_max_new_tokens")]
     pub max_new_tokens: i64,
-    #[serde(default = "default_temperature")]
+    #[serde(default = "temper_core::sample::full_temperature")]
     pub temperature: f64,
     #[serde(default)]
     pub top_k: Option<i64>,
@@ -177,12 +177,6 @@ fn default_minibatch() -> usize {
 }
 fn default_ppo_epochs() -> usize {
     2
-}
-fn default_max_new() -> i64 {
-    32
-}
-fn default_temperature() -> f64 {
-    1.0
 }
 fn default_gamma() -> f64 {
     1.0
