@@ -300,6 +300,19 @@ fn validate_rejects_a_bad_config_naming_the_key() {
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
     assert!(!out.exists(), "--validate must not create outputs");
 
+    // A key given twice is named where it is given the second time.
+    let cfg = pretrain_config(dir.path(), &tok, 10, "steps: 20\n");
+    let last = std::fs::read_to_string(&cfg).unwrap().lines().count();
+    let res = validate_stage("temper-pretrain", &cfg, &out);
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            ":{last}: field `steps`: given twice in one mapping: keep one"
+        )),
+        "{stderr}"
+    );
+
     let good = pretrain_config(dir.path(), &tok, 10, "");
     let res = validate_stage("temper-pretrain", &good, &out);
     assert_ok(&res, "--validate of a good config");

@@ -14,7 +14,7 @@ use serde_yaml::Value;
 
 use crate::exit::{invalid, StageError};
 use crate::kinds::{resolve_paths, StageKind};
-use crate::yaml_lines::{line_of, path_at};
+use crate::yaml_lines::{duplicate_at, line_of, path_at};
 
 /// A problem with one config value: exit 2, one line, naming where to fix it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -64,6 +64,19 @@ impl<T: DeserializeOwned + Serialize> ConfigFile<T> {
                 .next()
                 .unwrap_or(&message)
                 .to_string();
+            // A key given twice is reported where its mapping starts: name the second one.
+            let twice = message
+                .split_once("duplicate field `")
+                .and_then(|(_, rest)| rest.split_once('`'))
+                .and_then(|(k, _)| line.and_then(|l| duplicate_at(&text, l, k)));
+            if let Some((second, keys)) = twice {
+                return FieldError {
+                    file: path.into(),
+                    line: Some(second),
+                    field: Some(keys.join(".")),
+                    message: "given twice in one mapping: keep one".into(),
+                };
+            }
             // An unknown key names itself; otherwise the deepest key on the error's line.
             let unknown = message
                 .split_once("unknown field `")

@@ -79,6 +79,26 @@ pub fn path_at(text: &str, line: usize, key: Option<&str>) -> Option<Vec<String>
         .cloned()
 }
 
+/// Where the mapping that starts at `line` declares `key` for the second time (the parser
+/// reports a duplicate key at the mapping's start): that line and the key's path. The mapping
+/// is the deepest one around `line`'s keys in which `key` appears twice from `line` on.
+pub fn duplicate_at(text: &str, line: usize, key: &str) -> Option<(usize, Vec<String>)> {
+    let lines = key_lines(text);
+    let start = lines
+        .iter()
+        .filter(|(l, _)| *l == line)
+        .map(|(_, p)| p)
+        .max_by_key(|p| p.len())?;
+    (0..start.len()).rev().find_map(|n| {
+        let parent = &start[..n];
+        let mut hits = lines
+            .iter()
+            .filter(|(l, p)| *l >= line && p.len() == n + 1 && p[..n] == *parent && p[n] == key);
+        hits.next()?;
+        hits.next().cloned()
+    })
+}
+
 /// `key: rest` → (key, rest), with quotes around the key removed; None for a line that is not
 /// a mapping entry (a plain list item, a continuation line).
 fn split_key(content: &str) -> Option<(String, &str)> {
@@ -216,6 +236,23 @@ stages:
             Some(12)
         );
         assert_eq!(line_of(DOC, &["stages", "ppo", "uses"]), Some(14));
+    }
+
+    #[test]
+    fn a_duplicate_key_is_found_where_it_is_given_the_second_time() {
+        let doc = "policy: p\nseed: 1\noptim:\n  lr: 1\n  lr: 2\nseed: 3\n";
+        assert_eq!(
+            duplicate_at(doc, 1, "seed"),
+            Some((6, vec!["seed".to_string()]))
+        );
+        let nested = Some((5, vec!["optim".to_string(), "lr".to_string()]));
+        assert_eq!(duplicate_at(doc, 4, "lr"), nested);
+        let flow = "optim: {lr: 1, lr: 2}\n";
+        assert_eq!(
+            duplicate_at(flow, 1, "lr"),
+            Some((1, vec!["optim".to_string(), "lr".to_string()]))
+        );
+        assert_eq!(duplicate_at(doc, 1, "absent"), None);
     }
 
     #[test]
