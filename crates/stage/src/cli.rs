@@ -8,7 +8,7 @@ use crate::exit::StageError;
 #[derive(Debug, Clone, clap::Parser)]
 #[command(version)]
 pub struct StageArgs {
-    /// The stage's YAML config (see the README for every key and its default). Relative paths
+    /// The stage's YAML config (docs/stages.md lists every key and its default). Relative paths
     /// in it are relative to the file's folder.
     #[arg(long)]
     pub config: PathBuf,

@@ -6,15 +6,21 @@
 //! `load` reports every problem it finds at once, each naming its line where the file has one.
 
 pub mod gate;
+mod graph;
 pub mod matrix;
+mod overrides;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use serde_yaml::{Mapping, Value};
 use temper_stage::StageKind;
+
+use graph::graph_problems;
+use overrides::apply_override;
+pub use overrides::set_dotted;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -321,41 +327,6 @@ fn parse_stage(
     Ok((stage, problems))
 }
 
-/// Dangling references, self-references and cycles.
-fn graph_problems(text: &str, stages: &[Stage]) -> Vec<Problem> {
-    let mut problems = Vec::new();
-    let names: BTreeSet<&str> = stages.iter().map(|s| s.name.as_str()).collect();
-    for s in stages {
-        for p in &s.parents {
-            if !names.contains(p.as_str()) {
-                let l = find_line(text, |l| {
-                    l.contains(&format!("${{{p}."))
-                        || l.contains(&format!("needs: [{p}"))
-                        || l.contains(&format!("- {p}"))
-                })
-                .or_else(|| stage_line(text, &s.name));
-                problems.push(Problem {
-                    line: l,
-                    message: format!("stage `{}` refers to `{p}`, which is not a stage", s.name),
-                });
-            }
-            if p == &s.name {
-                problems.push(Problem {
-                    line: stage_line(text, &s.name),
-                    message: format!("stage `{p}` refers to itself"),
-                });
-            }
-        }
-    }
-    if let Some(cycle) = find_cycle(stages) {
-        problems.push(Problem {
-            line: stage_line(text, &cycle[0]),
-            message: format!("cycle: {}", cycle.join(" -> ")),
-        });
-    }
-    problems
-}
-
 /// Why `workdir` cannot be a pipeline's work folder, if it cannot: temper writes and replaces
 /// folders under it, so it may not be the pipeline file's own folder or one of its ancestors
 /// (where a project's own `stages/` or `configs/` live).
@@ -365,55 +336,6 @@ pub fn workdir_problem(workdir: &Path, base: &Path) -> Option<String> {
             "workdir `{}` is the pipeline file's folder or contains it; use a folder of its own, e.g. `runs/NAME`",
             workdir.display()
         ));
-    }
-    None
-}
-
-/// A dependency cycle as a path (first stage repeated at the end), if any.
-fn find_cycle(stages: &[Stage]) -> Option<Vec<String>> {
-    let parents: BTreeMap<&str, &BTreeSet<String>> = stages
-        .iter()
-        .map(|s| (s.name.as_str(), &s.parents))
-        .collect();
-    // 0 = unvisited, 1 = on the current path, 2 = done.
-    fn visit<'a>(
-        n: &'a str,
-        parents: &BTreeMap<&'a str, &'a BTreeSet<String>>,
-        state: &mut BTreeMap<&'a str, u8>,
-        path: &mut Vec<&'a str>,
-    ) -> Option<Vec<String>> {
-        match state.get(n) {
-            Some(2) => return None,
-            Some(1) => {
-                let start = path.iter().position(|p| *p == n).unwrap_or(0);
-                let mut cycle: Vec<String> = path[start..].iter().map(|s| s.to_string()).collect();
-                cycle.push(n.to_string());
-                return Some(cycle);
-            }
-            _ => {}
-        }
-        state.insert(n, 1);
-        path.push(n);
-        if let Some(ps) = parents.get(n) {
-            for p in ps.iter() {
-                if parents.contains_key(p.as_str()) {
-                    if let Some(c) = visit(p.as_str(), parents, state, path) {
-                        return Some(c);
-                    }
-                }
-            }
-        }
-        path.pop();
-        state.insert(n, 2);
-        None
-    }
-    let mut state = BTreeMap::new();
-    for s in stages {
-        if let Some(mut c) = visit(&s.name, &parents, &mut state, &mut Vec::new()) {
-            // Written as dependency order: a stage, then the stage that needs it.
-            c.reverse();
-            return Some(c);
-        }
     }
     None
 }
@@ -432,43 +354,6 @@ impl Pipeline {
             .collect()
     }
 
-    /// Stages in dependency order (parents first), ties in file order.
-    /// Parents before children. The file's checks refuse cycles, dangling references and
-    /// duplicate names before a pipeline exists; should one slip through, the stages it
-    /// strands are left out rather than looped over forever.
-    pub fn topo_order(&self) -> Vec<&Stage> {
-        let mut done: BTreeSet<&str> = BTreeSet::new();
-        let mut order = Vec::new();
-        loop {
-            let before = order.len();
-            for s in &self.stages {
-                if !done.contains(s.name.as_str())
-                    && s.parents.iter().all(|p| done.contains(p.as_str()))
-                {
-                    done.insert(&s.name);
-                    order.push(s);
-                }
-            }
-            if order.len() == before {
-                return order;
-            }
-        }
-    }
-
-    /// Every stage downstream of `name` (not including it).
-    pub fn descendants(&self, name: &str) -> BTreeSet<String> {
-        let mut out = BTreeSet::new();
-        let mut frontier = vec![name.to_string()];
-        while let Some(n) = frontier.pop() {
-            for s in &self.stages {
-                if s.parents.contains(&n) && out.insert(s.name.clone()) {
-                    frontier.push(s.name.clone());
-                }
-            }
-        }
-        out
-    }
-
     /// Where a stage's last successful outputs live.
     pub fn stage_out(&self, name: &str) -> PathBuf {
         self.workdir.join("stages").join(name)
@@ -483,40 +368,6 @@ impl Pipeline {
     pub fn stage_retired(&self, name: &str) -> PathBuf {
         self.workdir.join("stages").join(format!(".{name}.old"))
     }
-}
-
-/// Applies one `-o stage.key=value` override (value parsed as YAML; `key` may be dotted) to
-/// the stage written as `stage` (every branch of it).
-fn apply_override(stages: &mut [Stage], spec: &str) -> anyhow::Result<()> {
-    let bad = || anyhow::anyhow!("override `{spec}`: expected stage.key=value");
-    let (lhs, value) = spec.split_once('=').ok_or_else(bad)?;
-    let (stage, key) = lhs.split_once('.').ok_or_else(bad)?;
-    let value: Value =
-        serde_yaml::from_str(value).map_err(|e| anyhow::anyhow!("override `{spec}`: {e}"))?;
-    let mut found = false;
-    for st in stages.iter_mut().filter(|s| s.group == stage) {
-        set_dotted(&mut st.params, key, value.clone())
-            .map_err(|e| anyhow::anyhow!("override `{spec}`: {e}"))?;
-        found = true;
-    }
-    anyhow::ensure!(found, "override `{spec}`: no stage `{stage}`");
-    Ok(())
-}
-
-/// Sets `a.b.c` in `map`, creating the mappings on the way.
-pub fn set_dotted(map: &mut Mapping, key: &str, value: Value) -> Result<(), String> {
-    let parts: Vec<&str> = key.split('.').collect();
-    let mut map = map;
-    for part in &parts[..parts.len() - 1] {
-        let entry = map
-            .entry(Value::from(*part))
-            .or_insert_with(|| Value::Mapping(Mapping::new()));
-        map = entry
-            .as_mapping_mut()
-            .ok_or_else(|| format!("`{part}` is not a mapping"))?;
-    }
-    map.insert(Value::from(parts[parts.len() - 1]), value);
-    Ok(())
 }
 
 pub use temper_stage::kinds::normalize;
