@@ -127,7 +127,7 @@ stages:
     with: {init: models/model, data: data/sft.jsonl, eval_data: data/sft_eval.jsonl, steps: 2, batch_size: 2, save_every: 2, samples: 0}
   reward:
     uses: reward
-    with: {init: models/model, data: data/pairs.jsonl, eval_data: data/pairs_eval.jsonl, steps: 2, batch_size: 2, save_every: 2}
+    with: {init: models/model, data: data/pairs.jsonl, eval_data: data/pairs_eval.jsonl, eval_sets: {human: data/human.jsonl}, steps: 2, batch_size: 2, save_every: 2}
   ppo:
     uses: ppo
     with:
@@ -177,6 +177,12 @@ stages:
         - {kind: afinn, path: data/afinn.txt}
         - {kind: command, command: [sh, data/score.sh], inputs: [data/helper.txt], name: script}
         - {kind: command, command: [score-reward], name: program}
+      best_of:
+        n: 2
+        labeller:
+          - {kind: lexicon, path: data/best_lexicon.txt}
+          - {kind: command, command: [sh, data/score.sh], inputs: [data/best_helper.txt], name: script}
+          - {kind: command, command: [score-reward], name: program}
       max_prompts: 4
       max_new_tokens: 6
   label:
@@ -212,6 +218,7 @@ fn changing_any_input_of_any_stage_kind_makes_it_stale_naming_that_input() {
         std::fs::copy(tiny(f), data.join(f)).unwrap();
     }
     std::fs::copy(tiny("corpus.txt"), data.join("held.txt")).unwrap();
+    std::fs::copy(tiny("pairs_eval.jsonl"), data.join("human.jsonl")).unwrap();
     std::fs::copy(
         dir.join("make/tok/tokenizer.json"),
         data.join("tokenizer.json"),
@@ -234,6 +241,8 @@ fn changing_any_input_of_any_stage_kind_makes_it_stale_naming_that_input() {
     );
     write(&data.join("weights.txt"), "1\n");
     write(&data.join("helper.txt"), "helper\n");
+    write(&data.join("best_helper.txt"), "helper\n");
+    std::fs::copy(data.join("lexicon.txt"), data.join("best_lexicon.txt")).unwrap();
     let bin_dir = dir.join("bin");
     std::fs::create_dir_all(&bin_dir).unwrap();
     let program = write(

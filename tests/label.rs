@@ -272,6 +272,17 @@ fn the_iterated_feedback_pipeline_runs_end_to_end_and_judges_with_a_held_out_lex
             &repo().join("tests/fixtures").to_string_lossy(),
         )
         .replace("workdir: ../runs/tiny_feedback", "workdir: work");
+    // The best-of row picks by a labeller the test can recompute from the text alone.
+    let mod7 = length_mod_7(dir.path());
+    let vader_and_length = "        labeller:\n          - {kind: lexicon, path: ";
+    let start = text.find(vader_and_length).expect("best_of's labeller");
+    let end = start + text[start..].find("penalty: 0.05}\n").unwrap() + "penalty: 0.05}\n".len();
+    let text = format!(
+        "{}        labeller: [{{kind: command, command: [python3, {}]}}]\n{}",
+        &text[..start],
+        mod7.display(),
+        &text[end..]
+    );
     let file = write(&dir.path().join("feedback.yaml"), &text);
     let file = file.to_str().unwrap();
     assert_ok(&run("temper", &["run", file]), "tiny_feedback");
@@ -287,12 +298,38 @@ fn the_iterated_feedback_pipeline_runs_end_to_end_and_judges_with_a_held_out_lex
             assert!(eval[format!("{policy}/{k}")].is_number(), "{policy}/{k}");
         }
     }
+    // Best of 4: its first draw is the SFT model's own reply (the same model, the same seeds),
+    // so per prompt its labeller value (length mod 7) is at least SFT's; its KL is analytic.
+    let kl = eval["best_of_4/kl"].as_f64().unwrap();
+    assert!((kl - (4f64.ln() - 0.75)).abs() < 1e-12, "{kl}");
+    let samples = rows(&work.join("eval/samples.jsonl"));
+    assert!(!samples.is_empty());
+    let mod7 = |r: &Value, k: &str| r[k].as_str().unwrap().len() % 7;
+    let mut better = 0;
+    for r in &samples {
+        let (best, sft) = (mod7(r, "best_of_4"), mod7(r, "sft"));
+        assert!(best >= sft, "{r}");
+        better += usize::from(best > sft);
+    }
+    assert!(better > 0, "best of 4 never beat the single reply");
+    let (label, one) = (
+        &eval["best_of_4/label_mean"],
+        &eval["best_of_4/label_mean_one"],
+    );
+    assert!(
+        label.as_f64().unwrap() > one.as_f64().unwrap(),
+        "{label} {one}"
+    );
+    // The reward model trained on labelled replies is also measured on human pairs.
+    let reward = summary(&work.join("reward"));
+    let human = reward["human/accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&human), "{human}");
     let report = std::fs::read_to_string(work.join("eval/report.md")).unwrap();
     let vader_row = report
         .lines()
         .find(|l| l.starts_with("| vader_mean |"))
         .unwrap();
-    assert_eq!(vader_row.matches('†').count(), 5, "{vader_row}");
+    assert_eq!(vader_row.matches('†').count(), 6, "{vader_row}");
     let afinn_row = report
         .lines()
         .find(|l| l.starts_with("| afinn_mean |"))

@@ -133,9 +133,13 @@ impl StageKind {
                 ("eval_data.*.files", Input),
                 ("cache_dir", Cache),
             ],
-            StageKind::Sft | StageKind::Reward => {
-                &[("init", Input), ("data", Input), ("eval_data", Input)]
-            }
+            StageKind::Sft => &[("init", Input), ("data", Input), ("eval_data", Input)],
+            StageKind::Reward => &[
+                ("init", Input),
+                ("data", Input),
+                ("eval_data", Input),
+                ("eval_sets.*", Input),
+            ],
             StageKind::Ppo => &[
                 ("policy", Input),
                 ("reward_model", Input),
@@ -168,6 +172,9 @@ impl StageKind {
                 ("judges.path", Input),
                 ("judges.command", Command),
                 ("judges.inputs", Input),
+                ("best_of.labeller.path", Input),
+                ("best_of.labeller.command", Command),
+                ("best_of.labeller.inputs", Input),
             ],
             StageKind::Label => &[
                 ("policy", Input),

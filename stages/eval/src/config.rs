@@ -10,7 +10,7 @@ use temper_data::Fields;
 use temper_rewards::{check_rewards, RewardSpec};
 use temper_stage::{ConfigFile, InputPath, Inputs, StageError};
 
-use crate::exact;
+use crate::{best_of, exact};
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -29,6 +29,11 @@ pub struct Config {
     /// pass@k and the mean accuracy of k samples at `temperature`.
     #[serde(default)]
     pub exact_match: Option<exact::ExactMatchEval>,
+    /// A best-of-n row, the rejection-sampling baseline: `{n, labeller: [...], name}` — the
+    /// reference answers each prompt n times and the labeller keeps the best reply; its KL
+    /// is the analytic log n − (n − 1)/n.
+    #[serde(default)]
+    pub best_of: Option<best_of::BestOfEval>,
     /// Held-out prompts (.jsonl or .parquet).
     pub prompts: InputPath,
     #[serde(default)]
@@ -147,6 +152,7 @@ pub fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageE
     if let Some(l) = &c.lexicon {
         inputs.file(cfg, "lexicon", l)?;
     }
+    best_of::check(cfg, inputs)?;
     crate::judges::check(cfg)?;
     check_rewards(
         cfg,

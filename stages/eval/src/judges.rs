@@ -108,10 +108,11 @@ pub fn check(cfg: &ConfigFile<Config>) -> Result<(), StageError> {
         names.push(name);
     }
     for (policy, seen) in &c.trained_on {
+        let best_of = c.best_of.as_ref().map(|b| b.row_name());
         cfg.ensure(
-            c.policies.contains_key(policy),
+            c.policies.contains_key(policy) || best_of.as_ref() == Some(policy),
             &format!("trained_on.{policy}"),
-            "is not one of the policies",
+            "is neither one of the policies nor the best-of row",
         )?;
         for s in seen {
             cfg.ensure(

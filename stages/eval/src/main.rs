@@ -8,6 +8,7 @@
 //! report.md (a table and side-by-side samples), samples.jsonl, metrics.jsonl, summary.json.
 //! It trains nothing, so it writes no checkpoint/.
 
+mod best_of;
 mod config;
 mod exact;
 mod judges;
@@ -19,14 +20,16 @@ use std::fmt::Write as _;
 
 use serde_json::json;
 use tch::{Kind, Tensor};
+use temper_core::reward_set::{ReplyBatch, RewardSet};
 use temper_core::sample::{generate, Generation, SamplingConfig};
 use temper_core::scoring::{decode_replies, response_logprobs, reward_scores};
 use temper_core::{load_checkpoint, with_autocast, LoadSpec, Transformer};
-use temper_data::seeds_for;
+use temper_data::{seeds_for, PromptRecord};
 use temper_stage::{
     checked_config, invalid, MetricsLog, StageArgs, StageError, StageFolder, StageKind,
 };
 
+use crate::best_of::Draw;
 use crate::config::{check, Config};
 use crate::measures::{policy_metrics, Replies};
 use crate::setup::{prepare, Setup};
@@ -60,17 +63,31 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     for (name, dir) in &c.policies {
         let (_vs, model) = load_checkpoint(dir, LoadSpec::CAUSAL_LM, device).map_err(invalid)?;
         tracing::info!("{name}: answering {} prompts", s.prompts.len());
-        replies.insert(name.clone(), answer(&s, &model, c)?);
+        replies.insert(name.clone(), answer(&s, &model, c, 0, None)?.replies);
         if let Some(e) = &s.exact {
             tracing::info!("{name}: exact match, greedy and pass@{}", e.k);
             exact_metrics.insert(name.clone(), e.measure(&s, &model, c)?);
         }
     }
-    let base = &replies[&c.baseline];
     let mut summary = temper_stage::Summary::new();
+    if let (Some(b), Some(labeller)) = (&c.best_of, &s.labeller) {
+        let name = b.row_name();
+        tracing::info!("{name}: the reference's best of {} replies per prompt", b.n);
+        let draws = (0..b.n as u64)
+            .map(|k| answer(&s, &s.reference, c, k, Some(labeller)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let (best, label_mean) = best_of::select(b, &draws);
+        summary.insert(format!("{name}/label_mean"), json!(label_mean));
+        summary.insert(
+            format!("{name}/label_mean_one"),
+            json!(measures::mean(&draws[0].labels)),
+        );
+        replies.insert(name, best);
+    }
+    let base = &replies[&c.baseline];
     summary.insert("prompts".into(), s.prompts.len().into());
     let judges: Vec<(&str, f64)> = s.judges.iter().map(|j| (j.name.as_str(), j.band)).collect();
-    for name in order(c) {
+    for name in &order(c) {
         let r = &replies[name];
         let baseline = (name != &c.baseline).then_some(base);
         for (k, v) in policy_metrics(name, r, baseline, &s.labels, &judges) {
@@ -99,15 +116,24 @@ fn run(args: &StageArgs) -> Result<(), StageError> {
     Ok(())
 }
 
-/// The baseline first, then the other policies in name order.
-fn order(c: &Config) -> Vec<&String> {
+/// The baseline first, then the other policies in name order, then the best-of row.
+fn order(c: &Config) -> Vec<String> {
     std::iter::once(&c.baseline)
         .chain(c.policies.keys().filter(|k| **k != c.baseline))
+        .cloned()
+        .chain(c.best_of.as_ref().map(|b| b.row_name()))
         .collect()
 }
 
-/// One policy's replies to every prompt (the same seeds for every policy), scored.
-fn answer(s: &Setup, model: &Transformer, c: &Config) -> anyhow::Result<Replies> {
+/// One policy's replies to every prompt, scored, and the labeller's value of each when one is
+/// given. Draw `k`'s seeds are the same for every policy; draw 0 is what the policy rows use.
+fn answer(
+    s: &Setup,
+    model: &Transformer,
+    c: &Config,
+    draw: u64,
+    labeller: Option<&RewardSet>,
+) -> anyhow::Result<Draw> {
     let sampling = SamplingConfig {
         top_p: c.top_p,
         ..SamplingConfig::chat(&s.template, c.max_new_tokens, c.temperature)
@@ -117,7 +143,8 @@ fn answer(s: &Setup, model: &Transformer, c: &Config) -> anyhow::Result<Replies>
         .iter()
         .map(|(p, _)| p.iter().map(|&t| t as i64).collect())
         .collect();
-    let seeds = seeds_for(c.seed, "eval", 0, ids.len());
+    let seeds = seeds_for(c.seed, "eval", draw, ids.len());
+    let mut labels = Vec::new();
     let mut out = Replies {
         text: vec![],
         tokens: vec![],
@@ -135,6 +162,9 @@ fn answer(s: &Setup, model: &Transformer, c: &Config) -> anyhow::Result<Replies>
             generate(model, chunk, &sampling, chunk_seeds)
         })??;
         let (scores, kl) = score(s, model, &g, c)?;
+        if let Some(l) = labeller {
+            labels.extend(label(s, l, &g, b * c.batch_size)?);
+        }
         // The reward the policies were trained on: the score times the prompt's sign.
         let scores = Vec::<f64>::try_from(scores.to_kind(Kind::Double))?;
         out.scores
@@ -156,7 +186,33 @@ fn answer(s: &Setup, model: &Transformer, c: &Config) -> anyhow::Result<Replies>
             out.text.push(r.text);
         }
     }
-    Ok(out)
+    Ok(Draw {
+        replies: out,
+        labels,
+    })
+}
+
+/// The labeller's totals for one generated batch whose first prompt is `first`.
+fn label(
+    s: &Setup,
+    labeller: &RewardSet,
+    g: &Generation,
+    first: usize,
+) -> anyhow::Result<Vec<f64>> {
+    let joined = g.joined();
+    let batch = ReplyBatch {
+        joined: &joined,
+        prompt: &g.prompt,
+        prompt_mask: &g.prompt_mask,
+        tokens: &g.tokens,
+        mask: &g.mask,
+    };
+    let records: Vec<&PromptRecord> = s.prompts[first..first + g.tokens.size()[0] as usize]
+        .iter()
+        .map(|(_, r)| r)
+        .collect();
+    let stops = s.template.stop_ids();
+    Ok(labeller.score(&records, &batch, &s.tok, &stops)?.totals)
 }
 
 /// Reward-model scores (B,) and KL to the reference (B,) of one generated batch.
@@ -228,7 +284,7 @@ fn sample_records(
             );
             r.insert("label".into(), json!(s.labels[i]));
             for name in order(c) {
-                let x = &replies[name];
+                let x = &replies[&name];
                 r.insert(name.clone(), x.text[i].clone().into());
                 r.insert(format!("{name}_score"), json!(x.scores.get(i)));
                 r.insert(format!("{name}_kl"), json!(x.kl[i]));
@@ -272,6 +328,15 @@ fn report_md(c: &Config, summary: &temper_stage::Summary, records: &[serde_json:
                 v.map_or("-".into(), |x| format!("{x:.4}"))
             );
         }
+    }
+    if let Some(b) = &c.best_of {
+        let _ = write!(
+            s,
+            "\n\n`{}`: the reference's best of {} replies per prompt under the labeller; its KL \
+             is the analytic log n − (n − 1)/n, not measured.",
+            b.row_name(),
+            b.n
+        );
     }
     if !c.trained_on.is_empty() {
         s.push_str(

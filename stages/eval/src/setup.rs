@@ -6,15 +6,17 @@ use std::path::Path;
 
 use temper_core::chat_model::{load_prompts, prompt_signs, same_tokenizer, PromptSettings};
 use temper_core::checkpoint::{check_vocab, ScoreHead};
-use temper_core::{load_checkpoint, resolve_device, LoadSpec, Transformer};
+use temper_core::reward_set::RewardSet;
+use temper_core::{load_checkpoint, load_with_tokenizer, resolve_device, LoadSpec, Transformer};
 use temper_data::{ChatTemplate, PromptRecord, TextTokenizer};
 use temper_stage::{invalid, ConfigFile, StageError};
 
 use crate::config::Config;
-use crate::exact;
 use crate::judges::Judge;
+use crate::{best_of, exact};
 
-/// The shared pieces: tokenizer, reference, reward model, judge and prompts. Policies are
+/// The shared pieces: tokenizer, reference, reward model, judges, the best-of labeller and
+/// prompts. Policies are
 /// loaded one at a time, so memory holds one policy besides these.
 pub struct Setup {
     pub tok: TextTokenizer,
@@ -23,6 +25,8 @@ pub struct Setup {
     pub reward: Option<Transformer>,
     pub exact: Option<exact::ExactScorer>,
     pub judges: Vec<Judge>,
+    /// What picks the best-of row's replies, when there is one.
+    pub labeller: Option<RewardSet>,
     pub prompts: Vec<(Vec<u32>, PromptRecord)>,
     pub labels: Vec<Option<String>>,
     /// Each prompt's reward sign (the reward model's `temper_score_sign`; 1 without one).
@@ -48,10 +52,16 @@ pub fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
         check_vocab(tok.vocab_size(), &model.config, dir).map_err(invalid)?;
         Ok(model)
     };
-    let reference = load(
-        c.reference.as_deref().unwrap_or(base_dir),
-        LoadSpec::CAUSAL_LM,
-    )?;
+    let ref_dir = c.reference.as_deref().unwrap_or(base_dir);
+    // The best-of row samples the reference; its labeller (a model one must share the
+    // tokenizer) is loaded beside it.
+    let (reference, labeller) = if c.best_of.is_some() {
+        let loaded = load_with_tokenizer(ref_dir, LoadSpec::CAUSAL_LM, device).map_err(invalid)?;
+        let labeller = best_of::load_labeller(cfg, &loaded)?;
+        (loaded.model, labeller)
+    } else {
+        (load(ref_dir, LoadSpec::CAUSAL_LM)?, None)
+    };
     let rm_spec = LoadSpec {
         lm_head: false,
         score: ScoreHead::Load,
@@ -71,6 +81,9 @@ pub fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
     };
     let (mut prompts, _) = load_prompts(cfg, &tok, &template, room, settings)?;
     prompts.truncate(c.max_prompts);
+    if let Some(l) = &labeller {
+        l.check_prompts(cfg, &c.prompts, &prompts)?;
+    }
     let exact = c
         .exact_match
         .as_ref()
@@ -94,6 +107,7 @@ pub fn prepare(cfg: &ConfigFile<Config>) -> Result<Setup, StageError> {
         reward,
         exact,
         judges,
+        labeller,
         prompts,
         labels,
         signs,

@@ -4,6 +4,8 @@
 //! −log σ(r_chosen − r_rejected − margin). The checkpoint holds backbone and head
 //! (`score.weight`), loadable by PPO as a reward model and as a critic.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 use temper_core::chat_model::{ChatModel, ChatSettings};
@@ -33,6 +35,11 @@ struct Config {
     data: InputPath,
     #[serde(default)]
     eval_data: Option<InputPath>,
+    /// More held-out pair sets, by name, each evaluated with `eval_data` and logged as
+    /// `<name>/accuracy`, `<name>/loss`, … (e.g. `{human: rm_eval.parquet}`: how a model
+    /// trained on the policy's own labelled replies does on human-rated pairs).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    eval_sets: BTreeMap<String, InputPath>,
     #[serde(default)]
     fields: Fields,
     #[serde(default)]
@@ -110,14 +117,40 @@ fn check(cfg: &ConfigFile<Config>, inputs: &mut Inputs) -> Result<(), StageError
     if let Some(e) = &c.eval_data {
         inputs.file(cfg, "eval_data", e)?;
     }
+    for (name, path) in &c.eval_sets {
+        cfg.ensure(
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+                && !EVAL_FIELDS.contains(&name.as_str()),
+            &format!("eval_sets.{name}"),
+            format!(
+                "name a set with letters, digits and `_`, other than {}",
+                EVAL_FIELDS.join(", ")
+            ),
+        )?;
+        inputs.file(cfg, &format!("eval_sets.{name}"), path)?;
+    }
     Ok(())
 }
+
+/// What one held-out evaluation logs (besides `accuracy/<group>`).
+const EVAL_FIELDS: [&str; 5] = [
+    "loss",
+    "accuracy",
+    "margin",
+    "reward_chosen",
+    "reward_rejected",
+];
 
 /// The model with its fresh head and the rendered pairs.
 struct Setup {
     chat: ChatModel,
     train: Vec<Pair>,
     eval: Vec<Pair>,
+    /// `eval_sets`, in name order.
+    more_eval: Vec<(String, Vec<Pair>)>,
 }
 
 fn prepare(cfg: &ConfigFile<Config>, device: Device) -> Result<Setup, StageError> {
@@ -150,18 +183,29 @@ fn prepare(cfg: &ConfigFile<Config>, device: Device) -> Result<Setup, StageError
         Some(p) => opts.pairs(p).map_err(invalid)?.0,
         None => Vec::new(),
     };
+    let mut more_eval = Vec::new();
+    for (name, path) in &c.eval_sets {
+        more_eval.push((name.clone(), opts.pairs(path).map_err(invalid)?.0));
+    }
     if let Some(sign) = &c.score_sign_by {
-        for (file, pairs) in [
+        let sets = [
             (&c.data, &train),
             (c.eval_data.as_ref().unwrap_or(&c.data), &eval),
-        ] {
+        ];
+        let more = c.eval_sets.values().zip(more_eval.iter().map(|(_, p)| p));
+        for (file, pairs) in sets.into_iter().chain(more) {
             for p in pairs {
                 sign.sign(&p.meta)
                     .map_err(|e| cfg.error("score_sign_by", format!("{}: {e}", file.display())))?;
             }
         }
     }
-    Ok(Setup { chat, train, eval })
+    Ok(Setup {
+        chat,
+        train,
+        eval,
+        more_eval,
+    })
 }
 
 fn run(args: &StageArgs) -> Result<(), StageError> {
@@ -320,9 +364,8 @@ fn pair_scores(s: &Setup, pairs: &[&Pair], precision: Precision) -> anyhow::Resu
     })
 }
 
-/// Held-out loss, accuracy (overall and per `group_by` value), margin and mean rewards,
-/// logged; None without eval data. With several ranks each scores its share of the pairs and
-/// every rank assembles all the scores.
+/// Held-out loss, accuracy (overall and per `group_by` value), margin and mean rewards of
+/// `eval_data`, then of each of `eval_sets` under its name, logged; None without eval data.
 fn evaluate(
     s: &Setup,
     c: &Config,
@@ -331,12 +374,35 @@ fn evaluate(
     step: u64,
 ) -> anyhow::Result<Option<Summary>> {
     s.chat.m.tuning.set_training(false);
-    if s.eval.is_empty() {
+    let mut fields = Vec::new();
+    if !s.eval.is_empty() {
+        fields = evaluate_set(s, c, world, &s.eval)?;
+    }
+    for (name, pairs) in &s.more_eval {
+        let set = evaluate_set(s, c, world, pairs)?;
+        fields.extend(set.into_iter().map(|(k, v)| (format!("{name}/{k}"), v)));
+    }
+    if fields.is_empty() {
         return Ok(None);
     }
+    let refs: Vec<(&str, f64)> = fields.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    log.log_eval(step, &refs)?;
+    Ok(Some(
+        fields.into_iter().map(|(k, v)| (k, v.into())).collect(),
+    ))
+}
+
+/// One held-out set's numbers. With several ranks each scores its share of the pairs and
+/// every rank assembles all the scores.
+fn evaluate_set(
+    s: &Setup,
+    c: &Config,
+    world: &World,
+    eval: &[Pair],
+) -> anyhow::Result<Vec<(String, f64)>> {
     let device = s.chat.m.model.device();
     let (mut chosen, mut rejected) = (Vec::new(), Vec::new());
-    for chunk in s.eval[world.shard(s.eval.len())].chunks(c.batch_size) {
+    for chunk in eval[world.shard(eval.len())].chunks(c.batch_size) {
         let pairs: Vec<&Pair> = chunk.iter().collect();
         let out = tch::no_grad(|| pair_scores(s, &pairs, c.precision))?;
         chosen.push(out.chosen);
@@ -349,8 +415,8 @@ fn evaluate(
             Tensor::cat(parts, 0)
         }
     };
-    let ch = world.gather_shards(&mine(&chosen), s.eval.len())?;
-    let rj = world.gather_shards(&mine(&rejected), s.eval.len())?;
+    let ch = world.gather_shards(&mine(&chosen), eval.len())?;
+    let rj = world.gather_shards(&mine(&rejected), eval.len())?;
     let scalar = |t: Tensor| t.to_kind(Kind::Double).double_value(&[]);
     let mut fields = vec![
         (
@@ -367,15 +433,11 @@ fn evaluate(
     ];
     if let Some(field) = &c.group_by {
         let right = Vec::<bool>::try_from(ch.gt_tensor(&rj))?;
-        for (group, acc) in group_accuracy(&s.eval, field, &right) {
+        for (group, acc) in group_accuracy(eval, field, &right) {
             fields.push((format!("accuracy/{group}"), acc));
         }
     }
-    let refs: Vec<(&str, f64)> = fields.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-    log.log_eval(step, &refs)?;
-    Ok(Some(
-        fields.into_iter().map(|(k, v)| (k, v.into())).collect(),
-    ))
+    Ok(fields)
 }
 
 /// Accuracy within each value of `field` (pairs without it are left out), in value order.
