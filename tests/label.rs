@@ -285,7 +285,28 @@ fn the_iterated_feedback_pipeline_runs_end_to_end_and_judges_with_a_held_out_lex
     );
     let file = write(&dir.path().join("feedback.yaml"), &text);
     let file = file.to_str().unwrap();
-    assert_ok(&run("temper", &["run", file]), "tiny_feedback");
+    let first = run("temper", &["run", file]);
+    assert_ok(&first, "tiny_feedback");
+    // The run ends by saying what each stage achieved, one line each.
+    let said = String::from_utf8_lossy(&first.stdout);
+    let summary_at = said.find("What each stage achieved").expect("the summary");
+    let summary_lines = &said[summary_at..];
+    for want in [
+        "  label ",
+        "pairs and",
+        "  ppo ",
+        "KL",
+        "best_of_4 vs sft:",
+        "temper report",
+    ] {
+        assert!(summary_lines.contains(want), "{want}: {summary_lines}");
+    }
+    let again = run("temper", &["summary", file]);
+    assert_ok(&again, "temper summary");
+    assert_eq!(
+        String::from_utf8_lossy(&again.stdout),
+        summary_lines.trim_start()
+    );
     let work = dir.path().join("work/stages");
     // Round 2 labels the PPO policy's replies, not the SFT model's.
     let r1 = rows(&work.join("label/replies.jsonl"));

@@ -104,6 +104,10 @@ enum Cmd {
     /// Each stage's state (up to date, stale and why, failed, never run), last run, duration
     /// and key metrics.
     Status { file: PathBuf },
+    /// What each stage achieved, one line each: held-out loss before → after, reward-model
+    /// accuracy, pairs labelled, RL reward and KL, every policy against the evaluation's
+    /// baseline under each judge with KL and length, ✓/✗ per gate (`temper run` ends with it).
+    Summary { file: PathBuf },
     /// Per-stage metrics tables from metrics.jsonl (evaluation rows by default).
     Metrics {
         file: PathBuf,
@@ -244,10 +248,21 @@ fn run() -> anyhow::Result<i32> {
             let opts = args.options()?;
             let p = load(&args.file)?;
             temper_stage::signals::install();
-            run::run(&p, &opts)
+            let code = run::run(&p, &opts)?;
+            // What the run achieved, unless it ran nothing or one job of a batch system.
+            let whole_run = !opts.dry_run && opts.only.is_none();
+            if whole_run && code != run::EXIT_INVALID {
+                println!();
+                views::summary::print(&p, &args.file);
+            }
+            Ok(code)
         }
         Cmd::Validate { file } => plan::validate::validate_all(&load(file)?),
         Cmd::Status { file } => views::status::status(&load(file)?).map(|_| 0),
+        Cmd::Summary { file } => {
+            views::summary::print(&load(file)?, file);
+            Ok(0)
+        }
         Cmd::Metrics {
             file,
             stage,

@@ -9,3 +9,4 @@ pub mod plot;
 pub mod report;
 pub mod samples;
 pub mod status;
+pub mod summary;
