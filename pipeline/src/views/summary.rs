@@ -31,7 +31,7 @@ fn short(x: f64) -> String {
 fn first_last(rows: &[&Json], key: &str) -> Option<(f64, f64)> {
     let mut values = rows.iter().filter_map(|r| num(r, key));
     let first = values.next()?;
-    Some((first, values.last().unwrap_or(first)))
+    Some((first, values.next_back().unwrap_or(first)))
 }
 
 /// The mean of `key` over the first and over the last `k` rows that have it (at most a
