@@ -595,3 +595,26 @@ fn two_runs_from_scratch_give_bit_identical_results() {
         );
     }
 }
+
+/// configs/demo_study.yaml is configs/demo.yaml swept over three seeds from the feedback stage
+/// down, and nothing else: the README's tables (from the study) describe the demo's recipe.
+#[test]
+fn the_demo_study_is_the_demo_over_three_seeds() {
+    let read = |name: &str| -> serde_yaml::Value {
+        let text = std::fs::read_to_string(repo().join("configs").join(name)).unwrap();
+        serde_yaml::from_str(&text).unwrap()
+    };
+    let (demo, mut study) = (read("demo.yaml"), read("demo_study.yaml"));
+    assert_eq!(study["name"], "demo_study");
+    assert_eq!(study["workdir"], "../runs/demo_study");
+    let label = study["stages"]["label"].as_mapping_mut().unwrap();
+    let matrix = label
+        .remove("matrix")
+        .expect("the study sweeps the feedback stage");
+    assert_eq!(
+        matrix,
+        serde_yaml::from_str::<serde_yaml::Value>("{seed: [1, 2, 3]}").unwrap()
+    );
+    assert_eq!(study["stages"], demo["stages"]);
+    assert_eq!(study["defaults"], demo["defaults"]);
+}

@@ -227,3 +227,63 @@ fn ppo_adds_program_rewards_to_the_reward_model() {
         assert_refused("temper-ppo", &cfg, &dir.path().join("ppo-bad"), words);
     }
 }
+
+/// With a signed reward model (`temper_score_sign`), the critic is read with the same sign: it
+/// predicts the unsigned value, as the reward model scores the unsigned reply. So the same
+/// replies under "negative" prompts give exactly the negated returns and values of "positive"
+/// ones, and the critic explains them equally well; a critic read unsigned would start
+/// backwards on every negative prompt.
+#[test]
+fn a_signed_reward_model_signs_the_critic_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sft, rm) = sft_and_reward(dir.path());
+    let signed = dir.path().join("signed_rm");
+    std::fs::create_dir_all(&signed).unwrap();
+    for entry in std::fs::read_dir(&rm).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, signed.join(path.file_name().unwrap())).unwrap();
+    }
+    let config = signed.join("config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    json["temper_score_sign"] =
+        serde_json::json!({"field": "sentiment", "map": {"positive": 1.0, "negative": -1.0}});
+    std::fs::write(&config, json.to_string()).unwrap();
+    let prompts = std::fs::read_to_string(tiny("prompts.jsonl")).unwrap();
+    let mut explained = Vec::new();
+    let mut scores = Vec::new();
+    for sentiment in ["positive", "negative"] {
+        let rows: String = prompts
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["sentiment"] = sentiment.into();
+                format!("{v}\n")
+            })
+            .collect();
+        let file = write(&dir.path().join(format!("{sentiment}.jsonl")), &rows);
+        // No KL term and γ = λ = 1: each return is the reply's signed score.
+        let cfg = write(
+            &dir.path().join(format!("ppo_{sentiment}.yaml")),
+            &format!(
+                "policy: {}\nreward_model: {}\nprompts: {}\niterations: 1\nbatch_size: 16\n\
+             minibatch_size: 8\nmax_new_tokens: 12\nkl: {{coef: 0.0}}\ngamma: 1.0\nlam: 1.0\n\
+             save_every: 1\nseed: 7\n",
+                sft.display(),
+                signed.display(),
+                file.display()
+            ),
+        );
+        let out = dir.path().join(format!("ppo_{sentiment}"));
+        assert_ok(&run_stage("temper-ppo", &cfg, &out), sentiment);
+        let row = &metrics(&out)[0];
+        explained.push(row["value/explained_var"].as_f64().unwrap());
+        scores.push(row["score/mean"].as_f64().unwrap());
+    }
+    assert!(scores[0].abs() > 1e-3, "a score to sign: {scores:?}");
+    assert!((scores[0] + scores[1]).abs() < 1e-6, "{scores:?}");
+    assert!(
+        (explained[0] - explained[1]).abs() < 1e-6,
+        "the critic explains negative prompts as well as positive ones: {explained:?}"
+    );
+}

@@ -17,7 +17,6 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use serde_json::{json, Value};
-use tch::Tensor;
 use temper_core::dist::{GradSync, World};
 use temper_core::rl::{self, RewardStats};
 use temper_core::train::{self, TrainRun};
@@ -139,9 +138,8 @@ fn sample(
     s.actor.tuning.set_training(false); // adapter dropout off while sampling and scoring
     s.critic.tuning.set_training(false);
     let sampling = sampling(c, &s.template);
-    let mut ro = rollout::rollout(models, &batch, &sampling, &seeds[mine.clone()])?;
     let signs: Vec<f32> = local.iter().map(|&i| s.signs[i] as f32).collect();
-    ro.scores = &ro.scores * Tensor::from_slice(&signs).to_device(ro.scores.device());
+    let ro = rollout::rollout(models, &batch, &signs, &sampling, &seeds[mine.clone()])?;
     let fields: Vec<&BTreeMap<String, Value>> = local.iter().map(|&i| &s.fields[i]).collect();
     let stops = s.template.stop_ids();
     let program = rollout::program_scores(program, &ro, &fields, &s.actor.tokenizer, &stops)?;

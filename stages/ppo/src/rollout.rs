@@ -40,8 +40,13 @@ pub struct Rollout {
     pub has_eos: Tensor,      // (B,) bool
     pub logprobs: Tensor,     // (B, N) actor, at the sampling temperature
     pub ref_logprobs: Tensor, // (B, N) reference, same temperature
-    pub values: Tensor,       // (B, N) critic
-    pub scores: Tensor,       // (B,) reward model, pooled as it was trained (0 without one)
+    pub values: Tensor,       // (B, N) critic, times the row's sign
+    pub scores: Tensor,       // (B,) reward model, pooled as it was trained, signed (0 without one)
+    /// (B, 1) each row's reward sign (the reward model's `temper_score_sign` read from the
+    /// prompt; 1 without one). The critic is scored like the reward model: it predicts the
+    /// unsigned value and the sign multiplies it, so a critic that starts as the reward model
+    /// starts right on both kinds of prompt instead of backwards on the negative ones.
+    pub signs: Tensor,
     /// Seconds spent generating, and scoring with the actor, reference, critic and reward model.
     pub generate_s: f64,
     pub score_s: f64,
@@ -50,6 +55,7 @@ pub struct Rollout {
 pub fn rollout(
     m: &Models,
     prompts: &[&Vec<u32>],
+    signs: &[f32],
     sampling: &SamplingConfig,
     seeds: &[u64],
 ) -> anyhow::Result<Rollout> {
@@ -71,15 +77,16 @@ pub fn rollout(
     let mask = g.mask.to_kind(Kind::Float);
     let has_eos = g.stopped(&m.template.stop_ids());
     let t = sampling.temperature;
+    let signs = Tensor::from_slice(signs).to_device(device).unsqueeze(1);
     tch::no_grad(|| {
         with_autocast(device, m.precision, || -> anyhow::Result<Rollout> {
             let (logprobs, _) = response_logprobs(m.actor, seq, attention, p, &g.tokens, t)?;
             let (ref_logprobs, _) = m
                 .reference
                 .run(|r| response_logprobs(r, seq, attention, p, &g.tokens, t))?;
-            let values = response_values(m.critic, seq, attention, p, n)? * &mask;
+            let values = response_values(m.critic, seq, attention, p, n)? * &signs * &mask;
             let scores = match m.reward {
-                Some(rm) => reward_scores(rm, &joined)?,
+                Some(rm) => reward_scores(rm, &joined)? * signs.squeeze_dim(1),
                 None => Tensor::zeros([seq.size()[0]], (Kind::Float, device)),
             };
             Ok(Rollout {
@@ -95,6 +102,7 @@ pub fn rollout(
                 ref_logprobs,
                 values,
                 scores,
+                signs: signs.shallow_clone(),
                 generate_s,
                 score_s: started.elapsed().as_secs_f64(),
             })
@@ -336,7 +344,7 @@ fn minibatch_losses(
         let (policy_loss, clipfrac, approx_kl) =
             rl::ppo_clip_loss(&logp, &pick(&ro.logprobs), &pick(adv), &mask, s.cliprange);
         let entropy = rl::entropy(&logits, &mask);
-        let values = response_values(m.critic, &seq, &attn, p, n)?;
+        let values = response_values(m.critic, &seq, &attn, p, n)? * pick(&ro.signs);
         let (value_loss, value_clipfrac) = rl::value_loss(
             &values,
             &pick(&ro.values),
