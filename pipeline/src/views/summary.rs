@@ -231,14 +231,19 @@ fn achieved(p: &Pipeline, st: &Stage, summary: &Json) -> Vec<String> {
             }
             v
         }
-        StageKind::Dpo => ["rewards/accuracies", "rewards/margins"]
-            .iter()
-            .filter_map(|k| {
-                let fl = first_last(&eval, k)?;
-                let name = k.trim_start_matches("rewards/");
-                Some(format!("held-out {name} {}", arrow(fl)))
-            })
-            .collect(),
+        // Before the first update the implicit reward is 0 on both sides (no pair ranked), so
+        // only the last evaluation says anything.
+        StageKind::Dpo => [
+            ("rewards/accuracies", "held-out implicit-reward accuracy"),
+            ("rewards/margins", "margin"),
+            ("kl_to_reference", "KL to the reference"),
+        ]
+        .iter()
+        .filter_map(|(k, name)| {
+            let (_, last) = first_last(&eval, k)?;
+            Some(format!("{name} {}", short(last)))
+        })
+        .collect(),
         StageKind::Merge => vec!["adapter merged into its base".into()],
         StageKind::Eval => return evaluation(st, summary),
     };
