@@ -185,6 +185,47 @@ fn runs_caches_and_reruns_exactly_what_changed() {
         w.join("manifests").read_dir().unwrap().count() >= 6,
         "one manifest per run"
     );
+
+    // The README's quick start runs as written, in order; the line it says finds every stage
+    // up to date does.
+    let commands = readme_tiny_commands();
+    assert!(commands.len() >= 3, "{commands:?}");
+    for (args, comment) in commands {
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| match a.as_str() {
+                "configs/tiny.yaml" => tiny_yaml(),
+                _ => a.clone(),
+            })
+            .collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = temper(w, &args);
+        assert_ok(&out, &format!("README: temper {}", args.join(" ")));
+        if comment.contains("up to date") {
+            assert!(ran(&out).is_empty(), "{}", stdout(&out));
+        }
+    }
+}
+
+/// The fenced shell lines of the README that run `temper` on configs/tiny.yaml: each line's
+/// arguments after the program, and its comment.
+fn readme_tiny_commands() -> Vec<(Vec<String>, String)> {
+    let text = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let mut fenced = false;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line.starts_with("```") {
+            fenced = !fenced;
+            continue;
+        }
+        let (command, comment) = line.split_once(" #").unwrap_or((line, ""));
+        let mut words = command.split_whitespace();
+        let program = words.next().unwrap_or_default();
+        if fenced && program.ends_with("temper") && command.contains("configs/tiny.yaml") {
+            out.push((words.map(str::to_owned).collect(), comment.to_owned()));
+        }
+    }
+    out
 }
 
 #[test]
